@@ -1,0 +1,3 @@
+from spotmatch.cli import main
+
+main()

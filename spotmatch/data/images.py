@@ -1,0 +1,128 @@
+"""Image loading: one decode path for every stage.
+
+Every image goes through `load_image`, so EXIF orientation, greyscale/infrared conversion and the
+alpha-channel mask are handled once. PIL's plain `convert("RGB")` would silently drop the alpha mask
+that the competition's PNG cut-outs carry, so the alpha is split off first.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from spotmatch.errors import SpotmatchError
+
+# Below this alpha value a pixel counts as background.
+ALPHA_THRESHOLD = 128
+_EXIF_DATETIME_ORIGINAL = ExifTags.Base.DateTimeOriginal
+_EXIF_DATETIME = ExifTags.Base.DateTime
+
+
+@dataclass
+class ImageRecord:
+    """A decoded image: RGB pixels (H, W, 3) uint8, an optional animal mask (H, W) bool."""
+
+    path: Path
+    rgb: np.ndarray
+    mask: np.ndarray | None
+    sha256: str
+    captured_at: str | None = None
+    greyscale: bool = False
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), the order OpenCV and PIL use."""
+        return self.rgb.shape[1], self.rgb.shape[0]
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of an image file: the cache key of every stage."""
+    path = Path(path)
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise SpotmatchError(f"{path}: image file not found; check the path or the --images folder") from None
+
+
+def _capture_time(image: Image.Image) -> str | None:
+    exif = image.getexif()
+    value = exif.get_ifd(ExifTags.IFD.Exif).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_EXIF_DATETIME)
+    return str(value).strip() if value else None
+
+
+def _split_alpha(image: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
+    """Separate colour from alpha; an alpha that hides nothing is not a mask."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode not in ("RGBA", "LA", "PA"):
+        return image, None
+    alpha = np.asarray(image.getchannel("A"))
+    colour = image.convert("RGB")
+    mask = alpha >= ALPHA_THRESHOLD
+    return colour, (None if mask.all() else mask)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float thermal/infrared frames: stretch to 8 bit rather than clip.
+        values = np.asarray(image, dtype=np.float32)
+        low, high = np.percentile(values, [0.5, 99.5])
+        scaled = np.clip((values - low) / max(high - low, 1e-6) * 255.0, 0, 255).astype(np.uint8)
+        image = Image.fromarray(scaled)
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, draft_size: int | None = None) -> ImageRecord:
+    """Decode an image file fully, or raise a one-line SpotmatchError naming the file and the fix.
+
+    `draft_size` lets JPEG decoding skip detail the caller will not use: libjpeg decodes at the
+    smallest 1/2, 1/4 or 1/8 scale that keeps both sides at least that many pixels (2-4x faster).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SpotmatchError(f"{path}: image file not found; check the path or the --images folder") from None
+    except IsADirectoryError:
+        raise SpotmatchError(f"{path}: is a folder, not an image file") from None
+    try:
+        image = Image.open(io.BytesIO(data))
+        if draft_size is not None and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()  # decode now: a truncated file fails here, not deep inside a batch
+        captured_at = _capture_time(image)
+        image = ImageOps.exif_transpose(image)
+        colour, mask = _split_alpha(image)
+        rgb = np.asarray(_to_rgb(colour))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpotmatchError(
+            f"{path}: cannot decode image ({reason}); re-export the file or remove it from the input"
+        ) from None
+    greyscale = bool(
+        rgb.ndim == 3 and np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
+    )
+    return ImageRecord(
+        path=path,
+        rgb=np.ascontiguousarray(rgb),
+        mask=mask,
+        sha256=hashlib.sha256(data).hexdigest(),
+        captured_at=captured_at,
+        greyscale=greyscale,
+    )
+
+
+def mask_bbox(mask: np.ndarray, margin: float = 0.0) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) of the mask's pixels grown by `margin` of the box size; None if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    pad_y, pad_x = int((y1 - y0) * margin), int((x1 - x0) * margin)
+    height, width = mask.shape
+    return max(0, x0 - pad_x), max(0, y0 - pad_y), min(width, x1 + pad_x), min(height, y1 + pad_y)

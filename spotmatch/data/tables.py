@@ -1,0 +1,122 @@
+"""Dataset tables: an image folder plus a CSV of `filename, identity[, extra columns]`.
+
+Also reads the Kaggle Jaguar Re-ID files: `train.csv` (`filename, ground_truth`) and `test.csv`
+(`row_id, query_image, gallery_image`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from spotmatch.errors import SpotmatchError
+
+# Other spellings of the identity column seen in public re-ID tables (Kaggle's jaguar set uses ground_truth).
+IDENTITY_ALIASES = ("identity", "ground_truth", "individual", "label", "id")
+FILENAME_ALIASES = ("filename", "file", "image", "path")
+PAIR_COLUMNS = ("row_id", "query_image", "gallery_image")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+
+
+@dataclass
+class Dataset:
+    """Labelled images: `table` has at least `filename` and `identity`; `path` holds absolute paths."""
+
+    table: pd.DataFrame
+    image_dir: Path
+    csv_path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [Path(p) for p in self.table["path"]]
+
+    @property
+    def identities(self) -> list[str]:
+        return self.table["identity"].tolist()
+
+    def subset(self, rows: pd.Series | list) -> "Dataset":
+        return Dataset(self.table.loc[rows].reset_index(drop=True), self.image_dir, self.csv_path)
+
+
+def _read_csv(csv_path: Path) -> pd.DataFrame:
+    if not csv_path.is_file():
+        raise SpotmatchError(f"{csv_path}: CSV file not found; pass the labels/pairs CSV path")
+    try:
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); check the file") from None
+
+
+def _pick_column(table: pd.DataFrame, aliases: tuple[str, ...], what: str, csv_path: Path) -> str:
+    lower = {c.lower().strip(): c for c in table.columns}
+    for name in aliases:
+        if name in lower:
+            return lower[name]
+    raise SpotmatchError(
+        f"{csv_path}: no {what} column (expected one of {', '.join(aliases)}; found {', '.join(table.columns) or 'none'});"
+        f" rename the column"
+    )
+
+
+def default_image_dir(csv_path: Path) -> Path:
+    """`images/` beside the CSV when it exists, else the CSV's own folder (Kaggle's layout varies)."""
+    candidate = csv_path.parent / "images"
+    return candidate if candidate.is_dir() else csv_path.parent
+
+
+def check_files_exist(paths: list[Path], source: Path | None) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        where = f"{source}: " if source else ""
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise SpotmatchError(f"{where}image {missing[0]} not found{more}; check --images or the CSV's file names")
+
+
+def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop_ambiguous: bool = True) -> Dataset:
+    """Read a labelled table; rows whose `unambiguous` column is false are dropped unless asked otherwise."""
+    csv_path = Path(csv_path)
+    table = _read_csv(csv_path)
+    filename_col = _pick_column(table, FILENAME_ALIASES, "filename", csv_path)
+    identity_col = _pick_column(table, IDENTITY_ALIASES, "identity", csv_path)
+    table = table.rename(columns={filename_col: "filename", identity_col: "identity"})
+    if "unambiguous" in table.columns and drop_ambiguous:
+        table = table[table["unambiguous"].str.lower().isin(("true", "1", "yes"))]
+    if table.empty:
+        raise SpotmatchError(f"{csv_path}: no labelled images in the table; add rows or check the filters")
+    if (table["identity"].str.strip() == "").any():
+        row = int((table["identity"].str.strip() == "").idxmax()) + 2
+        raise SpotmatchError(f"{csv_path}: empty identity on line {row}; fill it in or remove the row")
+    image_dir = Path(image_dir) if image_dir is not None else default_image_dir(csv_path)
+    table = table.reset_index(drop=True)
+    table["path"] = [str((image_dir / name).resolve()) for name in table["filename"]]
+    check_files_exist([Path(p) for p in table["path"]], csv_path)
+    return Dataset(table=table, image_dir=image_dir, csv_path=csv_path)
+
+
+def load_pairs(csv_path: str | Path, image_dir: str | Path | None = None, check_files: bool = True) -> pd.DataFrame:
+    """Kaggle `test.csv`: one row per (query, gallery) pair, `row_id` unique; adds absolute paths."""
+    csv_path = Path(csv_path)
+    table = _read_csv(csv_path)
+    missing = [c for c in PAIR_COLUMNS if c not in table.columns]
+    if missing:
+        raise SpotmatchError(
+            f"{csv_path}: missing column(s) {', '.join(missing)}; a pairs CSV needs {', '.join(PAIR_COLUMNS)}"
+        )
+    if table.empty:
+        raise SpotmatchError(f"{csv_path}: no pairs in the file; nothing to score")
+    duplicated = table["row_id"][table["row_id"].duplicated()]
+    if not duplicated.empty:
+        raise SpotmatchError(
+            f"{csv_path}: row_id {duplicated.iloc[0]!r} appears more than once; row_id must be unique per pair"
+        )
+    image_dir = Path(image_dir) if image_dir is not None else default_image_dir(csv_path)
+    for column in ("query_image", "gallery_image"):
+        table[f"{column}_path"] = [str((image_dir / name).resolve()) for name in table[column]]
+    if check_files:
+        unique = pd.unique(pd.concat([table["query_image_path"], table["gallery_image_path"]]))
+        check_files_exist([Path(p) for p in unique], csv_path)
+    return table

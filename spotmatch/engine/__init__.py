@@ -1,0 +1,1 @@
+"""Orchestration: the chain of stages for pair scoring and identification."""

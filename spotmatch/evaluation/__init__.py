@@ -1,0 +1,1 @@
+"""Retrieval metrics and evaluation protocols: one implementation used by every command."""

@@ -1,0 +1,58 @@
+"""Who is a query, who is the gallery, and which views of the gallery are reported.
+
+- Closed set (split by a group such as `encounter`): validation images query the training images.
+- Open set (split by identity): each validation image queries the other validation images.
+Views beside "all": "same flank" when a `side` column exists (the two flanks carry different
+patterns), and "cross-station" when a `station` column exists (different camera sites: the honest
+view when backgrounds repeat per camera).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from spotmatch.evaluation.metrics import retrieval_metrics
+
+
+@dataclass
+class Protocol:
+    query_rows: np.ndarray  # row positions in the table
+    gallery_rows: np.ndarray
+    views: dict[str, np.ndarray]  # view name -> allowed (q, g) bool
+    kind: str
+
+
+def build_protocol(table: pd.DataFrame, split: pd.Series, split_by: str) -> Protocol:
+    is_val = (split == "val").to_numpy()
+    query_rows = np.flatnonzero(is_val)
+    if split_by == "identity":
+        gallery_rows, kind = query_rows, "open set (identity-disjoint), each query vs the other validation images"
+    else:
+        gallery_rows, kind = np.flatnonzero(~is_val), f"closed set (split by {split_by}), validation queries vs training gallery"
+    not_self = query_rows[:, None] != gallery_rows[None, :]
+    views = {"all": not_self}
+    for column, name, same in (("side", "same flank", True), ("station", "cross-station", False)):
+        if column in table.columns:
+            values = table[column].to_numpy()
+            equal = values[query_rows][:, None] == values[gallery_rows][None, :]
+            views[name] = not_self & (equal if same else ~equal)
+    return Protocol(query_rows, gallery_rows, views, kind)
+
+
+def evaluate_protocol(similarity: np.ndarray, identities: np.ndarray, protocol: Protocol) -> dict[str, dict]:
+    """similarity is (n_queries, n_gallery) over the protocol's rows; one metrics dict per view."""
+    query_ids, gallery_ids = identities[protocol.query_rows], identities[protocol.gallery_rows]
+    return {name: retrieval_metrics(similarity, query_ids, gallery_ids, allowed) for name, allowed in protocol.views.items()}
+
+
+def format_table(results: dict[str, dict[str, dict]]) -> str:
+    """Markdown table: one row per (model, view)."""
+    header = "| model | view | queries | identities | IB-mAP | mAP | top-1 | top-5 | pair ROC-AUC |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    rows = [
+        f"| {model} | {view} | {m['n_queries']} | {m['n_identities']} | {m['ib_map']:.3f} | {m['map']:.3f} | {m['top1']:.3f} | {m['top5']:.3f} | {m['roc_auc']:.3f} |"
+        for model, views in results.items()
+        for view, m in views.items()
+    ]
+    return "\n".join([header, *rows])

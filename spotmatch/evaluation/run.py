@@ -1,0 +1,47 @@
+"""`spotmatch evaluate`: the retrieval protocol over one or more models, as one markdown table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spotmatch.data.splits import SplitConfig, split_dataset
+from spotmatch.data.tables import Dataset
+from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol
+from spotmatch.global_embed.checkpoint import read_checkpoint
+
+
+@dataclass
+class EvaluatedModel:
+    name: str
+    embed: Callable[[list[Path]], np.ndarray]  # paths -> (n, d) L2-normalised
+
+
+def split_for(dataset: Dataset, split_conf: SplitConfig, checkpoint: str | Path | None) -> tuple[pd.Series, str, str]:
+    """The checkpoint's own split when it was trained on this very table (validation rows were never
+    trained on); otherwise a fresh split from `split_conf`. Returns (split, split_by, where it came from)."""
+    if checkpoint is not None:
+        payload = read_checkpoint(checkpoint)
+        trained_on = payload.get("dataset")
+        if trained_on and dataset.csv_path and Path(trained_on).resolve() == Path(dataset.csv_path).resolve():
+            assignment = payload["split_assignment"]
+            split = dataset.table["filename"].map(assignment).fillna("val")
+            return split.rename("split"), payload["split_config"]["by"], f"the split stored in {checkpoint}"
+    return split_dataset(dataset, split_conf), split_conf.by, f"split by {split_conf.by}, seed {split_conf.seed}"
+
+
+def evaluate_models(dataset: Dataset, split: pd.Series, split_by: str, models: list[EvaluatedModel]) -> dict[str, dict[str, dict]]:
+    protocol = build_protocol(dataset.table, split, split_by)
+    identities = dataset.table["identity"].to_numpy()
+    rows = np.union1d(protocol.query_rows, protocol.gallery_rows)
+    results = {}
+    for model in models:
+        embedded = model.embed([dataset.paths[i] for i in rows])
+        embeddings = np.zeros((len(dataset), embedded.shape[1]), np.float32)
+        embeddings[rows] = embedded
+        similarity = embeddings[protocol.query_rows] @ embeddings[protocol.gallery_rows].T
+        results[model.name] = evaluate_protocol(similarity, identities, protocol)
+    return results

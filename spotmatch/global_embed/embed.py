@@ -1,0 +1,111 @@
+"""Batched, cached embedding: each distinct image (by content hash) is embedded once per model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from spotmatch.config import config_hash
+from spotmatch.data.images import file_sha256
+from spotmatch.global_embed.checkpoint import file_digest, load_model
+from spotmatch.global_embed.loading import ImageTensorDataset, MaskFn, iterate_batches
+from spotmatch.global_embed.model import EmbedderConfig, ReIDNet
+from spotmatch.global_embed.transforms import normalise
+from spotmatch.io import save_npy_atomic
+
+
+@dataclass
+class EmbedConfig:
+    """How to run an embedder (not what it is): batch size, device, test-time flip, cache."""
+
+    batch_size: int = 32
+    num_workers: int = 2
+    device: str = "auto"  # "auto" picks CUDA when present
+    flip_tta: bool = False  # average with the mirrored image; off by default (flanks differ)
+    cache_dir: str | None = ".cache/spotmatch"  # None: no disk cache
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Embedder:
+    """`embed(paths) -> (n, d)` float32, L2-normalised."""
+
+    def __init__(self, model: ReIDNet, conf: EmbedderConfig, identity: str, run: EmbedConfig | None = None,
+                 use_neck: bool = True, mask_fn: MaskFn | None = None):
+        self.conf, self.run = conf, run or EmbedConfig()
+        self.device = resolve_device(self.run.device)
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.use_neck, self.mask_fn = use_neck, mask_fn
+        # Everything that changes the numbers is in the cache name.
+        self.model_id = f"{conf.backbone}-{config_hash({'model': identity, 'conf': conf.__dict__, 'neck': use_neck, 'flip': self.run.flip_tta})}"
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, run: EmbedConfig | None = None, mask_fn: MaskFn | None = None) -> "Embedder":
+        model, conf, _ = load_model(path)
+        return cls(model, conf, identity=file_digest(path), run=run, mask_fn=mask_fn)
+
+    @classmethod
+    def pretrained_baseline(cls, conf: EmbedderConfig, run: EmbedConfig | None = None, mask_fn: MaskFn | None = None) -> "Embedder":
+        """The untrained ImageNet backbone with GeM pooling (no neck: an untrained neck is a random projection)."""
+        model = ReIDNet(conf)
+        return cls(model, conf, identity=f"baseline:{conf.pretrained}", run=run, use_neck=False, mask_fn=mask_fn)
+
+    @property
+    def dim(self) -> int:
+        return self.conf.embedding_dim if self.use_neck else self.model.backbone.num_features
+
+    def _cache_path(self, sha256: str) -> Path | None:
+        if self.run.cache_dir is None:
+            return None
+        return Path(self.run.cache_dir) / "embeddings" / self.model_id / sha256[:2] / f"{sha256}.npy"
+
+    @torch.inference_mode()
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = normalise(images.to(self.device, non_blocking=True))
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            views = [images, images.flip(-1)] if self.run.flip_tta else [images]
+            features = sum(self.model(v) if self.use_neck else self.model.pool(self.model.backbone(v).float()) for v in views)
+        return torch.nn.functional.normalize(features.float(), dim=1)
+
+    def embed(self, paths: list[str | Path]) -> np.ndarray:
+        paths = [Path(p) for p in paths]
+        hashes = [file_sha256(p) for p in paths]
+        first_path_of: dict[str, Path] = {}
+        for path, sha in zip(paths, hashes):
+            first_path_of.setdefault(sha, path)
+        by_hash: dict[str, np.ndarray] = {}
+        for sha in first_path_of:
+            cache_path = self._cache_path(sha)
+            if cache_path is not None and cache_path.is_file():
+                by_hash[sha] = np.load(cache_path)
+        todo = [sha for sha in first_path_of if sha not in by_hash]
+        if todo:
+            by_hash.update(self._embed_uncached([first_path_of[s] for s in todo], todo))
+        return np.stack([by_hash[sha] for sha in hashes]).astype(np.float32) if hashes else np.zeros((0, self.dim), np.float32)
+
+    def _embed_uncached(self, paths: list[Path], hashes: list[str]) -> dict[str, np.ndarray]:
+        dataset = ImageTensorDataset(paths, self.conf, mask_fn=self.mask_fn)
+        results: dict[str, np.ndarray] = {}
+        batches = iterate_batches(dataset, self.run.batch_size, self.run.num_workers, pin_memory=self.device.type == "cuda")
+        with tqdm(total=len(paths), desc="embed", unit="img", disable=not self.run.progress or None) as bar:
+            for batch in batches:
+                embeddings = self._forward(batch.images).cpu().numpy()
+                for index, embedding in zip(batch.indices, embeddings):
+                    results[hashes[index]] = embedding
+                    cache_path = self._cache_path(hashes[index])
+                    if cache_path is not None:
+                        save_npy_atomic(embedding, cache_path)
+                bar.update(len(batch.indices))
+        return results

@@ -1,0 +1,82 @@
+"""Batched image decoding for the embedder, in DataLoader workers.
+
+A bad image must surface as one clear SpotmatchError in the main process. Exceptions raised inside
+workers come back wrapped in a multi-line traceback, so decode errors travel as data instead and are
+raised by `iterate_batches`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from spotmatch.data.images import ImageRecord, load_image
+from spotmatch.errors import SpotmatchError
+from spotmatch.global_embed.model import EmbedderConfig
+from spotmatch.global_embed.transforms import prepare_pixels, to_tensor
+
+MaskFn = Callable[[ImageRecord], "np.ndarray | None"]
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: list[int]
+    errors: list[str] = field(default_factory=list)
+
+
+class ImageTensorDataset(Dataset):
+    def __init__(self, paths: list[Path], conf: EmbedderConfig, labels: list[int] | None = None,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, mask_fn: MaskFn | None = None):
+        self.paths, self.conf, self.augment, self.mask_fn = list(paths), conf, augment, mask_fn
+        self.labels = labels if labels is not None else [-1] * len(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            # The input is at most image_size pixels a side; a masked crop keeps at least half of it.
+            record = load_image(self.paths[index], draft_size=self.conf.image_size * 2)
+        except SpotmatchError as exc:
+            return index, None, str(exc)
+        mask = self.mask_fn(record) if self.mask_fn else None
+        pixels = prepare_pixels(record, self.conf, mask)
+        image = to_tensor(pixels)
+        return index, (image if self.augment is None else self.augment(image)), None
+
+
+def _collate(labels: list[int]):
+    def collate(items) -> Batch:
+        good = [(i, t) for i, t, e in items if e is None]
+        errors = [e for _, _, e in items if e is not None]
+        images = torch.stack([t for _, t in good]) if good else torch.empty(0)
+        return Batch(images, torch.tensor([labels[i] for i, _ in good], dtype=torch.long), [i for i, _ in good], errors)
+
+    return collate
+
+
+def _single_threaded_worker(worker_id: int) -> None:
+    """Each decoding process gets one thread: N workers x all-core thread pools oversubscribe the CPU."""
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def iterate_batches(dataset: ImageTensorDataset, batch_size: int, num_workers: int,
+                    batch_sampler: Sampler | None = None, pin_memory: bool = False) -> Iterator[Batch]:
+    """Batches in order (or as `batch_sampler` groups them); raises the first decode error as is."""
+    sizing = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+    loader = DataLoader(dataset, **sizing, num_workers=num_workers, collate_fn=_collate(dataset.labels),
+                        pin_memory=pin_memory, worker_init_fn=_single_threaded_worker if num_workers > 0 else None,
+                        prefetch_factor=4 if num_workers > 0 else None)
+    for batch in loader:
+        if batch.errors:
+            raise SpotmatchError(batch.errors[0])
+        yield batch

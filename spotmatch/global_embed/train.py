@@ -1,0 +1,162 @@
+"""ArcFace training of the global embedder: `main(...)` writes `last.pt` and `best.pt` into a run folder."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from spotmatch.config import config_from_dict, config_to_dict
+from spotmatch.data.splits import SplitConfig, split_dataset
+from spotmatch.data.tables import Dataset
+from spotmatch.errors import SpotmatchError
+from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol
+from spotmatch.global_embed.checkpoint import read_checkpoint, save_checkpoint
+from spotmatch.global_embed.embed import EmbedConfig, Embedder, resolve_device
+from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
+from spotmatch.global_embed.model import ArcFace, EmbedderConfig, ReIDNet
+from spotmatch.global_embed.sampler import PKBatchSampler
+from spotmatch.global_embed.transforms import AugmentConfig, build_train_augment, normalise
+from spotmatch.io import write_csv_atomic
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    identities_per_batch: int = 8  # P
+    images_per_identity: int = 4  # K
+    lr: float = 3e-4
+    head_lr_multiplier: float = 10.0  # the freshly initialised neck and ArcFace head learn faster
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    arcface_scale: float = 30.0
+    arcface_margin: float = 0.5
+    amp: bool = True  # bfloat16 autocast on GPU; ignored on CPU
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "auto"
+    eval_every: int = 1  # epochs between validation mAP measurements (0: only at the end)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def train_config_from_dict(values: dict) -> TrainConfig:
+    conf = config_from_dict(TrainConfig, values)
+    if isinstance(conf.augment, dict):
+        conf.augment = config_from_dict(AugmentConfig, conf.augment)
+    return conf
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def validation_ib_map(model: ReIDNet, conf: EmbedderConfig, dataset: Dataset, split: pd.Series, split_by: str,
+                      run: EmbedConfig) -> float:
+    protocol = build_protocol(dataset.table, split, split_by)
+    if len(protocol.query_rows) == 0:
+        return float("nan")
+    embedder = Embedder(model, conf, identity="in-training", run=dataclasses.replace(run, cache_dir=None, progress=False))
+    embeddings = embedder.embed(dataset.paths)
+    similarity = embeddings[protocol.query_rows] @ embeddings[protocol.gallery_rows].T
+    identities = dataset.table["identity"].to_numpy()
+    result = evaluate_protocol(similarity, identities, protocol)["all"]["ib_map"]
+    model.train()
+    return result
+
+
+def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfig, split_conf: SplitConfig,
+         out_dir: str | Path, resume: bool = False) -> Path:
+    """Train on the split's training rows, validate on its validation rows; returns best.pt."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(train_conf.seed)
+    device = resolve_device(train_conf.device)
+
+    split = split_dataset(dataset, split_conf) if split_conf.val_fraction > 0 else pd.Series("train", index=dataset.table.index)
+    write_csv_atomic(dataset.table[["filename", "identity"]].assign(split=split), out_dir / "split.csv")
+    train_rows = split == "train"
+    class_names = sorted(dataset.table.loc[train_rows, "identity"].unique())
+    if len(class_names) < 2:
+        raise SpotmatchError(f"{dataset.csv_path}: training needs at least 2 identities, found {len(class_names)}")
+    label_of = {name: i for i, name in enumerate(class_names)}
+    train_table = dataset.table[train_rows].reset_index(drop=True)
+    labels = [label_of[name] for name in train_table["identity"]]
+
+    model = ReIDNet(embedder_conf).to(device)
+    head = ArcFace(embedder_conf.embedding_dim, len(class_names), train_conf.arcface_scale, train_conf.arcface_margin).to(device)
+    optimiser = torch.optim.AdamW(
+        [{"params": model.backbone.parameters(), "lr": train_conf.lr},
+         {"params": [*model.pool.parameters(), *model.neck.parameters(), *head.parameters()],
+          "lr": train_conf.lr * train_conf.head_lr_multiplier}],
+        weight_decay=train_conf.weight_decay,
+    )
+    sampler = PKBatchSampler(labels, train_conf.identities_per_batch, train_conf.images_per_identity, train_conf.seed)
+    total_steps = train_conf.epochs * len(sampler)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, warmup_cosine(total_steps, int(train_conf.warmup_epochs * len(sampler))))
+    images = ImageTensorDataset([Path(p) for p in train_table["path"]], embedder_conf, labels,
+                                augment=build_train_augment(train_conf.augment))
+
+    history: list[dict] = []
+    start_epoch, best_map = 0, -1.0
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if resume and last_path.is_file():
+        state = read_checkpoint(last_path)
+        if state["embedder_config"] != config_to_dict(embedder_conf) or state["class_names"] != class_names:
+            raise SpotmatchError(f"{last_path}: was trained with another model config or data; resume with the same settings or use a new --out")
+        model.load_state_dict(state["model"])
+        head.load_state_dict(state["head"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, best_map = state["epoch"], state["history"], state["best_ib_map"]
+
+    run = EmbedConfig(batch_size=64, num_workers=train_conf.num_workers, device=str(device))
+    use_amp = train_conf.amp and device.type == "cuda"
+    checkpoint_extra = dict(train_config=config_to_dict(train_conf), split_config=config_to_dict(split_conf),
+                            class_names=class_names, dataset=str(dataset.csv_path),
+                            split_assignment=dict(zip(dataset.table["filename"], split)))
+    model.train()
+    for epoch in range(start_epoch, train_conf.epochs):
+        sampler.set_epoch(epoch)
+        started, losses = time.perf_counter(), []
+        batches = iterate_batches(images, 0, train_conf.num_workers, batch_sampler=sampler, pin_memory=device.type == "cuda")
+        for batch in tqdm(batches, total=len(sampler), desc=f"epoch {epoch + 1}/{train_conf.epochs}", leave=False, disable=None):
+            inputs, targets = normalise(batch.images.to(device, non_blocking=True)), batch.labels.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                features = model(inputs)
+            loss = torch.nn.functional.cross_entropy(head(features.float(), targets), targets)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            losses.append(loss.item())
+        epoch_seconds = time.perf_counter() - started
+        is_last = epoch + 1 == train_conf.epochs
+        evaluate_now = is_last or (train_conf.eval_every > 0 and (epoch + 1) % train_conf.eval_every == 0)
+        val_map = validation_ib_map(model, embedder_conf, dataset, split, split_conf.by, run) if evaluate_now else float("nan")
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
+                        "val_ib_map": val_map, "epoch_seconds": epoch_seconds})
+        print(json.dumps(history[-1]), flush=True)
+        improved = not math.isnan(val_map) and val_map > best_map
+        if improved:
+            best_map = val_map
+        payload = dict(checkpoint_extra, epoch=epoch + 1, history=history, best_ib_map=best_map)
+        if improved or (is_last and not best_path.exists()):
+            save_checkpoint(best_path, model, embedder_conf, **payload)
+        save_checkpoint(last_path, model, embedder_conf, head=head.state_dict(), optimiser=optimiser.state_dict(),
+                        scheduler=scheduler.state_dict(), **payload)
+        write_csv_atomic(pd.DataFrame(history), out_dir / "history.csv")
+    return best_path

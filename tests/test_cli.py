@@ -1,0 +1,125 @@
+"""The command line end to end: outputs, and one-line errors with no partial output files."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, SNOW
+
+CLI = [sys.executable, "-c", "from spotmatch.cli import main; main()"]
+
+
+def run_cli(*args, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture()
+def pairs_csv(tmp_path, snow_subset_csv) -> Path:
+    table = pd.read_csv(snow_subset_csv)
+    names = table["filename"].tolist()
+    pairs = pd.DataFrame({"row_id": [f"r{i}" for i in range(len(names) - 1)], "query_image": names[:-1], "gallery_image": names[1:]})
+    (tmp_path / "images").symlink_to(SNOW / "images")
+    pairs.to_csv(tmp_path / "test.csv", index=False)
+    return tmp_path / "test.csv"
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_score_pairs_writes_one_row_per_pair(tmp_path, pairs_csv, tiny_checkpoint):
+    out = tmp_path / "submission.csv"
+    result = run_cli("score-pairs", pairs_csv, "--checkpoint", tiny_checkpoint, "--out", out, "--num-workers", "0",
+                     "--cache-dir", tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    submission = pd.read_csv(out)
+    assert list(submission.columns) == ["row_id", "similarity"]
+    assert submission["row_id"].tolist() == pd.read_csv(pairs_csv)["row_id"].tolist()
+    assert submission["similarity"].between(0, 1).all()
+    n_images = len(pd.read_csv(pairs_csv)) + 1
+    assert f"scored {n_images - 1} pairs over {n_images} distinct images" in result.stdout
+
+
+def test_embed_writes_npz(tmp_path, snow_subset_csv, tiny_checkpoint):
+    out = tmp_path / "emb.npz"
+    result = run_cli("embed", snow_subset_csv, "--checkpoint", tiny_checkpoint, "--out", out, "--num-workers", "0")
+    assert result.returncode == 0, result.stderr
+    saved = np.load(out)
+    n_images = len(pd.read_csv(snow_subset_csv))
+    assert saved["embeddings"].shape == (n_images, 64) and len(saved["paths"]) == n_images
+
+
+def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, pairs_csv, tiny_checkpoint):
+    out = tmp_path / "submission.csv"
+    out.write_text("previous,content\n")  # an earlier good file must survive a failed run untouched
+    pairs = pd.read_csv(pairs_csv)
+
+    missing = pairs.copy()
+    missing.loc[3, "gallery_image"] = "no_such_frame.jpg"
+    missing.to_csv(tmp_path / "missing.csv", index=False)
+    assert_one_line_error(run_cli("score-pairs", tmp_path / "missing.csv", "--checkpoint", tiny_checkpoint, "--out", out),
+                          "no_such_frame.jpg not found", "missing.csv")
+
+    broken = tmp_path / "images_broken"
+    broken.mkdir()
+    for name in set(pairs["query_image"]) | set(pairs["gallery_image"]):
+        (broken / name).symlink_to(SNOW / "images" / name)
+    victim = pairs["gallery_image"].iloc[5]
+    (broken / victim).unlink()
+    (broken / victim).write_bytes((SNOW / "images" / victim).read_bytes()[:4000])
+    assert_one_line_error(run_cli("score-pairs", pairs_csv, "--images", broken, "--checkpoint", tiny_checkpoint,
+                                  "--out", out, "--cache-dir", ""), f"{victim}: cannot decode image")
+
+    pairs.rename(columns={"gallery_image": "gallery"}).to_csv(tmp_path / "cols.csv", index=False)
+    assert_one_line_error(run_cli("score-pairs", tmp_path / "cols.csv", "--checkpoint", tiny_checkpoint, "--out", out),
+                          "missing column(s) gallery_image")
+
+    pairs.assign(row_id="same").to_csv(tmp_path / "dup.csv", index=False)
+    assert_one_line_error(run_cli("score-pairs", tmp_path / "dup.csv", "--checkpoint", tiny_checkpoint, "--out", out),
+                          "row_id 'same' appears more than once")
+
+    weights = tmp_path / "weights.pth"
+    import timm
+    import torch
+
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", weights, "--out", out),
+                          "not a spotmatch embedder checkpoint")
+
+    assert out.read_text() == "previous,content\n"
+    assert not list(tmp_path.glob(".submission.csv.*"))  # no temporary file left behind
+
+
+def test_empty_dataset_and_unknown_split_column(tmp_path, snow_subset_csv, tiny_checkpoint):
+    (tmp_path / "labels.csv").write_text("filename,identity\n")
+    assert_one_line_error(run_cli("train", "--data", tmp_path / "labels.csv", "--out", tmp_path / "run", "--preset", "tiny"),
+                          "no labelled images")
+    assert_one_line_error(run_cli("train", "--data", snow_subset_csv, "--out", tmp_path / "run", "--preset", "tiny",
+                                  "--split-by", "season"), "cannot split by 'season'")
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_train_resume_and_evaluate(tmp_path, snow_subset_csv):
+    run = tmp_path / "run"
+    common = ["--data", snow_subset_csv, "--out", run, "--preset", "tiny", "--split-by", "encounter", "--num-workers", "0"]
+    first = run_cli("train", *common, "--epochs", "1")
+    assert first.returncode == 0, first.stderr
+    resumed = run_cli("train", *common, "--epochs", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+
+    evaluation = run_cli("evaluate", "--data", snow_subset_csv, "--checkpoint", run / "best.pt", "--num-workers", "0",
+                         "--out", tmp_path / "table.md")
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert "the split stored in" in evaluation.stdout and "| all |" in evaluation.stdout
+    assert "cross-station" in (tmp_path / "table.md").read_text()

