@@ -117,25 +117,37 @@ def score_pairs(
     pairs_csv: Path = typer.Argument(..., help="Kaggle test.csv: `row_id, query_image, gallery_image`."),
     out: Path = typer.Option(Path("submission.csv"), "--out", help="Output `row_id, similarity` CSV (written atomically)."),
     checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
+    fusion: Optional[Path] = typer.Option(None, help="Calibration file from `spotmatch calibrate`: similarity becomes a calibrated probability."),
+    local: Optional[bool] = typer.Option(None, "--local/--no-local", help="Re-score each query's top-K pairs with keypoints (default: on when --fusion is given)."),
+    top_k: int = typer.Option(20, help="Pairs per query re-scored by the local stage."),
+    extractor: str = typer.Option("rootsift", help="Local features (must match the calibration file)."),
+    evidence_out: Optional[Path] = typer.Option(None, help="Also write every stage's columns (cosine, rank, inliers, ...) here."),
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     batch_size: int = typer.Option(32, help="Images per forward pass (bounds GPU memory)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
-    num_workers: int = typer.Option(2, help="Image decoding processes."),
-    cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder."),
+    num_workers: int = typer.Option(2, help="Image decoding processes / local matching threads."),
+    cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Cache folder for embeddings and local features."),
 ) -> None:
-    """Score every pair of a competition test file into submission.csv (each image embedded once)."""
+    """Score every pair of a competition test file into submission.csv through the engine (each image embedded once)."""
     from spotmatch.data.tables import load_pairs
-    from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores, write_submission
-    from spotmatch.global_embed.embed import Embedder
+    from spotmatch.engine.engine import Engine, EngineConfig
+    from spotmatch.engine.scoring import write_submission
+    from spotmatch.io import write_csv_atomic
 
     pairs = load_pairs(pairs_csv, images)
-    embedder = Embedder.from_checkpoint(checkpoint, _embed_config(batch_size, device, flip_tta, num_workers, cache_dir))
+    use_local = fusion is not None if local is None else local
+    engine = Engine.from_files(checkpoint, fusion, EngineConfig(shortlist_k=top_k, use_local=use_local, extractor=extractor,
+                                                               local_workers=num_workers, cache_dir=str(cache_dir) if cache_dir else None),
+                               _embed_config(batch_size, device, flip_tta, num_workers, cache_dir))
     started = time.perf_counter()
-    scores = global_pair_scores(pairs, embedder)
-    write_submission(scores["row_id"], cosine_to_similarity(scores["cosine"].to_numpy()), out)
+    scored = engine.score_pairs(pairs)
+    if evidence_out:
+        write_csv_atomic(scored, evidence_out)
+    write_submission(scored["row_id"], scored["similarity"].to_numpy(), out)
     n_images = len(set(pairs["query_image_path"]) | set(pairs["gallery_image_path"]))
-    typer.echo(f"scored {len(pairs)} pairs over {n_images} distinct images in {time.perf_counter() - started:.1f}s; wrote {out}")
+    stages = "global" + (f" + local top-{top_k}" if use_local else "") + (" + fusion" if fusion else "")
+    typer.echo(f"scored {len(pairs)} pairs over {n_images} distinct images ({stages}) in {time.perf_counter() - started:.1f}s; wrote {out}")
 
 
 @app.command()

@@ -103,17 +103,26 @@ def load_image(path: str | Path, draft_size: int | None = None) -> ImageRecord:
         raise SpotmatchError(
             f"{path}: cannot decode image ({reason}); re-export the file or remove it from the input"
         ) from None
-    greyscale = bool(
-        rgb.ndim == 3 and np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
-    )
     return ImageRecord(
         path=path,
         rgb=np.ascontiguousarray(rgb),
         mask=mask,
         sha256=hashlib.sha256(data).hexdigest(),
         captured_at=captured_at,
-        greyscale=greyscale,
+        greyscale=looks_greyscale(rgb),
     )
+
+
+# Mean absolute difference between colour channels below which a frame counts as grey: JPEG colour
+# noise keeps night-infrared frames from having exactly equal channels.
+GREYSCALE_CHANNEL_DIFFERENCE = 2.0
+
+
+def looks_greyscale(rgb: np.ndarray) -> bool:
+    """Greyscale or night infrared (stored as RGB with near-equal channels)."""
+    pixels = rgb[::4, ::4].astype(np.int16)
+    difference = np.abs(pixels[..., 0] - pixels[..., 1]).mean() + np.abs(pixels[..., 1] - pixels[..., 2]).mean()
+    return bool(difference < GREYSCALE_CHANNEL_DIFFERENCE)
 
 
 def mask_bbox(mask: np.ndarray, margin: float = 0.0) -> tuple[int, int, int, int] | None:

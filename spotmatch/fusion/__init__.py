@@ -1,0 +1,1 @@
+"""Fusion: global and local evidence calibrated into one probability of "same individual"."""

@@ -51,14 +51,17 @@ class ImageTensorDataset(Dataset):
         return index, (image if self.augment is None else self.augment(image)), None
 
 
-def _collate(labels: list[int]):
-    def collate(items) -> Batch:
+class _Collate:
+    """Stack the decoded images; decode errors ride along to be raised in the main process."""
+
+    def __init__(self, labels: list[int]):
+        self.labels = labels
+
+    def __call__(self, items) -> Batch:
         good = [(i, t) for i, t, e in items if e is None]
         errors = [e for _, _, e in items if e is not None]
         images = torch.stack([t for _, t in good]) if good else torch.empty(0)
-        return Batch(images, torch.tensor([labels[i] for i, _ in good], dtype=torch.long), [i for i, _ in good], errors)
-
-    return collate
+        return Batch(images, torch.tensor([self.labels[i] for i, _ in good], dtype=torch.long), [i for i, _ in good], errors)
 
 
 def _single_threaded_worker(worker_id: int) -> None:
@@ -73,7 +76,10 @@ def iterate_batches(dataset: ImageTensorDataset, batch_size: int, num_workers: i
                     batch_sampler: Sampler | None = None, pin_memory: bool = False) -> Iterator[Batch]:
     """Batches in order (or as `batch_sampler` groups them); raises the first decode error as is."""
     sizing = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
-    loader = DataLoader(dataset, **sizing, num_workers=num_workers, collate_fn=_collate(dataset.labels),
+    # forkserver, not fork: a process that already ran thread pools (local matching, a web server)
+    # can deadlock in a forked child holding a copied lock.
+    workers = {"multiprocessing_context": "forkserver"} if num_workers > 0 else {}
+    loader = DataLoader(dataset, **sizing, num_workers=num_workers, collate_fn=_Collate(dataset.labels), **workers,
                         pin_memory=pin_memory, worker_init_fn=_single_threaded_worker if num_workers > 0 else None,
                         prefetch_factor=4 if num_workers > 0 else None)
     for batch in loader:

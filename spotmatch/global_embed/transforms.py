@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from spotmatch.data.images import ImageRecord, mask_bbox
+from spotmatch.data.images import ImageRecord
 from spotmatch.global_embed.model import EmbedderConfig
+from spotmatch.segmentation.background import masked_crop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,17 +29,6 @@ class AugmentConfig:
     random_erasing: float = 0.25
     # Off by default: a mirrored left flank looks like a right flank with a different pattern.
     horizontal_flip: bool = False
-
-
-def fill_background(rgb: np.ndarray, mask: np.ndarray, fill: str) -> np.ndarray:
-    if fill == "none":
-        return rgb
-    colour = {"grey": _MEAN_RGB, "black": np.zeros(3)}.get(fill)
-    if colour is None:
-        raise ValueError(f"unknown background fill {fill!r}; use none, grey or black")
-    out = rgb.copy()
-    out[~mask] = colour.astype(np.uint8)
-    return out
 
 
 def letterbox(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -58,12 +48,9 @@ def letterbox(rgb: np.ndarray, size: int) -> np.ndarray:
 def prepare_pixels(record: ImageRecord, conf: EmbedderConfig, mask: np.ndarray | None = None) -> np.ndarray:
     """Crop to the animal when a mask is known, fill the background, letterbox: (S, S, 3) uint8."""
     mask = record.mask if mask is None else mask
-    rgb = record.rgb
-    if mask is not None and mask.any():
-        rgb = fill_background(rgb, mask, conf.background_fill)
-        x0, y0, x1, y1 = mask_bbox(mask, conf.mask_crop_margin)
-        rgb = rgb[y0:y1, x0:x1]
-    return letterbox(rgb, conf.image_size)
+    if mask is not None and not mask.any():
+        mask = None  # nothing found: the whole frame is better than an empty crop
+    return letterbox(masked_crop(record.rgb, mask, conf.background_fill, conf.mask_crop_margin), conf.image_size)
 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:

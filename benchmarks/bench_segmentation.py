@@ -1,0 +1,47 @@
+"""Seconds per image for the mask sources on this machine: teacher (u2netp, onnxruntime) and a U-Net checkpoint.
+
+    .venv/bin/python benchmarks/bench_segmentation.py --checkpoint runs/seg-lite0-gpu/unet.pt [--device cuda]
+
+Times the model call only (decoding excluded), on the first N snowleopard frames, after one warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from spotmatch.data.images import load_image
+from spotmatch.segmentation.teacher import SalientObjectTeacher
+from spotmatch.segmentation.unet import UNetSegmenter
+
+IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "snowleopard" / "images"
+
+
+def seconds_per_image(model, images) -> float:
+    model.probability(images[0])  # warm-up: session/graph set-up is not per-image cost
+    started = time.perf_counter()
+    for rgb in images:
+        model.probability(rgb)
+    return (time.perf_counter() - started) / len(images)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images", type=int, default=20)
+    args = parser.parse_args()
+    images = [load_image(p).rgb for p in sorted(IMAGES.glob("*.JPG"))[: args.images]]
+    rows = {
+        "teacher u2netp (onnxruntime, CPU)": seconds_per_image(SalientObjectTeacher(), images),
+        f"U-Net {args.checkpoint.parent.name} ({args.device})": seconds_per_image(
+            UNetSegmenter.from_checkpoint(args.checkpoint, args.device), images
+        ),
+    }
+    print(f"| model | ms per image ({len(images)} frames, {images[0].shape[1]}x{images[0].shape[0]}) |\n|---|---|")
+    for name, seconds in rows.items():
+        print(f"| {name} | {seconds * 1000:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Catalogue of known individuals: SQLite store (store.py), migrations, model-backed operations (service.py)."""

@@ -1,0 +1,309 @@
+"""Catalogue operations that need the model: init, add, identify, confirm a photo, explain a match.
+
+The store (store.py) only reads and writes rows; this module embeds, matches and fuses, always
+outside a transaction, then hands finished rows to the store in one write.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import pandas as pd
+
+from spotmatch.catalogue.store import Catalogue, CatalogueSettings, NewImage
+from spotmatch.data.images import file_sha256, load_image
+from spotmatch.data.tables import FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir
+from spotmatch.errors import SpotmatchError
+
+
+class EmbedsImages(Protocol):
+    """What `add` needs from an embedder (the benchmark passes a stand-in that reuses embeddings)."""
+
+    model_id: str
+    dim: int
+
+    def embed(self, paths: list) -> np.ndarray: ...
+
+
+@dataclass
+class ImageSource:
+    """An image to add, with whatever a CSV said about it."""
+
+    path: Path
+    identity: str | None = None
+    station: str | None = None
+    camera: str | None = None
+    captured_at: str | None = None
+
+
+@dataclass
+class AddConfig:
+    batch_size: int = 16  # images per transaction: a kill loses at most this much work, never consistency
+    who: str = "cli"
+    local_features: bool = True  # extract keypoints at add time, so identify only extracts the query's
+
+
+@dataclass
+class AddReport:
+    added: int = 0
+    already_there: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
+
+
+@dataclass
+class IdentifyConfig:
+    top_k: int = 5  # individuals reported per query
+    explain_dir: Path | None = None  # where match drawings go; None: no drawings
+
+
+@dataclass
+class Candidate:
+    individual: str
+    probability: float
+    cosine: float
+    global_rank: int
+    gallery_image_id: int
+    gallery_path: str
+    matches: float | None = None
+    inliers: float | None = None
+    inlier_ratio: float | None = None
+    explanation_png: str | None = None
+
+
+@dataclass
+class QueryResult:
+    query: str
+    sha256: str
+    candidates: list[Candidate]
+    threshold: float
+    known_image_id: int | None = None  # the photo is already in the catalogue under this id
+
+    @property
+    def verdict(self) -> str:
+        if self.candidates and self.candidates[0].probability >= self.threshold:
+            return f"match: {self.candidates[0].individual}"
+        return "new individual"
+
+
+# --- settings and the engine ----------------------------------------------------------------------------
+def init_catalogue(folder: Path, checkpoint: Path, fusion: Path | None, extractor: str = "rootsift") -> Catalogue:
+    from spotmatch.fusion.calibration import FusionModel
+    from spotmatch.global_embed.embed import EmbedConfig, Embedder
+
+    embedder = Embedder.from_checkpoint(checkpoint, EmbedConfig(device="cpu", progress=False, cache_dir=None))
+    if fusion is not None:
+        FusionModel.load(fusion, embedder_id=embedder.model_id)  # refuse a calibration of another model now, not later
+    settings = CatalogueSettings(checkpoint=str(Path(checkpoint).resolve()),
+                                 fusion=str(Path(fusion).resolve()) if fusion else None,
+                                 embedder_id=embedder.model_id, embedding_dim=embedder.dim, extractor=extractor)
+    return Catalogue.create(folder, settings)
+
+
+def open_engine(catalogue: Catalogue, shortlist_k: int = 20, workers: int = 2, progress: bool = False):
+    """The catalogue's own model, with its caches inside the catalogue folder; local matching when calibrated."""
+    from spotmatch.engine.engine import Engine, EngineConfig
+    from spotmatch.global_embed.embed import EmbedConfig
+
+    settings = catalogue.settings()
+    conf = EngineConfig(shortlist_k=shortlist_k, use_local=settings.fusion is not None, extractor=settings.extractor,
+                        local_workers=workers, cache_dir=str(catalogue.cache_dir))
+    run = EmbedConfig(device="cpu", num_workers=0, cache_dir=str(catalogue.cache_dir), progress=progress)
+    engine = Engine.from_files(settings.checkpoint, settings.fusion, conf, run)
+    catalogue.check_embedder(engine.embedder.model_id, engine.embedder.dim)
+    return engine
+
+
+# --- add ------------------------------------------------------------------------------------------------
+def sources_from_folder(folder: Path) -> list[ImageSource]:
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise SpotmatchError(f"{folder}: no images (jpg, png, ...) in this folder; check the path")
+    return [ImageSource(path=p.resolve()) for p in paths]
+
+
+def _column(table: pd.DataFrame, aliases: tuple[str, ...]) -> str | None:
+    lower = {c.lower().strip(): c for c in table.columns}
+    return next((lower[a] for a in aliases if a in lower), None)
+
+
+def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[ImageSource]:
+    """A table `filename[, identity, station, camera, date, time]`; files missing on disk are reported by add."""
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise SpotmatchError(f"{csv_path}: CSV file not found; pass the labels CSV path") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); check the file") from None
+    filename_col = _column(table, FILENAME_ALIASES)
+    if filename_col is None:
+        raise SpotmatchError(f"{csv_path}: no filename column (expected one of {', '.join(FILENAME_ALIASES)}); rename the column")
+    identity_col = _column(table, IDENTITY_ALIASES)
+    image_dir = image_dir or default_image_dir(csv_path)
+    sources = []
+    for row in table.to_dict("records"):
+        when = " ".join(v for v in (row.get("date", ""), row.get("time", "")) if v) or None
+        sources.append(ImageSource(path=(image_dir / row[filename_col]).resolve(),
+                                   identity=(row[identity_col].strip() or None) if identity_col else None,
+                                   station=row.get("station") or None, camera=row.get("camera") or None, captured_at=when))
+    return sources
+
+
+def _decodable(source: ImageSource) -> tuple[str, str | None]:
+    """(sha256, EXIF capture time) after a full decode: a corrupt file raises here, before anything is written."""
+    record = load_image(source.path)
+    return record.sha256, record.captured_at
+
+
+def add_images(catalogue: Catalogue, embedder: EmbedsImages, local, sources: list[ImageSource],
+               conf: AddConfig | None = None, progress: Callable[[int], None] | None = None) -> AddReport:
+    """Add new images by content hash (already-present ones are skipped), one transaction per batch."""
+    conf = conf or AddConfig()
+    catalogue.check_embedder(embedder.model_id, embedder.dim)
+    report = AddReport()
+    for start in range(0, len(sources), conf.batch_size):
+        batch = sources[start:start + conf.batch_size]
+        hashes = {}
+        for source in batch:
+            try:
+                hashes[id(source)] = file_sha256(source.path)
+            except SpotmatchError as exc:
+                report.failed.append((str(source.path), str(exc)))
+        known = catalogue.known_hashes(list(hashes.values()))
+        fresh: list[tuple[ImageSource, str, str | None]] = []
+        seen_in_batch: set[str] = set()
+        for source in batch:
+            sha = hashes.get(id(source))
+            if sha is None:
+                continue
+            if sha in known or sha in seen_in_batch:
+                report.already_there += 1
+                continue
+            try:
+                sha, captured_at = _decodable(source)
+            except SpotmatchError as exc:
+                report.failed.append((str(source.path), str(exc)))
+                continue
+            seen_in_batch.add(sha)
+            fresh.append((source, sha, captured_at))
+        if fresh:
+            embeddings = embedder.embed([s.path for s, _, _ in fresh])
+            feature_key = None
+            if local is not None and conf.local_features:
+                local.features_many([str(s.path) for s, _, _ in fresh])  # fills the on-disk feature cache
+                feature_key = local.extractor.conf_name
+            rows = [NewImage(path=str(s.path), sha256=sha, embedding=e, embedder_id=embedder.model_id,
+                             feature_key=feature_key, identity=s.identity, station=s.station, camera=s.camera,
+                             captured_at=s.captured_at or exif_time)
+                    for (s, sha, exif_time), e in zip(fresh, embeddings)]
+            new_ids = catalogue.insert_images(rows, conf.who)
+            report.added += len(new_ids)
+            report.already_there += len(rows) - len(new_ids)  # another process added them meanwhile
+        if progress is not None:
+            progress(len(batch))
+    return report
+
+
+# --- identify -------------------------------------------------------------------------------------------
+def _shortlist(catalogue: Catalogue, query_paths: list[Path], query_embeddings: np.ndarray, query_hashes: list[str],
+               shortlist_k: int) -> pd.DataFrame:
+    """Global candidates per query from the FAISS index; a query never matches its own file."""
+    from spotmatch.global_embed.index import search
+
+    index, image_ids = catalogue.search_index()
+    if query_embeddings.shape[1] != index.d:
+        raise SpotmatchError(f"{catalogue.folder}: the catalogue index has {index.d} dimensions, the query embeddings"
+                             f" {query_embeddings.shape[1]}; identify with the catalogue's checkpoint")
+    scores, neighbours = search(index, query_embeddings, shortlist_k + 1)  # +1: room for the query itself
+    gallery = catalogue.images_table().set_index("image_id")
+    rows = []
+    for q, query in enumerate(query_paths):
+        rank = 0
+        for position, cosine in zip(neighbours[q], scores[q]):
+            if position < 0 or rank >= shortlist_k:
+                continue
+            image = gallery.loc[int(image_ids[position])]
+            if image["sha256"] == query_hashes[q]:
+                continue
+            rows.append({"query_image_path": str(query), "gallery_image_path": image["path"],
+                         "gallery_image_id": int(image_ids[position]), "individual": image["individual"],
+                         "cosine": float(cosine), "global_rank": rank})
+            rank += 1
+    candidates = pd.DataFrame(rows)
+    candidates.insert(0, "row_id", np.arange(len(candidates)))
+    return candidates
+
+
+def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: IdentifyConfig | None = None) -> list[QueryResult]:
+    """Per photo: the top-K individuals by calibrated probability, with the evidence behind each."""
+    conf = conf or IdentifyConfig()
+    query_paths = [Path(p) for p in query_paths]
+    query_hashes = [file_sha256(p) for p in query_paths]  # one-line error for a missing photo
+    for path in query_paths:
+        load_image(path)  # and for a corrupt one, before any work
+    candidates = _shortlist(catalogue, query_paths, engine.embedder.embed(query_paths), query_hashes, engine.conf.shortlist_k)
+    if engine.local is not None and len(candidates):
+        candidates = candidates.join(engine.local.score_pairs(candidates))
+    if len(candidates):
+        candidates["probability"] = engine.similarity(candidates)
+    threshold = float(engine.fusion.threshold) if engine.fusion is not None else 0.5
+    results = []
+    for path, sha in zip(query_paths, query_hashes):
+        mine = candidates[candidates["query_image_path"] == str(path)] if len(candidates) else candidates
+        best = mine.sort_values("probability", ascending=False).drop_duplicates("individual").head(conf.top_k) if len(mine) else mine
+        known = catalogue.image_by_sha(sha)
+        result = QueryResult(str(path), sha, [_candidate(row) for row in best.to_dict("records")], threshold,
+                             int(known["id"]) if known is not None else None)
+        if conf.explain_dir is not None and engine.local is not None:
+            for candidate in result.candidates:
+                candidate.explanation_png = str(explain_candidate(engine, path, sha, candidate, conf.explain_dir))
+        results.append(result)
+    return results
+
+
+def _candidate(row: dict) -> Candidate:
+    optional = lambda key: (None if pd.isna(row.get(key, np.nan)) else float(row[key]))  # noqa: E731
+    return Candidate(individual=row["individual"], probability=float(row["probability"]), cosine=row["cosine"],
+                     global_rank=int(row["global_rank"]), gallery_image_id=int(row["gallery_image_id"]),
+                     gallery_path=row["gallery_image_path"], matches=optional("matches"), inliers=optional("inliers"),
+                     inlier_ratio=optional("inlier_ratio"))
+
+
+def explain_candidate(engine, query: Path, query_sha: str, candidate: Candidate, out_dir: Path) -> Path:
+    """The drawing of the inlier matches; named by both hashes, so it is drawn once per pair."""
+    from spotmatch.local_match.explain import explain_pair
+
+    out_png = Path(out_dir) / f"{query_sha[:16]}-{candidate.gallery_image_id}.png"
+    if not out_png.is_file():
+        explain_pair(query, candidate.gallery_path, engine.local, out_png, cosine=candidate.cosine,
+                     probability=candidate.probability)
+    return out_png
+
+
+def confirm_photo(catalogue: Catalogue, engine, photo: Path, individual: str | None, who: str) -> tuple[int, str]:
+    """Add the photo if it is not in the catalogue yet, then assign it (None: a new individual).
+    Returns (image id, individual name)."""
+    sha = file_sha256(photo)
+    known = catalogue.image_by_sha(sha)
+    if known is None:
+        report = add_images(catalogue, engine.embedder, engine.local, [ImageSource(Path(photo).resolve())], AddConfig(who=who))
+        if report.failed:
+            raise SpotmatchError(report.failed[0][1])
+        known = catalogue.image_by_sha(sha)
+    return int(known["id"]), catalogue.confirm(int(known["id"]), individual, who)
+
+
+def export_table(catalogue: Catalogue, competition: bool) -> pd.DataFrame:
+    """All images; or, in the competition's train.csv format, `filename, ground_truth` of identified ones."""
+    table = catalogue.images_table()
+    if not competition:
+        return table
+    identified = table[table["individual"].notna()]
+    return pd.DataFrame({"filename": identified["filename"], "ground_truth": identified["individual"]})
+
+
+def print_failures(report: AddReport) -> None:
+    for path, reason in report.failed:
+        print(f"skipped: {reason}", file=sys.stderr)

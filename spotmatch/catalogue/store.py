@@ -1,0 +1,353 @@
+"""The catalogue on disk: one SQLite database (WAL) plus a FAISS index file beside it.
+
+    <folder>/catalogue.db    individuals, images (with float32 embedding blobs), confirmations, settings
+    <folder>/index.faiss     FAISS index over the identified images; a cache, rebuilt from the blobs
+    <folder>/cache/          embedding and local-feature caches (by image content hash)
+
+Every write is one `BEGIN IMMEDIATE ... COMMIT` transaction, so a process killed at any point leaves
+the database as it was before or after that write, never in between. An image row and its embedding
+are one INSERT: there is no image without its embedding.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from spotmatch.errors import SpotmatchError
+from spotmatch.io import atomic_path
+
+DB_NAME = "catalogue.db"
+INDEX_NAME = "index.faiss"
+BUSY_TIMEOUT_S = 60.0  # another process's write transaction is waited for, not reported as "locked"
+
+
+@dataclass
+class CatalogueSettings:
+    """What the catalogue was built with (set at init): its embeddings only mean something for this model."""
+
+    checkpoint: str
+    fusion: str | None
+    embedder_id: str
+    embedding_dim: int
+    extractor: str = "rootsift"
+
+
+@dataclass
+class NewImage:
+    """One image ready to insert: decoded and embedded already, outside any transaction."""
+
+    path: str
+    sha256: str
+    embedding: np.ndarray
+    embedder_id: str
+    feature_key: str | None = None
+    identity: str | None = None
+    station: str | None = None
+    camera: str | None = None
+    captured_at: str | None = None
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def connect(db_path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; `transaction` below opens and closes each one.
+    db = sqlite3.connect(db_path, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One atomic write. IMMEDIATE takes the write lock up front, so two writers queue (busy timeout)
+    instead of one failing half-way on a lock upgrade."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def embedding_to_blob(embedding: np.ndarray) -> bytes:
+    return np.ascontiguousarray(embedding, dtype="<f4").tobytes()
+
+
+def blob_to_embedding(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4")
+
+
+class Catalogue:
+    """A catalogue folder: open with `Catalogue.open(folder)`, make with `Catalogue.create(folder, settings)`."""
+
+    def __init__(self, folder: Path, db: sqlite3.Connection):
+        self.folder, self.db = folder, db
+
+    # --- opening -------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, folder: str | Path, settings: CatalogueSettings) -> "Catalogue":
+        from spotmatch.catalogue.migrations import migrate
+
+        folder = Path(folder)
+        if (folder / DB_NAME).exists():
+            raise SpotmatchError(f"{folder / DB_NAME}: a catalogue already exists here; use it, or init another folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        catalogue = cls(folder, connect(folder / DB_NAME))
+        migrate(catalogue.db)
+        with transaction(catalogue.db) as db:
+            for key, value in settings.__dict__.items():
+                if value is not None:
+                    db.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
+            db.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (now_utc(),))
+        return catalogue
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "Catalogue":
+        from spotmatch.catalogue.migrations import migrate
+
+        folder = Path(folder)
+        if not (folder / DB_NAME).is_file():
+            raise SpotmatchError(f"{folder}: no catalogue here; run `spotmatch catalogue init {folder} --checkpoint CKPT` first")
+        catalogue = cls(folder, connect(folder / DB_NAME))
+        migrate(catalogue.db)  # older catalogues upgrade on open
+        return catalogue
+
+    def close(self) -> None:
+        self.db.close()
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.folder / "cache"
+
+    @property
+    def index_path(self) -> Path:
+        return self.folder / INDEX_NAME
+
+    def settings(self) -> CatalogueSettings:
+        meta = {row["key"]: row["value"] for row in self.db.execute("SELECT key, value FROM meta")}
+        return CatalogueSettings(checkpoint=meta["checkpoint"], fusion=meta.get("fusion"), embedder_id=meta["embedder_id"],
+                                 embedding_dim=int(meta["embedding_dim"]), extractor=meta.get("extractor", "rootsift"))
+
+    def check_embedder(self, embedder_id: str, dim: int) -> None:
+        """Refuse embeddings from another model: cosines across two models are meaningless."""
+        settings = self.settings()
+        if dim != settings.embedding_dim:
+            raise SpotmatchError(
+                f"{self.folder / DB_NAME}: catalogue embeddings have {settings.embedding_dim} dimensions but this model gives {dim};"
+                f" use the catalogue's checkpoint {settings.checkpoint} or init a new catalogue")
+        if embedder_id != settings.embedder_id:
+            raise SpotmatchError(
+                f"{self.folder / DB_NAME}: catalogue was built with embedder {settings.embedder_id}, not {embedder_id};"
+                f" use the catalogue's checkpoint {settings.checkpoint} or init a new catalogue")
+
+    # --- reads ---------------------------------------------------------------------------------------
+    def known_hashes(self, hashes: list[str]) -> set[str]:
+        known: set[str] = set()
+        for start in range(0, len(hashes), 500):  # SQLite caps the number of bound parameters
+            chunk = hashes[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            known.update(r[0] for r in self.db.execute(f"SELECT sha256 FROM images WHERE sha256 IN ({marks})", chunk))
+        return known
+
+    def image_by_sha(self, sha256: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM images WHERE sha256 = ?", (sha256,)).fetchone()
+
+    def image(self, image_id: int) -> sqlite3.Row:
+        row = self.db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+        if row is None:
+            raise SpotmatchError(f"{self.folder}: no image with id {image_id} in the catalogue; see `spotmatch catalogue export`")
+        return row
+
+    def individual_id(self, name: str) -> int:
+        row = self.db.execute("SELECT id FROM individuals WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise SpotmatchError(f"{self.folder}: no individual named {name!r}; check the name with `spotmatch catalogue stats`")
+        return int(row[0])
+
+    def individual_names(self) -> dict[int, str]:
+        return {int(r[0]): r[1] for r in self.db.execute("SELECT id, name FROM individuals")}
+
+    def identified_images(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids, individual ids) of every image assigned to an individual, by image id."""
+        rows = self.db.execute("SELECT id, individual_id FROM images WHERE individual_id IS NOT NULL ORDER BY id").fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64)
+
+    def embeddings(self, image_ids: np.ndarray) -> np.ndarray:
+        dim = self.settings().embedding_dim
+        out = np.empty((len(image_ids), dim), dtype=np.float32)
+        position = {int(i): n for n, i in enumerate(image_ids)}
+        for image_id, blob in self.db.execute("SELECT id, embedding FROM images WHERE individual_id IS NOT NULL"):
+            if image_id in position:
+                out[position[image_id]] = blob_to_embedding(blob)
+        return out
+
+    def images_table(self):
+        import pandas as pd
+
+        return pd.read_sql_query(
+            "SELECT images.id AS image_id, images.filename, images.path, images.sha256, individuals.name AS individual,"
+            " images.station, images.camera, images.captured_at, images.added_at"
+            " FROM images LEFT JOIN individuals ON individuals.id = images.individual_id ORDER BY images.id", self.db)
+
+    def stats(self) -> dict:
+        count = lambda sql: int(self.db.execute(sql).fetchone()[0])  # noqa: E731
+        from spotmatch.catalogue.migrations import schema_version
+
+        return {"individuals": count("SELECT COUNT(*) FROM individuals"),
+                "images": count("SELECT COUNT(*) FROM images"),
+                "identified_images": count("SELECT COUNT(*) FROM images WHERE individual_id IS NOT NULL"),
+                "unidentified_images": count("SELECT COUNT(*) FROM images WHERE individual_id IS NULL"),
+                "confirmations": count("SELECT COUNT(*) FROM confirmations"),
+                "schema_version": schema_version(self.db), **self.settings().__dict__}
+
+    # --- writes: each one transaction ------------------------------------------------------------------
+    def _individual_id_creating(self, name: str) -> int:
+        row = self.db.execute("SELECT id FROM individuals WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        return int(self.db.execute("INSERT INTO individuals(name, created_at) VALUES (?, ?)", (name, now_utc())).lastrowid)
+
+    def _record(self, action: str, image_id: int | None, individual_id: int | None, who: str, detail: str = "") -> None:
+        self.db.execute("INSERT INTO confirmations(action, image_id, individual_id, detail, who, at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (action, image_id, individual_id, detail, who, now_utc()))
+
+    def insert_images(self, images: list[NewImage], who: str) -> list[int]:
+        """Insert a batch in one transaction; an image whose hash is already there (another process added it
+        meanwhile) is skipped. Returns the new image ids. A labelled image's identity is recorded as an import."""
+        expected_dim = self.settings().embedding_dim
+        new_ids: list[int] = []
+        with transaction(self.db) as db:
+            for image in images:
+                if image.embedding.shape != (expected_dim,):
+                    raise SpotmatchError(f"{image.path}: embedding has shape {image.embedding.shape}, the catalogue stores"
+                                         f" {expected_dim} dimensions; use the catalogue's checkpoint")
+                individual = self._individual_id_creating(image.identity) if image.identity else None
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO images(path, filename, sha256, individual_id, station, camera, captured_at, added_at,"
+                    " embedder_id, feature_key, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (image.path, Path(image.path).name, image.sha256, individual, image.station, image.camera, image.captured_at,
+                     now_utc(), image.embedder_id, image.feature_key, embedding_to_blob(image.embedding)))
+                if cursor.rowcount:
+                    new_ids.append(int(cursor.lastrowid))
+                    if individual is not None:
+                        self._record("import", cursor.lastrowid, individual, who, "identity from the added table")
+        return new_ids
+
+    def confirm(self, image_id: int, individual: str | None, who: str) -> str:
+        """Assign an image to `individual` (made if new), or to a fresh individual when None. Returns its name."""
+        with transaction(self.db):
+            self.image(image_id)
+            if individual is None:
+                individual = self._fresh_name()
+                action = "new"
+            else:
+                action = "confirm"
+            individual_id = self._individual_id_creating(individual)
+            self.db.execute("UPDATE images SET individual_id = ? WHERE id = ?", (individual_id, image_id))
+            self._record(action, image_id, individual_id, who)
+        return individual
+
+    def _fresh_name(self) -> str:
+        number = int(self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM individuals").fetchone()[0])
+        while self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (f"individual-{number:04d}",)).fetchone():
+            number += 1
+        return f"individual-{number:04d}"
+
+    def merge(self, keep: str, absorb: str, who: str) -> int:
+        """Move every image of `absorb` to `keep` and delete `absorb`. Returns how many images moved."""
+        if keep == absorb:
+            raise SpotmatchError(f"{self.folder}: cannot merge {keep!r} into itself; name two different individuals")
+        with transaction(self.db):
+            keep_id, absorb_id = self.individual_id(keep), self.individual_id(absorb)
+            moved = [r[0] for r in self.db.execute("SELECT id FROM images WHERE individual_id = ?", (absorb_id,))]
+            self.db.execute("UPDATE images SET individual_id = ? WHERE individual_id = ?", (keep_id, absorb_id))
+            for image_id in moved:
+                self._record("merge", image_id, keep_id, who, f"merged {absorb} into {keep}")
+            self.db.execute("UPDATE confirmations SET individual_id = ? WHERE individual_id = ?", (keep_id, absorb_id))
+            self.db.execute("DELETE FROM individuals WHERE id = ?", (absorb_id,))
+        return len(moved)
+
+    def split(self, individual: str, image_ids: list[int], new_name: str | None, who: str) -> str:
+        """Move the listed images of `individual` to a new individual. Returns the new individual's name."""
+        with transaction(self.db):
+            source_id = self.individual_id(individual)
+            owned = {r[0] for r in self.db.execute("SELECT id FROM images WHERE individual_id = ?", (source_id,))}
+            strangers = [i for i in image_ids if i not in owned]
+            if strangers or not image_ids:
+                raise SpotmatchError(f"{self.folder}: image(s) {strangers or image_ids} are not images of {individual!r};"
+                                     f" list its image ids with `spotmatch catalogue export`")
+            new_name = new_name or self._fresh_name()
+            if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (new_name,)).fetchone():
+                raise SpotmatchError(f"{self.folder}: individual {new_name!r} already exists; split into a new name (or merge)")
+            new_id = self._individual_id_creating(new_name)
+            for image_id in image_ids:
+                self.db.execute("UPDATE images SET individual_id = ? WHERE id = ?", (new_id, image_id))
+                self._record("split", image_id, new_id, who, f"split from {individual}")
+        return new_name
+
+    def rename(self, old: str, new: str, who: str) -> None:
+        with transaction(self.db):
+            individual_id = self.individual_id(old)
+            if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (new,)).fetchone():
+                raise SpotmatchError(f"{self.folder}: individual {new!r} already exists; merge the two instead")
+            self.db.execute("UPDATE individuals SET name = ? WHERE id = ?", (new, individual_id))
+            self._record("rename", None, individual_id, who, f"{old} -> {new}")
+
+    # --- the FAISS index: a cache of the identified images' embeddings -----------------------------------
+    def search_index(self, index_conf=None):
+        """(FAISS index, image ids in index order) over the identified images; rebuilt from the database's
+        blobs and saved beside it when the saved one is missing or was built from a different image set."""
+        from spotmatch.global_embed.index import IndexConfig, build_index
+
+        image_ids, _ = self.identified_images()
+        if len(image_ids) == 0:
+            raise SpotmatchError(f"{self.folder}: the catalogue has no identified images yet; add a labelled CSV"
+                                 f" (`catalogue add CSV`) or confirm photos first")
+        saved = self._load_index()
+        if saved is not None and np.array_equal(saved[1], image_ids):
+            return saved
+        index = build_index(self.embeddings(image_ids), index_conf or IndexConfig(kind="auto"))
+        self._save_index(index, image_ids)
+        return index, image_ids
+
+    def _load_index(self):
+        import faiss
+
+        if not self.index_path.is_file():
+            return None
+        try:
+            with np.load(self.index_path) as saved:
+                return faiss.deserialize_index(saved["index"]), saved["image_ids"]
+        except (OSError, ValueError, KeyError, RuntimeError):
+            return None  # unreadable: it is only a cache, rebuild it
+
+    def _save_index(self, index, image_ids: np.ndarray) -> None:
+        import faiss
+
+        # Index and its id list in one file, renamed into place: they can never disagree.
+        buffer = io.BytesIO()
+        np.savez(buffer, index=faiss.serialize_index(index), image_ids=image_ids)
+        with atomic_path(self.index_path) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+
+    def integrity_problems(self) -> list[str]:
+        """What `PRAGMA integrity_check` and the catalogue's own invariants say; empty when all is well."""
+        problems = [r[0] for r in self.db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        dim_bytes = self.settings().embedding_dim * 4
+        bad = self.db.execute("SELECT COUNT(*) FROM images WHERE embedding IS NULL OR length(embedding) != ?", (dim_bytes,)).fetchone()[0]
+        if bad:
+            problems.append(f"{bad} image row(s) without a whole embedding")
+        problems += [f"foreign key violation in {r[0]}" for r in self.db.execute("PRAGMA foreign_key_check")]
+        return problems

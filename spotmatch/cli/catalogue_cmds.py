@@ -1,0 +1,177 @@
+"""Catalogue verbs (`spotmatch catalogue ...`) and the review web app (`spotmatch serve`)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from spotmatch.cli.app import app
+
+catalogue_app = typer.Typer(help="A catalogue of known individuals: add photos, identify new ones, review.", no_args_is_help=True)
+app.add_typer(catalogue_app, name="catalogue")
+
+FOLDER_HELP = "The catalogue folder (catalogue.db, index.faiss, cache/)."
+WHO_HELP = "Who makes this decision (recorded with the time)."
+DEFAULT_WHO = os.environ.get("USER", "cli")
+
+
+def _open(folder: Path):
+    from spotmatch.catalogue.store import Catalogue
+
+    return Catalogue.open(folder)
+
+
+@catalogue_app.command("init")
+def init(
+    folder: Path = typer.Argument(..., help=FOLDER_HELP),
+    checkpoint: Path = typer.Option(..., help="The embedder checkpoint (best.pt) every image is embedded with."),
+    fusion: Optional[Path] = typer.Option(None, help="Calibration file (fusion.json from `spotmatch calibrate`): turns scores into"
+                                                     " probabilities and switches keypoint re-scoring on."),
+    extractor: str = typer.Option("rootsift", help="Local features the fusion file was calibrated with."),
+) -> None:
+    """Make an empty catalogue bound to one checkpoint (and calibration file)."""
+    from spotmatch.catalogue.service import init_catalogue
+
+    catalogue = init_catalogue(folder, checkpoint, fusion, extractor)
+    settings = catalogue.settings()
+    typer.echo(f"catalogue {folder}: embedder {settings.embedder_id} ({settings.embedding_dim} dims),"
+               f" {'calibrated with ' + settings.fusion if settings.fusion else 'no calibration file: cosine only'}")
+
+
+@catalogue_app.command("add")
+def add(
+    folder: Path = typer.Argument(..., help=FOLDER_HELP),
+    source: Path = typer.Argument(..., help="A folder of photos, or a CSV `filename[, identity, station, camera, date, time]`."),
+    images: Optional[Path] = typer.Option(None, help="Image folder of a CSV (default: images/ beside it, else its folder)."),
+    batch_size: int = typer.Option(16, help="Images per transaction."),
+    local_features: bool = typer.Option(True, "--local-features/--no-local-features", help="Extract keypoints now (faster identify later)."),
+    who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP),
+) -> None:
+    """Add photos; ones already in the catalogue (same file content) are skipped, corrupt ones reported."""
+    from spotmatch.catalogue.service import AddConfig, add_images, open_engine, print_failures, sources_from_csv, sources_from_folder
+
+    catalogue = _open(folder)
+    sources = sources_from_folder(source) if source.is_dir() else sources_from_csv(source, images)
+    engine = open_engine(catalogue)
+    report = add_images(catalogue, engine.embedder, engine.local, sources, AddConfig(batch_size, who, local_features))
+    print_failures(report)
+    typer.echo(f"added {report.added}, already there {report.already_there}, skipped {len(report.failed)}")
+
+
+@catalogue_app.command("identify")
+def identify(
+    folder: Path = typer.Argument(..., help=FOLDER_HELP),
+    photos: List[Path] = typer.Argument(..., help="Photos to identify."),
+    top_k: int = typer.Option(5, help="Individuals listed per photo."),
+    shortlist_k: int = typer.Option(20, help="Catalogue images re-scored with keypoints per photo."),
+    explain_dir: Optional[Path] = typer.Option(None, help="Draw each candidate's keypoint matches into this folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Top-K individuals per photo with calibrated probability and evidence; 'new individual' below the threshold."""
+    from dataclasses import asdict
+
+    from spotmatch.catalogue.service import IdentifyConfig, identify as run_identify, open_engine
+
+    catalogue = _open(folder)
+    catalogue.search_index()  # an empty catalogue is reported before the model loads
+    results = run_identify(catalogue, open_engine(catalogue, shortlist_k), photos, IdentifyConfig(top_k, explain_dir))
+    if json_out:
+        typer.echo(json.dumps([{**asdict(r), "verdict": r.verdict} for r in results], indent=1))
+        return
+    for result in results:
+        known = f" (already in the catalogue as image {result.known_image_id})" if result.known_image_id else ""
+        typer.echo(f"{result.query}: {result.verdict} (threshold {result.threshold:.2f}){known}")
+        for rank, c in enumerate(result.candidates, 1):
+            local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
+            drawing = f", {c.explanation_png}" if c.explanation_png else ""
+            typer.echo(f"  {rank}. {c.individual}  p={c.probability:.3f}  cosine {c.cosine:.3f}{local}"
+                       f"  via image {c.gallery_image_id} {Path(c.gallery_path).name}{drawing}")
+
+
+@catalogue_app.command("confirm")
+def confirm(
+    folder: Path = typer.Argument(..., help=FOLDER_HELP),
+    photo: str = typer.Argument(..., help="A photo file (added if new) or a catalogue image id."),
+    individual: Optional[str] = typer.Option(None, help="The individual it shows (made if it does not exist)."),
+    new: bool = typer.Option(False, "--new", help="It shows an individual not in the catalogue: make a new one."),
+    who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP),
+) -> None:
+    """Record who decided which individual a photo shows."""
+    from spotmatch.catalogue.service import confirm_photo, open_engine
+    from spotmatch.errors import SpotmatchError
+
+    if (individual is None) == (not new):
+        raise SpotmatchError(f"{photo}: say either --individual NAME or --new, not both or neither")
+    catalogue = _open(folder)
+    if photo.isdigit():
+        image_id, name = int(photo), catalogue.confirm(int(photo), individual, who)
+    else:
+        image_id, name = confirm_photo(catalogue, open_engine(catalogue), Path(photo), individual, who)
+    typer.echo(f"image {image_id} is {name} (confirmed by {who})")
+
+
+@catalogue_app.command("merge")
+def merge(folder: Path = typer.Argument(..., help=FOLDER_HELP), keep: str = typer.Argument(..., help="Individual that stays."),
+          absorb: str = typer.Argument(..., help="Individual whose images move to KEEP; it is deleted."),
+          who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP)) -> None:
+    """Two individuals are one animal: move ABSORB's images to KEEP."""
+    moved = _open(folder).merge(keep, absorb, who)
+    typer.echo(f"merged {absorb} into {keep} ({moved} images moved)")
+
+
+@catalogue_app.command("split")
+def split(folder: Path = typer.Argument(..., help=FOLDER_HELP), individual: str = typer.Argument(...),
+          image_ids: List[int] = typer.Argument(..., help="Catalogue image ids (see export) that show another animal."),
+          into: Optional[str] = typer.Option(None, help="Name of the new individual (default: a fresh one)."),
+          who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP)) -> None:
+    """Some images of INDIVIDUAL show another animal: move them to a new individual."""
+    name = _open(folder).split(individual, list(image_ids), into, who)
+    typer.echo(f"moved {len(image_ids)} image(s) of {individual} to {name}")
+
+
+@catalogue_app.command("rename")
+def rename(folder: Path = typer.Argument(..., help=FOLDER_HELP), old: str = typer.Argument(...), new: str = typer.Argument(...),
+           who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP)) -> None:
+    """Rename an individual."""
+    _open(folder).rename(old, new, who)
+    typer.echo(f"renamed {old} to {new}")
+
+
+@catalogue_app.command("export")
+def export(folder: Path = typer.Argument(..., help=FOLDER_HELP), out: Path = typer.Option(..., help="CSV file to write."),
+           competition: bool = typer.Option(False, "--competition", help="The competition's train.csv: filename, ground_truth.")) -> None:
+    """Write every image with its individual and capture metadata (or the competition format) as CSV."""
+    from spotmatch.catalogue.service import export_table
+    from spotmatch.io import write_csv_atomic
+
+    table = export_table(_open(folder), competition)
+    write_csv_atomic(table, out)
+    typer.echo(f"wrote {len(table)} rows to {out}")
+
+
+@catalogue_app.command("stats")
+def stats(folder: Path = typer.Argument(..., help=FOLDER_HELP)) -> None:
+    """Counts, schema version and the model the catalogue is bound to."""
+    for key, value in _open(folder).stats().items():
+        typer.echo(f"{key}: {value}")
+
+
+@app.command()
+def serve(
+    folder: Path = typer.Argument(..., help=FOLDER_HELP),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; the default is reachable from this machine only."),
+    port: int = typer.Option(8765, help="Port."),
+    shortlist_k: int = typer.Option(20, help="Catalogue images re-scored with keypoints per photo."),
+    who: str = typer.Option(DEFAULT_WHO, help="Reviewer name recorded with confirmations (the page can override it)."),
+) -> None:
+    """Review web app: pick or upload a photo, compare candidates with their match drawings, confirm or mark as new."""
+    import uvicorn
+
+    from spotmatch.web.app import ServeConfig, create_app
+
+    web_app = create_app(ServeConfig(catalogue=folder, shortlist_k=shortlist_k, default_who=who))
+    typer.echo(f"serving {folder} on http://{host}:{port}/")
+    uvicorn.run(web_app, host=host, port=port, log_level="warning")

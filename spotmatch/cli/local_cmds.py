@@ -1,0 +1,111 @@
+"""`spotmatch match` (re-score a pairs CSV with local evidence) and `spotmatch explain` (draw one pair)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import typer
+
+from spotmatch.cli.app import app
+from spotmatch.errors import SpotmatchError
+
+DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root the global embedder caches under
+
+
+def _global_scores(pairs: pd.DataFrame, checkpoint: Path) -> pd.DataFrame:
+    """`cosine` and `global_rank` per pair from the global-embedding stage (imported only when asked for)."""
+    try:
+        from spotmatch.engine.scoring import global_pair_scores
+        from spotmatch.global_embed.embed import Embedder
+    except ImportError as exc:
+        raise SpotmatchError(
+            f"{checkpoint}: global scoring is not available in this install ({exc}); use --top-k 0 to match all pairs"
+        ) from None
+    return global_pair_scores(pairs, Embedder.from_checkpoint(checkpoint))
+
+
+def select_pairs(pairs: pd.DataFrame, top_k: int, checkpoint: Optional[Path]) -> tuple[pd.DataFrame, pd.Series]:
+    """Global columns to carry into the output, and which rows to match (each query's top-K, or all)."""
+    if top_k <= 0:
+        return pd.DataFrame(index=pairs.index), pd.Series(True, index=pairs.index)
+    if checkpoint is None:
+        raise SpotmatchError("--top-k needs a global model to rank pairs: pass --checkpoint CKPT, or --top-k 0 for all pairs")
+    scores = _global_scores(pairs, checkpoint)
+    return scores[["cosine", "global_rank"]], scores["global_rank"] < top_k
+
+
+@app.command("match")
+def match(
+    pairs_csv: Path = typer.Argument(..., help="pairs CSV with row_id, query_image, gallery_image"),
+    images: Optional[Path] = typer.Option(None, "--images", help="folder holding the images (default: beside the CSV)"),
+    out: Path = typer.Option(..., "--out", help="evidence CSV to write"),
+    extractor: str = typer.Option("rootsift", "--extractor", help="rootsift, disk, aliked, xfeat or loftr"),
+    top_k: int = typer.Option(20, "--top-k", help="match only each query's K best pairs by global cosine; 0 = all"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="global model checkpoint, for --top-k"),
+    cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="cache folder (features go to <cache>/local/...)"),
+    workers: int = typer.Option(2, "--workers", help="CPU threads for SIFT extraction and matching"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="weights file (LoFTR needs one)"),
+) -> None:
+    """Re-score image pairs with local keypoint evidence: matches, inliers, inlier_ratio, local_score."""
+    from spotmatch.data.tables import load_pairs
+    from spotmatch.local_match.pipeline import LocalMatcher
+
+    pairs = load_pairs(pairs_csv, images)
+    global_columns, selected = select_pairs(pairs, top_k, checkpoint)
+    scorer = LocalMatcher.from_name(
+        extractor, cache_dir=cache, workers=workers, **_weights_kwargs(extractor, weights)
+    )
+    todo = pairs[selected]
+    with typer.progressbar(length=len(todo), label=f"matching {len(todo)} pairs", file=None) as bar:
+        evidence = scorer.score_pairs(todo, progress=bar.update)
+    table = pd.concat([pairs[["row_id"]], global_columns], axis=1).join(evidence)
+    table = table.astype({"matches": "Int64", "inliers": "Int64"})  # pairs left unmatched stay empty
+    from spotmatch.io import write_csv_atomic
+
+    write_csv_atomic(table, out)
+    typer.echo(f"wrote {out} ({int(selected.sum())} of {len(pairs)} pairs matched)")
+
+
+def _weights_kwargs(extractor: str, weights: Optional[str]) -> dict:
+    """A --weights file goes to LoFTR's config, or to a learned extractor's."""
+    if weights is None and extractor != "loftr":
+        return {}
+    key = "matcher_conf" if extractor == "loftr" else "extractor_conf"
+    return {key: {"weights": weights}}
+
+
+@app.command("explain")
+def explain(
+    query: Path = typer.Argument(..., help="query image"),
+    gallery: Path = typer.Argument(..., help="gallery image"),
+    out: Path = typer.Option(Path("match.png"), "--out", help="PNG to write; the keypoints go to the same name .json"),
+    extractor: str = typer.Option("rootsift", "--extractor", help="rootsift, disk, aliked, xfeat or loftr"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="global model checkpoint: adds the cosine"),
+    cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="cache folder"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="weights file (LoFTR needs one)"),
+) -> None:
+    """Draw the verified keypoint matches of one pair, with the scores, and save the keypoints as JSON."""
+    from spotmatch.local_match.explain import explain_pair
+    from spotmatch.local_match.pipeline import LocalMatcher
+
+    scorer = LocalMatcher.from_name(extractor, cache_dir=cache, **_weights_kwargs(extractor, weights))
+    cosine = _pair_cosine(query, gallery, checkpoint) if checkpoint is not None else None
+    settings = getattr(getattr(scorer, "extractor", None), "conf_name", extractor)
+    # probability=None: the fusion stage's hook; the engine passes its calibrated P(same individual) here.
+    result = explain_pair(query, gallery, scorer, out, cosine=cosine, probability=None, settings=settings)
+    typer.echo(f"wrote {result.png_path} and {result.json_path}: {result.scores.text()}")
+
+
+def _pair_cosine(query: Path, gallery: Path, checkpoint: Path) -> float:
+    pair = pd.DataFrame(
+        {
+            "row_id": ["explain"],
+            "query_image": [query.name],
+            "gallery_image": [gallery.name],
+            "query_image_path": [str(query.resolve())],
+            "gallery_image_path": [str(gallery.resolve())],
+        }
+    )
+    return float(np.asarray(_global_scores(pair, checkpoint)["cosine"])[0])

@@ -1,0 +1,197 @@
+"""Segmentation verbs: train-seg, masks, seg-eval, seg-sheet, seg-diagnostic. Each builds a config and calls one function."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from spotmatch.cli.app import app
+
+DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root as the embedder's cache
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+@app.command("train-seg")
+def train_seg_command(
+    csv: Path = typer.Option(..., help="labels CSV (filename, identity[, encounter, unambiguous])"),
+    out: Path = typer.Option(Path("runs/seg-lite0"), help="folder for unet.pt, metrics.json, val_iou.csv"),
+    images: Optional[Path] = typer.Option(None, help="image folder; default: images/ beside the CSV"),
+    cache: Path = typer.Option(DEFAULT_CACHE, help="cache root (teacher masks go to <cache>/masks/...)"),
+    encoder: str = typer.Option("efficientnet_lite0", help="timm encoder: efficientnet_lite0|1|2"),
+    size: int = typer.Option(320, help="square training size in pixels"),
+    epochs: int = typer.Option(6),
+    batch_size: int = typer.Option(8),
+    lr: float = typer.Option(1e-3),
+    split_by: str = typer.Option("encounter", help="held-out split: encounter (closed set) or identity"),
+    max_steps: int = typer.Option(0, help="> 0: stop after this many steps (smoke runs)"),
+    max_images: int = typer.Option(0, help="> 0: train on the first N images only (smoke runs)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the U-Net on alpha masks / teacher pseudo-masks; report IoU on held-out images."""
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.segmentation.train import TrainSegConfig, train_seg
+    from spotmatch.segmentation.unet import UNetConfig
+
+    _logging()
+    conf = TrainSegConfig(
+        unet=UNetConfig(encoder=encoder, image_size=size),
+        split=SplitConfig(by=split_by, seed=seed),
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=lr,
+        max_steps=max_steps,
+        max_images=max_images,
+        seed=seed,
+    )
+    checkpoint = train_seg(conf, csv, images, out, cache, device)
+    typer.echo(str(checkpoint))
+
+
+@app.command("masks")
+def masks_command(
+    paths: list[Path] = typer.Argument(..., help="image files"),
+    source: str = typer.Option("teacher", help="alpha | teacher | unet:<checkpoint> | none"),
+    threshold: float = typer.Option(0.5),
+    cache: Path = typer.Option(DEFAULT_CACHE),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Compute (or read from the cache) one mask per image; print path, mask PNG and area fraction."""
+    from spotmatch.data.images import load_image
+    from spotmatch.segmentation.provider import MaskConfig, MaskProvider
+
+    provider = MaskProvider.from_config(MaskConfig(source=source, threshold=threshold), cache, device)
+    for path in paths:
+        record = load_image(path)
+        mask = provider.mask_for(record)
+        stored = provider.cache.path(record.sha256) if provider.cache and record.mask is None else "-"
+        typer.echo(f"{path}\t{stored}\t{0.0 if mask is None else mask.mean():.4f}")
+
+
+def _subset_paths(csv: Path, images: Optional[Path], split_by: str, subset: str) -> list[Path]:
+    from spotmatch.data.splits import SplitConfig, split_dataset
+    from spotmatch.data.tables import load_dataset
+
+    dataset = load_dataset(csv, images)
+    if subset == "all":
+        return dataset.paths
+    split = split_dataset(dataset, SplitConfig(by=split_by))
+    return [Path(p) for p in dataset.table.loc[split == subset, "path"]]
+
+
+@app.command("seg-eval")
+def seg_eval_command(
+    csv: Path = typer.Option(...),
+    predicted: str = typer.Option(..., help="mask source to score, e.g. unet:runs/seg-lite0/unet.pt"),
+    reference: str = typer.Option("teacher", help="mask source taken as truth"),
+    images: Optional[Path] = typer.Option(None),
+    subset: str = typer.Option("val", help="val | train | all"),
+    split_by: str = typer.Option("encounter"),
+    cache: Path = typer.Option(DEFAULT_CACHE),
+    out: Optional[Path] = typer.Option(None, help="per-image CSV"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Mask IoU of one source against another on held-out images (day and infrared separately)."""
+    from spotmatch.io import write_csv_atomic
+    from spotmatch.segmentation.evaluate import compare_masks, summarise_iou
+    from spotmatch.segmentation.provider import MaskConfig, MaskProvider
+
+    paths = _subset_paths(csv, images, split_by, subset)
+    per_image = compare_masks(
+        paths,
+        MaskProvider.from_config(MaskConfig(source=predicted), cache, device),
+        MaskProvider.from_config(MaskConfig(source=reference), cache, device),
+    )
+    if out:
+        write_csv_atomic(per_image, out)
+    summary = {
+        "all_images": summarise_iou(per_image),
+        "reference_nonempty": summarise_iou(per_image[per_image["area_reference"] > 0]),
+    }
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("seg-sheet")
+def seg_sheet_command(
+    csv: Path = typer.Option(...),
+    out: Path = typer.Option(Path("docs/img/segmentation_contact_sheet.jpg")),
+    source: list[str] = typer.Option(["teacher"], help="mask sources, one tile each (repeat the option)"),
+    images: Optional[Path] = typer.Option(None),
+    subset: str = typer.Option("val"),
+    split_by: str = typer.Option("encounter"),
+    day: int = typer.Option(8, help="number of daytime frames"),
+    infrared: int = typer.Option(8, help="number of night infrared frames"),
+    tile_width: int = typer.Option(240),
+    cache: Path = typer.Option(DEFAULT_CACHE),
+    device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Contact sheet of mask overlays on daytime and infrared frames, to judge masks by eye."""
+    from spotmatch.segmentation.evaluate import contact_sheet, pick_sheet_images
+    from spotmatch.segmentation.provider import MaskConfig, MaskProvider
+
+    paths = pick_sheet_images(_subset_paths(csv, images, split_by, subset), day, infrared, seed)
+    providers = {s.split(":")[0]: MaskProvider.from_config(MaskConfig(source=s), cache, device) for s in source}
+    typer.echo(str(contact_sheet(paths, providers, out, tile_width, images_per_row=2 if len(providers) > 1 else 4)))
+
+
+def _embed_fn(embedder: str, device: str):
+    """`timm:<name>` (ImageNet stand-in), `baseline:<backbone>` (the project's untrained Embedder) or
+    `checkpoint:<path>` (a trained one). The project's Embedder reads files, so views go through
+    temporary PNGs, with its embedding cache off (every view is a new image)."""
+    from spotmatch.errors import SpotmatchError
+    from spotmatch.segmentation.diagnostic import path_embedder_as_array_fn, timm_embed_fn
+
+    kind, _, value = embedder.partition(":")
+    if kind == "timm":
+        return timm_embed_fn(value or "efficientnet_lite0", device=device)
+    if kind in ("baseline", "checkpoint"):
+        from spotmatch.global_embed.embed import EmbedConfig, Embedder
+        from spotmatch.global_embed.model import EmbedderConfig
+
+        run = EmbedConfig(device=device, cache_dir=None, progress=False, num_workers=0)
+        if kind == "checkpoint":
+            model = Embedder.from_checkpoint(Path(value), run=run)
+        else:
+            model = Embedder.pretrained_baseline(EmbedderConfig(backbone=value or "efficientnet_lite0"), run=run)
+        return path_embedder_as_array_fn(model.embed)
+    raise SpotmatchError(
+        f"--embedder {embedder!r} unknown; use timm:<name>, baseline:<backbone> or checkpoint:<path>"
+    )
+
+
+@app.command("seg-diagnostic")
+def seg_diagnostic_command(
+    csv: Path = typer.Option(..., help="labels CSV with identity, station, encounter"),
+    source: str = typer.Option("teacher", help="mask source: teacher | unet:<checkpoint> | alpha"),
+    embedder: str = typer.Option("timm:efficientnet_lite0", help="timm:<name>, baseline:<backbone> or checkpoint:<path>"),
+    images: Optional[Path] = typer.Option(None),
+    subset: str = typer.Option("all", help="all | val | train (use val for a trained embedder)"),
+    split_by: str = typer.Option("encounter"),
+    cache: Path = typer.Option(DEFAULT_CACHE),
+    out: Optional[Path] = typer.Option(None, help="CSV of the table"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Background-shortcut table: cosine of different cats at one station vs same cat across stations."""
+    from spotmatch.data.splits import SplitConfig, split_dataset
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.io import write_csv_atomic
+    from spotmatch.segmentation.diagnostic import format_table, shortcut_diagnostic
+    from spotmatch.segmentation.provider import MaskConfig, MaskProvider
+
+    dataset = load_dataset(csv, images)
+    if subset != "all":
+        split = split_dataset(dataset, SplitConfig(by=split_by))
+        dataset = dataset.subset(split == subset)
+    provider = MaskProvider.from_config(MaskConfig(source=source), cache, device)
+    results, counts = shortcut_diagnostic(dataset, provider, _embed_fn(embedder, device))
+    if out:
+        write_csv_atomic(results, out)
+    typer.echo(format_table(results))
+    typer.echo(json.dumps(counts))

@@ -1,0 +1,105 @@
+"""The Engine runs the chain: (mask) → global embedding → shortlist → local re-score → fusion.
+
+    engine = Engine.from_files("runs/x/best.pt", fusion_path="runs/x/fusion.json")
+    scored = engine.score_pairs(pairs)          # row_id, cosine, global_rank, matches, inliers, ..., similarity
+    ranked = engine.identify(query_paths, gallery_paths, gallery_identities)
+
+Every stage keeps its own cache (embeddings and local features by image content hash + config), so
+re-running with a stage switched on or off recomputes only what changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores
+from spotmatch.errors import SpotmatchError
+from spotmatch.fusion.calibration import FusionModel
+from spotmatch.fusion.features import pair_features
+from spotmatch.global_embed.embed import EmbedConfig, Embedder
+from spotmatch.global_embed.index import IndexConfig, build_index, search
+
+
+@dataclass
+class EngineConfig:
+    shortlist_k: int = 20  # local matching runs on each query's K best gallery images by cosine
+    use_local: bool = True
+    extractor: str = "rootsift"
+    local_workers: int = 2
+    cache_dir: str | None = ".cache/spotmatch"
+
+
+def scorer_name(scorer) -> str:
+    """The local stage's identity, as recorded in a calibration file."""
+    extractor = getattr(scorer, "extractor", None)
+    return extractor.conf_name if extractor is not None else type(scorer).__name__
+
+
+class Engine:
+    def __init__(self, embedder: Embedder, local=None, fusion: FusionModel | None = None, conf: EngineConfig | None = None):
+        self.embedder, self.local, self.fusion, self.conf = embedder, local, fusion, conf or EngineConfig()
+        if self.local is not None and self.fusion is None:
+            raise SpotmatchError("local evidence needs a calibration file to become a probability; pass --fusion FILE"
+                                 " (made by `spotmatch calibrate`) or switch the local stage off with --no-local")
+
+    @classmethod
+    def from_files(cls, checkpoint: str | Path, fusion_path: str | Path | None = None, conf: EngineConfig | None = None,
+                   run: EmbedConfig | None = None, mask_source=None) -> "Engine":
+        conf = conf or EngineConfig()
+        embedder = Embedder.from_checkpoint(checkpoint, run, mask_fn=mask_source)
+        local = build_local(conf, mask_source) if conf.use_local else None
+        fusion = None
+        if fusion_path is not None:
+            fusion = FusionModel.load(fusion_path, embedder_id=embedder.model_id,
+                                      extractor=scorer_name(local) if local is not None else None)
+        return cls(embedder, local, fusion, conf)
+
+    def pair_table(self, pairs: pd.DataFrame, progress=None) -> pd.DataFrame:
+        """Global columns for every row; local evidence for rows within each query's top-K (NaN elsewhere)."""
+        table = global_pair_scores(pairs, self.embedder)
+        if self.local is None:
+            return table
+        shortlisted = table["global_rank"] < self.conf.shortlist_k
+        evidence = self.local.score_pairs(pairs[shortlisted], progress=progress)
+        return table.join(evidence)
+
+    def similarity(self, table: pd.DataFrame) -> np.ndarray:
+        if self.fusion is not None:
+            return self.fusion.predict_proba(pair_features(table), local_stage=self.local is not None)
+        return cosine_to_similarity(table["cosine"].to_numpy())
+
+    def score_pairs(self, pairs: pd.DataFrame, progress=None) -> pd.DataFrame:
+        table = self.pair_table(pairs, progress)
+        table["similarity"] = self.similarity(table)
+        return table
+
+    def identify(self, query_paths: list, gallery_paths: list, gallery_identities: list, top_k: int = 5) -> pd.DataFrame:
+        """Per query, the `top_k` most probable identities (an identity's best-matching image speaks for it)."""
+        gallery_embeddings = self.embedder.embed(gallery_paths)
+        query_embeddings = self.embedder.embed(query_paths)
+        scores, neighbours = search(build_index(gallery_embeddings, IndexConfig()), query_embeddings, self.conf.shortlist_k)
+        rows = []
+        for q, query in enumerate(query_paths):
+            for rank, (g, cosine) in enumerate(zip(neighbours[q], scores[q])):
+                if g >= 0:
+                    rows.append({"query_image_path": str(query), "gallery_image_path": str(gallery_paths[g]),
+                                 "identity": gallery_identities[g], "cosine": float(cosine), "global_rank": rank})
+        candidates = pd.DataFrame(rows)
+        candidates.insert(0, "row_id", np.arange(len(candidates)))
+        if self.local is not None:
+            candidates = candidates.join(self.local.score_pairs(candidates))
+        candidates["probability"] = self.similarity(candidates)
+        best_per_identity = (candidates.sort_values("probability", ascending=False)
+                             .drop_duplicates(["query_image_path", "identity"]))
+        best_per_identity["rank"] = best_per_identity.groupby("query_image_path").cumcount()
+        return best_per_identity[best_per_identity["rank"] < top_k].reset_index(drop=True)
+
+
+def build_local(conf: EngineConfig, mask_source=None):
+    from spotmatch.local_match.pipeline import LocalMatcher
+
+    cache = conf.cache_dir if conf.cache_dir else None
+    return LocalMatcher.from_name(conf.extractor, cache_dir=cache, workers=conf.local_workers, mask_source=mask_source)

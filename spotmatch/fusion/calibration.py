@@ -1,0 +1,147 @@
+"""Calibrators: logistic regression (default) or isotonic, saved as small JSON files that name their
+features, the embedder and extractor they were fit for, and a format version."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+
+from spotmatch.errors import SpotmatchError
+from spotmatch.fusion.features import GLOBAL_FEATURES, LOCAL_FEATURES
+from spotmatch.io import atomic_path
+
+FUSION_FORMAT = "spotmatch.fusion"
+FUSION_VERSION = 1
+
+
+class Calibrator:
+    """Probability of "same individual" from a few features. Logistic regression on standardised
+    features; with method="isotonic", a monotone map of the logistic score (fits curved reliability)."""
+
+    def __init__(self, feature_names: tuple[str, ...], method: str = "logistic", regularisation: float = 1.0):
+        if method not in ("logistic", "isotonic"):
+            raise SpotmatchError(f"unknown calibration method '{method}'; use logistic or isotonic")
+        self.feature_names, self.method, self.regularisation = tuple(feature_names), method, regularisation
+        self.mean = self.scale = self.coef = None
+        self.intercept = 0.0
+        self.isotonic: tuple[list[float], list[float]] | None = None
+
+    def _matrix(self, X: pd.DataFrame) -> np.ndarray:
+        return X[list(self.feature_names)].to_numpy(dtype=float)
+
+    def _score(self, X: pd.DataFrame) -> np.ndarray:
+        return ((self._matrix(X) - self.mean) / self.scale) @ self.coef + self.intercept
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray) -> "Calibrator":
+        y = np.asarray(y, dtype=int)
+        if len(np.unique(y)) < 2:
+            raise SpotmatchError("calibration needs both same-individual and different-individual pairs; add labelled data")
+        matrix = self._matrix(X)
+        self.mean, self.scale = matrix.mean(axis=0), matrix.std(axis=0) + 1e-9
+        model = LogisticRegression(C=self.regularisation, max_iter=1000).fit((matrix - self.mean) / self.scale, y)
+        self.coef, self.intercept = model.coef_[0], float(model.intercept_[0])
+        if self.method == "isotonic":
+            iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(self._score(X), y)
+            self.isotonic = (iso.X_thresholds_.tolist(), iso.y_thresholds_.tolist())
+        return self
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        if self.coef is None:
+            raise SpotmatchError("calibrator is not fitted; run `spotmatch calibrate` first")
+        score = self._score(X)
+        if self.isotonic is not None:
+            return np.interp(score, *self.isotonic)
+        return 1.0 / (1.0 + np.exp(-score))
+
+    def to_dict(self) -> dict:
+        return {"features": list(self.feature_names), "method": self.method, "regularisation": self.regularisation,
+                "mean": self.mean.tolist(), "scale": self.scale.tolist(), "coef": self.coef.tolist(),
+                "intercept": self.intercept, "isotonic": self.isotonic}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Calibrator":
+        calibrator = cls(tuple(values["features"]), values["method"], values["regularisation"])
+        calibrator.mean, calibrator.scale = np.array(values["mean"]), np.array(values["scale"])
+        calibrator.coef, calibrator.intercept = np.array(values["coef"]), values["intercept"]
+        calibrator.isotonic = values["isotonic"]
+        return calibrator
+
+
+@dataclass
+class FusionModel:
+    """Three calibrators: pairs with local evidence (in a query's shortlist), pairs outside the
+    shortlist (global evidence only, mostly far down the ranking), and every pair by global evidence
+    alone, for when the local stage is switched off."""
+
+    with_local: Calibrator
+    global_only: Calibrator
+    global_all: Calibrator
+    embedder_id: str = ""
+    extractor: str = ""
+    threshold: float = 0.5  # "same individual" at or above this probability
+    target_precision: float | None = None
+    quality: dict = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, method: str = "logistic", **kwargs) -> "FusionModel":
+        return cls(Calibrator(LOCAL_FEATURES, method), Calibrator(GLOBAL_FEATURES, method),
+                   Calibrator(GLOBAL_FEATURES, method), **kwargs)
+
+    def fit(self, features: pd.DataFrame, labels: np.ndarray) -> "FusionModel":
+        labels = np.asarray(labels)
+        has_local = features["has_local"].to_numpy(bool)
+        # The global-only model serves pairs outside the shortlist; when those hold no same-individual
+        # pair at all, it learns from every pair instead (both classes are needed to fit).
+        outside = ~has_local if len(np.unique(labels[~has_local])) == 2 else np.ones_like(has_local)
+        self.global_only.fit(features[outside], labels[outside])
+        self.global_all.fit(features, labels)
+        if has_local.any():
+            self.with_local.fit(features[has_local], labels[has_local])
+        return self
+
+    def predict_proba(self, features: pd.DataFrame, local_stage: bool = True) -> np.ndarray:
+        """`local_stage=False`: the local stage was switched off, so no pair was shortlisted for it."""
+        if not local_stage:
+            return self.global_all.predict_proba(features)
+        has_local = features["has_local"].to_numpy(bool)
+        probability = np.empty(len(features))
+        if (~has_local).any():
+            probability[~has_local] = self.global_only.predict_proba(features[~has_local])
+        if has_local.any():
+            probability[has_local] = self.with_local.predict_proba(features[has_local])
+        return probability
+
+    def save(self, path: str | Path) -> Path:
+        payload = {"format": FUSION_FORMAT, "version": FUSION_VERSION, "embedder_id": self.embedder_id,
+                   "extractor": self.extractor, "threshold": self.threshold, "target_precision": self.target_precision,
+                   "quality": self.quality, "with_local": self.with_local.to_dict(), "global_only": self.global_only.to_dict(),
+                   "global_all": self.global_all.to_dict()}
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, embedder_id: str | None = None, extractor: str | None = None) -> "FusionModel":
+        """Refuse a file fit for another embedder or extractor: its probabilities would mean nothing."""
+        path = Path(path)
+        try:
+            payload = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SpotmatchError(f"{path}: calibration file not found; run `spotmatch calibrate` to make one") from None
+        except json.JSONDecodeError:
+            raise SpotmatchError(f"{path}: not a readable calibration file; run `spotmatch calibrate` again") from None
+        if payload.get("format") != FUSION_FORMAT or payload.get("version", 0) > FUSION_VERSION:
+            raise SpotmatchError(f"{path}: not a spotmatch calibration file of a known version; run `spotmatch calibrate` again")
+        for what, expected, saved in (("embedder", embedder_id, payload["embedder_id"]), ("extractor", extractor, payload["extractor"])):
+            if expected is not None and expected != saved:
+                raise SpotmatchError(
+                    f"{path}: calibrated for {what} '{saved}', not '{expected}'; run `spotmatch calibrate` for this model"
+                )
+        return cls(Calibrator.from_dict(payload["with_local"]), Calibrator.from_dict(payload["global_only"]),
+                   Calibrator.from_dict(payload["global_all"]), payload["embedder_id"], payload["extractor"], payload["threshold"], payload["target_precision"],
+                   payload.get("quality", {}))

@@ -1,0 +1,27 @@
+"""Pair features for fusion.
+
+Pairs outside a query's local shortlist have no local evidence. That is not the same as zero
+inliers, so such pairs are scored by a separate global-only calibrator (see calibration.py) rather
+than by the full model fed silent zeros.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+GLOBAL_FEATURES = ("cosine", "log_rank")
+LOCAL_FEATURES = ("cosine", "log_rank", "log_inliers", "inlier_ratio", "log_matches")
+
+
+def pair_features(table: pd.DataFrame) -> pd.DataFrame:
+    """From columns cosine, global_rank[, matches, inliers, inlier_ratio] to model features;
+    `has_local` marks rows with local evidence (inliers not NaN)."""
+    features = pd.DataFrame(index=table.index)
+    features["cosine"] = table["cosine"].astype(float)
+    features["log_rank"] = np.log1p(table["global_rank"].astype(float))
+    inliers = table["inliers"].astype(float) if "inliers" in table else pd.Series(np.nan, index=table.index)
+    features["has_local"] = inliers.notna()
+    features["log_inliers"] = np.log1p(inliers)
+    features["inlier_ratio"] = table["inlier_ratio"].astype(float) if "inlier_ratio" in table else np.nan
+    features["log_matches"] = np.log1p(table["matches"].astype(float)) if "matches" in table else np.nan
+    return features

@@ -1,0 +1,68 @@
+"""How well probabilities mean what they say: ECE, Brier, log loss, reliability diagram, threshold."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import brier_score_loss, log_loss, precision_recall_curve
+
+from spotmatch.io import atomic_path
+
+
+def expected_calibration_error(probability: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over equal-width bins, weighted by the share of pairs in each."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(probability, edges[1:-1]), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            error += inside.mean() * abs(labels[inside].mean() - probability[inside].mean())
+    return float(error)
+
+
+def calibration_report(probability: np.ndarray, labels: np.ndarray) -> dict:
+    labels = np.asarray(labels, dtype=int)
+    clipped = np.clip(probability, 1e-6, 1 - 1e-6)
+    return {"pairs": int(len(labels)), "positives": int(labels.sum()),
+            "ece": expected_calibration_error(probability, labels), "brier": float(brier_score_loss(labels, probability)),
+            "log_loss": float(log_loss(labels, clipped, labels=[0, 1]))}
+
+
+def threshold_for_precision(probability: np.ndarray, labels: np.ndarray, precision: float) -> float:
+    """The lowest probability threshold whose "same individual" calls reach `precision` (1.0 if none)."""
+    precisions, _, thresholds = precision_recall_curve(labels, probability)
+    reaching = np.flatnonzero(precisions[:-1] >= precision)
+    return float(thresholds[reaching[0]]) if reaching.size else 1.0
+
+
+def reliability_diagram(curves: dict[str, tuple[np.ndarray, np.ndarray]], out_png: str | Path, bins: int = 10) -> Path:
+    """One line per named (probability, labels) set against the diagonal, with pair counts per bin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    edges = np.linspace(0, 1, bins + 1)
+    for name, (probability, labels) in curves.items():
+        which = np.clip(np.digitize(probability, edges[1:-1]), 0, bins - 1)
+        filled = [b for b in range(bins) if (which == b).any()]
+        confidence = [probability[which == b].mean() for b in filled]
+        accuracy = [labels[which == b].mean() for b in filled]
+        ece = expected_calibration_error(probability, labels)
+        top.plot(confidence, accuracy, marker="o", label=f"{name} (ECE {ece:.3f})")
+        bottom.bar(edges[:-1] + 0.05, np.bincount(which, minlength=bins), width=0.09, alpha=0.5, label=name)
+    top.set_ylabel("fraction same individual")
+    top.set_title("Reliability of fused probabilities")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("predicted probability")
+    bottom.set_ylabel("pairs")
+    figure.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+    return out_png

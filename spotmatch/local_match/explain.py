@@ -1,0 +1,63 @@
+"""Explain one pair: a PNG of the inlier matches and a JSON of the matched keypoints beside it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+
+from spotmatch.data.images import load_image
+from spotmatch.errors import SpotmatchError
+from spotmatch.io import atomic_path
+from spotmatch.local_match.matchers import PairEvidence
+from spotmatch.local_match.pipeline import PairScorer
+from spotmatch.local_match.viz import ScoreLine, draw_matches
+
+
+@dataclass
+class PairExplanation:
+    evidence: PairEvidence
+    scores: ScoreLine
+    png_path: Path
+    json_path: Path
+
+
+def explain_pair(
+    query: str | Path,
+    gallery: str | Path,
+    scorer: PairScorer,
+    out_png: str | Path,
+    cosine: float | None = None,
+    probability: float | None = None,
+    settings: str = "",
+) -> PairExplanation:
+    """Match the pair, draw it to `out_png` and write `<out_png stem>.json` with the inlier keypoints."""
+    out_png = Path(out_png).with_suffix(".png")
+    query_record, gallery_record = load_image(query), load_image(gallery)
+    evidence = scorer.evidence(query, gallery)
+    scores = ScoreLine(evidence.inliers, evidence.inlier_ratio, evidence.score, cosine, probability)
+    mask_source = getattr(scorer, "mask_source", None)
+    masks = [mask_source(r) if mask_source else r.mask for r in (query_record, gallery_record)]
+    drawing = draw_matches(
+        query_record.rgb, gallery_record.rgb, evidence, scores, *masks, titles=(Path(query).name, Path(gallery).name)
+    )
+    encoded_ok, png_bytes = cv2.imencode(".png", cv2.cvtColor(drawing, cv2.COLOR_RGB2BGR))
+    if not encoded_ok:
+        raise SpotmatchError(f"{out_png}: OpenCV could not encode the drawing as PNG")
+    with atomic_path(out_png) as tmp:
+        tmp.write_bytes(png_bytes.tobytes())
+    json_path = out_png.with_suffix(".json")
+    payload = {
+        "query": str(query),
+        "gallery": str(gallery),
+        "query_sha256": query_record.sha256,
+        "gallery_sha256": gallery_record.sha256,
+        "settings": settings,
+        "global_cosine": cosine,
+        "probability": probability,
+        **evidence.to_dict(),
+    }
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
+    return PairExplanation(evidence, scores, out_png, json_path)

@@ -1,0 +1,128 @@
+"""Pair re-scoring: features once per image (cached), then matching streamed over pairs.
+
+    local = LocalMatcher.from_name("rootsift", cache_dir="cache")
+    evidence = local.evidence(path0, path1)                  # one pair, PairEvidence
+    table = local.score_pairs(pairs_df)                      # row_id, matches, inliers, inlier_ratio, local_score
+
+Memory stays bounded whatever the number of pairs: pairs are processed in chunks, features live in a
+bounded LRU (and on disk), and only four numbers per pair are kept.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from spotmatch.data.images import ImageRecord, file_sha256, load_image
+from spotmatch.local_match.extractors import EXTRACTORS, Extractor, create_extractor
+from spotmatch.local_match.features import FeatureCache, Features
+from spotmatch.local_match.matchers import Matcher, MutualNNMatcher, PairEvidence, create_matcher
+
+# A later segmentation stage supplies masks for JPEGs through this hook; None uses the alpha mask only.
+MaskSource = Callable[[ImageRecord], "np.ndarray | None"]
+EVIDENCE_COLUMNS = ("matches", "inliers", "inlier_ratio", "local_score")
+DENSE_MATCHERS = ("loftr",)
+
+
+def evidence_row(evidence: PairEvidence) -> tuple[int, int, float, float]:
+    return evidence.matches, evidence.inliers, evidence.inlier_ratio, evidence.score
+
+
+class PairScorer(ABC):
+    """Anything that turns image pairs into PairEvidence; `score_pairs` streams a pairs table through it."""
+
+    chunk_size: int = 256
+
+    @abstractmethod
+    def evidence_many(self, path_pairs: Sequence[tuple[str, str]]) -> list[PairEvidence]:
+        """Evidence for each (path0, path1), in order."""
+
+    def evidence(self, path0: str | Path, path1: str | Path) -> PairEvidence:
+        return self.evidence_many([(str(path0), str(path1))])[0]
+
+    def score_pairs(self, pairs: pd.DataFrame, progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+        """Evidence columns for each row of `pairs` (needs query_image_path, gallery_image_path), in row order."""
+        # Pairs sharing a query run together, so its features stay in the memory cache.
+        order = np.argsort(pairs["query_image_path"].to_numpy(), kind="stable")
+        rows: list[tuple] = [()] * len(pairs)
+        for start in range(0, len(order), self.chunk_size):
+            chunk = order[start:start + self.chunk_size]
+            path_pairs = list(zip(pairs["query_image_path"].to_numpy()[chunk], pairs["gallery_image_path"].to_numpy()[chunk]))
+            for index, evidence in zip(chunk, self.evidence_many(path_pairs)):
+                rows[index] = evidence_row(evidence)
+            if progress is not None:
+                progress(len(chunk))
+        table = pd.DataFrame(rows, columns=list(EVIDENCE_COLUMNS), index=pairs.index)
+        return table.astype({"matches": "int64", "inliers": "int64"})
+
+
+class LocalMatcher(PairScorer):
+    """A keypoint extractor (with its feature cache) and a matcher, run over a thread pool on CPU."""
+
+    def __init__(
+        self,
+        extractor: Extractor,
+        matcher: Matcher,
+        cache_dir: str | Path | None = None,
+        workers: int = 2,
+        max_in_memory: int = 256,
+        mask_source: MaskSource | None = None,
+    ):
+        self.extractor = extractor
+        self.matcher = matcher
+        self.cache = FeatureCache(extractor, cache_dir, max_in_memory=max_in_memory)
+        self.workers = max(1, workers)
+        self.mask_source = mask_source
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str = "rootsift",
+        cache_dir: str | Path | None = None,
+        workers: int = 2,
+        matcher: str | None = None,
+        extractor_conf: dict[str, Any] | None = None,
+        matcher_conf: dict[str, Any] | None = None,
+        mask_source: MaskSource | None = None,
+    ) -> "LocalMatcher | PairScorer":
+        """The extractor registered as `name` with its usual matcher; `loftr` gives the detector-free matcher."""
+        if name in DENSE_MATCHERS:
+            from spotmatch.local_match.loftr import LoFTRMatcher
+
+            return LoFTRMatcher(mask_source=mask_source, **(matcher_conf or {}))
+        extractor = create_extractor(name, **(extractor_conf or {}))
+        chosen = matcher or EXTRACTORS[name].matcher
+        return cls(extractor, create_matcher(name, chosen, **(matcher_conf or {})), cache_dir, workers, mask_source=mask_source)
+
+    def record(self, path: str | Path) -> ImageRecord:
+        return load_image(path)
+
+    def features(self, path: str | Path) -> Features:
+        """Cached features of one image file; decodes the image only when they must be computed."""
+        if self.mask_source is None:
+            cached = self.cache.cached(file_sha256(path))  # hashing bytes is far cheaper than decoding
+            if cached is not None:
+                return cached
+            return self.cache.get(load_image(path))
+        record = load_image(path)
+        return self.cache.get(record, self.mask_source(record))
+
+    def features_many(self, paths: Iterable[str]) -> dict[str, Features]:
+        unique = list(dict.fromkeys(paths))
+        with self._pool(parallel=self.extractor.scales_with_threads) as pool:
+            return dict(zip(unique, pool.map(self.features, unique)))
+
+    def evidence_many(self, path_pairs: Sequence[tuple[str, str]]) -> list[PairEvidence]:
+        features = self.features_many(p for pair in path_pairs for p in pair)
+        feature_pairs = [(features[a], features[b]) for a, b in path_pairs]
+        if not isinstance(self.matcher, MutualNNMatcher):
+            return self.matcher.match_many(feature_pairs)  # batches on its own device
+        with self._pool(parallel=True) as pool:
+            return list(pool.map(lambda pair: self.matcher.match(*pair), feature_pairs))
+
+    def _pool(self, parallel: bool) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.workers if parallel else 1)

@@ -1,0 +1,91 @@
+"""Drawing of match evidence (the one place pictures are made; OpenCV only, no matplotlib).
+
+`draw_matches` puts both images side by side at a common height, outlines their masks, draws one line
+per inlier coloured by match confidence (dark blue = doubtful, yellow = confident; viridis), and writes
+the scores above the images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from spotmatch.local_match.matchers import PairEvidence
+
+PANEL_HEIGHT = 480  # height each image is drawn at
+HEADER_HEIGHT = 56
+MASK_COLOUR = (255, 0, 255)  # magenta in RGB: seldom a coat or background colour
+
+
+@dataclass
+class ScoreLine:
+    """Numbers shown above the drawing; None means 'not computed' and is left out."""
+
+    inliers: int
+    inlier_ratio: float
+    score: float
+    cosine: float | None = None  # global embedding similarity, when a checkpoint was given
+    probability: float | None = None  # fused same-individual probability: the fusion stage fills this in
+
+    def text(self) -> str:
+        parts = [f"inliers {self.inliers}", f"inlier ratio {self.inlier_ratio:.2f}", f"local score {self.score:.1f}"]
+        if self.cosine is not None:
+            parts.append(f"global cosine {self.cosine:.3f}")
+        if self.probability is not None:
+            parts.append(f"P(same) {self.probability:.2f}")
+        return "   ".join(parts)
+
+
+def _panel(rgb: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray:
+    size = (max(1, round(rgb.shape[1] * scale)), PANEL_HEIGHT)
+    panel = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    if mask is not None:
+        small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(panel, contours, -1, MASK_COLOUR, 2, cv2.LINE_AA)
+    return panel
+
+
+def confidence_colours(confidence: np.ndarray) -> np.ndarray:
+    """(k, 3) RGB uint8 from the viridis map; confidences are spread over the map by rank within the pair."""
+    if len(confidence) == 0:
+        return np.zeros((0, 3), np.uint8)
+    span = np.ptp(confidence)
+    levels = ((confidence - confidence.min()) / span * 255 if span > 0 else np.full(len(confidence), 255.0)).astype(np.uint8)
+    bgr = cv2.applyColorMap(levels.reshape(-1, 1), cv2.COLORMAP_VIRIDIS).reshape(-1, 3)
+    return bgr[:, ::-1]
+
+
+def draw_matches(
+    rgb0: np.ndarray,
+    rgb1: np.ndarray,
+    evidence: PairEvidence,
+    scores: ScoreLine,
+    mask0: np.ndarray | None = None,
+    mask1: np.ndarray | None = None,
+    titles: tuple[str, str] = ("query", "gallery"),
+) -> np.ndarray:
+    """RGB image of the two pictures, their inlier matches and the scores."""
+    scale0, scale1 = PANEL_HEIGHT / rgb0.shape[0], PANEL_HEIGHT / rgb1.shape[0]
+    left, right = _panel(rgb0, mask0, scale0), _panel(rgb1, mask1, scale1)
+    gap = 8
+    canvas = np.full((HEADER_HEIGHT + PANEL_HEIGHT, left.shape[1] + gap + right.shape[1], 3), 255, np.uint8)
+    canvas[HEADER_HEIGHT:, : left.shape[1]] = left
+    canvas[HEADER_HEIGHT:, left.shape[1] + gap:] = right
+    offset1 = np.array([left.shape[1] + gap, HEADER_HEIGHT], np.float32)
+    points0 = evidence.points0 * scale0 + np.array([0, HEADER_HEIGHT], np.float32)
+    points1 = evidence.points1 * scale1 + offset1
+    colours = confidence_colours(evidence.confidence)
+    # Least confident first, so the confident lines are drawn on top.
+    for i in np.argsort(evidence.confidence, kind="stable"):
+        colour = tuple(int(c) for c in colours[i])
+        a, b = tuple(int(v) for v in np.round(points0[i])), tuple(int(v) for v in np.round(points1[i]))
+        cv2.line(canvas, a, b, colour, 1, cv2.LINE_AA)
+        cv2.circle(canvas, a, 3, colour, -1, cv2.LINE_AA)
+        cv2.circle(canvas, b, 3, colour, -1, cv2.LINE_AA)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(canvas, scores.text(), (8, 22), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(canvas, titles[0][:60], (8, 46), font, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
+    cv2.putText(canvas, titles[1][:60], (int(offset1[0]), 46), font, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
+    return canvas

@@ -1,0 +1,179 @@
+"""`build_report`: embed a labelled table with a checkpoint, analyse, draw, write one HTML page."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spotmatch.data.splits import SplitConfig
+from spotmatch.data.tables import Dataset, load_dataset
+from spotmatch.errors import SpotmatchError
+from spotmatch.evaluation.run import split_for
+from spotmatch.global_embed.checkpoint import read_checkpoint
+from spotmatch.global_embed.embed import EmbedConfig, Embedder
+from spotmatch.io import atomic_path
+from spotmatch.report import figures
+from spotmatch.report.analysis import (RetrievalAnalysis, analyse, neighbour_queries, pair_similarities,
+                                       ranked_neighbours, sample_rows)
+from spotmatch.report.interactive import pca_2d, scatter_div, tsne_2d, tsne_perplexity
+from spotmatch.report.page import PageContent, render_page
+from spotmatch.report.thumbnails import jpeg_data_uri, png_data_uri, thumbnail
+
+
+@dataclass
+class ReportConfig:
+    data: Path
+    checkpoint: Path
+    out: Path  # the HTML file; PNGs go to `<out stem>_files/` beside it
+    images: Path | None = None
+    top_k: int = 5
+    max_images: int = 600  # thumbnails and projection points (the page's weight)
+    neighbour_queries: int = 12  # rows of the nearest-neighbour grid
+    thumbnail_px: int = 96
+    grid_px: int = 128  # neighbour-grid cells
+    fusion: Path | None = None  # fusion.json; default: one beside the checkpoint, if any
+    drop_ambiguous: bool = True
+    split: SplitConfig | None = None  # used only when the checkpoint was trained on another table
+    embed: EmbedConfig | None = None
+    seed: int = 0
+
+
+@dataclass
+class ReportSummary:
+    out: Path
+    pngs: list[Path]
+    n_images: int
+    n_identities: int
+    n_shown: int
+    ib_map: float
+    split_origin: str
+    bytes_written: int
+
+
+def check_config(conf: ReportConfig) -> None:
+    if conf.top_k < 1:
+        raise SpotmatchError(f"--top-k {conf.top_k}: must be at least 1")
+    if conf.max_images < 2:
+        raise SpotmatchError(f"--max-images {conf.max_images}: must be at least 2 (the projections need points)")
+    if conf.out.suffix.lower() not in (".html", ".htm"):
+        raise SpotmatchError(f"{conf.out}: the report is an HTML file; give --out a name ending in .html")
+
+
+def reliability_png(conf: ReportConfig) -> Path | None:
+    """The fusion stage's reliability diagram: beside the given fusion.json, or beside the checkpoint."""
+    if conf.fusion is not None:
+        if not conf.fusion.is_file():
+            raise SpotmatchError(f"{conf.fusion}: fusion file not found; pass the fusion.json written by calibration or drop --fusion")
+        png = conf.fusion.parent / "reliability.png"
+        if not png.is_file():
+            raise SpotmatchError(f"{png}: no reliability diagram beside {conf.fusion}; re-run the calibration that writes it")
+        return png
+    beside = conf.checkpoint.parent
+    if (beside / "fusion.json").is_file() and (beside / "reliability.png").is_file():
+        return beside / "reliability.png"
+    return None
+
+
+def embed_all(dataset: Dataset, conf: ReportConfig) -> np.ndarray:
+    embedder = Embedder.from_checkpoint(conf.checkpoint, conf.embed)
+    return embedder.embed(dataset.paths)
+
+
+def neighbour_rows(dataset: Dataset, analysis: RetrievalAnalysis, conf: ReportConfig) -> list[dict]:
+    identities = dataset.table["identity"].to_numpy()
+    rows = []
+    for query_index in neighbour_queries(analysis, identities, conf.neighbour_queries):
+        query_row = analysis.protocol.query_rows[query_index]
+        gallery_rows, scores = ranked_neighbours(analysis, query_index, conf.top_k)
+        rows.append({
+            "query": thumbnail(dataset.paths[query_row], conf.grid_px),
+            "query_label": str(identities[query_row]),
+            "neighbours": [(thumbnail(dataset.paths[g], conf.grid_px), str(identities[g]), float(s),
+                            identities[g] == identities[query_row]) for g, s in zip(gallery_rows, scores)],
+        })
+    return rows
+
+
+def draw_pngs(dataset: Dataset, analysis: RetrievalAnalysis, history: list[dict], shown: np.ndarray,
+              conf: ReportConfig, folder: Path) -> dict[str, Path]:
+    identities = dataset.table["identity"].to_numpy()
+    same, different = pair_similarities(analysis, identities)
+    pngs = {
+        "training": figures.training_curves(history, folder / "training.png") if history else None,
+        "histogram": figures.similarity_histograms(same, different, folder / "similarity_histogram.png"),
+        "heatmap": figures.similarity_heatmap(analysis.embeddings[shown], identities[shown], folder / "similarity_heatmap.png"),
+        "neighbours": figures.neighbour_grid(neighbour_rows(dataset, analysis, conf), conf.top_k, folder / "neighbours.png"),
+    }
+    fusion_png = reliability_png(conf)
+    if fusion_png is not None:
+        copied = folder / "reliability.png"
+        with atomic_path(copied) as tmp:
+            shutil.copyfile(fusion_png, tmp)
+        pngs["reliability"] = copied
+    return {key: path for key, path in pngs.items() if path is not None}
+
+
+def scatter_divs(dataset: Dataset, analysis: RetrievalAnalysis, shown: np.ndarray, seed: int) -> tuple[dict[str, str], str | None]:
+    """PCA and t-SNE plot divs over the shown rows; customdata indexes the shown list (= thumbnails)."""
+    identities = dataset.table["identity"].to_numpy()[shown]
+    splits = analysis.split.to_numpy()[shown]
+    labels = [f"{identity} ({split})<br>{name}" for identity, split, name
+              in zip(identities, splits, dataset.table["filename"].to_numpy()[shown])]
+    embeddings = analysis.embeddings[shown]
+    divs = {"pca": scatter_div(pca_2d(embeddings, seed), identities, splits, labels, "pca-plot", "PCA of the embeddings")}
+    tsne_points = tsne_2d(embeddings, seed)
+    if tsne_points is None:
+        return divs, f"t-SNE skipped: {len(shown)} images are too few."
+    title = f"t-SNE of the embeddings (cosine, perplexity {tsne_perplexity(len(shown)):.0f})"
+    divs["tsne"] = scatter_div(tsne_points, identities, splits, labels, "tsne-plot", title)
+    return divs, None
+
+
+def build_report(conf: ReportConfig) -> ReportSummary:
+    check_config(conf)
+    payload = read_checkpoint(conf.checkpoint)  # fails first, in one line, before any work
+    dataset = load_dataset(conf.data, conf.images, drop_ambiguous=conf.drop_ambiguous)
+    split, split_by, origin = split_for(dataset, conf.split or SplitConfig(by="identity"), conf.checkpoint)
+    analysis = analyse(dataset, embed_all(dataset, conf), split, split_by, origin)
+    shown = sample_rows(split, conf.max_images, conf.seed)
+
+    folder = conf.out.parent / f"{conf.out.stem}_files"
+    pngs = draw_pngs(dataset, analysis, payload.get("history", []), shown, conf, folder)
+    divs, tsne_note = scatter_divs(dataset, analysis, shown, conf.seed)
+    n_val = int((split == "val").sum())
+    overall = analysis.metrics_by_view["all"]
+    content = PageContent(
+        title=f"spotmatch report: {conf.checkpoint.name} on {conf.data.name}",
+        facts=[("checkpoint", f"{conf.checkpoint} ({payload['embedder_config']['backbone']}, "
+                              f"{payload['embedder_config']['image_size']} px, epoch {payload.get('epoch', '?')})"),
+               ("data", f"{conf.data} ({len(dataset)} images, {dataset.table['identity'].nunique()} identities)"),
+               ("split", f"{origin}: {n_val} validation images, {len(dataset) - n_val} training images"),
+               ("protocol", analysis.protocol.kind),
+               ("IB-mAP (all)", f"{overall['ib_map']:.3f} over {overall['n_queries']} queries, {overall['n_identities']} identities")],
+        metrics_by_view=analysis.metrics_by_view,
+        per_identity=analysis.per_identity,
+        figures={key: png_data_uri(path) for key, path in pngs.items()},
+        figure_files={key: f"{folder.name}/{path.name}" for key, path in pngs.items()},
+        scatter_divs=divs,
+        thumbnails=[jpeg_data_uri(thumbnail(dataset.paths[row], conf.thumbnail_px)) for row in shown],
+        sample_note=(f"Showing {len(shown)} of {len(dataset)} images (all validation images first, then a random "
+                     f"sample of training images, seed {conf.seed}; at most {conf.max_images} to keep the page light)."
+                     if len(shown) < len(dataset) else f"Showing all {len(dataset)} images."),
+        top_k=conf.top_k,
+        notes={key: note for key, note in {
+            "tsne": tsne_note,
+            "heatmap": f"The {len(shown)} images of the projections, all pairs.",
+            "neighbours": "One validation query per identity, worst identities first (at most "
+                          f"{conf.neighbour_queries}); similarity under each neighbour.",
+            "training": None if any(not np.isnan(row.get("val_ib_map", np.nan)) for row in payload.get("history", []))
+                        else "No validation IB-mAP was measured during training.",
+        }.items() if note},
+    )
+    page = render_page(content)
+    with atomic_path(conf.out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return ReportSummary(out=conf.out, pngs=list(pngs.values()), n_images=len(dataset),
+                         n_identities=int(dataset.table["identity"].nunique()), n_shown=len(shown),
+                         ib_map=overall["ib_map"], split_origin=origin, bytes_written=len(page.encode("utf-8")))

