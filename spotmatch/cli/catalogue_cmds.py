@@ -75,8 +75,12 @@ def identify(
 
     from spotmatch.catalogue.service import IdentifyConfig, identify as run_identify, open_engine
 
+    from spotmatch.data.images import file_sha256
+
     catalogue = _open(folder)
-    catalogue.search_index()  # an empty catalogue is reported before the model loads
+    catalogue.search_index()  # an empty catalogue and a missing photo are reported before the model loads
+    for photo in photos:
+        file_sha256(photo)
     results = run_identify(catalogue, open_engine(catalogue, shortlist_k), photos, IdentifyConfig(top_k, explain_dir))
     if json_out:
         typer.echo(json.dumps([{**asdict(r), "verdict": r.verdict} for r in results], indent=1))

@@ -19,6 +19,7 @@ def calibrate(
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     top_k: int = typer.Option(20, help="Local matching re-scores each query's K best gallery images."),
     extractor: str = typer.Option("rootsift", help="Local features: rootsift, disk, aliked, xfeat."),
+    local_masks: Optional[str] = typer.Option(None, help="Keypoints only inside masks from: alpha, teacher, unet:CKPT, none (default: the checkpoint's mask source)."),
     method: str = typer.Option("logistic", help="logistic or isotonic."),
     target_precision: float = typer.Option(0.9, help="Precision the 'same individual' threshold must reach."),
     rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Also measure query expansion and k-reciprocal re-ranking."),
@@ -43,13 +44,13 @@ def calibrate(
     dataset = load_dataset(data, images, drop_ambiguous=not keep_ambiguous)
     split, used_split_by, origin = split_for(dataset, SplitConfig(by=split_by), checkpoint)
     run = _embed_config(32, device, False, num_workers, cache_dir)
-    engine_conf = EngineConfig(shortlist_k=top_k, extractor=extractor, local_workers=num_workers,
+    engine_conf = EngineConfig(shortlist_k=top_k, extractor=extractor, local_workers=num_workers, masks=local_masks,
                                cache_dir=str(cache_dir) if cache_dir else None)
     conf = calibration.CalibrateConfig(method=method, target_precision=target_precision,
                                        rerankers=("qe", "k-reciprocal") if rerank else ())
     result = calibration.main(dataset, split, used_split_by, Embedder.from_checkpoint(checkpoint, run), engine_conf, conf, out_dir)
     report = "\n\n".join([
-        f"data: {data} ({len(dataset)} images); {origin}; local: {extractor}, top-{top_k}; calibration: {method}, "
+        f"data: {data} ({len(dataset)} images); {origin}; local: {extractor}, top-{top_k}, masks: {local_masks or 'as the checkpoint'}; calibration: {method}, "
         f"cross-validated over query identities",
         format_table(result["retrieval"]),
         calibration.format_quality(result["quality"]),

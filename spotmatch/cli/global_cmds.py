@@ -42,6 +42,7 @@ def train(
     val_fraction: float = typer.Option(0.3, help="Share of identities (open set) or of each identity's groups (closed set) held out; 0 trains on all."),
     seed: int = typer.Option(0, help="Seed for the split, sampling and initialisation."),
     hflip: bool = typer.Option(False, "--hflip/--no-hflip", help="Horizontal-flip augmentation (off: flanks differ)."),
+    masks: Optional[str] = typer.Option(None, help="Mask source the embedder sees through: alpha (images' own), teacher, unet:CKPT, none."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     num_workers: Optional[int] = typer.Option(None, help="Image decoding processes."),
     eval_every: Optional[int] = typer.Option(None, help="Epochs between validation IB-mAP measurements (0: only at the end)."),
@@ -59,7 +60,7 @@ def train(
         raise SpotmatchError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
-    embedder_conf = merge_config(chosen.embedder, **given(backbone=backbone, pretrained=pretrained,
+    embedder_conf = merge_config(chosen.embedder, **given(backbone=backbone, pretrained=pretrained, masks=masks,
                                                           image_size=image_size, embedding_dim=embedding_dim))
     train_conf = merge_config(chosen.train, **given(epochs=epochs, identities_per_batch=batch_identities,
                                                     images_per_identity=images_per_identity, lr=lr,

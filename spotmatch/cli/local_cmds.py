@@ -83,6 +83,7 @@ def explain(
     out: Path = typer.Option(Path("match.png"), "--out", help="PNG to write; the keypoints go to the same name .json"),
     extractor: str = typer.Option("rootsift", "--extractor", help="rootsift, disk, aliked, xfeat or loftr"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="global model checkpoint: adds the cosine"),
+    fusion: Optional[Path] = typer.Option(None, "--fusion", help="calibration file (with --checkpoint): adds the fused probability"),
     cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="cache folder"),
     weights: Optional[str] = typer.Option(None, "--weights", help="weights file (LoFTR needs one)"),
 ) -> None:
@@ -90,10 +91,20 @@ def explain(
     from spotmatch.local_match.explain import explain_pair
     from spotmatch.local_match.pipeline import LocalMatcher
 
+    if fusion is not None:
+        if checkpoint is None:
+            raise SpotmatchError("--fusion needs the global model it was calibrated for: pass --checkpoint too")
+        from spotmatch.engine.engine import Engine, EngineConfig
+        from spotmatch.engine.engine import explain as explain_with_engine
+
+        engine = Engine.from_files(checkpoint, fusion, EngineConfig(extractor=extractor, cache_dir=str(cache)))
+        result = explain_with_engine(engine, query, gallery, out)
+        typer.echo(f"wrote {result.png_path} and {result.json_path}: {result.scores.text()}")
+        return
+
     scorer = LocalMatcher.from_name(extractor, cache_dir=cache, **_weights_kwargs(extractor, weights))
     cosine = _pair_cosine(query, gallery, checkpoint) if checkpoint is not None else None
     settings = getattr(getattr(scorer, "extractor", None), "conf_name", extractor)
-    # probability=None: the fusion stage's hook; the engine passes its calibrated P(same individual) here.
     result = explain_pair(query, gallery, scorer, out, cosine=cosine, probability=None, settings=settings)
     typer.echo(f"wrote {result.png_path} and {result.json_path}: {result.scores.text()}")
 

@@ -100,7 +100,7 @@ def as_matrix(frame: pd.DataFrame, values: np.ndarray, shape: tuple[int, int]) -
 
 
 def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, engine_conf: EngineConfig,
-         conf: CalibrateConfig, out_dir: str | Path, mask_source=None) -> dict:
+         conf: CalibrateConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     protocol = build_protocol(dataset.table, split, split_by)
     if len(protocol.query_rows) == 0:
@@ -114,7 +114,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     allowed = protocol.views["all"]
     ranks = {name: ranks_within(s, allowed) for name, s in similarities.items()}
 
-    scorer = build_local(engine_conf, mask_source)
+    scorer = build_local(engine_conf, embedder.conf.masks)
     k = engine_conf.shortlist_k
     needed = {(q, g) for r in ranks.values() for q, g in zip(*np.nonzero((r < k) & allowed))}
     evidence = local_evidence(scorer, paths, protocol, needed)
@@ -165,6 +165,10 @@ def format_quality(quality: dict) -> str:
             lines.append(f"| {name} | {q['pairs']} | {q['positives']} | {q['ece']:.4f} | {q['brier']:.4f} | {q['log_loss']:.4f} |")
     d = quality["decision"]
     lines.append("")
-    lines.append(f"Decision threshold for precision >= {d['target_precision']}: p >= {d['threshold']:.3f} "
-                 f"(held-out precision {d['precision']:.3f}, recall {d['recall']:.3f}).")
+    if np.isnan(d["precision"]):
+        lines.append(f"No probability threshold reaches precision {d['target_precision']} on the held-out pairs: "
+                     f"the saved threshold (1.0) never calls 'same individual'; lower --target-precision.")
+    else:
+        lines.append(f"Decision threshold for precision >= {d['target_precision']}: p >= {d['threshold']:.3f} "
+                     f"(held-out precision {d['precision']:.3f}, recall {d['recall']:.3f}).")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import FusionModel
 from spotmatch.fusion.features import pair_features
-from spotmatch.global_embed.embed import EmbedConfig, Embedder
+from spotmatch.global_embed.embed import EmbedConfig, Embedder, mask_provider
 from spotmatch.global_embed.index import IndexConfig, build_index, search
 
 
@@ -28,6 +28,7 @@ class EngineConfig:
     shortlist_k: int = 20  # local matching runs on each query's K best gallery images by cosine
     use_local: bool = True
     extractor: str = "rootsift"
+    masks: str | None = None  # keypoints only inside these masks; None: the embedder's mask source
     local_workers: int = 2
     cache_dir: str | None = ".cache/spotmatch"
 
@@ -47,10 +48,10 @@ class Engine:
 
     @classmethod
     def from_files(cls, checkpoint: str | Path, fusion_path: str | Path | None = None, conf: EngineConfig | None = None,
-                   run: EmbedConfig | None = None, mask_source=None) -> "Engine":
+                   run: EmbedConfig | None = None) -> "Engine":
         conf = conf or EngineConfig()
-        embedder = Embedder.from_checkpoint(checkpoint, run, mask_fn=mask_source)
-        local = build_local(conf, mask_source) if conf.use_local else None
+        embedder = Embedder.from_checkpoint(checkpoint, run)
+        local = build_local(conf, embedder.conf.masks) if conf.use_local else None
         fusion = None
         if fusion_path is not None:
             fusion = FusionModel.load(fusion_path, embedder_id=embedder.model_id,
@@ -98,8 +99,27 @@ class Engine:
         return best_per_identity[best_per_identity["rank"] < top_k].reset_index(drop=True)
 
 
-def build_local(conf: EngineConfig, mask_source=None):
+def build_local(conf: EngineConfig, embedder_masks: str = "alpha"):
+    """The local stage, restricted to the masks named in `conf` (else the embedder's)."""
     from spotmatch.local_match.pipeline import LocalMatcher
 
     cache = conf.cache_dir if conf.cache_dir else None
-    return LocalMatcher.from_name(conf.extractor, cache_dir=cache, workers=conf.local_workers, mask_source=mask_source)
+    masks = mask_provider(conf.masks or embedder_masks, cache)
+    return LocalMatcher.from_name(conf.extractor, cache_dir=cache, workers=conf.local_workers,
+                                  mask_source=masks.mask_for if masks else None)
+
+
+def explain(engine: Engine, query: str | Path, gallery: str | Path, out_png: str | Path):
+    """Draw why two photos match: inlier lines, mask outlines, cosine, inliers and the fused probability."""
+    from spotmatch.local_match.explain import explain_pair
+    from spotmatch.local_match.pipeline import evidence_row
+
+    if engine.local is None:
+        raise SpotmatchError("explaining a match needs the local stage; drop --no-local")
+    pair = pd.DataFrame({"row_id": [0], "query_image_path": [str(query)], "gallery_image_path": [str(gallery)]})
+    table = global_pair_scores(pair, engine.embedder)
+    evidence = engine.local.evidence(query, gallery)
+    table[["matches", "inliers", "inlier_ratio", "local_score"]] = [evidence_row(evidence)]
+    probability = float(engine.similarity(table)[0]) if engine.fusion is not None else None
+    return explain_pair(query, gallery, engine.local, out_png, cosine=float(table["cosine"].iloc[0]),
+                        probability=probability, settings=scorer_name(engine.local), evidence=evidence)

@@ -11,10 +11,13 @@ from tqdm import tqdm
 from spotmatch.config import config_hash
 from spotmatch.data.images import file_sha256
 from spotmatch.global_embed.checkpoint import file_digest, load_model
-from spotmatch.global_embed.loading import ImageTensorDataset, MaskFn, iterate_batches
+from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
 from spotmatch.global_embed.model import EmbedderConfig, ReIDNet
 from spotmatch.global_embed.transforms import normalise
 from spotmatch.io import save_npy_atomic
+
+
+DEFAULT_CACHE = ".cache/spotmatch"
 
 
 @dataclass
@@ -25,8 +28,19 @@ class EmbedConfig:
     num_workers: int = 2
     device: str = "auto"  # "auto" picks CUDA when present
     flip_tta: bool = False  # average with the mirrored image; off by default (flanks differ)
-    cache_dir: str | None = ".cache/spotmatch"  # None: no disk cache
+    cache_dir: str | None = DEFAULT_CACHE  # None: no disk cache (masks included)
+    cache_embeddings: bool = True  # False while the model is still changing (validation in training)
     progress: bool = True
+
+
+def mask_provider(source: str, cache_dir: str | None, device: torch.device | str = "cpu"):
+    """The segmentation stage's MaskProvider, or None when only the images' own alpha masks count
+    (images carrying an alpha channel always use it, whatever the source)."""
+    if source == "alpha":
+        return None
+    from spotmatch.segmentation import MaskConfig, MaskProvider
+
+    return MaskProvider.from_config(MaskConfig(source=source), cache_dir, device=str(device))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,33 +53,35 @@ class Embedder:
     """`embed(paths) -> (n, d)` float32, L2-normalised."""
 
     def __init__(self, model: ReIDNet, conf: EmbedderConfig, identity: str, run: EmbedConfig | None = None,
-                 use_neck: bool = True, mask_fn: MaskFn | None = None):
+                 use_neck: bool = True):
         self.conf, self.run = conf, run or EmbedConfig()
         self.device = resolve_device(self.run.device)
         self.model = model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.use_neck, self.mask_fn = use_neck, mask_fn
+        self.use_neck = use_neck
+        # The mask source is part of the embedder's config: it defines what the network sees.
+        self.masks = mask_provider(conf.masks, self.run.cache_dir, self.device)
         # Everything that changes the numbers is in the cache name.
         self.model_id = f"{conf.backbone}-{config_hash({'model': identity, 'conf': conf.__dict__, 'neck': use_neck, 'flip': self.run.flip_tta})}"
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, run: EmbedConfig | None = None, mask_fn: MaskFn | None = None) -> "Embedder":
+    def from_checkpoint(cls, path: str | Path, run: EmbedConfig | None = None) -> "Embedder":
         model, conf, _ = load_model(path)
-        return cls(model, conf, identity=file_digest(path), run=run, mask_fn=mask_fn)
+        return cls(model, conf, identity=file_digest(path), run=run)
 
     @classmethod
-    def pretrained_baseline(cls, conf: EmbedderConfig, run: EmbedConfig | None = None, mask_fn: MaskFn | None = None) -> "Embedder":
+    def pretrained_baseline(cls, conf: EmbedderConfig, run: EmbedConfig | None = None) -> "Embedder":
         """The untrained ImageNet backbone with GeM pooling (no neck: an untrained neck is a random projection)."""
         model = ReIDNet(conf)
-        return cls(model, conf, identity=f"baseline:{conf.pretrained}", run=run, use_neck=False, mask_fn=mask_fn)
+        return cls(model, conf, identity=f"baseline:{conf.pretrained}", run=run, use_neck=False)
 
     @property
     def dim(self) -> int:
         return self.conf.embedding_dim if self.use_neck else self.model.backbone.num_features
 
     def _cache_path(self, sha256: str) -> Path | None:
-        if self.run.cache_dir is None:
+        if self.run.cache_dir is None or not self.run.cache_embeddings:
             return None
         return Path(self.run.cache_dir) / "embeddings" / self.model_id / sha256[:2] / f"{sha256}.npy"
 
@@ -96,7 +112,9 @@ class Embedder:
         return np.stack([by_hash[sha] for sha in hashes]).astype(np.float32) if hashes else np.zeros((0, self.dim), np.float32)
 
     def _embed_uncached(self, paths: list[Path], hashes: list[str]) -> dict[str, np.ndarray]:
-        dataset = ImageTensorDataset(paths, self.conf, mask_fn=self.mask_fn)
+        if self.masks is not None:
+            self.masks.fill_cache(paths)  # predict masks here once; workers then only read the cache
+        dataset = ImageTensorDataset(paths, self.conf, mask_fn=self.masks.mask_for if self.masks else None)
         results: dict[str, np.ndarray] = {}
         batches = iterate_batches(dataset, self.run.batch_size, self.run.num_workers, pin_memory=self.device.type == "cuda")
         with tqdm(total=len(paths), desc="embed", unit="img", disable=not self.run.progress or None) as bar:

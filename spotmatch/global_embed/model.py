@@ -21,6 +21,7 @@ class EmbedderConfig:
     image_size: int = 384  # square input; images are letterboxed, never stretched
     gem_p: float = 3.0
     mask_crop_margin: float = 0.1  # crop to the mask's box grown by this fraction when a mask exists
+    masks: str = "alpha"  # mask source (segmentation.MaskConfig): alpha, teacher, unet:<checkpoint>, none
     background_fill: str = "grey"  # outside the mask: none, black, grey, blur, noise (segmentation.background)
 
 

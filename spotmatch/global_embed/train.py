@@ -19,7 +19,7 @@ from spotmatch.data.tables import Dataset
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol
 from spotmatch.global_embed.checkpoint import read_checkpoint, save_checkpoint
-from spotmatch.global_embed.embed import EmbedConfig, Embedder, resolve_device
+from spotmatch.global_embed.embed import DEFAULT_CACHE, EmbedConfig, Embedder, mask_provider, resolve_device
 from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
 from spotmatch.global_embed.model import ArcFace, EmbedderConfig, ReIDNet
 from spotmatch.global_embed.sampler import PKBatchSampler
@@ -68,7 +68,7 @@ def validation_ib_map(model: ReIDNet, conf: EmbedderConfig, dataset: Dataset, sp
     protocol = build_protocol(dataset.table, split, split_by)
     if len(protocol.query_rows) == 0:
         return float("nan")
-    embedder = Embedder(model, conf, identity="in-training", run=dataclasses.replace(run, cache_dir=None, progress=False))
+    embedder = Embedder(model, conf, identity="in-training", run=dataclasses.replace(run, cache_embeddings=False, progress=False))
     embeddings = embedder.embed(dataset.paths)
     similarity = embeddings[protocol.query_rows] @ embeddings[protocol.gallery_rows].T
     identities = dataset.table["identity"].to_numpy()
@@ -107,8 +107,12 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     total_steps = train_conf.epochs * len(sampler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, warmup_cosine(total_steps, int(train_conf.warmup_epochs * len(sampler))))
-    images = ImageTensorDataset([Path(p) for p in train_table["path"]], embedder_conf, labels,
-                                augment=build_train_augment(train_conf.augment))
+    train_paths = [Path(p) for p in train_table["path"]]
+    masks = mask_provider(embedder_conf.masks, DEFAULT_CACHE, device)
+    if masks is not None:
+        masks.fill_cache(train_paths)
+    images = ImageTensorDataset(train_paths, embedder_conf, labels, augment=build_train_augment(train_conf.augment),
+                                mask_fn=masks.mask_for if masks else None)
 
     history: list[dict] = []
     start_epoch, best_map = 0, -1.0

@@ -31,11 +31,13 @@ def explain_pair(
     cosine: float | None = None,
     probability: float | None = None,
     settings: str = "",
+    evidence: PairEvidence | None = None,
 ) -> PairExplanation:
-    """Match the pair, draw it to `out_png` and write `<out_png stem>.json` with the inlier keypoints."""
+    """Match the pair (unless its `evidence` is given), draw it to `out_png` and write `<out_png stem>.json`
+    with the inlier keypoints."""
     out_png = Path(out_png).with_suffix(".png")
     query_record, gallery_record = load_image(query), load_image(gallery)
-    evidence = scorer.evidence(query, gallery)
+    evidence = evidence if evidence is not None else scorer.evidence(query, gallery)
     scores = ScoreLine(evidence.inliers, evidence.inlier_ratio, evidence.score, cosine, probability)
     mask_source = getattr(scorer, "mask_source", None)
     masks = [mask_source(r) if mask_source else r.mask for r in (query_record, gallery_record)]

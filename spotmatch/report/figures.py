@@ -97,14 +97,14 @@ def neighbour_grid(rows: list[dict], top_k: int, out_png: Path) -> Path:
     [(Image, label, similarity, correct)]."""
     plt = _pyplot()
     cell = 1.55
-    figure, axes = plt.subplots(len(rows), top_k + 1, figsize=(cell * (top_k + 1), cell * 1.2 * len(rows)), squeeze=False)
+    figure, axes = plt.subplots(len(rows), top_k + 1, figsize=(cell * (top_k + 1), cell * 0.95 * len(rows)), squeeze=False)
     for axes_row, row in zip(axes, rows):
         cells = [(row["query"], f"query\n{row['query_label']}", QUERY_COLOUR)]
         cells += [(image, f"{label}\n{score:.3f}", CORRECT_COLOUR if correct else WRONG_COLOUR)
                   for image, label, score, correct in row["neighbours"]]
         for axis, (image, title, colour) in zip(axes_row, cells):
             axis.imshow(np.asarray(image))
-            axis.set_title(title, fontsize=7, color=colour)
+            axis.set_title(title, fontsize=7.5, color=colour, pad=2)
             axis.set_xticks([])
             axis.set_yticks([])
             for spine in axis.spines.values():

@@ -1,0 +1,127 @@
+"""`spotmatch serve`: a local review page over one catalogue (FastAPI; plain HTML/JS, no build step).
+
+The model loads once per server. File access is only ever by catalogue image id, or by a sanitised
+name inside the catalogue's uploads/ and explain/ folders: no request path reaches the file system.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel
+
+from spotmatch.data.tables import IMAGE_SUFFIXES
+from spotmatch.errors import SpotmatchError
+
+STATIC = Path(__file__).parent / "static"
+MAX_UPLOAD_BYTES = 50 * 2**20
+
+
+@dataclass
+class ServeConfig:
+    catalogue: Path
+    shortlist_k: int = 20
+    top_k: int = 5
+    default_who: str = "reviewer"
+
+
+class Decision(BaseModel):
+    photo: str
+    individual: str | None = None  # None: a new individual
+    who: str | None = None
+
+
+def safe_upload_name(name: str) -> str:
+    """A bare file name of letters, digits, dot, dash and underscore: `../../etc/passwd` becomes
+    `etc_passwd`-like and can never leave the uploads folder."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")[-120:]
+    if Path(cleaned).suffix.lower() not in IMAGE_SUFFIXES:
+        raise SpotmatchError(f"{name!r}: not an image file name (jpg, png, ...); upload a photo")
+    return cleaned
+
+
+def inside(folder: Path, name: str) -> Path:
+    """`folder/name`, refused unless it resolves inside `folder` (belt and braces after sanitising)."""
+    path = (folder / name).resolve()
+    if path.parent != folder.resolve():
+        raise SpotmatchError(f"{name!r}: outside the catalogue folder; refused")
+    return path
+
+
+def create_app(conf: ServeConfig):
+    from spotmatch.catalogue.service import IdentifyConfig, confirm_photo, identify, open_engine
+    from spotmatch.catalogue.store import Catalogue
+
+    store = Catalogue.open(conf.catalogue)
+    uploads, explain_dir = store.folder / "uploads", store.folder / "explain"
+    uploads.mkdir(exist_ok=True)
+    explain_dir.mkdir(exist_ok=True)
+    engine = open_engine(store, conf.shortlist_k)
+    lock = threading.Lock()  # one SQLite connection and one engine: requests take turns
+    app = FastAPI(title="spotmatch review")
+
+    @app.exception_handler(SpotmatchError)
+    async def one_line_error(_, exc: SpotmatchError):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.get("/")
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/api/photos")
+    def photos():
+        return {"photos": sorted(p.name for p in uploads.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+                "stats": {k: v for k, v in store.stats().items() if isinstance(v, int)}, "who": conf.default_who}
+
+    @app.post("/api/upload")
+    async def upload(file: UploadFile = File(...)):
+        name = safe_upload_name(file.filename)
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise SpotmatchError(f"{name}: larger than {MAX_UPLOAD_BYTES >> 20} MiB; upload a smaller photo")
+        from spotmatch.io import atomic_path
+
+        with atomic_path(inside(uploads, name)) as tmp:
+            tmp.write_bytes(data)
+        return {"photo": name}
+
+    @app.post("/api/identify/{photo}")
+    def identify_photo(photo: str):
+        path = inside(uploads, safe_upload_name(photo))
+        with lock:
+            result = identify(store, engine, [path], IdentifyConfig(conf.top_k, explain_dir))[0]
+        return {"photo": photo, "verdict": result.verdict, "threshold": result.threshold, "known_image_id": result.known_image_id,
+                "candidates": [{**c.__dict__, "gallery_path": Path(c.gallery_path).name,
+                                "explanation_png": Path(c.explanation_png).name if c.explanation_png else None}
+                               for c in result.candidates]}
+
+    @app.post("/api/confirm")
+    def confirm(decision: Decision):
+        path = inside(uploads, safe_upload_name(decision.photo))
+        with lock:
+            image_id, name = confirm_photo(store, engine, path, decision.individual, decision.who or conf.default_who)
+        return {"image_id": image_id, "individual": name}
+
+    @app.get("/files/upload/{name}")
+    def upload_file(name: str):
+        return FileResponse(inside(uploads, safe_upload_name(name)))
+
+    @app.get("/files/explain/{name}")
+    def explain_file(name: str):
+        path = inside(explain_dir, safe_upload_name(name))
+        if not path.is_file():
+            raise HTTPException(404)
+        return FileResponse(path)
+
+    @app.get("/files/image/{image_id}")
+    def catalogue_image(image_id: int):
+        with lock:
+            row = store.image(image_id)
+        return FileResponse(row["path"])
+
+    return app

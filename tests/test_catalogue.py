@@ -1,0 +1,285 @@
+"""The catalogue: store, CLI and safety (real kill mid-add, two writers at once, corrupt files) on real frames."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, SNOW
+
+CLI = [sys.executable, "-c", "from spotmatch.cli import main; main()"]
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def fusion_file(tmp_path_factory, snow_subset_csv, tiny_checkpoint) -> Path:
+    """A calibration of the tiny model on the subset, so the catalogue re-scores with keypoints."""
+    # In-process, as `spotmatch calibrate --top-k 5 --no-rerank` does it (a subprocess would re-import torch).
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.engine import calibrate as calibration
+    from spotmatch.engine.engine import EngineConfig
+    from spotmatch.evaluation.run import split_for
+    from spotmatch.global_embed.embed import EmbedConfig, Embedder
+
+    out_dir = tmp_path_factory.mktemp("calibration")
+    dataset = load_dataset(snow_subset_csv)
+    split, split_by, _ = split_for(dataset, SplitConfig(by="identity"), tiny_checkpoint)
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(device="cpu", num_workers=0, cache_dir=str(out_dir / "cache"), progress=False))
+    result = calibration.main(dataset, split, split_by, embedder, EngineConfig(shortlist_k=5, cache_dir=str(out_dir / "cache")),
+                              calibration.CalibrateConfig(rerankers=()), out_dir)
+    return Path(result["fusion_path"])
+
+
+@pytest.fixture(scope="module")
+def gallery_and_queries(tmp_path_factory, snow_subset_csv) -> tuple[Path, list[Path]]:
+    """The subset minus one frame of each of two cats (the queries), as a labelled CSV."""
+    table = pd.read_csv(snow_subset_csv, dtype=str, keep_default_na=False)
+    held_out = [table[table["identity"] == "Cat1"].index[-1], table[table["identity"] == "Cat5"].index[-1]]
+    folder = tmp_path_factory.mktemp("gallery")
+    table.drop(index=held_out).to_csv(folder / "labels.csv", index=False)
+    (folder / "images").symlink_to(SNOW / "images")
+    return folder / "labels.csv", [SNOW / "images" / table.loc[i, "filename"] for i in held_out]
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory, tiny_checkpoint, fusion_file, gallery_and_queries):
+    from spotmatch.catalogue.service import add_images, init_catalogue, open_engine, sources_from_csv
+
+    folder = tmp_path_factory.mktemp("catalogue") / "cat"
+    store = init_catalogue(folder, tiny_checkpoint, fusion_file)
+    engine = open_engine(store, shortlist_k=5)
+    report = add_images(store, engine.embedder, engine.local, sources_from_csv(gallery_and_queries[0]))
+    assert report.added == 17 and not report.failed
+    return store, engine
+
+
+def small_folder(tmp_path: Path, snow_subset_csv: Path, count: int) -> Path:
+    """`count` real frames linked into a folder (links: the tests never copy the data set)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in pd.read_csv(snow_subset_csv)["filename"].head(count):
+        (folder / name).symlink_to(SNOW / "images" / name)
+    return folder
+
+
+def test_add_is_idempotent_and_stores_embeddings_and_metadata(catalogue, gallery_and_queries):
+    from spotmatch.catalogue.service import add_images, sources_from_csv
+    from spotmatch.catalogue.store import blob_to_embedding
+
+    store, engine = catalogue
+    again = add_images(store, engine.embedder, engine.local, sources_from_csv(gallery_and_queries[0]))
+    assert (again.added, again.already_there) == (0, 17)
+    row = store.db.execute("SELECT * FROM images ORDER BY id LIMIT 1").fetchone()
+    stored = blob_to_embedding(row["embedding"])
+    assert stored.dtype == np.float32 and np.allclose(stored, engine.embedder.embed([row["path"]])[0], atol=1e-6)
+    assert row["station"].startswith("S") and row["camera"] and row["captured_at"]
+    assert row["feature_key"] == engine.local.extractor.conf_name
+    stats = store.stats()
+    assert (stats["individuals"], stats["images"], stats["confirmations"], stats["schema_version"]) == (3, 17, 17, 2)
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_identify_ranks_individuals_with_calibrated_probability(catalogue, gallery_and_queries, tmp_path):
+    from spotmatch.catalogue.service import IdentifyConfig, identify
+
+    store, engine = catalogue
+    results = identify(store, engine, gallery_and_queries[1], IdentifyConfig(top_k=3, explain_dir=tmp_path))
+    assert len(results) == 2
+    for result in results:
+        names = [c.individual for c in result.candidates]
+        # one line per individual in the 5-image shortlist, its best image speaking for it
+        assert len(set(names)) == len(names) >= 1 and set(names) <= {"Cat1", "Cat5", "Cat21"}
+        probabilities = [c.probability for c in result.candidates]
+        assert probabilities == sorted(probabilities, reverse=True) and all(0 <= p <= 1 for p in probabilities)
+        assert result.threshold == pytest.approx(engine.fusion.threshold)
+        assert result.verdict in ("new individual", f"match: {names[0]}")
+        assert (result.verdict == "new individual") == (probabilities[0] < result.threshold)
+        assert any(c.inliers is not None for c in result.candidates)  # keypoint evidence on the shortlist
+        assert Path(result.candidates[0].explanation_png).stat().st_size > 1000
+        assert result.known_image_id is None
+
+
+def test_identify_a_catalogue_photo_never_matches_itself(catalogue):
+    from spotmatch.catalogue.service import identify
+
+    store, engine = catalogue
+    row = store.db.execute("SELECT id, path FROM images ORDER BY id LIMIT 1").fetchone()
+    result = identify(store, engine, [Path(row["path"])])[0]
+    assert result.known_image_id == row["id"]
+    assert row["id"] not in [c.gallery_image_id for c in result.candidates]
+
+
+def test_index_is_persisted_and_rebuilt_from_the_database(catalogue):
+    store, _ = catalogue
+    index, ids = store.search_index()
+    assert store.index_path.is_file() and index.ntotal == len(ids) == 17
+    store.index_path.unlink()
+    rebuilt, rebuilt_ids = store.search_index()
+    assert np.array_equal(ids, rebuilt_ids) and store.index_path.is_file()
+    assert np.allclose(rebuilt.reconstruct(0), store.embeddings(ids[:1])[0])
+    store.index_path.write_bytes(b"garbage")  # a damaged cache is rebuilt, not fatal
+    assert store.search_index()[0].ntotal == 17
+
+
+def test_review_decisions_are_recorded_with_who_and_when(catalogue, gallery_and_queries):
+    from spotmatch.catalogue.service import confirm_photo, export_table
+
+    store, engine = catalogue
+    query = gallery_and_queries[1][0]
+    image_id, name = confirm_photo(store, engine, query, None, who="ana")
+    assert name.startswith("individual-")
+    assert store.image(image_id)["individual_id"] == store.individual_id(name)
+    assert store.merge("Cat1", name, who="ben") == 1
+    with pytest.raises(Exception, match="no individual named"):
+        store.individual_id(name)
+    new_name = store.split("Cat1", [image_id], "Cat1b", who="ana")
+    store.rename(new_name, "Cat99", who="ana")
+    actions = store.db.execute("SELECT action, who, at FROM confirmations WHERE image_id = ? ORDER BY id", (image_id,)).fetchall()
+    assert [(a["action"], a["who"]) for a in actions] == [("new", "ana"), ("merge", "ben"), ("split", "ana")]
+    assert all(a["at"].startswith("20") for a in actions)
+    exported = export_table(store, competition=True)
+    assert list(exported.columns) == ["filename", "ground_truth"]
+    assert exported.loc[exported["filename"] == query.name, "ground_truth"].item() == "Cat99"
+    assert store.integrity_problems() == []
+
+
+def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and_queries):
+    from spotmatch.catalogue.service import add_images, init_catalogue, open_engine, sources_from_csv
+    from spotmatch.errors import SpotmatchError
+
+    folder = tmp_path / "cat"
+    store = init_catalogue(folder, tiny_checkpoint, None)  # `catalogue add` runs as a real CLI process in the kill test
+    empty = run_cli("catalogue", "identify", folder, gallery_and_queries[1][0])
+    assert empty.returncode == 2 and empty.stderr.count("\n") == 1 and "no identified images yet" in empty.stderr
+    engine = open_engine(store)
+    assert add_images(store, engine.embedder, engine.local, sources_from_csv(gallery_and_queries[0])).added == 17
+    found = run_cli("catalogue", "identify", folder, *gallery_and_queries[1], tmp_path / "missing.jpg")
+    assert found.returncode == 2 and "missing.jpg: image file not found" in found.stderr
+    found = run_cli("catalogue", "identify", folder, *gallery_and_queries[1], "--top-k", "2")
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.count("  1. ") == 2 and "p=" in found.stdout and "threshold 0.50" in found.stdout  # no fusion: cosine only
+    exported = run_cli("catalogue", "export", folder, "--out", tmp_path / "all.csv")
+    assert exported.returncode == 0
+    assert len(pd.read_csv(tmp_path / "all.csv")) == 17
+    renamed = run_cli("catalogue", "rename", folder, "Cat5", "Cat1")
+    assert renamed.returncode == 2 and "already exists; merge" in renamed.stderr
+    with sqlite3.connect(folder / "catalogue.db") as db:  # as if the catalogue came from a model of another width
+        db.execute("UPDATE meta SET value = '999' WHERE key = 'embedding_dim'")
+    with pytest.raises(SpotmatchError, match="999 dimensions but this model gives") as refused:
+        add_images(store, engine.embedder, engine.local, sources_from_csv(gallery_and_queries[0]))
+    assert "\n" not in str(refused.value)
+
+
+def test_corrupt_image_is_reported_and_skipped(tmp_path, snow_subset_csv, tiny_checkpoint):
+    from spotmatch.catalogue.service import add_images, init_catalogue, open_engine, sources_from_folder
+
+    photos = small_folder(tmp_path, snow_subset_csv, 2)
+    good = next(photos.iterdir()).resolve().read_bytes()
+    (photos / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (photos / "not_an_image.png").write_bytes(b"hello")
+    store = init_catalogue(tmp_path / "cat", tiny_checkpoint, None)
+    engine = open_engine(store)
+    report = add_images(store, engine.embedder, engine.local, sources_from_folder(photos))
+    assert report.added == 2 and sorted(Path(p).name for p, _ in report.failed) == ["not_an_image.png", "truncated.jpg"]
+    assert all("cannot decode image" in reason for _, reason in report.failed)
+    assert store.stats()["images"] == 2 and store.integrity_problems() == []
+
+
+def test_migrations_upgrade_an_older_catalogue(tmp_path):
+    from spotmatch.catalogue.migrations import MIGRATIONS, SCHEMA_VERSION, schema_version
+    from spotmatch.catalogue.store import Catalogue, connect
+
+    db = connect(tmp_path / "catalogue.db")
+    MIGRATIONS[0](db)  # a catalogue written by the first schema version
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO meta VALUES ('checkpoint', 'x'), ('embedder_id', 'm'), ('embedding_dim', '4')")
+    db.close()
+    store = Catalogue.open(tmp_path)
+    assert schema_version(store.db) == SCHEMA_VERSION == 2
+    assert store.db.execute("SELECT name FROM sqlite_master WHERE name = 'images_by_individual'").fetchone()
+
+
+def _image_count(db_path: Path) -> int:
+    try:
+        with sqlite3.connect(db_path, timeout=5) as db:
+            return int(db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def test_killed_add_leaves_a_consistent_catalogue_and_rerun_completes(tmp_path, snow_subset_csv, tiny_checkpoint):
+    from spotmatch.catalogue.store import Catalogue
+
+    from spotmatch.catalogue.service import add_images, init_catalogue, open_engine, sources_from_folder
+
+    photos = small_folder(tmp_path, snow_subset_csv, 12)
+    folder = tmp_path / "cat"
+    init_catalogue(folder, tiny_checkpoint, None).close()
+    process = subprocess.Popen([*CLI, "catalogue", "add", str(folder), str(photos), "--batch-size", "2"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _image_count(folder / "catalogue.db") < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted = _image_count(folder / "catalogue.db")
+    assert 2 <= interrupted < 12, "the add was not caught mid-way"
+    store = Catalogue.open(folder)
+    assert store.integrity_problems() == []  # integrity_check, every image row with a whole embedding, FKs
+    engine = open_engine(store)
+    rerun = add_images(store, engine.embedder, engine.local, sources_from_folder(photos))
+    assert (rerun.added, rerun.already_there, rerun.failed) == (12 - interrupted, interrupted, [])
+    again = add_images(store, engine.embedder, engine.local, sources_from_folder(photos))
+    assert (again.added, again.already_there) == (0, 12) and store.integrity_problems() == []
+
+
+WRITER = """
+import sys
+from pathlib import Path
+import numpy as np
+from spotmatch.catalogue.service import AddConfig, add_images, sources_from_folder
+from spotmatch.catalogue.store import Catalogue
+
+class HashEmbedder:  # a stand-in model: the store's locking is under test here, not the network
+    def __init__(self, model_id, dim):
+        self.model_id, self.dim = model_id, dim
+    def embed(self, paths):
+        vectors = np.stack([np.random.default_rng(abs(hash(Path(p).name)) % 2**32).normal(size=self.dim) for p in paths])
+        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+store = Catalogue.open(sys.argv[1])
+settings = store.settings()
+report = add_images(store, HashEmbedder(settings.embedder_id, settings.embedding_dim), None,
+                    sources_from_folder(Path(sys.argv[2])), AddConfig(batch_size=1, who=sys.argv[3]))
+print(report.added, report.already_there, len(report.failed))
+"""
+
+
+def test_two_processes_adding_at_once(tmp_path, snow_subset_csv):
+    """Two writer processes on the same folder: each image lands once, nothing is corrupted, nobody gets 'locked'."""
+    from spotmatch.catalogue.store import Catalogue, CatalogueSettings
+
+    photos = small_folder(tmp_path, snow_subset_csv, 16)
+    folder = tmp_path / "cat"
+    Catalogue.create(folder, CatalogueSettings(checkpoint="none", fusion=None, embedder_id="stand-in", embedding_dim=64)).close()
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(photos), f"writer{n}"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(2)]
+    outputs = [w.communicate(timeout=120) for w in writers]
+    assert all(w.returncode == 0 for w in writers), outputs
+    counts = [list(map(int, out.split())) for out, _ in outputs]
+    assert sum(c[0] for c in counts) == 16 and all(c[0] + c[1] == 16 and c[2] == 0 for c in counts)
+    store = Catalogue.open(folder)
+    assert store.stats()["images"] == 16 and store.integrity_problems() == []
+    assert store.db.execute("SELECT COUNT(DISTINCT sha256) FROM images").fetchone()[0] == 16

@@ -1,0 +1,114 @@
+"""The review web app end to end: a real server on 127.0.0.1 driven by headless Chromium."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from test_catalogue import fusion_file, gallery_and_queries  # noqa: F401  (shared fixtures)
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_checkpoint, fusion_file, gallery_and_queries):  # noqa: F811
+    import uvicorn
+
+    from spotmatch.catalogue.service import add_images, init_catalogue, open_engine, sources_from_csv
+    from spotmatch.web.app import ServeConfig, create_app
+
+    folder = tmp_path_factory.mktemp("served") / "cat"
+    store = init_catalogue(folder, tiny_checkpoint, fusion_file)
+    engine = open_engine(store, shortlist_k=5)
+    add_images(store, engine.embedder, engine.local, sources_from_csv(gallery_and_queries[0]))
+    store.close()
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(create_app(ServeConfig(folder, shortlist_k=5, top_k=3)), host="127.0.0.1",
+                                       port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not web.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", folder
+    web.should_exit = True
+    thread.join(timeout=10)
+
+
+def post_file(url: str, name: str, data: bytes):
+    import urllib3
+
+    return urllib3.PoolManager().request("POST", url, fields={"file": (name, data, "image/jpeg")})
+
+
+def test_upload_names_cannot_escape_the_catalogue(server, gallery_and_queries):  # noqa: F811
+    base, folder = server
+    photo = gallery_and_queries[1][0].read_bytes()
+    for hostile in ("../../etc/passwd", "..\\..\\windows\\win.ini", "/etc/passwd"):
+        refused = post_file(f"{base}/api/upload", hostile, photo)
+        assert refused.status == 400 and "not an image file name" in json.loads(refused.data)["error"]
+    stored = post_file(f"{base}/api/upload", "../../../tmp/evil.jpg", photo)
+    assert stored.status == 200 and json.loads(stored.data)["photo"] == "evil.jpg"
+    assert (folder / "uploads" / "evil.jpg").read_bytes() == photo and not Path("/tmp/evil.jpg").exists()
+    import urllib3
+
+    for probe in ("..%2F..%2Fcatalogue.db", "catalogue.db", "..%2F..%2F..%2Fetc%2Fpasswd"):
+        escaped = urllib3.PoolManager().request("GET", f"{base}/files/upload/{probe}")
+        assert escaped.status in (400, 404) and b"SQLite" not in escaped.data and b"root:" not in escaped.data
+
+
+@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                    reason="headless browser test needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
+def test_review_page_upload_identify_confirm(server, gallery_and_queries):  # noqa: F811
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from spotmatch.catalogue.store import Catalogue
+
+    base, folder = server
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(base)
+        wait.until(lambda b: "individuals" in b.find_element(By.ID, "stats").text)
+        query = gallery_and_queries[1][1]
+        browser.find_element(By.ID, "file").send_keys(str(query))
+        browser.find_element(By.ID, "upload").click()
+        wait.until(seen.text_to_be_present_in_element((By.ID, "message"), f"uploaded {query.name}"))
+        browser.find_element(By.ID, "identify").click()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".candidate"))
+        cards = browser.find_elements(By.CSS_SELECTOR, ".candidate")
+        assert 1 <= len(cards) <= 3
+        first = cards[0].find_element(By.CSS_SELECTOR, ".individual").text
+        probability = float(cards[0].find_element(By.CSS_SELECTOR, ".probability").text)
+        assert first in {"Cat1", "Cat5", "Cat21"} and 0 <= probability <= 1
+        assert "threshold" in browser.find_element(By.ID, "verdict").text
+        explanation = cards[0].find_element(By.CSS_SELECTOR, "img.explanation")
+        wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", explanation) > 0)
+        cards[0].find_element(By.CSS_SELECTOR, "button.confirm").click()
+        wait.until(seen.text_to_be_present_in_element((By.ID, "message"), f"is {first}"))
+    finally:
+        browser.quit()
+    store = Catalogue.open(folder)
+    row = store.db.execute("SELECT images.id, individuals.name FROM images JOIN individuals ON individuals.id = images.individual_id"
+                           " WHERE images.filename = ?", (query.name,)).fetchone()
+    assert row["name"] == first
+    assert store.db.execute("SELECT action FROM confirmations WHERE image_id = ?", (row["id"],)).fetchone()[0] == "confirm"
