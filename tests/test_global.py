@@ -137,3 +137,24 @@ def test_faiss_errors():
     index = build_index(np.eye(8, dtype=np.float32))
     with pytest.raises(SpotmatchError, match="16 dimensions but the gallery index has 8"):
         search(index, np.zeros((1, 16), np.float32), 3)
+
+
+def test_random_background_changes_only_the_background(tmp_path):
+    """Training augmentation: the animal's pixels survive, the rest is replaced."""
+    from spotmatch.global_embed.loading import ImageTensorDataset
+
+    rgb = load_image(DAY_FRAME).rgb[:300, :400]
+    alpha = np.zeros(rgb.shape[:2], np.uint8)
+    alpha[100:200, 150:300] = 255
+    path = tmp_path / "cutout.png"
+    from PIL import Image
+
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(path)
+    conf = EmbedderConfig(image_size=400, background_fill="none", mask_crop_margin=1.0)
+    plain = ImageTensorDataset([path], conf)[0][1]
+    replaced = ImageTensorDataset([path], conf, random_background=1.0)[0][1]
+    # margin 1.0 keeps the whole 400x300 frame; letterboxed at scale 1 it sits 50 rows down
+    animal = (slice(None), slice(150, 250), slice(150, 300))
+    background = (slice(None), slice(50, 140), slice(None))
+    assert torch.equal(plain[animal], replaced[animal])
+    assert (plain[background].float() - replaced[background].float()).abs().mean() > 10

@@ -43,6 +43,7 @@ def train(
     seed: int = typer.Option(0, help="Seed for the split, sampling and initialisation."),
     hflip: bool = typer.Option(False, "--hflip/--no-hflip", help="Horizontal-flip augmentation (off: flanks differ)."),
     masks: Optional[str] = typer.Option(None, help="Mask source the embedder sees through: alpha (images' own), teacher, unet:CKPT, none."),
+    random_background: float = typer.Option(0.0, help="Probability of pasting the masked animal on a random background while training."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     num_workers: Optional[int] = typer.Option(None, help="Image decoding processes."),
     eval_every: Optional[int] = typer.Option(None, help="Epochs between validation IB-mAP measurements (0: only at the end)."),
@@ -65,7 +66,8 @@ def train(
     train_conf = merge_config(chosen.train, **given(epochs=epochs, identities_per_batch=batch_identities,
                                                     images_per_identity=images_per_identity, lr=lr,
                                                     num_workers=num_workers, eval_every=eval_every), seed=seed, device=device,
-                              augment=dataclasses.replace(chosen.train.augment, horizontal_flip=hflip))
+                              augment=dataclasses.replace(chosen.train.augment, horizontal_flip=hflip,
+                                                          random_background=random_background))
     dataset = load_dataset(data, images, drop_ambiguous=not keep_ambiguous)
     started = time.perf_counter()
     best = training.main(dataset, embedder_conf, train_conf, SplitConfig(by=split_by, val_fraction=val_fraction, seed=seed),

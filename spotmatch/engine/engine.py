@@ -2,7 +2,9 @@
 
     engine = Engine.from_files("runs/x/best.pt", fusion_path="runs/x/fusion.json")
     scored = engine.score_pairs(pairs)          # row_id, cosine, global_rank, matches, inliers, ..., similarity
-    ranked = engine.identify(query_paths, gallery_paths, gallery_identities)
+
+Identification against a catalogue (its persisted FAISS index, per-individual verdicts) lives in
+spotmatch.catalogue.service and uses the same Engine stages.
 
 Every stage keeps its own cache (embeddings and local features by image content hash + config), so
 re-running with a stage switched on or off recomputes only what changed.
@@ -20,7 +22,6 @@ from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import FusionModel
 from spotmatch.fusion.features import pair_features
 from spotmatch.global_embed.embed import EmbedConfig, Embedder, mask_provider
-from spotmatch.global_embed.index import IndexConfig, build_index, search
 
 
 @dataclass
@@ -76,27 +77,6 @@ class Engine:
         table = self.pair_table(pairs, progress)
         table["similarity"] = self.similarity(table)
         return table
-
-    def identify(self, query_paths: list, gallery_paths: list, gallery_identities: list, top_k: int = 5) -> pd.DataFrame:
-        """Per query, the `top_k` most probable identities (an identity's best-matching image speaks for it)."""
-        gallery_embeddings = self.embedder.embed(gallery_paths)
-        query_embeddings = self.embedder.embed(query_paths)
-        scores, neighbours = search(build_index(gallery_embeddings, IndexConfig()), query_embeddings, self.conf.shortlist_k)
-        rows = []
-        for q, query in enumerate(query_paths):
-            for rank, (g, cosine) in enumerate(zip(neighbours[q], scores[q])):
-                if g >= 0:
-                    rows.append({"query_image_path": str(query), "gallery_image_path": str(gallery_paths[g]),
-                                 "identity": gallery_identities[g], "cosine": float(cosine), "global_rank": rank})
-        candidates = pd.DataFrame(rows)
-        candidates.insert(0, "row_id", np.arange(len(candidates)))
-        if self.local is not None:
-            candidates = candidates.join(self.local.score_pairs(candidates))
-        candidates["probability"] = self.similarity(candidates)
-        best_per_identity = (candidates.sort_values("probability", ascending=False)
-                             .drop_duplicates(["query_image_path", "identity"]))
-        best_per_identity["rank"] = best_per_identity.groupby("query_image_path").cumcount()
-        return best_per_identity[best_per_identity["rank"] < top_k].reset_index(drop=True)
 
 
 def build_local(conf: EngineConfig, embedder_masks: str = "alpha"):

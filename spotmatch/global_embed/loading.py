@@ -6,6 +6,7 @@ raised by `iterate_batches`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,6 +19,7 @@ from spotmatch.data.images import ImageRecord, load_image
 from spotmatch.errors import SpotmatchError
 from spotmatch.global_embed.model import EmbedderConfig
 from spotmatch.global_embed.transforms import prepare_pixels, to_tensor
+from spotmatch.segmentation.background import RandomBackground
 
 MaskFn = Callable[[ImageRecord], "np.ndarray | None"]
 
@@ -32,9 +34,11 @@ class Batch:
 
 class ImageTensorDataset(Dataset):
     def __init__(self, paths: list[Path], conf: EmbedderConfig, labels: list[int] | None = None,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, mask_fn: MaskFn | None = None):
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, mask_fn: MaskFn | None = None,
+                 random_background: float = 0.0):
         self.paths, self.conf, self.augment, self.mask_fn = list(paths), conf, augment, mask_fn
         self.labels = labels if labels is not None else [-1] * len(self.paths)
+        self.random_background = RandomBackground(p=random_background) if random_background > 0 else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -46,6 +50,10 @@ class ImageTensorDataset(Dataset):
         except SpotmatchError as exc:
             return index, None, str(exc)
         mask = self.mask_fn(record) if self.mask_fn else None
+        if self.random_background is not None:
+            # torch seeds each worker differently per epoch; numpy draws follow it
+            rng = np.random.default_rng(torch.randint(0, 2**31, (1,)).item())
+            record = dataclasses.replace(record, rgb=self.random_background(record.rgb, mask if mask is not None else record.mask, rng))
         pixels = prepare_pixels(record, self.conf, mask)
         image = to_tensor(pixels)
         return index, (image if self.augment is None else self.augment(image)), None

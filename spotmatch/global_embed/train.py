@@ -112,7 +112,8 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     if masks is not None:
         masks.fill_cache(train_paths)
     images = ImageTensorDataset(train_paths, embedder_conf, labels, augment=build_train_augment(train_conf.augment),
-                                mask_fn=masks.mask_for if masks else None)
+                                mask_fn=masks.mask_for if masks else None,
+                                random_background=train_conf.augment.random_background)
 
     history: list[dict] = []
     start_epoch, best_map = 0, -1.0

@@ -29,6 +29,9 @@ class AugmentConfig:
     random_erasing: float = 0.25
     # Off by default: a mirrored left flank looks like a right flank with a different pattern.
     horizontal_flip: bool = False
+    # Probability of pasting the masked animal on a synthetic background (needs masks: --masks), so no
+    # background feature stays tied to an identity.
+    random_background: float = 0.0
 
 
 def letterbox(rgb: np.ndarray, size: int) -> np.ndarray:

@@ -1,0 +1,294 @@
+"""The `embed` and `score-pairs` batch jobs on a Ray cluster: the same stage code, more machines.
+
+    with ray_session(RayConfig(address=None)):          # None: a local Ray limited to this machine
+        embeddings = embed_on_ray(paths, checkpoint, run, ray_conf, job_dir)
+        table = score_pairs_on_ray(pairs, checkpoint, fusion, engine_conf, run, ray_conf, job_dir)
+
+Each actor of a Ray Data actor pool loads the model once (`Embedder.from_checkpoint` /
+`Engine.from_files`) and runs the local backend's own functions on its batch (`Embedder.embed`,
+`Engine.score_pairs`). Output is exactly-once by construction:
+
+* every batch is written by its actor as one Parquet shard, atomically, named by a digest of its
+  keys (image content hashes, or row_ids), so a retried batch rewrites the same file, never a half one;
+* a re-run reads the keys already in the job folder and submits only the rest;
+* the merge keeps one row per key and checks the key set equals the input's, else one-line error.
+
+A pair's `global_rank` is its rank among its query's rows, so pair shards are cut at query
+boundaries: each shard holds every row of its queries, and `Engine.score_pairs` sees whole queries.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from spotmatch.errors import SpotmatchError
+
+EMBED_KEY = "sha256"
+PAIR_KEY = "row_id"
+
+
+@dataclass
+class RayConfig:
+    """Where and how wide the Ray jobs run (not what they compute)."""
+
+    address: str | None = None  # None: start a local Ray on this machine; "auto" or "ray://host:10001": join a cluster
+    num_cpus_local: int | None = None  # CPUs of the local Ray that `address=None` starts (None: all of this machine's)
+    batch_size: int = 64  # images per embedding batch = rows per embedding shard
+    pairs_per_shard: int = 20_000  # pair rows per scoring shard (cut at query boundaries, so a shard may hold more)
+    num_cpus: float = 1.0  # per actor
+    num_gpus: float = 0.0  # per actor; 1 puts one model per GPU
+    concurrency: int = 1  # actors in each pool
+    max_restarts: int = 3  # a dead actor (OOM, node lost, killed) is restarted this many times ...
+    max_task_retries: int = 3  # ... and its in-flight batch re-run on the new one
+    worker_pid_dir: str | None = None  # each actor writes its PID here (supervisors and the fault test find workers)
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+@contextlib.contextmanager
+def ray_session(conf: RayConfig) -> Iterator[None]:
+    """Join the cluster at `conf.address` (or start a local one); shut down only what this call started."""
+    import ray
+
+    if ray.is_initialized():  # a caller (a test, a notebook) already chose the cluster
+        yield
+        return
+    # Ray reads this from the environment at start-up; the tool must not phone home.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if conf.address is None:
+        ray.init(num_cpus=conf.num_cpus_local or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=conf.address, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _actor_options(conf: RayConfig) -> dict:
+    return dict(batch_size=None, batch_format="pandas", num_cpus=conf.num_cpus, num_gpus=conf.num_gpus,
+                concurrency=conf.concurrency, max_restarts=conf.max_restarts, max_task_retries=conf.max_task_retries)
+
+
+def _record_pid(pid_dir: str | None, role: str) -> None:
+    if pid_dir is not None:
+        Path(pid_dir).mkdir(parents=True, exist_ok=True)
+        (Path(pid_dir) / f"{role}-{os.getpid()}.pid").write_text(str(os.getpid()))
+
+
+def _actor_run_config(run):
+    """Inside an actor Ray provides the parallelism: no DataLoader processes, no progress bars."""
+    from spotmatch.global_embed.embed import EmbedConfig
+
+    return dataclasses.replace(run or EmbedConfig(), num_workers=0, progress=False)
+
+
+def _unwrap_user_error(error: Exception) -> Exception:
+    """A SpotmatchError raised in an actor arrives wrapped in Ray's exceptions; surface the original one line."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, SpotmatchError):
+            return seen
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    return error
+
+
+def _run(dataset) -> None:
+    try:
+        dataset.materialize()
+    except Exception as error:  # noqa: BLE001  (re-raised, unwrapped when it is ours)
+        unwrapped = _unwrap_user_error(error)
+        if unwrapped is error:
+            raise
+        raise unwrapped from None
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def shard_name(keys) -> str:
+    """Deterministic from the keys it holds: the same batch always lands in the same file."""
+    digest = hashlib.sha256("\n".join(sorted(map(str, keys))).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
+
+
+def write_shard(table, folder: Path) -> Path:
+    """One Parquet file, written beside its final name and renamed (a killed writer leaves no shard)."""
+    import pyarrow.parquet as pq
+
+    from spotmatch.io import atomic_path
+
+    key = EMBED_KEY if EMBED_KEY in table.column_names else PAIR_KEY
+    target = folder / shard_name(table.column(key).to_pylist())
+    with atomic_path(target) as tmp:
+        pq.write_table(table, tmp)
+    return target
+
+
+def keys_written(folder: Path, key: str) -> set:
+    """Keys already in the job folder's shards (a re-run skips them)."""
+    import pyarrow.parquet as pq
+
+    return {k for shard in sorted(folder.glob("part-*.parquet")) for k in pq.read_table(shard, columns=[key]).column(key).to_pylist()}
+
+
+def read_shards(folder: Path) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    shards = sorted(folder.glob("part-*.parquet"))
+    return pd.concat([pq.read_table(s).to_pandas() for s in shards], ignore_index=True) if shards else pd.DataFrame()
+
+
+def check_exactly_once(merged: pd.DataFrame, key: str, expected: list, job_folder: Path) -> pd.DataFrame:
+    """One row per expected key, in the input's order; else a one-line error naming what is off."""
+    merged = merged[merged[key].isin(set(expected))].drop_duplicates(key)
+    missing = set(expected) - set(merged[key])
+    if missing:
+        raise SpotmatchError(f"{job_folder}: {len(missing)} of {len(expected)} {key}s have no result after the Ray job "
+                             f"(e.g. {sorted(map(str, missing))[0]!r}); re-run the same command to compute only those")
+    return merged.set_index(key).loc[expected].reset_index()
+
+
+# ----------------------------------------------------------------------------- embedding job
+
+
+class EmbedBatch:
+    """Actor: the model loads once in __init__; each call embeds one batch with `Embedder.embed` and writes its shard."""
+
+    def __init__(self, checkpoint: str, run, shard_folder: str, pid_dir: str | None):
+        from spotmatch.global_embed.embed import Embedder
+
+        _record_pid(pid_dir, "embed")
+        self.embedder = Embedder.from_checkpoint(checkpoint, _actor_run_config(run))
+        self.shard_folder = Path(shard_folder)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import pyarrow as pa
+
+        embeddings = self.embedder.embed(batch["path"].tolist())
+        flat = pa.array(embeddings.astype(np.float32).ravel(), type=pa.float32())
+        table = pa.table({EMBED_KEY: batch[EMBED_KEY].tolist(), "path": batch["path"].tolist(),
+                          "embedding": pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1])})
+        shard = write_shard(table, self.shard_folder)
+        return pd.DataFrame({"shard": [shard.name], "rows": [len(batch)]})
+
+
+def embedding_shard_folder(job_dir: Path, model_id: str) -> Path:
+    return Path(job_dir) / "embeddings" / model_id
+
+
+def embed_on_ray(paths: list, checkpoint: str | Path, run, conf: RayConfig, job_dir: str | Path,
+                 model_id: str | None = None) -> np.ndarray:
+    """`Embedder.embed(paths)` on a Ray actor pool: (n, d) float32 in `paths` order, each distinct image once."""
+    import ray.data
+
+    from spotmatch.data.images import file_sha256
+    from spotmatch.global_embed.embed import Embedder
+
+    model_id = model_id or Embedder.from_checkpoint(checkpoint, _actor_run_config(run)).model_id
+    folder = embedding_shard_folder(Path(job_dir), model_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    hashes = [file_sha256(p) for p in paths]
+    first_path_of = dict(zip(reversed(hashes), reversed([str(p) for p in paths])))  # first occurrence wins
+    todo = sorted(set(first_path_of) - keys_written(folder, EMBED_KEY))
+    if todo:
+        rows = pd.DataFrame({EMBED_KEY: todo, "path": [first_path_of[h] for h in todo]})
+        dataset = (ray.data.from_pandas(rows).repartition(max(1, -(-len(rows) // conf.batch_size)))
+                   .map_batches(EmbedBatch, fn_constructor_args=(str(checkpoint), run, str(folder), conf.worker_pid_dir),
+                                **{**_actor_options(conf), "batch_size": conf.batch_size}))
+        _run(dataset)
+    merged = check_exactly_once(read_shards(folder), EMBED_KEY, list(dict.fromkeys(hashes)), folder)
+    by_hash = dict(zip(merged[EMBED_KEY], merged["embedding"]))
+    return np.stack([np.asarray(by_hash[h], dtype=np.float32) for h in hashes])
+
+
+# ----------------------------------------------------------------------------- pair-scoring job
+
+
+def query_bounded_shards(pairs: pd.DataFrame, rows_per_shard: int) -> list[np.ndarray]:
+    """Row positions per shard, every query's rows in one shard (its `global_rank` needs them all)."""
+    by_query = pairs.groupby("query_image_path", sort=True, group_keys=False).indices
+    shards, current = [], []
+    for positions in by_query.values():
+        current.extend(positions)
+        if len(current) >= rows_per_shard:
+            shards.append(np.sort(np.array(current)))
+            current = []
+    if current:
+        shards.append(np.sort(np.array(current)))
+    return shards
+
+
+class ScorePairsBatch:
+    """Actor: the Engine (embedder, local matcher, fusion) loads once; each call scores whole queries'
+    rows with `Engine.score_pairs` and writes its shard."""
+
+    def __init__(self, checkpoint: str, fusion_path: str | None, engine_conf, run, pairs: pd.DataFrame,
+                 shard_folder: str, pid_dir: str | None):
+        from spotmatch.engine.engine import Engine
+
+        _record_pid(pid_dir, "score")
+        self.engine = Engine.from_files(checkpoint, fusion_path, engine_conf, _actor_run_config(run))
+        self.pairs, self.shard_folder = pairs, Path(shard_folder)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import pyarrow as pa
+
+        written = []
+        for positions in batch["positions"]:
+            scored = self.engine.score_pairs(self.pairs.iloc[np.asarray(positions)])
+            written.append(write_shard(pa.Table.from_pandas(scored, preserve_index=False), self.shard_folder).name)
+        return pd.DataFrame({"shard": written})
+
+
+def pair_shard_folder(job_dir: Path, model_id: str, fusion_path, engine_conf) -> Path:
+    """Scores depend on the model, the calibration file and the engine settings: each set gets its own folder."""
+    from spotmatch.config import config_hash
+    from spotmatch.global_embed.checkpoint import file_digest
+
+    settings = {"conf": dataclasses.asdict(engine_conf), "fusion": file_digest(fusion_path) if fusion_path else None}
+    return Path(job_dir) / "pairs" / f"{model_id}-{config_hash(settings)}"
+
+
+def score_pairs_on_ray(pairs: pd.DataFrame, checkpoint: str | Path, fusion_path: str | Path | None, engine_conf, run,
+                       conf: RayConfig, job_dir: str | Path) -> pd.DataFrame:
+    """`Engine.score_pairs(pairs)` on a Ray actor pool: the same table, in the input's row order."""
+    import ray.data
+
+    from spotmatch.global_embed.embed import Embedder
+
+    model_id = Embedder.from_checkpoint(checkpoint, _actor_run_config(run)).model_id
+    if run is None or run.cache_dir:
+        # Fill the shared embedding cache with each distinct image once, spread over the pool, so the
+        # scoring actors (which may share gallery images) only read it. Needs a cache on shared storage.
+        unique = list(dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]]))
+        embed_on_ray(unique, checkpoint, run, conf, job_dir, model_id)
+    folder = pair_shard_folder(Path(job_dir), model_id, fusion_path, engine_conf)
+    folder.mkdir(parents=True, exist_ok=True)
+    done = keys_written(folder, PAIR_KEY)
+    todo = [p for p in query_bounded_shards(pairs, conf.pairs_per_shard)
+            if not set(pairs[PAIR_KEY].iloc[p]) <= done]
+    if todo:
+        specs = pd.DataFrame({"positions": [p.tolist() for p in todo]})
+        dataset = (ray.data.from_pandas(specs).repartition(len(specs))
+                   .map_batches(ScorePairsBatch, fn_constructor_args=(str(checkpoint), str(fusion_path) if fusion_path else None,
+                                                                      engine_conf, run, pairs, str(folder), conf.worker_pid_dir),
+                                **{**_actor_options(conf), "batch_size": 1}))
+        _run(dataset)
+    return check_exactly_once(read_shards(folder), PAIR_KEY, pairs[PAIR_KEY].tolist(), folder)
+
+
+def default_job_dir(out: str | Path) -> Path:
+    """Shards live beside the output file, so a re-run of the same command finds them."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.ray-job")
