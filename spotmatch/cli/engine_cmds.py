@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from spotmatch.cli.app import app
-from spotmatch.cli.global_cmds import CHECKPOINT_HELP, DATA_HELP, IMAGES_HELP, _embed_config
+from spotmatch.cli.global_cmds import CHECKPOINT_HELP, DATA_HELP, IMAGES_HELP, _embed_config, cache_root
 
 
 @app.command()
@@ -45,7 +45,7 @@ def calibrate(
     split, used_split_by, origin = split_for(dataset, SplitConfig(by=split_by), checkpoint)
     run = _embed_config(32, device, False, num_workers, cache_dir)
     engine_conf = EngineConfig(shortlist_k=top_k, extractor=extractor, local_workers=num_workers, masks=local_masks,
-                               cache_dir=str(cache_dir) if cache_dir else None)
+                               cache_dir=cache_root(cache_dir))
     conf = calibration.CalibrateConfig(method=method, target_precision=target_precision,
                                        rerankers=("qe", "k-reciprocal") if rerank else ())
     result = calibration.main(dataset, split, used_split_by, Embedder.from_checkpoint(checkpoint, run), engine_conf, conf, out_dir)

@@ -17,11 +17,16 @@ IMAGES_HELP = "Image folder (default: `images/` beside the CSV, else the CSV's f
 CHECKPOINT_HELP = "Embedder checkpoint written by `spotmatch train` (best.pt)."
 
 
+def cache_root(cache_dir: Optional[Path]) -> Optional[str]:
+    """`--cache-dir ''` turns off caching (typer reads '' as the path '.')."""
+    return str(cache_dir) if cache_dir is not None and str(cache_dir) not in ("", ".") else None
+
+
 def _embed_config(batch_size: int, device: str, flip_tta: bool, num_workers: int, cache_dir: Optional[Path]):
     from spotmatch.global_embed.embed import EmbedConfig
 
     return EmbedConfig(batch_size=batch_size, num_workers=num_workers, device=device, flip_tta=flip_tta,
-                       cache_dir=str(cache_dir) if cache_dir else None)
+                       cache_dir=cache_root(cache_dir))
 
 
 @app.command()
@@ -90,6 +95,8 @@ def embed(
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, help="Image decoding processes."),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder ('' disables)."),
+    backend: str = typer.Option("local", help="local (this process) or ray (a Ray Data actor pool; shards beside --out, re-runs skip done ones)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (auto, ray://HOST:10001); default: a local Ray limited to this machine."),
 ) -> None:
     """Embed every image once (cached by content hash + model) into an .npz file."""
     from spotmatch.data.images import file_sha256  # noqa: F401  (fail fast on a missing file below)
@@ -106,9 +113,19 @@ def embed(
         paths = [Path(p) for p in dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]])]
     else:
         paths = load_dataset(source, images, drop_ambiguous=False).paths
-    embedder = Embedder.from_checkpoint(checkpoint, _embed_config(batch_size, device, flip_tta, num_workers, cache_dir))
+    run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
+    embedder = Embedder.from_checkpoint(checkpoint, run)
+    if backend not in ("local", "ray"):
+        raise SpotmatchError(f"--backend {backend}: unknown backend; choose local or ray")
     started = time.perf_counter()
-    embeddings = embedder.embed(paths)
+    if backend == "ray":
+        from spotmatch.engine import ray_backend as rb
+
+        with rb.ray_session(rb.RayConfig(address=ray_address)):
+            embeddings = rb.embed_on_ray(paths, checkpoint, run, rb.RayConfig(address=ray_address, batch_size=batch_size),
+                                         rb.default_job_dir(out), embedder.model_id)
+    else:
+        embeddings = embedder.embed(paths)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, paths=np.array([str(p) for p in paths]), embeddings=embeddings, model_id=embedder.model_id)
@@ -131,6 +148,8 @@ def score_pairs(
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, help="Image decoding processes / local matching threads."),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Cache folder for embeddings and local features."),
+    backend: str = typer.Option("local", help="local (this process) or ray (a Ray Data actor pool; shards beside --out, re-runs skip done ones)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (auto, ray://HOST:10001); default: a local Ray limited to this machine."),
 ) -> None:
     """Score every pair of a competition test file into submission.csv through the engine (each image embedded once)."""
     from spotmatch.data.tables import load_pairs
@@ -140,11 +159,20 @@ def score_pairs(
 
     pairs = load_pairs(pairs_csv, images)
     use_local = fusion is not None if local is None else local
-    engine = Engine.from_files(checkpoint, fusion, EngineConfig(shortlist_k=top_k, use_local=use_local, extractor=extractor,
-                                                               local_workers=num_workers, cache_dir=str(cache_dir) if cache_dir else None),
-                               _embed_config(batch_size, device, flip_tta, num_workers, cache_dir))
+    engine_conf = EngineConfig(shortlist_k=top_k, use_local=use_local, extractor=extractor, local_workers=num_workers,
+                               cache_dir=cache_root(cache_dir))
+    run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
+    if backend not in ("local", "ray"):
+        raise SpotmatchError(f"--backend {backend}: unknown backend; choose local or ray")
     started = time.perf_counter()
-    scored = engine.score_pairs(pairs)
+    if backend == "ray":
+        from spotmatch.engine import ray_backend as rb
+
+        with rb.ray_session(rb.RayConfig(address=ray_address)):
+            scored = rb.score_pairs_on_ray(pairs, checkpoint, fusion, engine_conf, run,
+                                           rb.RayConfig(address=ray_address, batch_size=batch_size), rb.default_job_dir(out))
+    else:
+        scored = Engine.from_files(checkpoint, fusion, engine_conf, run).score_pairs(pairs)
     if evidence_out:
         write_csv_atomic(scored, evidence_out)
     write_submission(scored["row_id"], scored["similarity"].to_numpy(), out)

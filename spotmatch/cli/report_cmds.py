@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from spotmatch.cli.app import app
+from spotmatch.cli.global_cmds import cache_root
 
 DATA_HELP = "Labels CSV: `filename, identity` (Kaggle's `ground_truth` accepted), optional extra columns."
 
@@ -39,7 +40,7 @@ def report(
         data=data, checkpoint=checkpoint, out=out, images=images, top_k=top_k, max_images=max_images, fusion=fusion,
         drop_ambiguous=not keep_ambiguous, split=SplitConfig(by=split_by, seed=seed), seed=seed,
         embed=EmbedConfig(batch_size=batch_size, num_workers=num_workers, device=device,
-                          cache_dir=str(cache_dir) if cache_dir else None),
+                          cache_dir=cache_root(cache_dir)),
     )
     summary = build_report(conf)
     typer.echo(f"report: {summary.n_images} images, {summary.n_identities} identities ({summary.n_shown} shown), "

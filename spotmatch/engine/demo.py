@@ -45,6 +45,10 @@ def main(data_csv: Path, out_dir: Path, preset: str = "demo", device: str = "aut
     checkpoint = training.main(dataset, chosen.embedder, train_conf, split_conf, out_dir)
 
     split = pd.read_csv(out_dir / "split.csv")["split"]
+    # The same split as labelled tables, e.g. to start a catalogue with the known photos (README).
+    labelled = dataset.table.drop(columns="path")
+    write_csv_atomic(labelled[split.to_numpy() == "train"], out_dir / "gallery.csv")
+    write_csv_atomic(labelled[split.to_numpy() == "val"], out_dir / "queries.csv")
     pairs_csv = write_competition_pairs(dataset.table, split, split_conf.by, out_dir / "test.csv")
     pairs = load_pairs(pairs_csv, dataset.image_dir)
     identity_of = dict(zip(dataset.table["filename"], dataset.table["identity"]))

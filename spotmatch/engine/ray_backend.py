@@ -203,7 +203,10 @@ def embed_on_ray(paths: list, checkpoint: str | Path, run, conf: RayConfig, job_
     todo = sorted(set(first_path_of) - keys_written(folder, EMBED_KEY))
     if todo:
         rows = pd.DataFrame({EMBED_KEY: todo, "path": [first_path_of[h] for h in todo]})
-        dataset = (ray.data.from_pandas(rows).repartition(max(1, -(-len(rows) // conf.batch_size)))
+        # One input block per batch, built here: no repartition task competing with the actors for CPUs
+        # (on a small cluster a pool that holds every CPU would otherwise wait on it forever).
+        blocks = [rows.iloc[i:i + conf.batch_size] for i in range(0, len(rows), conf.batch_size)]
+        dataset = (ray.data.from_pandas(blocks)
                    .map_batches(EmbedBatch, fn_constructor_args=(str(checkpoint), run, str(folder), conf.worker_pid_dir),
                                 **{**_actor_options(conf), "batch_size": conf.batch_size}))
         _run(dataset)
@@ -279,8 +282,8 @@ def score_pairs_on_ray(pairs: pd.DataFrame, checkpoint: str | Path, fusion_path:
     todo = [p for p in query_bounded_shards(pairs, conf.pairs_per_shard)
             if not set(pairs[PAIR_KEY].iloc[p]) <= done]
     if todo:
-        specs = pd.DataFrame({"positions": [p.tolist() for p in todo]})
-        dataset = (ray.data.from_pandas(specs).repartition(len(specs))
+        blocks = [pd.DataFrame({"positions": [p.tolist()]}) for p in todo]
+        dataset = (ray.data.from_pandas(blocks)
                    .map_batches(ScorePairsBatch, fn_constructor_args=(str(checkpoint), str(fusion_path) if fusion_path else None,
                                                                       engine_conf, run, pairs, str(folder), conf.worker_pid_dir),
                                 **{**_actor_options(conf), "batch_size": 1}))

@@ -1,0 +1,117 @@
+"""The Ray backend computes what the local backend computes, exactly once, through a killed worker."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SNOW
+
+ray = pytest.importorskip("ray")
+
+from spotmatch.data.tables import load_dataset, load_pairs  # noqa: E402
+from spotmatch.engine import ray_backend as rb  # noqa: E402
+from spotmatch.engine.engine import Engine, EngineConfig  # noqa: E402
+from spotmatch.errors import SpotmatchError  # noqa: E402
+from spotmatch.global_embed.embed import EmbedConfig, Embedder  # noqa: E402
+from test_cli import run_cli  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def no_cache_run() -> EmbedConfig:
+    return EmbedConfig(num_workers=0, cache_dir=None, progress=False)
+
+
+@pytest.fixture()
+def pairs_table(tmp_path, snow_subset_csv) -> pd.DataFrame:
+    """Every ordered pair among 8 images: several rows per query, so global_rank is exercised."""
+    names = pd.read_csv(snow_subset_csv)["filename"].tolist()[:8]
+    rows = [(q, g) for q in names for g in names if q != g]
+    pairs = pd.DataFrame({"row_id": [f"r{i}" for i in range(len(rows))], "query_image": [q for q, _ in rows],
+                          "gallery_image": [g for _, g in rows]})
+    (tmp_path / "images").symlink_to(SNOW / "images")
+    pairs.to_csv(tmp_path / "test.csv", index=False)
+    return load_pairs(tmp_path / "test.csv")
+
+
+def test_embeddings_match_local_and_rerun_skips_done_shards(ray_cluster, tmp_path, snow_subset_csv, tiny_checkpoint):
+    paths = load_dataset(snow_subset_csv).paths
+    local = Embedder.from_checkpoint(tiny_checkpoint, no_cache_run()).embed(paths)
+    conf = rb.RayConfig(batch_size=4, concurrency=2, num_cpus=1)
+    on_ray = rb.embed_on_ray(paths, tiny_checkpoint, no_cache_run(), conf, tmp_path / "job")
+    np.testing.assert_allclose(on_ray, local, atol=1e-5)
+
+    shards = sorted((tmp_path / "job").rglob("part-*.parquet"))
+    stamps = [s.stat().st_mtime_ns for s in shards]
+    again = rb.embed_on_ray(paths, tiny_checkpoint, no_cache_run(), conf, tmp_path / "job")
+    assert [s.stat().st_mtime_ns for s in sorted((tmp_path / "job").rglob("part-*.parquet"))] == stamps  # nothing recomputed
+    np.testing.assert_array_equal(again, on_ray)
+
+
+def test_pair_scores_match_local(ray_cluster, tmp_path, pairs_table, tiny_checkpoint):
+    conf = EngineConfig(use_local=False, cache_dir=None)
+    local = Engine.from_files(tiny_checkpoint, None, conf, no_cache_run()).score_pairs(pairs_table)
+    ray_conf = rb.RayConfig(pairs_per_shard=10, concurrency=2, num_cpus=1)  # several shards, each whole queries
+    on_ray = rb.score_pairs_on_ray(pairs_table, tiny_checkpoint, None, conf, no_cache_run(), ray_conf, tmp_path / "job")
+    assert on_ray["row_id"].tolist() == pairs_table["row_id"].tolist()
+    assert len(list((tmp_path / "job").rglob("part-*.parquet"))) > 1
+    np.testing.assert_allclose(on_ray["cosine"], local["cosine"], atol=1e-5)
+    assert on_ray["global_rank"].tolist() == local["global_rank"].tolist()
+    np.testing.assert_allclose(on_ray["similarity"], local["similarity"], atol=1e-5)
+
+
+def test_merge_names_missing_rows_in_one_line(tmp_path):
+    merged = pd.DataFrame({"row_id": ["a", "b", "b"], "similarity": [0.1, 0.2, 0.2]})
+    assert rb.check_exactly_once(merged, "row_id", ["b", "a"], tmp_path)["row_id"].tolist() == ["b", "a"]
+    with pytest.raises(SpotmatchError) as error:
+        rb.check_exactly_once(merged, "row_id", ["a", "b", "c"], tmp_path)
+    assert "1 of 3 row_ids have no result" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_killed_worker_is_restarted_and_output_is_complete(ray_cluster, tmp_path, snow_table, tiny_checkpoint):
+    paths = [SNOW / "images" / name for name in snow_table["filename"].head(60)]
+    local = Embedder.from_checkpoint(tiny_checkpoint, no_cache_run()).embed(paths)
+    pid_dir = tmp_path / "pids"
+    conf = rb.RayConfig(batch_size=1, concurrency=1, num_cpus=1, max_restarts=2, max_task_retries=2,
+                        worker_pid_dir=str(pid_dir))
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(out=rb.embed_on_ray(paths, tiny_checkpoint, no_cache_run(), conf,
+                                                                            tmp_path / "job")))
+    job.start()
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "job").rglob("part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.01)  # wait until the actor is mid-job: it has written a shard, more batches are pending
+    victim = int(next(pid_dir.glob("embed-*.pid")).read_text())
+    os.kill(victim, signal.SIGKILL)
+    job.join(timeout=180)
+    assert not job.is_alive()
+    n_shards = len(list((tmp_path / "job").rglob("part-*.parquet")))
+    assert 1 <= n_shards <= len(paths)
+    assert len(list(pid_dir.glob("embed-*.pid"))) >= 2, "Ray did not restart the killed actor"
+    np.testing.assert_allclose(result["out"], local, atol=1e-5)
+
+
+def test_cli_score_pairs_ray_writes_the_local_submission(tmp_path, pairs_table, tiny_checkpoint):
+    csv = tmp_path / "test.csv"
+    common = ["score-pairs", csv, "--checkpoint", tiny_checkpoint, "--num-workers", "0"]
+    assert run_cli(*common, "--out", tmp_path / "local.csv", "--cache-dir", tmp_path / "cache_local").returncode == 0
+    # Its own cache, so the Ray run embeds for itself (its pre-embedding stage fills this cache).
+    result = run_cli(*common, "--out", tmp_path / "ray.csv", "--cache-dir", tmp_path / "cache_ray", "--backend", "ray")
+    assert result.returncode == 0, result.stderr
+    local, on_ray = pd.read_csv(tmp_path / "local.csv"), pd.read_csv(tmp_path / "ray.csv")
+    assert on_ray["row_id"].tolist() == local["row_id"].tolist()
+    np.testing.assert_allclose(on_ray["similarity"], local["similarity"], atol=1e-6)
+    assert list((tmp_path / "cache_ray" / "embeddings").rglob("*.npy"))
