@@ -99,7 +99,6 @@ def embed(
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (auto, ray://HOST:10001); default: a local Ray limited to this machine."),
 ) -> None:
     """Embed every image once (cached by content hash + model) into an .npz file."""
-    from spotmatch.data.images import file_sha256  # noqa: F401  (fail fast on a missing file below)
     from spotmatch.data.tables import IMAGE_SUFFIXES, load_dataset, load_pairs
     from spotmatch.global_embed.embed import Embedder
     from spotmatch.io import atomic_path

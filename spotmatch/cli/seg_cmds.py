@@ -16,6 +16,10 @@ DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root as the embedder's cach
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
+CSV_HELP = "Labels CSV (filename, identity, ...); its images are masked."
+IMAGES_HELP = "Image folder (default: images/ beside the CSV, else the CSV's folder)."
+SPLIT_HELP = "Column the held-out split groups by (encounter keeps bursts together), or identity."
+CACHE_HELP = "Cache root: masks go to <cache>/masks/<source-and-config>/."
 
 @app.command("train-seg")
 def train_seg_command(
@@ -25,14 +29,14 @@ def train_seg_command(
     cache: Path = typer.Option(DEFAULT_CACHE, help="cache root (teacher masks go to <cache>/masks/...)"),
     encoder: str = typer.Option("efficientnet_lite0", help="timm encoder: efficientnet_lite0|1|2"),
     size: int = typer.Option(320, help="square training size in pixels"),
-    epochs: int = typer.Option(6),
-    batch_size: int = typer.Option(8),
-    lr: float = typer.Option(1e-3),
+    epochs: int = typer.Option(6, help="Training epochs."),
+    batch_size: int = typer.Option(8, help="Images per step."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
     split_by: str = typer.Option("encounter", help="held-out split: encounter (closed set) or identity"),
     max_steps: int = typer.Option(0, help="> 0: stop after this many steps (smoke runs)"),
     max_images: int = typer.Option(0, help="> 0: train on the first N images only (smoke runs)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed for the split and the frames picked."),
 ) -> None:
     """Train the U-Net on alpha masks / teacher pseudo-masks; report IoU on held-out images."""
     from spotmatch.data.splits import SplitConfig
@@ -58,9 +62,9 @@ def train_seg_command(
 def masks_command(
     paths: list[Path] = typer.Argument(..., help="image files"),
     source: str = typer.Option("teacher", help="alpha | teacher | unet:<checkpoint> | none"),
-    threshold: float = typer.Option(0.5),
-    cache: Path = typer.Option(DEFAULT_CACHE),
-    device: str = typer.Option("cpu"),
+    threshold: float = typer.Option(0.5, help="Foreground probability above which a pixel is animal."),
+    cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
+    device: str = typer.Option("cpu", help="cpu, cuda ..."),
 ) -> None:
     """Compute (or read from the cache) one mask per image; print path, mask PNG and area fraction."""
     from spotmatch.data.images import load_image
@@ -87,15 +91,15 @@ def _subset_paths(csv: Path, images: Optional[Path], split_by: str, subset: str)
 
 @app.command("seg-eval")
 def seg_eval_command(
-    csv: Path = typer.Option(...),
+    csv: Path = typer.Option(..., help=CSV_HELP),
     predicted: str = typer.Option(..., help="mask source to score, e.g. unet:runs/seg-lite0/unet.pt"),
     reference: str = typer.Option("teacher", help="mask source taken as truth"),
-    images: Optional[Path] = typer.Option(None),
+    images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     subset: str = typer.Option("val", help="val | train | all"),
-    split_by: str = typer.Option("encounter"),
-    cache: Path = typer.Option(DEFAULT_CACHE),
+    split_by: str = typer.Option("encounter", help=SPLIT_HELP),
+    cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
     out: Optional[Path] = typer.Option(None, help="per-image CSV"),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="cpu, cuda ..."),
 ) -> None:
     """Mask IoU of one source against another on held-out images (day and infrared separately)."""
     from spotmatch.io import write_csv_atomic
@@ -119,18 +123,18 @@ def seg_eval_command(
 
 @app.command("seg-sheet")
 def seg_sheet_command(
-    csv: Path = typer.Option(...),
-    out: Path = typer.Option(Path("docs/img/segmentation_contact_sheet.jpg")),
+    csv: Path = typer.Option(..., help=CSV_HELP),
+    out: Path = typer.Option(Path("docs/img/segmentation_contact_sheet.jpg"), help="Image file to write."),
     source: list[str] = typer.Option(["teacher"], help="mask sources, one tile each (repeat the option)"),
-    images: Optional[Path] = typer.Option(None),
-    subset: str = typer.Option("val"),
-    split_by: str = typer.Option("encounter"),
+    images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
+    subset: str = typer.Option("val", help="val | train | all"),
+    split_by: str = typer.Option("encounter", help=SPLIT_HELP),
     day: int = typer.Option(8, help="number of daytime frames"),
     infrared: int = typer.Option(8, help="number of night infrared frames"),
-    tile_width: int = typer.Option(240),
-    cache: Path = typer.Option(DEFAULT_CACHE),
-    device: str = typer.Option("cpu"),
-    seed: int = typer.Option(0),
+    tile_width: int = typer.Option(240, help="Width of each tile in pixels."),
+    cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
+    device: str = typer.Option("cpu", help="cpu, cuda ..."),
+    seed: int = typer.Option(0, help="Seed for the split and the frames picked."),
 ) -> None:
     """Contact sheet of mask overlays on daytime and infrared frames, to judge masks by eye."""
     from spotmatch.segmentation.evaluate import contact_sheet, pick_sheet_images
@@ -171,12 +175,12 @@ def seg_diagnostic_command(
     csv: Path = typer.Option(..., help="labels CSV with identity, station, encounter"),
     source: str = typer.Option("teacher", help="mask source: teacher | unet:<checkpoint> | alpha"),
     embedder: str = typer.Option("timm:efficientnet_lite0", help="timm:<name>, baseline:<backbone> or checkpoint:<path>"),
-    images: Optional[Path] = typer.Option(None),
+    images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     subset: str = typer.Option("all", help="all | val | train (use val for a trained embedder)"),
-    split_by: str = typer.Option("encounter"),
-    cache: Path = typer.Option(DEFAULT_CACHE),
+    split_by: str = typer.Option("encounter", help=SPLIT_HELP),
+    cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
     out: Optional[Path] = typer.Option(None, help="CSV of the table"),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="cpu, cuda ..."),
 ) -> None:
     """Background-shortcut table: cosine of different cats at one station vs same cat across stations."""
     from spotmatch.data.splits import SplitConfig, split_dataset

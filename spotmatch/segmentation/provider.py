@@ -206,9 +206,11 @@ class MaskProvider:
 
     def fill_cache(self, paths: list[Path]) -> int:
         """Compute and store every missing mask now, in this process; returns how many were computed."""
-        from spotmatch.data.images import load_image
+        from spotmatch.data.images import file_sha256, load_image
 
         before = self.computed
         for path in paths:
+            if self.load_model is None or (self.cache and self.cache.path(file_sha256(path)).is_file()):
+                continue  # nothing to predict: hashing the bytes is far cheaper than decoding them
             self.mask_for(load_image(path))
         return self.computed - before
