@@ -114,3 +114,55 @@ def test_cli_score_pairs_ray_writes_the_local_submission(tmp_path, pairs_table, 
     assert on_ray["row_id"].tolist() == local["row_id"].tolist()
     np.testing.assert_allclose(on_ray["similarity"], local["similarity"], atol=1e-6)
     assert list((tmp_path / "cache_ray" / "embeddings").rglob("*.npy"))
+
+
+def test_match_on_ray_gives_the_local_evidence(ray_cluster, tmp_path, pairs_table):
+    from spotmatch.local_match.pipeline import LocalMatcher
+
+    settings = {"name": "rootsift", "cache_dir": str(tmp_path / "cache"), "workers": 1}
+    local = LocalMatcher.from_name(**settings).score_pairs(pairs_table)
+    ray_conf = rb.RayConfig(pairs_per_shard=14, concurrency=2, num_cpus=1)
+    on_ray = rb.match_on_ray(pairs_table, settings, ray_conf, tmp_path / "job")
+    assert on_ray["row_id"].tolist() == pairs_table["row_id"].tolist()
+    assert len(list((tmp_path / "job" / "matches").rglob("part-*.parquet"))) > 1
+    assert (local["inliers"] > 0).any()
+    for column in ("matches", "inliers"):
+        assert on_ray[column].tolist() == local[column].tolist()
+    np.testing.assert_allclose(on_ray["local_score"], local["local_score"], atol=1e-6)
+
+
+def test_catalogue_add_on_ray_stores_what_the_local_add_stores(ray_cluster, tmp_path, snow_subset_csv, tiny_checkpoint):
+    from spotmatch.catalogue.service import AddConfig, add_images, init_catalogue, open_engine, sources_from_csv
+    from spotmatch.catalogue.store import blob_to_embedding
+
+    def stored(catalogue) -> dict:
+        rows = catalogue.db.execute("SELECT sha256, embedding FROM images").fetchall()
+        return {row["sha256"]: blob_to_embedding(row["embedding"]) for row in rows}
+
+    sources = sources_from_csv(snow_subset_csv)
+    local_catalogue = init_catalogue(tmp_path / "local", tiny_checkpoint, None)
+    engine = open_engine(local_catalogue)
+    add_images(local_catalogue, engine.embedder, engine.local, sources)
+    ray_catalogue = init_catalogue(tmp_path / "ray", tiny_checkpoint, None)
+    report = rb.add_images_on_ray(ray_catalogue, sources, AddConfig(), rb.RayConfig(batch_size=8, concurrency=2, num_cpus=1))
+    assert (report.added, report.failed) == (len(sources), [])
+    local_rows, ray_rows = stored(local_catalogue), stored(ray_catalogue)
+    assert set(ray_rows) == set(local_rows)
+    for sha, embedding in local_rows.items():
+        np.testing.assert_allclose(ray_rows[sha], embedding, atol=1e-5)
+    assert ray_catalogue.stats()["individuals"] == local_catalogue.stats()["individuals"]
+    again = rb.add_images_on_ray(ray_catalogue, sources, AddConfig(), rb.RayConfig(batch_size=8))
+    assert (again.added, again.already_there) == (0, len(sources))
+
+
+def test_features_on_ray_fill_the_local_stages_cache(ray_cluster, tmp_path, snow_subset_csv):
+    from spotmatch.engine.engine import EngineConfig, build_local
+
+    paths = [str(p) for p in load_dataset(snow_subset_csv).paths[:6]]
+    conf = EngineConfig(cache_dir=str(tmp_path / "cache"), masks="alpha")
+    table = rb.extract_features_on_ray(paths, conf, "alpha", rb.RayConfig(batch_size=3, concurrency=2, num_cpus=1), tmp_path / "job")
+    local = build_local(EngineConfig(cache_dir=str(tmp_path / "fresh_cache"), masks="alpha"), "alpha")
+    counts = dict(zip(table["path"], table["keypoints"]))
+    assert [counts[p] for p in paths] == [len(local.features(p)) for p in paths]
+    cached = build_local(conf, "alpha")
+    assert all(cached.cache.cached(sha) is not None for sha in table["sha256"])

@@ -157,6 +157,46 @@ def _decodable(source: ImageSource) -> tuple[str, str | None]:
     return record.sha256, record.captured_at
 
 
+def fresh_sources(catalogue: Catalogue, sources: list[ImageSource], report: AddReport) -> list[tuple[ImageSource, str, str | None]]:
+    """(source, sha256, EXIF time) of the sources to add: not in the catalogue, not repeated, decodable.
+    Missing and corrupt files go to `report.failed`, known ones count as already there."""
+    hashes = {}
+    for source in sources:
+        try:
+            hashes[id(source)] = file_sha256(source.path)
+        except SpotmatchError as exc:
+            report.failed.append((str(source.path), str(exc)))
+    known = catalogue.known_hashes(list(hashes.values()))
+    fresh: list[tuple[ImageSource, str, str | None]] = []
+    seen: set[str] = set()
+    for source in sources:
+        sha = hashes.get(id(source))
+        if sha is None:
+            continue
+        if sha in known or sha in seen:
+            report.already_there += 1
+            continue
+        try:
+            sha, captured_at = _decodable(source)
+        except SpotmatchError as exc:
+            report.failed.append((str(source.path), str(exc)))
+            continue
+        seen.add(sha)
+        fresh.append((source, sha, captured_at))
+    return fresh
+
+
+def insert_fresh(catalogue: Catalogue, fresh: list[tuple[ImageSource, str, str | None]], embeddings: np.ndarray,
+                 embedder_id: str, feature_key: str | None, who: str, report: AddReport) -> None:
+    """One transaction for these images (computed beforehand, outside it)."""
+    rows = [NewImage(path=str(s.path), sha256=sha, embedding=e, embedder_id=embedder_id, feature_key=feature_key,
+                     identity=s.identity, station=s.station, camera=s.camera, captured_at=s.captured_at or exif_time)
+            for (s, sha, exif_time), e in zip(fresh, embeddings)]
+    new_ids = catalogue.insert_images(rows, who)
+    report.added += len(new_ids)
+    report.already_there += len(rows) - len(new_ids)  # another process added them meanwhile
+
+
 def add_images(catalogue: Catalogue, embedder: EmbedsImages, local, sources: list[ImageSource],
                conf: AddConfig | None = None, progress: Callable[[int], None] | None = None) -> AddReport:
     """Add new images by content hash (already-present ones are skipped), one transaction per batch."""
@@ -165,42 +205,14 @@ def add_images(catalogue: Catalogue, embedder: EmbedsImages, local, sources: lis
     report = AddReport()
     for start in range(0, len(sources), conf.batch_size):
         batch = sources[start:start + conf.batch_size]
-        hashes = {}
-        for source in batch:
-            try:
-                hashes[id(source)] = file_sha256(source.path)
-            except SpotmatchError as exc:
-                report.failed.append((str(source.path), str(exc)))
-        known = catalogue.known_hashes(list(hashes.values()))
-        fresh: list[tuple[ImageSource, str, str | None]] = []
-        seen_in_batch: set[str] = set()
-        for source in batch:
-            sha = hashes.get(id(source))
-            if sha is None:
-                continue
-            if sha in known or sha in seen_in_batch:
-                report.already_there += 1
-                continue
-            try:
-                sha, captured_at = _decodable(source)
-            except SpotmatchError as exc:
-                report.failed.append((str(source.path), str(exc)))
-                continue
-            seen_in_batch.add(sha)
-            fresh.append((source, sha, captured_at))
+        fresh = fresh_sources(catalogue, batch, report)
         if fresh:
             embeddings = embedder.embed([s.path for s, _, _ in fresh])
             feature_key = None
             if local is not None and conf.local_features:
                 local.features_many([str(s.path) for s, _, _ in fresh])  # fills the on-disk feature cache
                 feature_key = local.extractor.conf_name
-            rows = [NewImage(path=str(s.path), sha256=sha, embedding=e, embedder_id=embedder.model_id,
-                             feature_key=feature_key, identity=s.identity, station=s.station, camera=s.camera,
-                             captured_at=s.captured_at or exif_time)
-                    for (s, sha, exif_time), e in zip(fresh, embeddings)]
-            new_ids = catalogue.insert_images(rows, conf.who)
-            report.added += len(new_ids)
-            report.already_there += len(rows) - len(new_ids)  # another process added them meanwhile
+            insert_fresh(catalogue, fresh, embeddings, embedder.model_id, feature_key, conf.who, report)
         if progress is not None:
             progress(len(batch))
     return report

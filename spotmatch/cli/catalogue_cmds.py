@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from spotmatch.cli.app import app
+from spotmatch.cli.global_cmds import RAY_ADDRESS_HELP, check_backend
 
 catalogue_app = typer.Typer(help="A catalogue of known individuals: add photos, identify new ones, review.", no_args_is_help=True)
 app.add_typer(catalogue_app, name="catalogue")
@@ -49,14 +50,26 @@ def add(
     batch_size: int = typer.Option(16, help="Images per transaction."),
     local_features: bool = typer.Option(True, "--local-features/--no-local-features", help="Extract keypoints now (faster identify later)."),
     who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP),
+    backend: str = typer.Option("local", help="local (this process, one transaction per --batch-size images) or ray (embeddings and"
+                                              " keypoints on a Ray actor pool into shards in FOLDER/ray-job, then one transaction)."),
+    ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
 ) -> None:
     """Add photos; ones already in the catalogue (same file content) are skipped, corrupt ones reported."""
     from spotmatch.catalogue.service import AddConfig, add_images, open_engine, print_failures, sources_from_csv, sources_from_folder
 
+    check_backend(backend)
     catalogue = _open(folder)
     sources = sources_from_folder(source) if source.is_dir() else sources_from_csv(source, images)
-    engine = open_engine(catalogue)
-    report = add_images(catalogue, engine.embedder, engine.local, sources, AddConfig(batch_size, who, local_features))
+    add_conf = AddConfig(batch_size, who, local_features)
+    if backend == "ray":
+        from spotmatch.engine import ray_backend as rb
+
+        ray_conf = rb.RayConfig(address=ray_address, batch_size=batch_size)
+        with rb.ray_session(ray_conf):
+            report = rb.add_images_on_ray(catalogue, sources, add_conf, ray_conf)
+    else:
+        engine = open_engine(catalogue)
+        report = add_images(catalogue, engine.embedder, engine.local, sources, add_conf)
     print_failures(report)
     typer.echo(f"added {report.added}, already there {report.already_there}, skipped {len(report.failed)}")
 

@@ -22,6 +22,7 @@ def calibrate(
     local_masks: Optional[str] = typer.Option(None, help="Keypoints only inside masks from: alpha, teacher, unet:CKPT, none (default: the checkpoint's mask source)."),
     method: str = typer.Option("logistic", help="logistic or isotonic."),
     target_precision: float = typer.Option(0.9, help="Precision the 'same individual' threshold must reach."),
+    balance: str = typer.Option("identity", help="identity: every query animal, and within a query every gallery animal, weighs the same in the fit (as in identity-balanced mAP); none: every pair the same."),
     rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Also measure query expansion and k-reciprocal re-ranking."),
     split_by: str = typer.Option("identity", help="When the checkpoint was not trained on this table: identity or a group column."),
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
@@ -46,12 +47,12 @@ def calibrate(
     run = _embed_config(32, device, False, num_workers, cache_dir)
     engine_conf = EngineConfig(shortlist_k=top_k, extractor=extractor, local_workers=num_workers, masks=local_masks,
                                cache_dir=cache_root(cache_dir))
-    conf = calibration.CalibrateConfig(method=method, target_precision=target_precision,
+    conf = calibration.CalibrateConfig(method=method, target_precision=target_precision, balance=balance,
                                        rerankers=("qe", "k-reciprocal") if rerank else ())
     result = calibration.main(dataset, split, used_split_by, Embedder.from_checkpoint(checkpoint, run), engine_conf, conf, out_dir)
     report = "\n\n".join([
         f"data: {data} ({len(dataset)} images); {origin}; local: {extractor}, top-{top_k}, masks: {local_masks or 'as the checkpoint'}; calibration: {method}, "
-        f"cross-validated over query identities",
+        f"balance: {balance}, cross-validated over query identities",
         format_table(result["retrieval"]),
         calibration.format_quality(result["quality"]),
     ])

@@ -15,6 +15,13 @@ from spotmatch.errors import SpotmatchError
 DATA_HELP = "Labels CSV: `filename, identity` (Kaggle's `ground_truth` accepted), optional extra columns."
 IMAGES_HELP = "Image folder (default: `images/` beside the CSV, else the CSV's folder)."
 CHECKPOINT_HELP = "Embedder checkpoint written by `spotmatch train` (best.pt)."
+BACKEND_HELP = "local (this process) or ray (a Ray Data actor pool; shards beside the output, re-runs skip done ones)."
+RAY_ADDRESS_HELP = "Ray cluster to join (auto, ray://HOST:10001); default: a local Ray limited to this machine."
+
+
+def check_backend(backend: str) -> None:
+    if backend not in ("local", "ray"):
+        raise SpotmatchError(f"--backend {backend}: unknown backend; choose local or ray")
 
 
 def cache_root(cache_dir: Optional[Path]) -> Optional[str]:
@@ -95,8 +102,8 @@ def embed(
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, help="Image decoding processes."),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder ('' disables)."),
-    backend: str = typer.Option("local", help="local (this process) or ray (a Ray Data actor pool; shards beside --out, re-runs skip done ones)."),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (auto, ray://HOST:10001); default: a local Ray limited to this machine."),
+    backend: str = typer.Option("local", help=BACKEND_HELP),
+    ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
 ) -> None:
     """Embed every image once (cached by content hash + model) into an .npz file."""
     from spotmatch.data.tables import IMAGE_SUFFIXES, load_dataset, load_pairs
@@ -114,8 +121,7 @@ def embed(
         paths = load_dataset(source, images, drop_ambiguous=False).paths
     run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
     embedder = Embedder.from_checkpoint(checkpoint, run)
-    if backend not in ("local", "ray"):
-        raise SpotmatchError(f"--backend {backend}: unknown backend; choose local or ray")
+    check_backend(backend)
     started = time.perf_counter()
     if backend == "ray":
         from spotmatch.engine import ray_backend as rb
@@ -147,8 +153,8 @@ def score_pairs(
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, help="Image decoding processes / local matching threads."),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Cache folder for embeddings and local features."),
-    backend: str = typer.Option("local", help="local (this process) or ray (a Ray Data actor pool; shards beside --out, re-runs skip done ones)."),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (auto, ray://HOST:10001); default: a local Ray limited to this machine."),
+    backend: str = typer.Option("local", help=BACKEND_HELP),
+    ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
 ) -> None:
     """Score every pair of a competition test file into submission.csv through the engine (each image embedded once)."""
     from spotmatch.data.tables import load_pairs
@@ -161,8 +167,7 @@ def score_pairs(
     engine_conf = EngineConfig(shortlist_k=top_k, use_local=use_local, extractor=extractor, local_workers=num_workers,
                                cache_dir=cache_root(cache_dir))
     run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
-    if backend not in ("local", "ray"):
-        raise SpotmatchError(f"--backend {backend}: unknown backend; choose local or ray")
+    check_backend(backend)
     started = time.perf_counter()
     if backend == "ray":
         from spotmatch.engine import ray_backend as rb

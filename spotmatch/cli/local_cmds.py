@@ -9,13 +9,15 @@ import pandas as pd
 import typer
 
 from spotmatch.cli.app import app
+from spotmatch.cli.global_cmds import BACKEND_HELP, RAY_ADDRESS_HELP, check_backend
 from spotmatch.errors import SpotmatchError
 
 DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root the global embedder caches under
 
 
-def _global_scores(pairs: pd.DataFrame, checkpoint: Path) -> pd.DataFrame:
-    """`cosine` and `global_rank` per pair from the global-embedding stage (imported only when asked for)."""
+def _global_scores(pairs: pd.DataFrame, checkpoint: Path, embedder=None) -> pd.DataFrame:
+    """`cosine` and `global_rank` per pair from the global-embedding stage (imported only when asked for);
+    `embedder`: anything with `embed(paths)` (the Ray backend's), default the checkpoint's own."""
     try:
         from spotmatch.engine.scoring import global_pair_scores
         from spotmatch.global_embed.embed import Embedder
@@ -23,16 +25,16 @@ def _global_scores(pairs: pd.DataFrame, checkpoint: Path) -> pd.DataFrame:
         raise SpotmatchError(
             f"{checkpoint}: global scoring is not available in this install ({exc}); use --top-k 0 to match all pairs"
         ) from None
-    return global_pair_scores(pairs, Embedder.from_checkpoint(checkpoint))
+    return global_pair_scores(pairs, embedder or Embedder.from_checkpoint(checkpoint))
 
 
-def select_pairs(pairs: pd.DataFrame, top_k: int, checkpoint: Optional[Path]) -> tuple[pd.DataFrame, pd.Series]:
+def select_pairs(pairs: pd.DataFrame, top_k: int, checkpoint: Optional[Path], embedder=None) -> tuple[pd.DataFrame, pd.Series]:
     """Global columns to carry into the output, and which rows to match (each query's top-K, or all)."""
     if top_k <= 0:
         return pd.DataFrame(index=pairs.index), pd.Series(True, index=pairs.index)
     if checkpoint is None:
         raise SpotmatchError("--top-k needs a global model to rank pairs: pass --checkpoint CKPT, or --top-k 0 for all pairs")
-    scores = _global_scores(pairs, checkpoint)
+    scores = _global_scores(pairs, checkpoint, embedder)
     return scores[["cosine", "global_rank"]], scores["global_rank"] < top_k
 
 
@@ -47,19 +49,31 @@ def match(
     cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="cache folder (features go to <cache>/local/...)"),
     workers: int = typer.Option(2, "--workers", help="CPU threads for SIFT extraction and matching"),
     weights: Optional[str] = typer.Option(None, "--weights", help="weights file (LoFTR needs one)"),
+    backend: str = typer.Option("local", "--backend", help=BACKEND_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """Re-score image pairs with local keypoint evidence: matches, inliers, inlier_ratio, local_score."""
     from spotmatch.data.tables import load_pairs
     from spotmatch.local_match.pipeline import LocalMatcher
 
+    check_backend(backend)
     pairs = load_pairs(pairs_csv, images)
-    global_columns, selected = select_pairs(pairs, top_k, checkpoint)
-    scorer = LocalMatcher.from_name(
-        extractor, cache_dir=cache, workers=workers, **_weights_kwargs(extractor, weights)
-    )
-    todo = pairs[selected]
-    with typer.progressbar(length=len(todo), label=f"matching {len(todo)} pairs", file=None) as bar:
-        evidence = scorer.score_pairs(todo, progress=bar.update)
+    matcher_settings = dict(name=extractor, cache_dir=str(cache), workers=workers, **_weights_kwargs(extractor, weights))
+    if backend == "ray":
+        from spotmatch.engine import ray_backend as rb
+
+        ray_conf, job_dir = rb.RayConfig(address=ray_address), rb.default_job_dir(out)
+        with rb.ray_session(ray_conf):
+            embedder = rb.RayEmbedder(str(checkpoint), None, ray_conf, job_dir) if checkpoint and top_k > 0 else None
+            global_columns, selected = select_pairs(pairs, top_k, checkpoint, embedder)
+            todo = pairs[selected]
+            evidence = rb.match_on_ray(todo, matcher_settings, ray_conf, job_dir).drop(columns="row_id").set_index(todo.index)
+    else:
+        global_columns, selected = select_pairs(pairs, top_k, checkpoint)
+        scorer = LocalMatcher.from_name(**matcher_settings)
+        todo = pairs[selected]
+        with typer.progressbar(length=len(todo), label=f"matching {len(todo)} pairs", file=None) as bar:
+            evidence = scorer.score_pairs(todo, progress=bar.update)
     table = pd.concat([pairs[["row_id"]], global_columns], axis=1).join(evidence)
     table = table.astype({"matches": "Int64", "inliers": "Int64"})  # pairs left unmatched stay empty
     from spotmatch.io import write_csv_atomic

@@ -36,6 +36,29 @@ class CalibrateConfig:
     folds: int = 5
     target_precision: float = 0.9  # the "same individual" threshold is set to reach this precision
     rerankers: tuple[str, ...] = ("qe", "k-reciprocal")
+    # "identity": every query animal weighs the same, and within a query every gallery animal does, as in
+    # identity-balanced mAP; so one animal that owns half the photos (snow leopards' Cat1) does not set
+    # the calibration for all others. "none": every pair weighs the same.
+    balance: str = "identity"
+
+    def __post_init__(self):
+        if self.balance not in BALANCES:  # checked before any image is embedded
+            raise SpotmatchError(f"--balance {self.balance}: unknown weighting; use {' or '.join(BALANCES)}")
+
+
+BALANCES = ("identity", "none")
+
+
+def pair_weights(frame: pd.DataFrame, balance: str) -> np.ndarray:
+    """Sample weight per pair (mean 1): 1 each, or 1 / (pairs of its query identity) / (pairs of its
+    gallery identity in its query's list)."""
+    if balance == "none":
+        return np.ones(len(frame))
+    query_identity = frame["query_identity"]
+    weight = 1.0 / query_identity.map(query_identity.value_counts()).to_numpy(dtype=float)
+    block = frame["q"].astype(str) + "\x1f" + frame["gallery_identity"].astype(str)
+    weight /= block.map(block.value_counts()).to_numpy(dtype=float)
+    return weight * len(frame) / weight.sum()
 
 
 def global_similarities(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray, rerankers) -> dict[str, np.ndarray]:
@@ -72,7 +95,8 @@ def pair_frame(similarity: np.ndarray, ranks: np.ndarray, allowed: np.ndarray, s
                evidence: dict, query_ids: np.ndarray, gallery_ids: np.ndarray) -> pd.DataFrame:
     q, g = np.nonzero(allowed)
     frame = pd.DataFrame({"q": q, "g": g, "cosine": similarity[q, g], "global_rank": ranks[q, g],
-                          "label": (query_ids[q] == gallery_ids[g]).astype(int), "query_identity": query_ids[q]})
+                          "label": (query_ids[q] == gallery_ids[g]).astype(int), "query_identity": query_ids[q],
+                          "gallery_identity": gallery_ids[g]})
     local = np.full((len(frame), 4), np.nan)
     shortlisted = frame["global_rank"].to_numpy() < shortlist_k
     for i in np.flatnonzero(shortlisted):
@@ -83,12 +107,13 @@ def pair_frame(similarity: np.ndarray, ranks: np.ndarray, allowed: np.ndarray, s
 
 def cross_validated_probability(frame: pd.DataFrame, conf: CalibrateConfig) -> np.ndarray:
     features, labels, groups = pair_features(frame), frame["label"].to_numpy(), frame["query_identity"].to_numpy()
+    weights = pair_weights(frame, conf.balance)
     folds = min(conf.folds, len(np.unique(groups)))
     if folds < 2:
         raise SpotmatchError("calibration needs held-out queries of at least 2 identities; use a larger validation split")
     probability = np.empty(len(frame))
     for fit_rows, held_out in GroupKFold(n_splits=folds).split(features, labels, groups):
-        model = FusionModel.new(conf.method).fit(features.iloc[fit_rows], labels[fit_rows])
+        model = FusionModel.new(conf.method).fit(features.iloc[fit_rows], labels[fit_rows], weights[fit_rows])
         probability[held_out] = model.predict_proba(features.iloc[held_out])
     return probability
 
@@ -150,7 +175,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
 
     fusion = FusionModel.new(conf.method, embedder_id=embedder.model_id, extractor=scorer_name(scorer),
                              threshold=threshold, target_precision=conf.target_precision, quality=quality)
-    fusion.fit(pair_features(plain), labels)
+    fusion.fit(pair_features(plain), labels, pair_weights(plain, conf.balance))
     fusion_path = fusion.save(out_dir / "fusion.json")
     diagram = reliability_diagram({"all pairs": (probability, labels),
                                    f"top-{k} pairs": (probability[shortlisted], labels[shortlisted])},

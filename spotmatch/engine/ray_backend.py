@@ -1,12 +1,18 @@
-"""The `embed` and `score-pairs` batch jobs on a Ray cluster: the same stage code, more machines.
+"""The batch jobs (`embed`, `score-pairs`, `match`, `catalogue add`) on a Ray cluster: the same stage
+code, more machines.
 
     with ray_session(RayConfig(address=None)):          # None: a local Ray limited to this machine
         embeddings = embed_on_ray(paths, checkpoint, run, ray_conf, job_dir)
         table = score_pairs_on_ray(pairs, checkpoint, fusion, engine_conf, run, ray_conf, job_dir)
+        evidence = match_on_ray(pairs, {"name": "rootsift", "cache_dir": cache}, ray_conf, job_dir)
+        report = add_images_on_ray(catalogue, sources, add_conf, ray_conf)
 
-Each actor of a Ray Data actor pool loads the model once (`Embedder.from_checkpoint` /
-`Engine.from_files`) and runs the local backend's own functions on its batch (`Embedder.embed`,
-`Engine.score_pairs`). Output is exactly-once by construction:
+Two kinds of job share one implementation each: an image job (`_image_job`: one row per distinct
+image, keyed by its content hash) and a pair job (`_pair_job`: one row per `row_id`). Each actor of a
+Ray Data actor pool builds its stage once (`Embedder.from_checkpoint`, `build_local`,
+`Engine.from_files`, `LocalMatcher.from_name`) and runs the local backend's own functions on its
+batch (`Embedder.embed`, `LocalMatcher.features_many`, `Engine.score_pairs`,
+`LocalMatcher.score_pairs`). Output is exactly-once by construction:
 
 * every batch is written by its actor as one Parquet shard, atomically, named by a digest of its
   keys (image content hashes, or row_ids), so a retried batch rewrites the same file, never a half one;
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -75,6 +82,8 @@ def ray_session(conf: RayConfig) -> Iterator[None]:
 
 
 def _actor_options(conf: RayConfig) -> dict:
+    # Ray 2.60 has no named parameter for the restart limits: they go through the deprecated
+    # **ray_remote_args (Ray's actor-pool code reads them from there), hence its RayDeprecationWarning.
     return dict(batch_size=None, batch_format="pandas", num_cpus=conf.num_cpus, num_gpus=conf.num_gpus,
                 concurrency=conf.concurrency, max_restarts=conf.max_restarts, max_task_retries=conf.max_task_retries)
 
@@ -159,44 +168,67 @@ def check_exactly_once(merged: pd.DataFrame, key: str, expected: list, job_folde
     return merged.set_index(key).loc[expected].reset_index()
 
 
-# ----------------------------------------------------------------------------- embedding job
+# ----------------------------------------------------------------------------- image jobs
 
 
-class EmbedBatch:
-    """Actor: the model loads once in __init__; each call embeds one batch with `Embedder.embed` and writes its shard."""
+class EmbeddingStage:
+    """Image stage: the checkpoint's embedding of each image (`Embedder.embed`)."""
 
-    def __init__(self, checkpoint: str, run, shard_folder: str, pid_dir: str | None):
+    role = "embed"
+
+    def __init__(self, checkpoint: str, run):
         from spotmatch.global_embed.embed import Embedder
 
-        _record_pid(pid_dir, "embed")
         self.embedder = Embedder.from_checkpoint(checkpoint, _actor_run_config(run))
+
+    def __call__(self, paths: list[str]) -> dict:
+        import pyarrow as pa
+
+        embeddings = self.embedder.embed(paths).astype(np.float32)
+        flat = pa.array(embeddings.ravel(), type=pa.float32())
+        return {"embedding": pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1])}
+
+
+class FeatureStage:
+    """Image stage: local features into the local stage's on-disk cache (`LocalMatcher.features_many`),
+    which must sit on storage every node sees; the shard records how many keypoints each image got."""
+
+    role = "features"
+
+    def __init__(self, engine_conf, embedder_masks: str):
+        from spotmatch.engine.engine import build_local
+
+        self.local = build_local(engine_conf, embedder_masks)
+
+    def __call__(self, paths: list[str]) -> dict:
+        features = self.local.features_many(paths)
+        return {"keypoints": [len(features[p]) for p in paths]}
+
+
+class ImageBatch:
+    """Actor: its stage (a model) loads once in __init__; each call runs the stage on one batch of
+    distinct images and writes their shard."""
+
+    def __init__(self, build_stage, shard_folder: str, pid_dir: str | None):
+        self.stage = build_stage()
+        _record_pid(pid_dir, self.stage.role)
         self.shard_folder = Path(shard_folder)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import pyarrow as pa
 
-        embeddings = self.embedder.embed(batch["path"].tolist())
-        flat = pa.array(embeddings.astype(np.float32).ravel(), type=pa.float32())
-        table = pa.table({EMBED_KEY: batch[EMBED_KEY].tolist(), "path": batch["path"].tolist(),
-                          "embedding": pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1])})
+        columns = self.stage(batch["path"].tolist())
+        table = pa.table({EMBED_KEY: batch[EMBED_KEY].tolist(), "path": batch["path"].tolist(), **columns})
         shard = write_shard(table, self.shard_folder)
         return pd.DataFrame({"shard": [shard.name], "rows": [len(batch)]})
 
 
-def embedding_shard_folder(job_dir: Path, model_id: str) -> Path:
-    return Path(job_dir) / "embeddings" / model_id
-
-
-def embed_on_ray(paths: list, checkpoint: str | Path, run, conf: RayConfig, job_dir: str | Path,
-                 model_id: str | None = None) -> np.ndarray:
-    """`Embedder.embed(paths)` on a Ray actor pool: (n, d) float32 in `paths` order, each distinct image once."""
+def _image_job(paths: list, build_stage, folder: Path, conf: RayConfig) -> tuple[list[str], pd.DataFrame]:
+    """Run `build_stage()` over each distinct image (by content) once: (hash per path, one merged row per hash)."""
     import ray.data
 
     from spotmatch.data.images import file_sha256
-    from spotmatch.global_embed.embed import Embedder
 
-    model_id = model_id or Embedder.from_checkpoint(checkpoint, _actor_run_config(run)).model_id
-    folder = embedding_shard_folder(Path(job_dir), model_id)
     folder.mkdir(parents=True, exist_ok=True)
     hashes = [file_sha256(p) for p in paths]
     first_path_of = dict(zip(reversed(hashes), reversed([str(p) for p in paths])))  # first occurrence wins
@@ -207,15 +239,53 @@ def embed_on_ray(paths: list, checkpoint: str | Path, run, conf: RayConfig, job_
         # (on a small cluster a pool that holds every CPU would otherwise wait on it forever).
         blocks = [rows.iloc[i:i + conf.batch_size] for i in range(0, len(rows), conf.batch_size)]
         dataset = (ray.data.from_pandas(blocks)
-                   .map_batches(EmbedBatch, fn_constructor_args=(str(checkpoint), run, str(folder), conf.worker_pid_dir),
+                   .map_batches(ImageBatch, fn_constructor_args=(build_stage, str(folder), conf.worker_pid_dir),
                                 **{**_actor_options(conf), "batch_size": conf.batch_size}))
         _run(dataset)
-    merged = check_exactly_once(read_shards(folder), EMBED_KEY, list(dict.fromkeys(hashes)), folder)
+    return hashes, check_exactly_once(read_shards(folder), EMBED_KEY, list(dict.fromkeys(hashes)), folder)
+
+
+def embedding_shard_folder(job_dir: Path, model_id: str) -> Path:
+    return Path(job_dir) / "embeddings" / model_id
+
+
+def embed_on_ray(paths: list, checkpoint: str | Path, run, conf: RayConfig, job_dir: str | Path,
+                 model_id: str | None = None) -> np.ndarray:
+    """`Embedder.embed(paths)` on a Ray actor pool: (n, d) float32 in `paths` order, each distinct image once."""
+    from spotmatch.global_embed.embed import Embedder
+
+    model_id = model_id or Embedder.from_checkpoint(checkpoint, _actor_run_config(run)).model_id
+    hashes, merged = _image_job(paths, functools.partial(EmbeddingStage, str(checkpoint), run),
+                                embedding_shard_folder(Path(job_dir), model_id), conf)
     by_hash = dict(zip(merged[EMBED_KEY], merged["embedding"]))
     return np.stack([np.asarray(by_hash[h], dtype=np.float32) for h in hashes])
 
 
-# ----------------------------------------------------------------------------- pair-scoring job
+@dataclass
+class RayEmbedder:
+    """Stands in for an `Embedder` where only `embed(paths)` is used (`global_pair_scores`): embeds on the pool."""
+
+    checkpoint: str
+    run: object
+    conf: RayConfig
+    job_dir: Path
+
+    def embed(self, paths: list) -> np.ndarray:
+        return embed_on_ray(paths, self.checkpoint, self.run, self.conf, self.job_dir)
+
+
+def extract_features_on_ray(paths: list, engine_conf, embedder_masks: str, conf: RayConfig, job_dir: str | Path) -> pd.DataFrame:
+    """Fill the local-feature cache for each distinct image, spread over the pool: (sha256, path, keypoints)."""
+    from spotmatch.config import config_hash
+    from spotmatch.engine.engine import build_local, scorer_name
+
+    settings = {"local_stage": scorer_name(build_local(engine_conf, embedder_masks)), "masks": engine_conf.masks or embedder_masks}
+    folder = Path(job_dir) / "features" / config_hash(settings)
+    _, merged = _image_job(paths, functools.partial(FeatureStage, engine_conf, embedder_masks), folder, conf)
+    return merged
+
+
+# ----------------------------------------------------------------------------- pair jobs
 
 
 def query_bounded_shards(pairs: pd.DataFrame, rows_per_shard: int) -> list[np.ndarray]:
@@ -232,16 +302,13 @@ def query_bounded_shards(pairs: pd.DataFrame, rows_per_shard: int) -> list[np.nd
     return shards
 
 
-class ScorePairsBatch:
-    """Actor: the Engine (embedder, local matcher, fusion) loads once; each call scores whole queries'
-    rows with `Engine.score_pairs` and writes its shard."""
+class PairBatch:
+    """Actor: its scorer (an Engine, or a LocalMatcher) loads once; each call scores whole queries' rows
+    with the scorer's `score_pairs` and writes their shard."""
 
-    def __init__(self, checkpoint: str, fusion_path: str | None, engine_conf, run, pairs: pd.DataFrame,
-                 shard_folder: str, pid_dir: str | None):
-        from spotmatch.engine.engine import Engine
-
+    def __init__(self, build_scorer, pairs: pd.DataFrame, shard_folder: str, pid_dir: str | None):
+        self.scorer = build_scorer()
         _record_pid(pid_dir, "score")
-        self.engine = Engine.from_files(checkpoint, fusion_path, engine_conf, _actor_run_config(run))
         self.pairs, self.shard_folder = pairs, Path(shard_folder)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -249,9 +316,28 @@ class ScorePairsBatch:
 
         written = []
         for positions in batch["positions"]:
-            scored = self.engine.score_pairs(self.pairs.iloc[np.asarray(positions)])
+            rows = self.pairs.iloc[np.asarray(positions)]
+            scored = self.scorer.score_pairs(rows)
+            if PAIR_KEY not in scored.columns:  # the local stage returns evidence columns by row position
+                scored.insert(0, PAIR_KEY, rows[PAIR_KEY].to_numpy())
             written.append(write_shard(pa.Table.from_pandas(scored, preserve_index=False), self.shard_folder).name)
         return pd.DataFrame({"shard": written})
+
+
+def _pair_job(pairs: pd.DataFrame, build_scorer, folder: Path, conf: RayConfig) -> pd.DataFrame:
+    """`build_scorer().score_pairs` over `pairs` on an actor pool: one row per row_id, in the input's order."""
+    import ray.data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done = keys_written(folder, PAIR_KEY)
+    todo = [p for p in query_bounded_shards(pairs, conf.pairs_per_shard) if not set(pairs[PAIR_KEY].iloc[p]) <= done]
+    if todo:
+        blocks = [pd.DataFrame({"positions": [p.tolist()]}) for p in todo]
+        dataset = (ray.data.from_pandas(blocks)
+                   .map_batches(PairBatch, fn_constructor_args=(build_scorer, pairs, str(folder), conf.worker_pid_dir),
+                                **{**_actor_options(conf), "batch_size": 1}))
+        _run(dataset)
+    return check_exactly_once(read_shards(folder), PAIR_KEY, pairs[PAIR_KEY].tolist(), folder)
 
 
 def pair_shard_folder(job_dir: Path, model_id: str, fusion_path, engine_conf) -> Path:
@@ -266,8 +352,7 @@ def pair_shard_folder(job_dir: Path, model_id: str, fusion_path, engine_conf) ->
 def score_pairs_on_ray(pairs: pd.DataFrame, checkpoint: str | Path, fusion_path: str | Path | None, engine_conf, run,
                        conf: RayConfig, job_dir: str | Path) -> pd.DataFrame:
     """`Engine.score_pairs(pairs)` on a Ray actor pool: the same table, in the input's row order."""
-    import ray.data
-
+    from spotmatch.engine.engine import Engine
     from spotmatch.global_embed.embed import Embedder
 
     model_id = Embedder.from_checkpoint(checkpoint, _actor_run_config(run)).model_id
@@ -276,19 +361,47 @@ def score_pairs_on_ray(pairs: pd.DataFrame, checkpoint: str | Path, fusion_path:
         # scoring actors (which may share gallery images) only read it. Needs a cache on shared storage.
         unique = list(dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]]))
         embed_on_ray(unique, checkpoint, run, conf, job_dir, model_id)
-    folder = pair_shard_folder(Path(job_dir), model_id, fusion_path, engine_conf)
-    folder.mkdir(parents=True, exist_ok=True)
-    done = keys_written(folder, PAIR_KEY)
-    todo = [p for p in query_bounded_shards(pairs, conf.pairs_per_shard)
-            if not set(pairs[PAIR_KEY].iloc[p]) <= done]
-    if todo:
-        blocks = [pd.DataFrame({"positions": [p.tolist()]}) for p in todo]
-        dataset = (ray.data.from_pandas(blocks)
-                   .map_batches(ScorePairsBatch, fn_constructor_args=(str(checkpoint), str(fusion_path) if fusion_path else None,
-                                                                      engine_conf, run, pairs, str(folder), conf.worker_pid_dir),
-                                **{**_actor_options(conf), "batch_size": 1}))
-        _run(dataset)
-    return check_exactly_once(read_shards(folder), PAIR_KEY, pairs[PAIR_KEY].tolist(), folder)
+    build_engine = functools.partial(Engine.from_files, str(checkpoint), str(fusion_path) if fusion_path else None,
+                                     engine_conf, _actor_run_config(run))
+    return _pair_job(pairs, build_engine, pair_shard_folder(Path(job_dir), model_id, fusion_path, engine_conf), conf)
+
+
+def match_on_ray(pairs: pd.DataFrame, matcher_settings: dict, conf: RayConfig, job_dir: str | Path) -> pd.DataFrame:
+    """`LocalMatcher.from_name(**matcher_settings).score_pairs(pairs)` on a Ray actor pool: row_id and the
+    evidence columns, in the input's row order. Features land in the settings' `cache_dir` (shared storage)."""
+    from spotmatch.config import config_hash
+    from spotmatch.local_match.pipeline import LocalMatcher
+
+    result_settings = {k: v for k, v in matcher_settings.items() if k not in ("workers", "cache_dir")}  # no effect on results
+    folder = Path(job_dir) / "matches" / config_hash(result_settings)
+    return _pair_job(pairs, functools.partial(LocalMatcher.from_name, **matcher_settings), folder, conf)
+
+
+# ----------------------------------------------------------------------------- catalogue
+
+
+def add_images_on_ray(catalogue, sources: list, add_conf, conf: RayConfig, job_dir: str | Path | None = None):
+    """`catalogue add` with the heavy stages on Ray: the new images' embeddings (and local features)
+    are computed on the pool into shards, then inserted in **one** catalogue transaction. A run
+    interrupted before the insert leaves the catalogue untouched; its re-run reuses the shards."""
+    from spotmatch.catalogue.service import AddReport, fresh_sources, insert_fresh, open_engine
+    from spotmatch.global_embed.embed import EmbedConfig
+
+    engine = open_engine(catalogue)  # checks the catalogue's model before any work
+    job_dir = Path(job_dir) if job_dir else catalogue.folder / "ray-job"
+    report = AddReport()
+    fresh = fresh_sources(catalogue, sources, report)
+    if not fresh:
+        return report
+    paths = [str(source.path) for source, _, _ in fresh]
+    run = EmbedConfig(num_workers=0, cache_dir=str(catalogue.cache_dir), progress=False)  # device: a GPU actor's if any
+    embeddings = embed_on_ray(paths, catalogue.settings().checkpoint, run, conf, job_dir, engine.embedder.model_id)
+    feature_key = None
+    if engine.local is not None and add_conf.local_features:
+        extract_features_on_ray(paths, engine.conf, engine.embedder.conf.masks, conf, job_dir)
+        feature_key = engine.local.extractor.conf_name
+    insert_fresh(catalogue, fresh, embeddings, engine.embedder.model_id, feature_key, add_conf.who, report)
+    return report
 
 
 def default_job_dir(out: str | Path) -> Path:

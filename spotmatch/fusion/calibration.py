@@ -37,16 +37,17 @@ class Calibrator:
     def _score(self, X: pd.DataFrame) -> np.ndarray:
         return ((self._matrix(X) - self.mean) / self.scale) @ self.coef + self.intercept
 
-    def fit(self, X: pd.DataFrame, y: np.ndarray) -> "Calibrator":
+    def fit(self, X: pd.DataFrame, y: np.ndarray, sample_weight: np.ndarray | None = None) -> "Calibrator":
         y = np.asarray(y, dtype=int)
         if len(np.unique(y)) < 2:
             raise SpotmatchError("calibration needs both same-individual and different-individual pairs; add labelled data")
         matrix = self._matrix(X)
         self.mean, self.scale = matrix.mean(axis=0), matrix.std(axis=0) + 1e-9
-        model = LogisticRegression(C=self.regularisation, max_iter=1000).fit((matrix - self.mean) / self.scale, y)
+        model = LogisticRegression(C=self.regularisation, max_iter=1000).fit((matrix - self.mean) / self.scale, y,
+                                                                              sample_weight=sample_weight)
         self.coef, self.intercept = model.coef_[0], float(model.intercept_[0])
         if self.method == "isotonic":
-            iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(self._score(X), y)
+            iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(self._score(X), y, sample_weight=sample_weight)
             self.isotonic = (iso.X_thresholds_.tolist(), iso.y_thresholds_.tolist())
         return self
 
@@ -92,16 +93,17 @@ class FusionModel:
         return cls(Calibrator(LOCAL_FEATURES, method), Calibrator(GLOBAL_FEATURES, method),
                    Calibrator(GLOBAL_FEATURES, method), **kwargs)
 
-    def fit(self, features: pd.DataFrame, labels: np.ndarray) -> "FusionModel":
+    def fit(self, features: pd.DataFrame, labels: np.ndarray, sample_weight: np.ndarray | None = None) -> "FusionModel":
         labels = np.asarray(labels)
+        weight = np.ones(len(labels)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
         has_local = features["has_local"].to_numpy(bool)
         # The global-only model serves pairs outside the shortlist; when those hold no same-individual
         # pair at all, it learns from every pair instead (both classes are needed to fit).
         outside = ~has_local if len(np.unique(labels[~has_local])) == 2 else np.ones_like(has_local)
-        self.global_only.fit(features[outside], labels[outside])
-        self.global_all.fit(features, labels)
+        self.global_only.fit(features[outside], labels[outside], weight[outside])
+        self.global_all.fit(features, labels, weight)
         if has_local.any():
-            self.with_local.fit(features[has_local], labels[has_local])
+            self.with_local.fit(features[has_local], labels[has_local], weight[has_local])
         return self
 
     def predict_proba(self, features: pd.DataFrame, local_stage: bool = True) -> np.ndarray:

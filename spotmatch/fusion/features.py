@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 
 GLOBAL_FEATURES = ("cosine", "log_rank")
-LOCAL_FEATURES = ("cosine", "log_rank", "log_inliers", "inlier_ratio", "log_matches")
+# log_local_score (the sum of the inliers' match confidences) ranks a shortlist better than the inlier
+# count alone; kept beside it because the two disagree on pairs with many weak inliers.
+LOCAL_FEATURES = ("cosine", "log_rank", "log_inliers", "inlier_ratio", "log_matches", "log_local_score")
 
 
 def pair_features(table: pd.DataFrame) -> pd.DataFrame:
-    """From columns cosine, global_rank[, matches, inliers, inlier_ratio] to model features;
+    """From columns cosine, global_rank[, matches, inliers, inlier_ratio, local_score] to model features;
     `has_local` marks rows with local evidence (inliers not NaN)."""
     features = pd.DataFrame(index=table.index)
     features["cosine"] = table["cosine"].astype(float)
@@ -24,4 +26,5 @@ def pair_features(table: pd.DataFrame) -> pd.DataFrame:
     features["log_inliers"] = np.log1p(inliers)
     features["inlier_ratio"] = table["inlier_ratio"].astype(float) if "inlier_ratio" in table else np.nan
     features["log_matches"] = np.log1p(table["matches"].astype(float)) if "matches" in table else np.nan
+    features["log_local_score"] = np.log1p(table["local_score"].astype(float)) if "local_score" in table else np.nan
     return features
