@@ -66,6 +66,15 @@ def ray_session(conf: RayConfig) -> Iterator[None]:
     """Join the cluster at `conf.address` (or start a local one); shut down only what this call started."""
     import ray
 
+    import logging
+
+    import ray.data
+
+    # Ray Data logs progress banners every 10 s and per execution; the command's own summary is what
+    # counts (set after importing ray.data, which configures its loggers on import).
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = False
     if ray.is_initialized():  # a caller (a test, a notebook) already chose the cluster
         yield
         return
@@ -82,10 +91,13 @@ def ray_session(conf: RayConfig) -> Iterator[None]:
 
 
 def _actor_options(conf: RayConfig) -> dict:
+    import ray.data
+
     # Ray 2.60 has no named parameter for the restart limits: they go through the deprecated
     # **ray_remote_args (Ray's actor-pool code reads them from there), hence its RayDeprecationWarning.
     return dict(batch_size=None, batch_format="pandas", num_cpus=conf.num_cpus, num_gpus=conf.num_gpus,
-                concurrency=conf.concurrency, max_restarts=conf.max_restarts, max_task_retries=conf.max_task_retries)
+                compute=ray.data.ActorPoolStrategy(size=conf.concurrency),
+                max_restarts=conf.max_restarts, max_task_retries=conf.max_task_retries)
 
 
 def _record_pid(pid_dir: str | None, role: str) -> None:
