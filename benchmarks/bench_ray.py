@@ -73,8 +73,9 @@ def main(conf: BenchConfig) -> pd.DataFrame:
     unit, n, local_job, ray_job = local_and_ray_jobs(conf, paths)
     rows = [timed("local (1 process)", unit, n, local_job)]
     for workers in (1, 2):
-        ray_conf = rb.RayConfig(num_cpus_local=os.cpu_count(), batch_size=conf.batch_size, concurrency=workers, num_cpus=1,
-                                pairs_per_shard=conf.pairs_per_shard)
+        pool = rb.ActorPool(num_cpus=1, concurrency=workers)
+        ray_conf = rb.RayConfig(num_cpus_local=os.cpu_count(), batch_size=conf.batch_size, pairs_per_shard=conf.pairs_per_shard,
+                                embed=pool, local=pool)
         with tempfile.TemporaryDirectory() as job_dir, rb.ray_session(ray_conf):
             rows.append(timed(f"ray, {workers} actor(s)", unit, n, lambda: ray_job(ray_conf, job_dir)))
     return pd.DataFrame(rows)

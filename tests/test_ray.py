@@ -30,6 +30,11 @@ def ray_cluster():
     ray.shutdown()
 
 
+def pools(concurrency: int) -> dict:
+    """The same actor count for every stage's pool (one CPU each)."""
+    return {name: rb.ActorPool(concurrency=concurrency) for name in rb.POOLS}
+
+
 def no_cache_run() -> EmbedConfig:
     return EmbedConfig(num_workers=0, cache_dir=None, progress=False)
 
@@ -49,7 +54,7 @@ def pairs_table(tmp_path, snow_subset_csv) -> pd.DataFrame:
 def test_embeddings_match_local_and_rerun_skips_done_shards(ray_cluster, tmp_path, snow_subset_csv, tiny_checkpoint):
     paths = load_dataset(snow_subset_csv).paths
     local = Embedder.from_checkpoint(tiny_checkpoint, no_cache_run()).embed(paths)
-    conf = rb.RayConfig(batch_size=4, concurrency=2, num_cpus=1)
+    conf = rb.RayConfig(batch_size=4, **pools(2))
     on_ray = rb.embed_on_ray(paths, tiny_checkpoint, no_cache_run(), conf, tmp_path / "job")
     np.testing.assert_allclose(on_ray, local, atol=1e-5)
 
@@ -63,13 +68,29 @@ def test_embeddings_match_local_and_rerun_skips_done_shards(ray_cluster, tmp_pat
 def test_pair_scores_match_local(ray_cluster, tmp_path, pairs_table, tiny_checkpoint):
     conf = EngineConfig(use_local=False, cache_dir=None)
     local = Engine.from_files(tiny_checkpoint, None, conf, no_cache_run()).score_pairs(pairs_table)
-    ray_conf = rb.RayConfig(pairs_per_shard=10, concurrency=2, num_cpus=1)  # several shards, each whole queries
+    ray_conf = rb.RayConfig(pairs_per_shard=10, **pools(2))  # several shards, each whole queries
     on_ray = rb.score_pairs_on_ray(pairs_table, tiny_checkpoint, None, conf, no_cache_run(), ray_conf, tmp_path / "job")
     assert on_ray["row_id"].tolist() == pairs_table["row_id"].tolist()
     assert len(list((tmp_path / "job").rglob("part-*.parquet"))) > 1
     np.testing.assert_allclose(on_ray["cosine"], local["cosine"], atol=1e-5)
     assert on_ray["global_rank"].tolist() == local["global_rank"].tolist()
     np.testing.assert_allclose(on_ray["similarity"], local["similarity"], atol=1e-5)
+
+
+def test_ray_config_file_sets_each_pool_and_refuses_typos(tmp_path):
+    config = tmp_path / "ray.json"
+    config.write_text('{"embed": {"num_gpus": 1, "concurrency": 4}, "local": {"concurrency": 30}, "batch_size": 128}')
+    conf = rb.load_ray_config(config, address="auto", batch_size=None)
+    assert (conf.embed.num_gpus, conf.embed.concurrency, conf.local.num_gpus, conf.local.concurrency) == (1, 4, 0, 30)
+    assert (conf.address, conf.batch_size, conf.score) == ("auto", 128, rb.ActorPool())
+    assert rb.load_ray_config(config, batch_size=16).batch_size == 16  # the command's flag wins
+    for text, message in (('{"embed": {"num_gpu": 1}}', "'embed' takes concurrency, num_cpus, num_gpus, not num_gpu"),
+                          ('{"concurency": 2}', "unknown Ray setting 'concurency'"),
+                          ('{"embed": 2', "not valid JSON")):
+        config.write_text(text)
+        with pytest.raises(SpotmatchError, match=message) as error:
+            rb.load_ray_config(config)
+        assert str(config) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_merge_names_missing_rows_in_one_line(tmp_path):
@@ -84,7 +105,7 @@ def test_killed_worker_is_restarted_and_output_is_complete(ray_cluster, tmp_path
     paths = [SNOW / "images" / name for name in snow_table["filename"].head(60)]
     local = Embedder.from_checkpoint(tiny_checkpoint, no_cache_run()).embed(paths)
     pid_dir = tmp_path / "pids"
-    conf = rb.RayConfig(batch_size=1, concurrency=1, num_cpus=1, max_restarts=2, max_task_retries=2,
+    conf = rb.RayConfig(batch_size=1, max_restarts=2, max_task_retries=2,
                         worker_pid_dir=str(pid_dir))
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(out=rb.embed_on_ray(paths, tiny_checkpoint, no_cache_run(), conf,
@@ -121,7 +142,7 @@ def test_match_on_ray_gives_the_local_evidence(ray_cluster, tmp_path, pairs_tabl
 
     settings = {"name": "rootsift", "cache_dir": str(tmp_path / "cache"), "workers": 1}
     local = LocalMatcher.from_name(**settings).score_pairs(pairs_table)
-    ray_conf = rb.RayConfig(pairs_per_shard=14, concurrency=2, num_cpus=1)
+    ray_conf = rb.RayConfig(pairs_per_shard=14, **pools(2))
     on_ray = rb.match_on_ray(pairs_table, settings, ray_conf, tmp_path / "job")
     assert on_ray["row_id"].tolist() == pairs_table["row_id"].tolist()
     assert len(list((tmp_path / "job" / "matches").rglob("part-*.parquet"))) > 1
@@ -144,7 +165,7 @@ def test_catalogue_add_on_ray_stores_what_the_local_add_stores(ray_cluster, tmp_
     engine = open_engine(local_catalogue)
     add_images(local_catalogue, engine.embedder, engine.local, sources)
     ray_catalogue = init_catalogue(tmp_path / "ray", tiny_checkpoint, None)
-    report = rb.add_images_on_ray(ray_catalogue, sources, AddConfig(), rb.RayConfig(batch_size=8, concurrency=2, num_cpus=1))
+    report = rb.add_images_on_ray(ray_catalogue, sources, AddConfig(), rb.RayConfig(batch_size=8, **pools(2)))
     assert (report.added, report.failed) == (len(sources), [])
     local_rows, ray_rows = stored(local_catalogue), stored(ray_catalogue)
     assert set(ray_rows) == set(local_rows)
@@ -160,7 +181,7 @@ def test_features_on_ray_fill_the_local_stages_cache(ray_cluster, tmp_path, snow
 
     paths = [str(p) for p in load_dataset(snow_subset_csv).paths[:6]]
     conf = EngineConfig(cache_dir=str(tmp_path / "cache"), masks="alpha")
-    table = rb.extract_features_on_ray(paths, conf, "alpha", rb.RayConfig(batch_size=3, concurrency=2, num_cpus=1), tmp_path / "job")
+    table = rb.extract_features_on_ray(paths, conf, "alpha", rb.RayConfig(batch_size=3, **pools(2)), tmp_path / "job")
     local = build_local(EngineConfig(cache_dir=str(tmp_path / "fresh_cache"), masks="alpha"), "alpha")
     counts = dict(zip(table["path"], table["keypoints"]))
     assert [counts[p] for p in paths] == [len(local.features(p)) for p in paths]

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from spotmatch.cli.app import app
-from spotmatch.cli.global_cmds import RAY_ADDRESS_HELP, check_backend
+from spotmatch.cli.global_cmds import RAY_ADDRESS_HELP, RAY_CONFIG_HELP, check_backend
 
 catalogue_app = typer.Typer(help="A catalogue of known individuals: add photos, identify new ones, review.", no_args_is_help=True)
 app.add_typer(catalogue_app, name="catalogue")
@@ -53,6 +53,7 @@ def add(
     backend: str = typer.Option("local", help="local (this process, one transaction per --batch-size images) or ray (embeddings and"
                                               " keypoints on a Ray actor pool into shards in FOLDER/ray-job, then one transaction)."),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
+    ray_config: Optional[Path] = typer.Option(None, help=RAY_CONFIG_HELP),
 ) -> None:
     """Add photos; ones already in the catalogue (same file content) are skipped, corrupt ones reported."""
     from spotmatch.catalogue.service import AddConfig, add_images, open_engine, print_failures, sources_from_csv, sources_from_folder
@@ -64,7 +65,7 @@ def add(
     if backend == "ray":
         from spotmatch.engine import ray_backend as rb
 
-        ray_conf = rb.RayConfig(address=ray_address, batch_size=batch_size)
+        ray_conf = rb.load_ray_config(ray_config, address=ray_address, batch_size=batch_size)
         with rb.ray_session(ray_conf):
             report = rb.add_images_on_ray(catalogue, sources, add_conf, ray_conf)
     else:

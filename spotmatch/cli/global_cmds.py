@@ -17,6 +17,8 @@ IMAGES_HELP = "Image folder (default: `images/` beside the CSV, else the CSV's f
 CHECKPOINT_HELP = "Embedder checkpoint written by `spotmatch train` (best.pt)."
 BACKEND_HELP = "local (this process) or ray (a Ray Data actor pool; shards beside the output, re-runs skip done ones)."
 RAY_ADDRESS_HELP = "Ray cluster to join (auto, ray://HOST:10001); default: a local Ray limited to this machine."
+RAY_CONFIG_HELP = ("JSON file of RayConfig fields: per-stage actor pools (embed, local, score: num_cpus, num_gpus, concurrency),"
+                   " pairs_per_shard, max_restarts ...; the command's own flags win (docs/scale.md).")
 
 
 def check_backend(backend: str) -> None:
@@ -104,6 +106,7 @@ def embed(
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder ('' disables)."),
     backend: str = typer.Option("local", help=BACKEND_HELP),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
+    ray_config: Optional[Path] = typer.Option(None, help=RAY_CONFIG_HELP),
 ) -> None:
     """Embed every image once (cached by content hash + model) into an .npz file."""
     from spotmatch.data.tables import IMAGE_SUFFIXES, load_dataset, load_pairs
@@ -126,9 +129,9 @@ def embed(
     if backend == "ray":
         from spotmatch.engine import ray_backend as rb
 
-        with rb.ray_session(rb.RayConfig(address=ray_address)):
-            embeddings = rb.embed_on_ray(paths, checkpoint, run, rb.RayConfig(address=ray_address, batch_size=batch_size),
-                                         rb.default_job_dir(out), embedder.model_id)
+        ray_conf = rb.load_ray_config(ray_config, address=ray_address, batch_size=batch_size)
+        with rb.ray_session(ray_conf):
+            embeddings = rb.embed_on_ray(paths, checkpoint, run, ray_conf, rb.default_job_dir(out), embedder.model_id)
     else:
         embeddings = embedder.embed(paths)
     with atomic_path(out) as tmp:
@@ -155,6 +158,7 @@ def score_pairs(
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Cache folder for embeddings and local features."),
     backend: str = typer.Option("local", help=BACKEND_HELP),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
+    ray_config: Optional[Path] = typer.Option(None, help=RAY_CONFIG_HELP),
 ) -> None:
     """Score every pair of a competition test file into submission.csv through the engine (each image embedded once)."""
     from spotmatch.data.tables import load_pairs
@@ -172,9 +176,9 @@ def score_pairs(
     if backend == "ray":
         from spotmatch.engine import ray_backend as rb
 
-        with rb.ray_session(rb.RayConfig(address=ray_address)):
-            scored = rb.score_pairs_on_ray(pairs, checkpoint, fusion, engine_conf, run,
-                                           rb.RayConfig(address=ray_address, batch_size=batch_size), rb.default_job_dir(out))
+        ray_conf = rb.load_ray_config(ray_config, address=ray_address, batch_size=batch_size)
+        with rb.ray_session(ray_conf):
+            scored = rb.score_pairs_on_ray(pairs, checkpoint, fusion, engine_conf, run, ray_conf, rb.default_job_dir(out))
     else:
         scored = Engine.from_files(checkpoint, fusion, engine_conf, run).score_pairs(pairs)
     if evidence_out:

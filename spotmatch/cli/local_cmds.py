@@ -9,7 +9,7 @@ import pandas as pd
 import typer
 
 from spotmatch.cli.app import app
-from spotmatch.cli.global_cmds import BACKEND_HELP, RAY_ADDRESS_HELP, check_backend
+from spotmatch.cli.global_cmds import BACKEND_HELP, RAY_ADDRESS_HELP, RAY_CONFIG_HELP, check_backend
 from spotmatch.errors import SpotmatchError
 
 DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root the global embedder caches under
@@ -51,6 +51,7 @@ def match(
     weights: Optional[str] = typer.Option(None, "--weights", help="weights file (LoFTR needs one)"),
     backend: str = typer.Option("local", "--backend", help=BACKEND_HELP),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_config: Optional[Path] = typer.Option(None, "--ray-config", help=RAY_CONFIG_HELP),
 ) -> None:
     """Re-score image pairs with local keypoint evidence: matches, inliers, inlier_ratio, local_score."""
     from spotmatch.data.tables import load_pairs
@@ -62,7 +63,7 @@ def match(
     if backend == "ray":
         from spotmatch.engine import ray_backend as rb
 
-        ray_conf, job_dir = rb.RayConfig(address=ray_address), rb.default_job_dir(out)
+        ray_conf, job_dir = rb.load_ray_config(ray_config, address=ray_address), rb.default_job_dir(out)
         with rb.ray_session(ray_conf):
             embedder = rb.RayEmbedder(str(checkpoint), None, ray_conf, job_dir) if checkpoint and top_k > 0 else None
             global_columns, selected = select_pairs(pairs, top_k, checkpoint, embedder)

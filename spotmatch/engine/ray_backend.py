@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -43,6 +43,15 @@ PAIR_KEY = "row_id"
 
 
 @dataclass
+class ActorPool:
+    """The actors of one kind of stage."""
+
+    num_cpus: float = 1.0  # per actor
+    num_gpus: float = 0.0  # per actor; 1 puts one model per GPU
+    concurrency: int = 1  # actors in the pool
+
+
+@dataclass
 class RayConfig:
     """Where and how wide the Ray jobs run (not what they compute)."""
 
@@ -50,12 +59,47 @@ class RayConfig:
     num_cpus_local: int | None = None  # CPUs of the local Ray that `address=None` starts (None: all of this machine's)
     batch_size: int = 64  # images per embedding batch = rows per embedding shard
     pairs_per_shard: int = 20_000  # pair rows per scoring shard (cut at query boundaries, so a shard may hold more)
-    num_cpus: float = 1.0  # per actor
-    num_gpus: float = 0.0  # per actor; 1 puts one model per GPU
-    concurrency: int = 1  # actors in each pool
+    # One pool per kind of stage, so a cluster can run the embedder on GPU actors and keypoints on CPU ones.
+    embed: ActorPool = field(default_factory=ActorPool)  # the embedder (decode, resize, forward): GPU-able
+    local: ActorPool = field(default_factory=ActorPool)  # local features and pair matching (`match`, keypoints at add)
+    score: ActorPool = field(default_factory=ActorPool)  # the Engine on pairs (`score-pairs`): cached embeddings,
+    #                                                      local matching and fusion
     max_restarts: int = 3  # a dead actor (OOM, node lost, killed) is restarted this many times ...
     max_task_retries: int = 3  # ... and its in-flight batch re-run on the new one
     worker_pid_dir: str | None = None  # each actor writes its PID here (supervisors and the fault test find workers)
+
+
+POOLS = ("embed", "local", "score")
+
+
+def load_ray_config(path: str | Path | None, **overrides) -> RayConfig:
+    """A RayConfig from a JSON file (`{"embed": {"num_gpus": 1, "concurrency": 4}, "local": {"concurrency": 30}}`),
+    then `overrides` (the command's own flags) where they are not None. Unknown keys are refused: a
+    misspelt `num_gpu` must not silently run on CPUs."""
+    import json
+
+    values: dict = {}
+    if path is not None:
+        try:
+            values = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise SpotmatchError(f"{path}: Ray config file not found; pass a JSON file of RayConfig fields") from None
+        except json.JSONDecodeError as error:
+            raise SpotmatchError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}); fix the file") from None
+        if not isinstance(values, dict):
+            raise SpotmatchError(f"{path}: the Ray config must be a JSON object of RayConfig fields")
+    values = {**values, **{key: value for key, value in overrides.items() if value is not None}}
+    known = {f.name for f in dataclasses.fields(RayConfig)}
+    pool_fields = {f.name for f in dataclasses.fields(ActorPool)}
+    for key, value in values.items():
+        if key not in known:
+            raise SpotmatchError(f"{path}: unknown Ray setting '{key}'; known: {', '.join(sorted(known))}")
+        if key in POOLS:
+            unknown = set(value) - pool_fields if isinstance(value, dict) else {"(not an object)"}
+            if unknown:
+                raise SpotmatchError(f"{path}: '{key}' takes {', '.join(sorted(pool_fields))}, not {', '.join(sorted(unknown))}")
+    pools = {key: ActorPool(**values.pop(key)) for key in POOLS if key in values}
+    return RayConfig(**values, **pools)
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -90,13 +134,13 @@ def ray_session(conf: RayConfig) -> Iterator[None]:
         ray.shutdown()
 
 
-def _actor_options(conf: RayConfig) -> dict:
+def _actor_options(conf: RayConfig, pool: ActorPool) -> dict:
     import ray.data
 
     # Ray 2.60 has no named parameter for the restart limits: they go through the deprecated
     # **ray_remote_args (Ray's actor-pool code reads them from there), hence its RayDeprecationWarning.
-    return dict(batch_size=None, batch_format="pandas", num_cpus=conf.num_cpus, num_gpus=conf.num_gpus,
-                compute=ray.data.ActorPoolStrategy(size=conf.concurrency),
+    return dict(batch_size=None, batch_format="pandas", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
+                compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
                 max_restarts=conf.max_restarts, max_task_retries=conf.max_task_retries)
 
 
@@ -235,7 +279,7 @@ class ImageBatch:
         return pd.DataFrame({"shard": [shard.name], "rows": [len(batch)]})
 
 
-def _image_job(paths: list, build_stage, folder: Path, conf: RayConfig) -> tuple[list[str], pd.DataFrame]:
+def _image_job(paths: list, build_stage, folder: Path, conf: RayConfig, pool: ActorPool) -> tuple[list[str], pd.DataFrame]:
     """Run `build_stage()` over each distinct image (by content) once: (hash per path, one merged row per hash)."""
     import ray.data
 
@@ -252,7 +296,7 @@ def _image_job(paths: list, build_stage, folder: Path, conf: RayConfig) -> tuple
         blocks = [rows.iloc[i:i + conf.batch_size] for i in range(0, len(rows), conf.batch_size)]
         dataset = (ray.data.from_pandas(blocks)
                    .map_batches(ImageBatch, fn_constructor_args=(build_stage, str(folder), conf.worker_pid_dir),
-                                **{**_actor_options(conf), "batch_size": conf.batch_size}))
+                                **{**_actor_options(conf, pool), "batch_size": conf.batch_size}))
         _run(dataset)
     return hashes, check_exactly_once(read_shards(folder), EMBED_KEY, list(dict.fromkeys(hashes)), folder)
 
@@ -268,7 +312,7 @@ def embed_on_ray(paths: list, checkpoint: str | Path, run, conf: RayConfig, job_
 
     model_id = model_id or Embedder.from_checkpoint(checkpoint, _actor_run_config(run)).model_id
     hashes, merged = _image_job(paths, functools.partial(EmbeddingStage, str(checkpoint), run),
-                                embedding_shard_folder(Path(job_dir), model_id), conf)
+                                embedding_shard_folder(Path(job_dir), model_id), conf, conf.embed)
     by_hash = dict(zip(merged[EMBED_KEY], merged["embedding"]))
     return np.stack([np.asarray(by_hash[h], dtype=np.float32) for h in hashes])
 
@@ -293,7 +337,7 @@ def extract_features_on_ray(paths: list, engine_conf, embedder_masks: str, conf:
 
     settings = {"local_stage": scorer_name(build_local(engine_conf, embedder_masks)), "masks": engine_conf.masks or embedder_masks}
     folder = Path(job_dir) / "features" / config_hash(settings)
-    _, merged = _image_job(paths, functools.partial(FeatureStage, engine_conf, embedder_masks), folder, conf)
+    _, merged = _image_job(paths, functools.partial(FeatureStage, engine_conf, embedder_masks), folder, conf, conf.local)
     return merged
 
 
@@ -336,7 +380,7 @@ class PairBatch:
         return pd.DataFrame({"shard": written})
 
 
-def _pair_job(pairs: pd.DataFrame, build_scorer, folder: Path, conf: RayConfig) -> pd.DataFrame:
+def _pair_job(pairs: pd.DataFrame, build_scorer, folder: Path, conf: RayConfig, pool: ActorPool) -> pd.DataFrame:
     """`build_scorer().score_pairs` over `pairs` on an actor pool: one row per row_id, in the input's order."""
     import ray.data
 
@@ -347,7 +391,7 @@ def _pair_job(pairs: pd.DataFrame, build_scorer, folder: Path, conf: RayConfig) 
         blocks = [pd.DataFrame({"positions": [p.tolist()]}) for p in todo]
         dataset = (ray.data.from_pandas(blocks)
                    .map_batches(PairBatch, fn_constructor_args=(build_scorer, pairs, str(folder), conf.worker_pid_dir),
-                                **{**_actor_options(conf), "batch_size": 1}))
+                                **{**_actor_options(conf, pool), "batch_size": 1}))
         _run(dataset)
     return check_exactly_once(read_shards(folder), PAIR_KEY, pairs[PAIR_KEY].tolist(), folder)
 
@@ -375,7 +419,7 @@ def score_pairs_on_ray(pairs: pd.DataFrame, checkpoint: str | Path, fusion_path:
         embed_on_ray(unique, checkpoint, run, conf, job_dir, model_id)
     build_engine = functools.partial(Engine.from_files, str(checkpoint), str(fusion_path) if fusion_path else None,
                                      engine_conf, _actor_run_config(run))
-    return _pair_job(pairs, build_engine, pair_shard_folder(Path(job_dir), model_id, fusion_path, engine_conf), conf)
+    return _pair_job(pairs, build_engine, pair_shard_folder(Path(job_dir), model_id, fusion_path, engine_conf), conf, conf.score)
 
 
 def match_on_ray(pairs: pd.DataFrame, matcher_settings: dict, conf: RayConfig, job_dir: str | Path) -> pd.DataFrame:
@@ -386,7 +430,7 @@ def match_on_ray(pairs: pd.DataFrame, matcher_settings: dict, conf: RayConfig, j
 
     result_settings = {k: v for k, v in matcher_settings.items() if k not in ("workers", "cache_dir")}  # no effect on results
     folder = Path(job_dir) / "matches" / config_hash(result_settings)
-    return _pair_job(pairs, functools.partial(LocalMatcher.from_name, **matcher_settings), folder, conf)
+    return _pair_job(pairs, functools.partial(LocalMatcher.from_name, **matcher_settings), folder, conf, conf.local)
 
 
 # ----------------------------------------------------------------------------- catalogue
