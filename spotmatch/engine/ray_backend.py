@@ -108,10 +108,9 @@ def load_ray_config(path: str | Path | None, **overrides) -> RayConfig:
 @contextlib.contextmanager
 def ray_session(conf: RayConfig) -> Iterator[None]:
     """Join the cluster at `conf.address` (or start a local one); shut down only what this call started."""
-    import ray
-
     import logging
 
+    import ray
     import ray.data
 
     # Ray Data logs progress banners every 10 s and per execution; the command's own summary is what
