@@ -39,3 +39,23 @@ def save_npy_atomic(array: np.ndarray, target: str | Path) -> Path:
         with open(tmp, "wb") as handle:
             np.save(handle, array)
     return Path(target)
+
+
+def read_torch_payload(path: str | Path, fmt: str, kind: str, producer: str, weights_only: bool = True, hint: str = "") -> dict:
+    """A spotmatch `torch.save` file whose dict says `format: fmt`; one-line errors naming the file and
+    the command (`producer`) that writes a good one."""
+    import torch
+
+    from spotmatch.errors import SpotmatchError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpotmatchError(f"{path}: {kind} checkpoint not found; pass a file written by `{producer}`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise SpotmatchError(f"{path}: cannot read the {kind} checkpoint ({type(exc).__name__}); the file is damaged"
+                             f" or not a checkpoint, write it again with `{producer}`") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise SpotmatchError(f"{path}: not a spotmatch {kind} checkpoint; pass a file written by `{producer}`{hint}")
+    return payload

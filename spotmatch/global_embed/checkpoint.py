@@ -10,7 +10,7 @@ import torch
 from spotmatch.config import config_from_dict, config_to_dict
 from spotmatch.errors import SpotmatchError
 from spotmatch.global_embed.model import EmbedderConfig, ReIDNet
-from spotmatch.io import atomic_path
+from spotmatch.io import atomic_path, read_torch_payload
 
 CHECKPOINT_FORMAT = "spotmatch.embedder"
 CHECKPOINT_VERSION = 1
@@ -25,18 +25,8 @@ def save_checkpoint(path: Path, model: ReIDNet, conf: EmbedderConfig, **extra: A
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SpotmatchError(f"{path}: checkpoint not found; pass a file written by `spotmatch train`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise SpotmatchError(f"{path}: cannot read checkpoint ({type(exc).__name__}); the file is damaged or not a checkpoint") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise SpotmatchError(
-            f"{path}: not a spotmatch embedder checkpoint; pass a file written by `spotmatch train`"
-            f" (plain backbone weights go to --pretrained)"
-        )
+    payload = read_torch_payload(path, CHECKPOINT_FORMAT, "embedder", "spotmatch train", weights_only=False,
+                                 hint=" (plain backbone weights go to --pretrained)")
     if payload.get("version", 0) > CHECKPOINT_VERSION:
         raise SpotmatchError(f"{path}: written by a newer spotmatch (format {payload['version']}); upgrade spotmatch")
     return payload

@@ -17,7 +17,7 @@ import torch
 
 from spotmatch.config import config_from_dict
 from spotmatch.errors import SpotmatchError
-from spotmatch.io import atomic_path
+from spotmatch.io import atomic_path, read_torch_payload
 from spotmatch.segmentation.weights import LITE_MEAN, LITE_STD, load_imagenet_encoder
 
 CHECKPOINT_FORMAT = "spotmatch-unet"
@@ -74,15 +74,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, conf: UNetConfig, train_
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SpotmatchError(f"{path}: U-Net checkpoint not found; train one with `spotmatch train-seg`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise SpotmatchError(f"{path}: not a readable checkpoint ({type(exc).__name__}); retrain with `spotmatch train-seg`") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise SpotmatchError(f"{path}: not a spotmatch U-Net checkpoint; pass a file written by `spotmatch train-seg`")
+    payload = read_torch_payload(path, CHECKPOINT_FORMAT, "U-Net", "spotmatch train-seg")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise SpotmatchError(
             f"{path}: checkpoint version {payload.get('version')}, this spotmatch reads {CHECKPOINT_VERSION}; retrain"
