@@ -118,8 +118,9 @@ def test_train_resume_and_evaluate(tmp_path, snow_subset_csv):
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == [1, 2]
 
-    evaluation = run_cli("evaluate", "--data", snow_subset_csv, "--checkpoint", run / "best.pt", "--num-workers", "0",
-                         "--out", tmp_path / "table.md")
+    evaluation = run_cli("evaluate", "--data", snow_subset_csv, "--checkpoint", run / "best.pt", "--checkpoint",
+                         run / "last.pt", "--num-workers", "0", "--out", tmp_path / "table.md")
     assert evaluation.returncode == 0, evaluation.stderr
     assert "the split stored in" in evaluation.stdout and "| all |" in evaluation.stdout
-    assert "cross-station" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "cross-station" in table and f"| {run / 'last.pt'} | {run / 'best.pt'} | all |" in table  # last.pt minus best.pt

@@ -76,6 +76,16 @@ def test_identity_balance_weighs_every_animal_the_same():
         CalibrateConfig(balance="per-photo")
 
 
+def test_identity_balanced_ece_separates_calibration_from_photo_counts():
+    # "big" owns 300 pairs (half of them matches), "small" 100 (none): 0.25 is right for an even mix of
+    # the two animals, but not for the pairs as counted (3 in 8 are matches).
+    labels = np.array([1, 0] * 150 + [0] * 100)
+    probability = np.full(len(labels), 0.25)
+    balanced_weight = np.array([1 / 3] * 300 + [1.0] * 100)
+    assert expected_calibration_error(probability, labels) == pytest.approx(0.125)
+    assert expected_calibration_error(probability, labels, weight=balanced_weight) == pytest.approx(0.0)
+
+
 def test_sample_weights_change_the_fit():
     table, labels = synthetic_pairs(seed=2)
     features = pair_features(table)
@@ -116,7 +126,9 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
                      "--top-k", "5", "--no-rerank", "--cache-dir", tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     assert (out_dir / "reliability.png").stat().st_size > 1000
-    assert "| fused | all |" in (out_dir / "calibration.md").read_text()
+    report = (out_dir / "calibration.md").read_text()
+    assert "| fused | all |" in report and "| fused | global only | all |" in report  # fused minus global, with its interval
+    assert "| query animal |" in report
     fusion = FusionModel.load(out_dir / "fusion.json")
     # 12 queries of 3 cats fit no meaningful weights; the direction of the evidence is checked on synthetic
     # pairs above. Here: the file names the features it was fit on.

@@ -8,7 +8,7 @@ import torch
 from conftest import SNOW
 from spotmatch.data.images import load_image
 from spotmatch.errors import SpotmatchError
-from spotmatch.evaluation.metrics import average_precision, retrieval_metrics
+from spotmatch.evaluation.metrics import average_precision, identity_bootstrap_difference, retrieval_metrics
 from spotmatch.global_embed.backbones import create_backbone
 from spotmatch.global_embed.checkpoint import load_model
 from spotmatch.global_embed.embed import EmbedConfig, Embedder
@@ -63,6 +63,29 @@ def test_average_precision_and_identity_balance():
     assert metrics["ib_map"] == pytest.approx(np.mean([np.mean([1, 1 / 3]), 1 / 3]))  # identities weigh equally
     assert metrics["map"] == pytest.approx(np.mean([1, 1 / 3, 1 / 3]))
     assert metrics["top1"] == pytest.approx(1 / 3)
+
+
+def test_tied_scores_are_not_credited_with_the_gallery_order():
+    # the true match is tied with two wrong ones: whichever file comes first, it ranks third
+    for relevant in ([True, False, False], [False, False, True]):
+        assert average_precision(np.array([0.5, 0.5, 0.5]), np.array(relevant)) == pytest.approx(1 / 3)
+    metrics = retrieval_metrics(np.array([[0.5, 0.5, 0.1]]), ["A"], ["A", "B", "C"])
+    assert metrics["top1"] == 0 and metrics["ib_map"] == pytest.approx(1 / 2)
+
+
+def test_bootstrap_difference_is_paired_over_identities():
+    rng = np.random.default_rng(0)
+    query_ids, gallery_ids = np.repeat(["A", "B", "C", "D"], 3), np.repeat(["A", "B", "C", "D"], 5)
+    truth = query_ids[:, None] == gallery_ids[None, :]
+    noisy = rng.normal(size=truth.shape)
+    better = retrieval_metrics(noisy + 2.0 * truth, query_ids, gallery_ids)
+    worse = retrieval_metrics(noisy, query_ids, gallery_ids)
+    difference, low, high = identity_bootstrap_difference(better, worse)
+    assert difference == pytest.approx(better["ib_map"] - worse["ib_map"]) and 0 < low <= difference <= high
+    assert identity_bootstrap_difference(worse, worse) == (0.0, 0.0, 0.0)
+    fewer = retrieval_metrics(noisy[:6], query_ids[:6], gallery_ids)
+    with pytest.raises(ValueError, match="same query identities"):
+        identity_bootstrap_difference(better, fewer)
 
 
 def test_checkpoint_round_trip_and_cache(tmp_path, tiny_checkpoint, snow_subset_csv):

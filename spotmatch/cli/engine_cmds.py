@@ -35,7 +35,7 @@ def calibrate(
     from spotmatch.data.tables import load_dataset
     from spotmatch.engine import calibrate as calibration
     from spotmatch.engine.engine import EngineConfig
-    from spotmatch.evaluation.protocol import format_table
+    from spotmatch.evaluation.protocol import format_comparisons, format_table
     from spotmatch.evaluation.run import split_for
     from spotmatch.global_embed.embed import Embedder
     from spotmatch.io import atomic_path
@@ -54,6 +54,7 @@ def calibrate(
         f"data: {data} ({len(dataset)} images); {origin}; local: {extractor}, top-{top_k}, masks: {local_masks or 'as the checkpoint'}; calibration: {method}, "
         f"balance: {balance}, cross-validated over query identities",
         format_table(result["retrieval"]),
+        format_comparisons(result["comparisons"]),
         calibration.format_quality(result["quality"]),
     ])
     with atomic_path(out_dir / "calibration.md") as tmp:

@@ -211,7 +211,7 @@ def evaluate(
     """Identity-balanced mAP, mAP, top-1/5 and pair ROC-AUC on a held-out split, per view."""
     from spotmatch.data.splits import SplitConfig
     from spotmatch.data.tables import load_dataset
-    from spotmatch.evaluation.protocol import format_table
+    from spotmatch.evaluation.protocol import compare_models, format_comparisons, format_table
     from spotmatch.evaluation.run import EvaluatedModel, evaluate_models, split_for
     from spotmatch.global_embed.checkpoint import read_checkpoint
     from spotmatch.global_embed.embed import Embedder
@@ -233,6 +233,8 @@ def evaluate(
         models.append(EvaluatedModel(f"{path}", Embedder.from_checkpoint(path, run).embed))
     results = evaluate_models(dataset, split, used_split_by, models)
     table = format_table(results)
+    if len(models) > 1:  # every model against the first, with intervals: is the gain more than the animals drawn?
+        table += "\n\n" + format_comparisons(compare_models(results, [(m.name, models[0].name) for m in models[1:]]))
     typer.echo(f"data: {data} ({len(dataset)} images, {dataset.table['identity'].nunique()} identities); {origin}")
     typer.echo(table)
     if out:

@@ -7,7 +7,8 @@ On the checkpoint's own held-out split (validation queries never trained on):
 3. fused probabilities by cross-validation grouped by the query's identity: a pair's probability
    comes from a calibrator that never saw its query animal;
 4. IB-mAP per view for global-only, local-only (top-K re-ranked by local score), fused and fused +
-   re-ranking; ECE, Brier and log loss of the held-out probabilities; a reliability diagram;
+   re-ranking, with 95% intervals for fused minus each single source (query identities resampled);
+   ECE (plain and identity-balanced), Brier and log loss of the held-out probabilities; a reliability diagram;
 5. the final calibrator, fit on all pairs, saved with its decision threshold.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sklearn.model_selection import GroupKFold
 from spotmatch.data.tables import Dataset
 from spotmatch.engine.engine import EngineConfig, build_local, scorer_name
 from spotmatch.errors import SpotmatchError
-from spotmatch.evaluation.protocol import Protocol, build_protocol, evaluate_protocol
+from spotmatch.evaluation.protocol import Protocol, build_protocol, compare_models, evaluate_protocol
 from spotmatch.fusion.calibration import FusionModel
 from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import calibration_report, reliability_diagram, threshold_for_precision
@@ -149,7 +150,8 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     plain = frames["plain"]
     rankings = {"global only": similarities["plain"]}
     local_only = np.where(plain["global_rank"] < k, 10.0 + plain["local_score"].fillna(0) + 1e-3 * plain["cosine"], plain["cosine"])
-    rankings[f"local only (top-{k} re-ranked)"] = as_matrix(plain, local_only, shape)
+    local_name = f"local only (top-{k} re-ranked)"
+    rankings[local_name] = as_matrix(plain, local_only, shape)
     held_out_probability = {}
     for name, frame in frames.items():
         held_out_probability[name] = cross_validated_probability(frame, conf)
@@ -161,12 +163,15 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     identity_of_rows = identities.copy()
     retrieval = {name: evaluate_protocol(np.where(allowed, matrix, -np.inf), identity_of_rows, protocol)
                  for name, matrix in rankings.items()}
+    comparisons = compare_models(retrieval, [("fused", "global only"), ("fused", local_name)])
 
     labels = plain["label"].to_numpy()
+    balanced_weight = pair_weights(plain, "identity")
     probability = held_out_probability["plain"]
     shortlisted = (plain["global_rank"] < k).to_numpy()
-    quality = {"all pairs": calibration_report(probability, labels),
-               f"top-{k} pairs": calibration_report(probability[shortlisted], labels[shortlisted])}
+    quality = {"all pairs": calibration_report(probability, labels, balanced_weight),
+               f"top-{k} pairs": calibration_report(probability[shortlisted], labels[shortlisted], balanced_weight[shortlisted])}
+    quality["by query identity"] = calibration_by_identity(plain, probability)
     threshold = threshold_for_precision(probability, labels, conf.target_precision)
     calls = probability >= threshold
     quality["decision"] = {"threshold": threshold, "target_precision": conf.target_precision,
@@ -180,14 +185,27 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     diagram = reliability_diagram({"all pairs": (probability, labels),
                                    f"top-{k} pairs": (probability[shortlisted], labels[shortlisted])},
                                   out_dir / "reliability.png")
-    return {"retrieval": retrieval, "quality": quality, "fusion_path": fusion_path, "diagram": diagram}
+    return {"retrieval": retrieval, "comparisons": comparisons, "quality": quality, "fusion_path": fusion_path, "diagram": diagram}
+
+
+def calibration_by_identity(frame: pd.DataFrame, probability: np.ndarray) -> dict[str, dict]:
+    """Per query animal: its pairs, the share that are matches, and the mean held-out probability. A gap
+    between the two is what the plain ECE counts and the identity-balanced one evens out."""
+    table = pd.DataFrame({"identity": frame["query_identity"].astype(str), "label": frame["label"], "probability": probability})
+    grouped = table.groupby("identity").agg(pairs=("label", "size"), match_rate=("label", "mean"), mean_probability=("probability", "mean"))
+    return {identity: {"pairs": int(row.pairs), "match_rate": float(row.match_rate), "mean_probability": float(row.mean_probability)}
+            for identity, row in grouped.sort_values("pairs", ascending=False).iterrows()}
 
 
 def format_quality(quality: dict) -> str:
-    lines = ["| pairs (held-out identities) | n | positives | ECE | Brier | log loss |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| pairs (held-out identities) | n | positives | ECE | ECE, identity-balanced | Brier | log loss |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, q in quality.items():
-        if name != "decision":
-            lines.append(f"| {name} | {q['pairs']} | {q['positives']} | {q['ece']:.4f} | {q['brier']:.4f} | {q['log_loss']:.4f} |")
+        if name not in ("decision", "by query identity"):
+            lines.append(f"| {name} | {q['pairs']} | {q['positives']} | {q['ece']:.4f} | {q['ece_balanced']:.4f} | {q['brier']:.4f} | {q['log_loss']:.4f} |")
+    lines += ["", "| query animal | pairs | share that match | mean held-out probability |", "|---|---:|---:|---:|"]
+    lines += [f"| {identity} | {q['pairs']} | {q['match_rate']:.3f} | {q['mean_probability']:.3f} |"
+              for identity, q in quality["by query identity"].items()]
     d = quality["decision"]
     lines.append("")
     if np.isnan(d["precision"]):

@@ -3,6 +3,10 @@
 For each query, the average precision of its gallery ranked by similarity; the mean over the queries
 of each identity; the mean over identities. Queries with no true match among their allowed gallery
 are left out (they have no AP), and counted in `n_queries_without_match`.
+
+Ties are broken against the query: among equal scores the wrong identities rank first. A scorer that
+gives many pairs one value (an isotonic calibrator's steps, a saturated probability) would otherwise be
+credited with the gallery's file order, which is often sorted by identity.
 """
 from __future__ import annotations
 
@@ -12,9 +16,13 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 
+def ranked_relevance(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """`relevant` in ranking order, best score first, ties broken against the query."""
+    return relevant[np.lexsort((relevant, -scores))]
+
+
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
-    order = np.argsort(-scores, kind="stable")
-    hits = relevant[order]
+    hits = ranked_relevance(scores, relevant)
     ranks_of_hits = np.flatnonzero(hits) + 1
     return float(np.mean(np.arange(1, len(ranks_of_hits) + 1) / ranks_of_hits))
 
@@ -36,7 +44,7 @@ def retrieval_metrics(similarity: np.ndarray, query_ids, gallery_ids, allowed: n
             without_match += 1
             continue
         per_identity[query_ids[q]].append(average_precision(scores, relevant))
-        ranked = relevant[np.argsort(-scores, kind="stable")]
+        ranked = ranked_relevance(scores, relevant)
         top1.append(ranked[0])
         top5.append(ranked[:5].any())
     all_ap = [ap for aps in per_identity.values() for ap in aps]
@@ -51,4 +59,18 @@ def retrieval_metrics(similarity: np.ndarray, query_ids, gallery_ids, allowed: n
         "n_queries": len(all_ap),
         "n_identities": len(per_identity),
         "n_queries_without_match": without_match,
+        "identity_ap": {identity: float(np.mean(aps)) for identity, aps in per_identity.items()},
     }
+
+
+def identity_bootstrap_difference(first: dict, second: dict, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """IB-mAP of `first` minus `second` (two `retrieval_metrics` results on the same queries) and its 95%
+    interval from resampling the query identities with replacement. Paired: a resample draws the same
+    animals for both, so what one animal finds easy or hard cancels out."""
+    identities = sorted(first["identity_ap"])
+    if sorted(second["identity_ap"]) != identities:
+        raise ValueError("both rankings must be evaluated on the same query identities")
+    differences = np.array([first["identity_ap"][i] - second["identity_ap"][i] for i in identities])
+    draws = np.random.default_rng(seed).integers(0, len(differences), size=(resamples, len(differences)))
+    low, high = np.percentile(differences[draws].mean(axis=1), [2.5, 97.5])
+    return float(differences.mean()), float(low), float(high)

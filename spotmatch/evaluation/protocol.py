@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from spotmatch.evaluation.metrics import retrieval_metrics
+from spotmatch.evaluation.metrics import identity_bootstrap_difference, retrieval_metrics
 
 
 @dataclass
@@ -55,4 +55,21 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
         for model, views in results.items()
         for view, m in views.items()
     ]
+    return "\n".join([header, *rows])
+
+
+def compare_models(results: dict[str, dict[str, dict]], pairs: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, tuple]]:
+    """For each (model, other model): per view, IB-mAP of the first minus the second with its 95% interval
+    over the query identities (both ranked the same queries)."""
+    return {(first, second): {view: identity_bootstrap_difference(results[first][view], results[second][view])
+                              for view in results[first]}
+            for first, second in pairs}
+
+
+def format_comparisons(comparisons: dict[tuple[str, str], dict[str, tuple]]) -> str:
+    header = ("| model | minus | view | IB-mAP difference | 95% interval (query identities resampled) |\n"
+              "|---|---|---|---:|---|")
+    rows = [f"| {first} | {second} | {view} | {difference:+.3f} | {low:+.3f} to {high:+.3f} |"
+            for (first, second), views in comparisons.items()
+            for view, (difference, low, high) in views.items()]
     return "\n".join([header, *rows])

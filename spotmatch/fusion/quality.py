@@ -9,24 +9,31 @@ from sklearn.metrics import brier_score_loss, log_loss, precision_recall_curve
 from spotmatch.io import atomic_path
 
 
-def expected_calibration_error(probability: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """Mean |accuracy - confidence| over equal-width bins, weighted by the share of pairs in each."""
+def expected_calibration_error(probability: np.ndarray, labels: np.ndarray, bins: int = 15,
+                               weight: np.ndarray | None = None) -> float:
+    """Mean |accuracy - confidence| over equal-width bins, weighted by each bin's share of the pairs
+    (or of the pairs' `weight`)."""
+    weight = np.ones(len(labels)) if weight is None else np.asarray(weight, dtype=float)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(probability, edges[1:-1]), 0, bins - 1)
     error = 0.0
     for b in range(bins):
         inside = which == b
         if inside.any():
-            error += inside.mean() * abs(labels[inside].mean() - probability[inside].mean())
+            share = weight[inside].sum() / weight.sum()
+            error += share * abs(np.average(labels[inside], weights=weight[inside]) - np.average(probability[inside], weights=weight[inside]))
     return float(error)
 
 
-def calibration_report(probability: np.ndarray, labels: np.ndarray) -> dict:
+def calibration_report(probability: np.ndarray, labels: np.ndarray, balanced_weight: np.ndarray) -> dict:
+    """`balanced_weight`: identity-balanced pair weights. Their ECE asks whether the probabilities hold
+    for an even mix of animals; the plain ECE also counts how unevenly the photos are spread over them."""
     labels = np.asarray(labels, dtype=int)
     clipped = np.clip(probability, 1e-6, 1 - 1e-6)
     return {"pairs": int(len(labels)), "positives": int(labels.sum()),
-            "ece": expected_calibration_error(probability, labels), "brier": float(brier_score_loss(labels, probability)),
-            "log_loss": float(log_loss(labels, clipped, labels=[0, 1]))}
+            "ece": expected_calibration_error(probability, labels),
+            "ece_balanced": expected_calibration_error(probability, labels, weight=balanced_weight),
+            "brier": float(brier_score_loss(labels, probability)), "log_loss": float(log_loss(labels, clipped, labels=[0, 1]))}
 
 
 def threshold_for_precision(probability: np.ndarray, labels: np.ndarray, precision: float) -> float:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Re-runs every `spotmatch calibrate` whose table is quoted in docs/fusion.md and the README, and copies
+# each calibration.md to docs/results/. Needs the checkpoints the docs' training commands write under
+# runs/ (and the U-Net of docs/segmentation.md); embeddings and keypoints come from .cache/spotmatch,
+# so a re-run takes minutes once they are cached. Usage: bash scripts/calibration_tables.sh [NAME ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SNOW=../shared/datasets/snowleopard/labels.csv
+NYALA=../shared/datasets/nyala/labels.csv
+UNET=unet:runs/seg-lite0-gpu/unet.pt
+
+# name | data | checkpoint | out dir | extra flags | reliability diagram kept in docs/img
+TABLES="
+snow-calibration|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu||snow-reliability.png
+snow-calibration-unweighted|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/unweighted|--balance none
+snow-calibration-top100|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/top100|--top-k 100
+snow-20ep-calibration|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep|
+snow-20ep-calibration-unweighted|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/unweighted|--balance none
+snow-calibration-unet-local|$SNOW|runs/snow-cpu-masked/best.pt|runs/snow-cpu-masked|--local-masks $UNET
+snow-calibration-unet-embedder|$SNOW|runs/snow-cpu-unet/best.pt|runs/snow-cpu-unet|
+snow-calibration-unet-embedder-unweighted|$SNOW|runs/snow-cpu-unet/best.pt|runs/snow-cpu-unet/unweighted|--balance none
+nyala-calibration|$NYALA|runs/nyala-cpu/best.pt|runs/nyala-cpu||nyala-reliability.png
+nyala-calibration-unweighted|$NYALA|runs/nyala-cpu/best.pt|runs/nyala-cpu/unweighted|--balance none
+nyala-10ep-calibration|$NYALA|runs/nyala-cpu-10ep/best.pt|runs/nyala-cpu-10ep|
+nyala-10ep-calibration-unweighted|$NYALA|runs/nyala-cpu-10ep/best.pt|runs/nyala-cpu-10ep/unweighted|--balance none
+nyala-20ep-calibration|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep|
+nyala-20ep-calibration-unweighted|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/unweighted|--balance none
+"
+wanted=" $* "
+while IFS='|' read -r name data checkpoint out_dir extra diagram; do
+    [[ -z "$name" ]] && continue
+    [[ $# -gt 0 && "$wanted" != *" $name "* ]] && continue
+    echo "== $name"
+    # shellcheck disable=SC2086  # extra holds several flags
+    .venv/bin/spotmatch calibrate --data "$data" --checkpoint "$checkpoint" --out-dir "$out_dir" $extra >/dev/null
+    cp "$out_dir/calibration.md" "docs/results/$name.md"
+    if [[ -n "$diagram" ]]; then cp "$out_dir/reliability.png" "docs/img/$diagram"; fi
+done <<< "$TABLES"
