@@ -86,6 +86,25 @@ def test_identity_balanced_ece_separates_calibration_from_photo_counts():
     assert expected_calibration_error(probability, labels, weight=balanced_weight) == pytest.approx(0.0)
 
 
+def test_identify_threshold_counts_photos_of_missing_animals():
+    from spotmatch.engine.calibrate import CalibrateConfig, identify_decision
+
+    # best candidate per photo with its animal in the gallery (label: named right) and taken out (never right)
+    known = pd.DataFrame({"probability": [0.9, 0.8, 0.7, 0.3], "label": [1, 1, 0, 1]})
+    new = pd.DataFrame({"probability": [0.75, 0.2, 0.1, 0.05], "label": [0, 0, 0, 0]})
+    # without missing animals, p >= 0.3 names 3 of 4 right (precision 0.75 >= 0.65) ...
+    assert identify_decision(known, new, 0.65, new_share=0.0)["threshold"] == pytest.approx(0.3)
+    # ... but when half the photos show missing animals, the one scored 0.75 must stay unnamed
+    decision = identify_decision(known, new, 0.65, new_share=0.5)
+    assert decision["threshold"] == pytest.approx(0.75)
+    assert (decision["known_named_right"], decision["known_named_wrong"], decision["known_called_new"], decision["new_named"]) == \
+        pytest.approx((0.5, 0.0, 0.5, 0.25))
+    assert (decision["best"]["threshold"], decision["best"]["precision"]) == pytest.approx((0.8, 1.0))  # the lowest at the top
+    assert identify_decision(known.assign(label=0), new, 0.65, new_share=0.5)["threshold"] == 1.0  # never right: never name
+    with pytest.raises(SpotmatchError, match="--new-share 1.0: must be at least 0 and below 1"):
+        CalibrateConfig(new_share=1.0)
+
+
 def test_sample_weights_change_the_fit():
     table, labels = synthetic_pairs(seed=2)
     features = pair_features(table)

@@ -22,6 +22,7 @@ def calibrate(
     local_masks: Optional[str] = typer.Option(None, help="Keypoints only inside masks from: alpha, teacher, unet:CKPT, none (default: the checkpoint's mask source)."),
     method: str = typer.Option("logistic", help="logistic or isotonic."),
     target_precision: float = typer.Option(0.9, help="Precision the 'same individual' threshold must reach."),
+    new_share: float = typer.Option(0.5, help="Share of photos of animals missing from the gallery that `identify` is expected to meet; sets its threshold."),
     balance: str = typer.Option("identity", help="identity: every query animal, and within a query every gallery animal, weighs the same in the fit (as in identity-balanced mAP); none: every pair the same."),
     rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Also measure query expansion and k-reciprocal re-ranking."),
     split_by: str = typer.Option("identity", help="When the checkpoint was not trained on this table: identity or a group column."),
@@ -47,7 +48,7 @@ def calibrate(
     run = _embed_config(32, device, False, num_workers, cache_dir)
     engine_conf = EngineConfig(shortlist_k=top_k, extractor=extractor, local_workers=num_workers, masks=local_masks,
                                cache_dir=cache_root(cache_dir))
-    conf = calibration.CalibrateConfig(method=method, target_precision=target_precision, balance=balance,
+    conf = calibration.CalibrateConfig(method=method, target_precision=target_precision, balance=balance, new_share=new_share,
                                        rerankers=("qe", "k-reciprocal") if rerank else ())
     result = calibration.main(dataset, split, used_split_by, Embedder.from_checkpoint(checkpoint, run), engine_conf, conf, out_dir)
     report = "\n\n".join([

@@ -9,7 +9,9 @@ On the checkpoint's own held-out split (validation queries never trained on):
 4. IB-mAP per view for global-only, local-only (top-K re-ranked by local score), fused and fused +
    re-ranking, with 95% intervals for fused minus each single source (query identities resampled);
    ECE (plain and identity-balanced), Brier and log loss of the held-out probabilities; a reliability diagram;
-5. the final calibrator, fit on all pairs, saved with its decision threshold.
+5. the final calibrator, fit on all pairs, saved with the threshold for `identify`'s decision (name the
+   best candidate, or "new individual"), set on held-out photos of animals in the gallery and of
+   animals taken out of it.
 """
 from __future__ import annotations
 
@@ -41,10 +43,15 @@ class CalibrateConfig:
     # identity-balanced mAP; so one animal that owns half the photos (snow leopards' Cat1) does not set
     # the calibration for all others. "none": every pair weighs the same.
     balance: str = "identity"
+    # `identify` names the best candidate or says "new individual"; its threshold is set on that decision,
+    # over photos of catalogued animals and of animals missing from the gallery, mixed in this proportion.
+    new_share: float = 0.5
 
-    def __post_init__(self):
-        if self.balance not in BALANCES:  # checked before any image is embedded
+    def __post_init__(self):  # checked before any image is embedded
+        if self.balance not in BALANCES:
             raise SpotmatchError(f"--balance {self.balance}: unknown weighting; use {' or '.join(BALANCES)}")
+        if not 0 <= self.new_share < 1:
+            raise SpotmatchError(f"--new-share {self.new_share}: must be at least 0 and below 1")
 
 
 BALANCES = ("identity", "none")
@@ -106,17 +113,57 @@ def pair_frame(similarity: np.ndarray, ranks: np.ndarray, allowed: np.ndarray, s
     return frame
 
 
-def cross_validated_probability(frame: pd.DataFrame, conf: CalibrateConfig) -> np.ndarray:
+def fold_models(frame: pd.DataFrame, conf: CalibrateConfig):
+    """For each fold grouped by query identity: (the fold's held-out query identities, the fusion fit
+    on the other pairs)."""
     features, labels, groups = pair_features(frame), frame["label"].to_numpy(), frame["query_identity"].to_numpy()
     weights = pair_weights(frame, conf.balance)
     folds = min(conf.folds, len(np.unique(groups)))
     if folds < 2:
         raise SpotmatchError("calibration needs held-out queries of at least 2 identities; use a larger validation split")
-    probability = np.empty(len(frame))
     for fit_rows, held_out in GroupKFold(n_splits=folds).split(features, labels, groups):
-        model = FusionModel.new(conf.method).fit(features.iloc[fit_rows], labels[fit_rows], weights[fit_rows])
-        probability[held_out] = model.predict_proba(features.iloc[held_out])
+        yield np.unique(groups[held_out]), FusionModel.new(conf.method).fit(features.iloc[fit_rows], labels[fit_rows], weights[fit_rows])
+
+
+def cross_validated_probability(frame: pd.DataFrame, conf: CalibrateConfig, pairs: pd.DataFrame | None = None) -> np.ndarray:
+    """Each pair of `pairs` (default: `frame`'s own) scored by the fusion fit on `frame` without the
+    pair's query animal."""
+    pairs = frame if pairs is None else pairs
+    features, probability = pair_features(pairs), np.full(len(pairs), np.nan)
+    for held_out_identities, model in fold_models(frame, conf):
+        rows = pairs["query_identity"].isin(held_out_identities).to_numpy()
+        if rows.any():
+            probability[rows] = model.predict_proba(features[rows])
     return probability
+
+
+def best_per_query(frame: pd.DataFrame, probability: np.ndarray) -> pd.DataFrame:
+    """Per query, its most probable pair: what `identify` names (columns probability, label)."""
+    table = pd.DataFrame({"q": frame["q"].to_numpy(), "probability": probability, "label": frame["label"].to_numpy()})
+    return table.sort_values("probability", ascending=False, kind="stable").drop_duplicates("q")
+
+
+def identify_decision(known: pd.DataFrame, new: pd.DataFrame, target_precision: float, new_share: float) -> dict:
+    """The threshold at which `identify`'s named animals reach `target_precision`, from the best pair of
+    each query with its animal in the gallery (`known`) and without it (`new`, never right), the two
+    weighed as `new_share` says; then what that threshold does to each kind of photo."""
+    probability = np.concatenate([known["probability"], new["probability"]])
+    correct = np.concatenate([known["label"], np.zeros(len(new), int)])
+    weight = np.concatenate([np.full(len(known), (1 - new_share) / max(len(known), 1)), np.full(len(new), new_share / max(len(new), 1))])
+    threshold = threshold_for_precision(probability, correct, target_precision, weight) if correct.any() else 1.0
+    right = known["label"].to_numpy() == 1
+
+    def outcome(at: float) -> dict:
+        named = known["probability"].to_numpy() >= at
+        named_precision = np.average(correct[probability >= at], weights=weight[probability >= at]) if (probability >= at).any() else float("nan")
+        return {"threshold": float(at), "precision": float(named_precision), "known_named_right": float(np.mean(named & right)),
+                "known_named_wrong": float(np.mean(named & ~right)), "known_called_new": float(np.mean(~named)),
+                "new_named": float(np.mean(new["probability"].to_numpy() >= at))}
+
+    # Where the target is out of reach, the best precision any threshold gives tells what to ask for instead.
+    best = max((outcome(at) for at in np.unique(probability)), key=lambda o: (o["precision"], -o["threshold"]))
+    return {**outcome(threshold), "target_precision": target_precision, "new_share": new_share,
+            "known_photos": len(known), "new_photos": len(new), "best": best}
 
 
 def as_matrix(frame: pd.DataFrame, values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -140,9 +187,13 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     allowed = protocol.views["all"]
     ranks = {name: ranks_within(s, allowed) for name, s in similarities.items()}
 
+    # What a photo of an animal missing from the gallery meets: every query against the other animals.
+    allowed_new = allowed & (query_ids[:, None] != gallery_ids[None, :])
+    ranks_new = ranks_within(similarities["plain"], allowed_new)
+
     scorer = build_local(engine_conf, embedder.conf.masks)
     k = engine_conf.shortlist_k
-    needed = {(q, g) for r in ranks.values() for q, g in zip(*np.nonzero((r < k) & allowed))}
+    needed = {(q, g) for r, a in [*((r, allowed) for r in ranks.values()), (ranks_new, allowed_new)] for q, g in zip(*np.nonzero((r < k) & a))}
     evidence = local_evidence(scorer, paths, protocol, needed)
 
     shape = allowed.shape
@@ -177,9 +228,14 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     quality["decision"] = {"threshold": threshold, "target_precision": conf.target_precision,
                            "precision": float(labels[calls].mean()) if calls.any() else float("nan"),
                            "recall": float(calls[labels == 1].mean()) if labels.any() else float("nan")}
+    new_frame = pair_frame(similarities["plain"], ranks_new, allowed_new, k, evidence, query_ids, gallery_ids)
+    quality["identify"] = identify_decision(best_per_query(plain, probability),
+                                            best_per_query(new_frame, cross_validated_probability(plain, conf, new_frame)),
+                                            conf.target_precision, conf.new_share)
 
+    # The saved threshold serves `identify`, so it is the one set on identify's own decision.
     fusion = FusionModel.new(conf.method, embedder_id=embedder.model_id, extractor=scorer_name(scorer),
-                             threshold=threshold, target_precision=conf.target_precision, quality=quality)
+                             threshold=quality["identify"]["threshold"], target_precision=conf.target_precision, quality=quality)
     fusion.fit(pair_features(plain), labels, pair_weights(plain, conf.balance))
     fusion_path = fusion.save(out_dir / "fusion.json")
     diagram = reliability_diagram({"all pairs": (probability, labels),
@@ -201,7 +257,7 @@ def format_quality(quality: dict) -> str:
     lines = ["| pairs (held-out identities) | n | positives | ECE | ECE, identity-balanced | Brier | log loss |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, q in quality.items():
-        if name not in ("decision", "by query identity"):
+        if name not in ("decision", "identify", "by query identity"):
             lines.append(f"| {name} | {q['pairs']} | {q['positives']} | {q['ece']:.4f} | {q['ece_balanced']:.4f} | {q['brier']:.4f} | {q['log_loss']:.4f} |")
     lines += ["", "| query animal | pairs | share that match | mean held-out probability |", "|---|---:|---:|---:|"]
     lines += [f"| {identity} | {q['pairs']} | {q['match_rate']:.3f} | {q['mean_probability']:.3f} |"
@@ -209,9 +265,23 @@ def format_quality(quality: dict) -> str:
     d = quality["decision"]
     lines.append("")
     if np.isnan(d["precision"]):
-        lines.append(f"No probability threshold reaches precision {d['target_precision']} on the held-out pairs: "
-                     f"the saved threshold (1.0) never calls 'same individual'; lower --target-precision.")
+        lines.append(f"Pairs: no probability threshold reaches precision {d['target_precision']} over all held-out pairs.")
     else:
-        lines.append(f"Decision threshold for precision >= {d['target_precision']}: p >= {d['threshold']:.3f} "
-                     f"(held-out precision {d['precision']:.3f}, recall {d['recall']:.3f}).")
+        lines.append(f"Pairs: p >= {d['threshold']:.3f} reaches precision {d['target_precision']} over all held-out pairs "
+                     f"(precision {d['precision']:.3f}, recall {d['recall']:.3f}).")
+    i = quality["identify"]
+    lines.append("")
+    lines.append(f"`identify` (the best candidate per photo; {i['known_photos']} photos of animals in the gallery, and the same "
+                 f"photos with their animal taken out, weighed {1 - i['new_share']:g} : {i['new_share']:g}):")
+    def effect(o: dict) -> str:
+        return (f"photos of animals in the gallery: {o['known_named_right']:.1%} named right, {o['known_named_wrong']:.1%} named wrong, "
+                f"{o['known_called_new']:.1%} called new; photos of missing animals: {o['new_named']:.1%} given a name")
+
+    if i["threshold"] >= 1.0:
+        b = i["best"]
+        lines.append(f"no threshold reaches precision {i['target_precision']}; the saved threshold (1.0) answers 'new individual' "
+                     f"to every photo. The best precision, {b['precision']:.3f}, comes at p >= {b['threshold']:.3f} ({effect(b)}); "
+                     f"--target-precision below it sets a threshold.")
+    else:
+        lines.append(f"saved threshold p >= {i['threshold']:.3f} for precision {i['target_precision']} ({effect(i)}).")
     return "\n".join(lines)

@@ -36,9 +36,10 @@ def calibration_report(probability: np.ndarray, labels: np.ndarray, balanced_wei
             "brier": float(brier_score_loss(labels, probability)), "log_loss": float(log_loss(labels, clipped, labels=[0, 1]))}
 
 
-def threshold_for_precision(probability: np.ndarray, labels: np.ndarray, precision: float) -> float:
+def threshold_for_precision(probability: np.ndarray, labels: np.ndarray, precision: float,
+                            sample_weight: np.ndarray | None = None) -> float:
     """The lowest probability threshold whose "same individual" calls reach `precision` (1.0 if none)."""
-    precisions, _, thresholds = precision_recall_curve(labels, probability)
+    precisions, _, thresholds = precision_recall_curve(labels, probability, sample_weight=sample_weight)
     reaching = np.flatnonzero(precisions[:-1] >= precision)
     return float(thresholds[reaching[0]]) if reaching.size else 1.0
 
