@@ -193,7 +193,8 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
 
     scorer = build_local(engine_conf, embedder.conf.masks)
     k = engine_conf.shortlist_k
-    needed = {(q, g) for r, a in [*((r, allowed) for r in ranks.values()), (ranks_new, allowed_new)] for q, g in zip(*np.nonzero((r < k) & a))}
+    shortlists = [(r, allowed) for r in ranks.values()] + [(ranks_new, allowed_new)]
+    needed = {(q, g) for r, a in shortlists for q, g in zip(*np.nonzero((r < k) & a))}
     evidence = local_evidence(scorer, paths, protocol, needed)
 
     shape = allowed.shape
@@ -253,6 +254,11 @@ def calibration_by_identity(frame: pd.DataFrame, probability: np.ndarray) -> dic
             for identity, row in grouped.sort_values("pairs", ascending=False).iterrows()}
 
 
+def describe_outcome(outcome: dict) -> str:
+    return (f"photos of animals in the gallery: {outcome['known_named_right']:.1%} named right, {outcome['known_named_wrong']:.1%} "
+            f"named wrong, {outcome['known_called_new']:.1%} called new; photos of missing animals: {outcome['new_named']:.1%} given a name")
+
+
 def format_quality(quality: dict) -> str:
     lines = ["| pairs (held-out identities) | n | positives | ECE | ECE, identity-balanced | Brier | log loss |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -273,15 +279,11 @@ def format_quality(quality: dict) -> str:
     lines.append("")
     lines.append(f"`identify` (the best candidate per photo; {i['known_photos']} photos of animals in the gallery, and the same "
                  f"photos with their animal taken out, weighed {1 - i['new_share']:g} : {i['new_share']:g}):")
-    def effect(o: dict) -> str:
-        return (f"photos of animals in the gallery: {o['known_named_right']:.1%} named right, {o['known_named_wrong']:.1%} named wrong, "
-                f"{o['known_called_new']:.1%} called new; photos of missing animals: {o['new_named']:.1%} given a name")
-
     if i["threshold"] >= 1.0:
         b = i["best"]
         lines.append(f"no threshold reaches precision {i['target_precision']}; the saved threshold (1.0) answers 'new individual' "
-                     f"to every photo. The best precision, {b['precision']:.3f}, comes at p >= {b['threshold']:.3f} ({effect(b)}); "
+                     f"to every photo. The best precision, {b['precision']:.3f}, comes at p >= {b['threshold']:.3f} ({describe_outcome(b)}); "
                      f"--target-precision below it sets a threshold.")
     else:
-        lines.append(f"saved threshold p >= {i['threshold']:.3f} for precision {i['target_precision']} ({effect(i)}).")
+        lines.append(f"saved threshold p >= {i['threshold']:.3f} for precision {i['target_precision']} ({describe_outcome(i)}).")
     return "\n".join(lines)
