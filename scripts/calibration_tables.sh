@@ -14,8 +14,10 @@ TABLES="
 snow-calibration|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu||snow-reliability.png
 snow-calibration-unweighted|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/unweighted|--balance none
 snow-calibration-top100|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/top100|--top-k 100
+snow-calibration-free-signs|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/free-signs|--free-signs
 snow-20ep-calibration|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep|
 snow-20ep-calibration-unweighted|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/unweighted|--balance none
+snow-20ep-calibration-free-signs|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/free-signs|--free-signs
 snow-calibration-unet-local|$SNOW|runs/snow-cpu-masked/best.pt|runs/snow-cpu-masked|--local-masks $UNET
 snow-calibration-unet-embedder|$SNOW|runs/snow-cpu-unet/best.pt|runs/snow-cpu-unet|
 snow-calibration-unet-embedder-unweighted|$SNOW|runs/snow-cpu-unet/best.pt|runs/snow-cpu-unet/unweighted|--balance none
@@ -25,6 +27,7 @@ nyala-10ep-calibration|$NYALA|runs/nyala-cpu-10ep/best.pt|runs/nyala-cpu-10ep|
 nyala-10ep-calibration-unweighted|$NYALA|runs/nyala-cpu-10ep/best.pt|runs/nyala-cpu-10ep/unweighted|--balance none
 nyala-20ep-calibration|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep|
 nyala-20ep-calibration-unweighted|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/unweighted|--balance none
+nyala-20ep-calibration-free-signs|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/free-signs|--free-signs
 "
 wanted=" $* "
 while IFS='|' read -r name data checkpoint out_dir extra diagram; do

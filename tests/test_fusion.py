@@ -105,6 +105,27 @@ def test_identify_threshold_counts_photos_of_missing_animals():
         CalibrateConfig(new_share=1.0)
 
 
+def test_a_worse_global_rank_never_raises_the_probability():
+    # Two kinds of query: of an animal with one gallery photo (its match tops the list), and of an animal
+    # that owns most of the gallery (matches at every rank, and many photos alike, so high cosines far down
+    # the list). Pooled, at a given cosine a worse rank goes with more matches; a free fit learns that and
+    # turns the order within a list upside down.
+    rng = np.random.default_rng(3)
+    rank = np.tile(np.arange(200), 40)
+    popular = np.repeat(np.arange(40) % 2 == 0, 200)
+    cosine = np.where(popular, 0.9 - 0.001 * rank, 0.6 - 0.002 * rank) + 0.02 * rng.normal(size=len(rank))
+    labels = np.where(popular, rng.random(len(rank)) < 0.7, rank == 0).astype(int)
+    table = pd.DataFrame({"cosine": cosine, "global_rank": rank})
+    features = pair_features(table)
+    one_list = pair_features(pd.DataFrame({"cosine": 0.8 - 0.002 * np.arange(200), "global_rank": np.arange(200)}))
+    free = FusionModel.new(monotone=False).fit(features, labels)
+    assert free.global_all.coef[GLOBAL_FEATURES.index("log_rank")] > 0  # what the constraint is there for
+    assert (np.diff(free.predict_proba(one_list, local_stage=False)) > 0).any()
+    model = FusionModel.new().fit(features, labels)
+    assert model.global_all.coef[GLOBAL_FEATURES.index("log_rank")] < 0
+    assert (np.diff(model.predict_proba(one_list, local_stage=False)) < 0).all()  # the embedding's order, no ties
+
+
 def test_sample_weights_change_the_fit():
     table, labels = synthetic_pairs(seed=2)
     features = pair_features(table)
@@ -134,6 +155,20 @@ def test_rerankers_put_same_cluster_first():
     for similarity in (queries @ gallery.T, query_expansion(queries, gallery), k_reciprocal_rerank(queries, gallery, k1=6, k2=3)):
         top = np.argsort(-similarity, axis=1)[:, :3]
         assert (truth[top] == np.arange(6)[:, None]).mean() >= 0.8
+
+
+def test_query_expansion_leaves_the_query_out_of_its_own_neighbours():
+    # Open set: the gallery is the queries themselves. Expanding a query with itself would only count it
+    # twice; with the pair disallowed, its expansion is the one against the gallery without it.
+    rng = np.random.default_rng(1)
+    photos = rng.normal(size=(12, 8))
+    photos /= np.linalg.norm(photos, axis=1, keepdims=True)
+    not_self = ~np.eye(12, dtype=bool)
+    expanded = query_expansion(photos, photos, allowed=not_self)
+    for i in (0, 5):
+        others = np.delete(np.arange(12), i)
+        np.testing.assert_allclose(expanded[i, others], query_expansion(photos[i:i + 1], photos[others])[0], rtol=1e-5)
+    assert not np.allclose(expanded[0, 1:], query_expansion(photos, photos)[0, 1:])
 
 
 def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv, tiny_checkpoint):

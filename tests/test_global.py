@@ -88,6 +88,20 @@ def test_bootstrap_difference_is_paired_over_identities():
         identity_bootstrap_difference(better, fewer)
 
 
+
+def test_animal_differences_name_the_animal_that_moves_ib_map():
+    from spotmatch.evaluation.protocol import format_animal_differences
+
+    query_ids, gallery_ids = np.repeat(["A", "B", "C"], 2), np.repeat(["A", "B", "C"], 4)
+    truth = query_ids[:, None] == gallery_ids[None, :]
+    noisy = np.random.default_rng(1).normal(size=truth.shape)
+    helped = noisy + 10.0 * (truth & (query_ids == "B")[:, None])  # only B's queries find their matches
+    results = {"new": {"all": retrieval_metrics(helped, query_ids, gallery_ids)},
+               "old": {"all": retrieval_metrics(noisy, query_ids, gallery_ids)}}
+    rows = format_animal_differences(results, [("new", "old")], top=1).splitlines()[2:]
+    assert len(rows) == 1 and rows[0].startswith("| new | old | all | B | 2 | 1.000 |")
+
+
 def test_checkpoint_round_trip_and_cache(tmp_path, tiny_checkpoint, snow_subset_csv):
     from spotmatch.data.tables import load_dataset
 

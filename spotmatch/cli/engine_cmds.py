@@ -24,6 +24,7 @@ def calibrate(
     target_precision: float = typer.Option(0.9, help="Precision the 'same individual' threshold must reach."),
     new_share: float = typer.Option(0.5, help="Share of photos of animals missing from the gallery that `identify` is expected to meet; sets its threshold."),
     balance: str = typer.Option("identity", help="identity: every query animal, and within a query every gallery animal, weighs the same in the fit (as in identity-balanced mAP); none: every pair the same."),
+    monotone: bool = typer.Option(True, "--monotone/--free-signs", help="A higher cosine never lowers the probability, a worse global rank never raises it (--free-signs: every weight free)."),
     rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Also measure query expansion and k-reciprocal re-ranking."),
     split_by: str = typer.Option("identity", help="When the checkpoint was not trained on this table: identity or a group column."),
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
@@ -36,7 +37,7 @@ def calibrate(
     from spotmatch.data.tables import load_dataset
     from spotmatch.engine import calibrate as calibration
     from spotmatch.engine.engine import EngineConfig
-    from spotmatch.evaluation.protocol import format_comparisons, format_table
+    from spotmatch.evaluation.protocol import format_animal_differences, format_comparisons, format_table
     from spotmatch.evaluation.run import split_for
     from spotmatch.global_embed.embed import Embedder
     from spotmatch.io import atomic_path
@@ -48,14 +49,16 @@ def calibrate(
     run = _embed_config(32, device, False, num_workers, cache_dir)
     engine_conf = EngineConfig(shortlist_k=top_k, extractor=extractor, local_workers=num_workers, masks=local_masks,
                                cache_dir=cache_root(cache_dir))
-    conf = calibration.CalibrateConfig(method=method, target_precision=target_precision, balance=balance, new_share=new_share,
-                                       rerankers=("qe", "k-reciprocal") if rerank else ())
+    conf = calibration.CalibrateConfig(method=method, target_precision=target_precision, balance=balance, new_share=new_share, monotone=monotone,
+                                       rerankers=calibration.CalibrateConfig.rerankers if rerank else ())
     result = calibration.main(dataset, split, used_split_by, Embedder.from_checkpoint(checkpoint, run), engine_conf, conf, out_dir)
     report = "\n\n".join([
         f"data: {data} ({len(dataset)} images); {origin}; local: {extractor}, top-{top_k}, masks: {local_masks or 'as the checkpoint'}; calibration: {method}, "
-        f"balance: {balance}, cross-validated over query identities",
+        f"balance: {balance}, signs: {'monotone' if monotone else 'free'}, cross-validated over query identities",
         format_table(result["retrieval"]),
         format_comparisons(result["comparisons"]),
+        "Query animals that move each difference most:",
+        format_animal_differences(result["retrieval"], list(result["comparisons"])),
         calibration.format_quality(result["quality"]),
     ])
     with atomic_path(out_dir / "calibration.md") as tmp:

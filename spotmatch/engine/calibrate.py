@@ -46,6 +46,9 @@ class CalibrateConfig:
     # `identify` names the best candidate or says "new individual"; its threshold is set on that decision,
     # over photos of catalogued animals and of animals missing from the gallery, mixed in this proportion.
     new_share: float = 0.5
+    # A higher cosine never lowers the probability and a worse global rank never raises it, so within a query
+    # the global evidence keeps its order (fusion.features.MONOTONE); False: every weight free.
+    monotone: bool = True
 
     def __post_init__(self):  # checked before any image is embedded
         if self.balance not in BALANCES:
@@ -69,10 +72,13 @@ def pair_weights(frame: pd.DataFrame, balance: str) -> np.ndarray:
     return weight * len(frame) / weight.sum()
 
 
-def global_similarities(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray, rerankers) -> dict[str, np.ndarray]:
+def global_similarities(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray, allowed: np.ndarray,
+                        rerankers) -> dict[str, np.ndarray]:
+    """Cosine, and each re-ranked similarity, per (query, gallery) pair; `allowed` marks the pairs that
+    exist (not a query with itself)."""
     variants = {"plain": query_embeddings @ gallery_embeddings.T}
     if "qe" in rerankers:
-        variants["qe"] = query_expansion(query_embeddings, gallery_embeddings)
+        variants["qe"] = query_expansion(query_embeddings, gallery_embeddings, allowed=allowed)
     if "k-reciprocal" in rerankers:
         variants["k-reciprocal"] = k_reciprocal_rerank(query_embeddings, gallery_embeddings)
     return variants
@@ -122,7 +128,7 @@ def fold_models(frame: pd.DataFrame, conf: CalibrateConfig):
     if folds < 2:
         raise SpotmatchError("calibration needs held-out queries of at least 2 identities; use a larger validation split")
     for fit_rows, held_out in GroupKFold(n_splits=folds).split(features, labels, groups):
-        yield np.unique(groups[held_out]), FusionModel.new(conf.method).fit(features.iloc[fit_rows], labels[fit_rows], weights[fit_rows])
+        yield np.unique(groups[held_out]), FusionModel.new(conf.method, conf.monotone).fit(features.iloc[fit_rows], labels[fit_rows], weights[fit_rows])
 
 
 def cross_validated_probability(frame: pd.DataFrame, conf: CalibrateConfig, pairs: pd.DataFrame | None = None) -> np.ndarray:
@@ -183,8 +189,8 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     rows = np.union1d(protocol.query_rows, protocol.gallery_rows)
     embeddings = np.zeros((len(dataset), embedder.dim), np.float32)
     embeddings[rows] = embedder.embed(list(paths[rows]))
-    similarities = global_similarities(embeddings[protocol.query_rows], embeddings[protocol.gallery_rows], conf.rerankers)
     allowed = protocol.views["all"]
+    similarities = global_similarities(embeddings[protocol.query_rows], embeddings[protocol.gallery_rows], allowed, conf.rerankers)
     ranks = {name: ranks_within(s, allowed) for name, s in similarities.items()}
 
     # What a photo of an animal missing from the gallery meets: every query against the other animals.
@@ -235,7 +241,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
                                             conf.target_precision, conf.new_share)
 
     # The saved threshold serves `identify`, so it is the one set on identify's own decision.
-    fusion = FusionModel.new(conf.method, embedder_id=embedder.model_id, extractor=scorer_name(scorer),
+    fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, extractor=scorer_name(scorer),
                              threshold=quality["identify"]["threshold"], target_precision=conf.target_precision, quality=quality)
     fusion.fit(pair_features(plain), labels, pair_weights(plain, conf.balance))
     fusion_path = fusion.save(out_dir / "fusion.json")

@@ -60,6 +60,7 @@ def retrieval_metrics(similarity: np.ndarray, query_ids, gallery_ids, allowed: n
         "n_identities": len(per_identity),
         "n_queries_without_match": without_match,
         "identity_ap": {identity: float(np.mean(aps)) for identity, aps in per_identity.items()},
+        "identity_queries": {identity: len(aps) for identity, aps in per_identity.items()},
     }
 
 

@@ -73,3 +73,18 @@ def format_comparisons(comparisons: dict[tuple[str, str], dict[str, tuple]]) -> 
             for (first, second), views in comparisons.items()
             for view, (difference, low, high) in views.items()]
     return "\n".join([header, *rows])
+
+
+def format_animal_differences(results: dict[str, dict[str, dict]], pairs: list[tuple[str, str]], top: int = 5) -> str:
+    """For each (model, other model) and view, the `top` query animals whose mean AP differs most between
+    the two: with a handful of animals, one of them can decide the sign of an IB-mAP difference."""
+    header = ("| model | minus | view | query animal | queries | AP model | AP minus | difference |\n"
+              "|---|---|---|---|---:|---:|---:|---:|")
+    rows = []
+    for first, second in pairs:
+        for view, metrics in results[first].items():
+            first_ap, second_ap = metrics["identity_ap"], results[second][view]["identity_ap"]
+            for identity in sorted(first_ap, key=lambda i: -abs(first_ap[i] - second_ap[i]))[:top]:
+                rows.append(f"| {first} | {second} | {view} | {identity} | {metrics['identity_queries'][identity]} | "
+                            f"{first_ap[identity]:.3f} | {second_ap[identity]:.3f} | {first_ap[identity] - second_ap[identity]:+.3f} |")
+    return "\n".join([header, *rows])

@@ -8,25 +8,30 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import minimize
+from scipy.special import expit, log_expit
 from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
 
 from spotmatch.errors import SpotmatchError
-from spotmatch.fusion.features import GLOBAL_FEATURES, LOCAL_FEATURES
+from spotmatch.fusion.features import GLOBAL_FEATURES, LOCAL_FEATURES, MONOTONE
 from spotmatch.io import atomic_path
 
 FUSION_FORMAT = "spotmatch.fusion"
 FUSION_VERSION = 1
+MIN_WEIGHT = 1e-3  # smallest magnitude of a sign-constrained weight (standardised feature)
 
 
 class Calibrator:
     """Probability of "same individual" from a few features. Logistic regression on standardised
-    features; with method="isotonic", a monotone map of the logistic score (fits curved reliability)."""
+    features, each weight named in `signs` kept to its sign; with method="isotonic", a monotone map of the
+    logistic score (fits curved reliability)."""
 
-    def __init__(self, feature_names: tuple[str, ...], method: str = "logistic", regularisation: float = 1.0):
+    def __init__(self, feature_names: tuple[str, ...], method: str = "logistic", regularisation: float = 1.0,
+                 signs: dict[str, int] | None = None):
         if method not in ("logistic", "isotonic"):
             raise SpotmatchError(f"unknown calibration method '{method}'; use logistic or isotonic")
         self.feature_names, self.method, self.regularisation = tuple(feature_names), method, regularisation
+        self.signs = {name: sign for name, sign in (signs or {}).items() if name in self.feature_names}
         self.mean = self.scale = self.coef = None
         self.intercept = 0.0
         self.isotonic: tuple[list[float], list[float]] | None = None
@@ -43,9 +48,9 @@ class Calibrator:
             raise SpotmatchError("calibration needs both same-individual and different-individual pairs; add labelled data")
         matrix = self._matrix(X)
         self.mean, self.scale = matrix.mean(axis=0), matrix.std(axis=0) + 1e-9
-        model = LogisticRegression(C=self.regularisation, max_iter=1000).fit((matrix - self.mean) / self.scale, y,
-                                                                              sample_weight=sample_weight)
-        self.coef, self.intercept = model.coef_[0], float(model.intercept_[0])
+        weight = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        self.coef, self.intercept = _monotone_logistic((matrix - self.mean) / self.scale, y, weight, self.regularisation,
+                                                       [self.signs.get(name, 0) for name in self.feature_names])
         if self.method == "isotonic":
             iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(self._score(X), y, sample_weight=sample_weight)
             self.isotonic = (iso.X_thresholds_.tolist(), iso.y_thresholds_.tolist())
@@ -57,20 +62,43 @@ class Calibrator:
         score = self._score(X)
         if self.isotonic is not None:
             return np.interp(score, *self.isotonic)
-        return 1.0 / (1.0 + np.exp(-score))
+        return expit(score)
 
     def to_dict(self) -> dict:
-        return {"features": list(self.feature_names), "method": self.method, "regularisation": self.regularisation,
+        return {"features": list(self.feature_names), "method": self.method, "regularisation": self.regularisation, "signs": self.signs,
                 "mean": self.mean.tolist(), "scale": self.scale.tolist(), "coef": self.coef.tolist(),
                 "intercept": self.intercept, "isotonic": self.isotonic}
 
     @classmethod
     def from_dict(cls, values: dict) -> "Calibrator":
-        calibrator = cls(tuple(values["features"]), values["method"], values["regularisation"])
+        calibrator = cls(tuple(values["features"]), values["method"], values["regularisation"], values.get("signs"))
         calibrator.mean, calibrator.scale = np.array(values["mean"]), np.array(values["scale"])
         calibrator.coef, calibrator.intercept = np.array(values["coef"]), values["intercept"]
         calibrator.isotonic = values["isotonic"]
         return calibrator
+
+
+def _monotone_logistic(features: np.ndarray, labels: np.ndarray, weight: np.ndarray, regularisation: float,
+                       signs: list[int]) -> tuple[np.ndarray, float]:
+    """L2-regularised weighted logistic regression (scikit-learn's objective: |w|^2 / 2 + C * weighted log
+    loss, intercept free) whose coefficient j has the sign signs[j] (0: free). scikit-learn's
+    LogisticRegression has no bounds, hence L-BFGS-B."""
+    n_features, sign = features.shape[1], np.asarray(signs)
+    target = 2 * labels - 1
+
+    def objective(params):
+        coef, intercept = params[:n_features], params[n_features]
+        margin = target * (features @ coef + intercept)
+        slope = -regularisation * weight * target * expit(-margin)
+        loss = 0.5 * coef @ coef - regularisation * weight @ log_expit(margin)
+        return loss, np.append(coef + features.T @ slope, slope.sum())
+
+    # Bounded a little away from 0: where the data would zero a weight, the order within a query stays the
+    # embedding's instead of becoming one long tie, which a consumer of the scores would break arbitrarily.
+    bounds = [(MIN_WEIGHT, None) if s > 0 else (None, -MIN_WEIGHT) if s < 0 else (None, None) for s in sign] + [(None, None)]
+    result = minimize(objective, np.zeros(n_features + 1), jac=True, method="L-BFGS-B", bounds=bounds,
+                      options={"maxiter": 1000})
+    return result.x[:n_features], float(result.x[n_features])
 
 
 @dataclass
@@ -89,9 +117,11 @@ class FusionModel:
     quality: dict = field(default_factory=dict)
 
     @classmethod
-    def new(cls, method: str = "logistic", **kwargs) -> "FusionModel":
-        return cls(Calibrator(LOCAL_FEATURES, method), Calibrator(GLOBAL_FEATURES, method),
-                   Calibrator(GLOBAL_FEATURES, method), **kwargs)
+    def new(cls, method: str = "logistic", monotone: bool = True, **kwargs) -> "FusionModel":
+        """`monotone`: each feature named in MONOTONE moves the probability only its way (free fit: False)."""
+        signs = MONOTONE if monotone else None
+        return cls(Calibrator(LOCAL_FEATURES, method, signs=signs), Calibrator(GLOBAL_FEATURES, method, signs=signs),
+                   Calibrator(GLOBAL_FEATURES, method, signs=signs), **kwargs)
 
     def fit(self, features: pd.DataFrame, labels: np.ndarray, sample_weight: np.ndarray | None = None) -> "FusionModel":
         labels = np.asarray(labels)

@@ -13,6 +13,13 @@ GLOBAL_FEATURES = ("cosine", "log_rank")
 # log_local_score (the sum of the inliers' match confidences) ranks a shortlist better than the inlier
 # count alone; kept beside it because the two disagree on pairs with many weak inliers.
 LOCAL_FEATURES = ("cosine", "log_rank", "log_inliers", "inlier_ratio", "log_matches", "log_local_score")
+# The direction each feature may move the probability (+1: never lowers it, -1: never raises it; absent:
+# free). Pooled over queries, a free fit learns signs from differences *between* queries: at a given
+# cosine, a worse global rank means many gallery photos scored higher, which happens to queries of an
+# animal with many photos; the rank then got a positive weight that works against the cosine within a list.
+# The local features stay free: they are nearly collinear, and their contrasts carry the evidence (log local
+# score minus log inliers is the inliers' mean match confidence), so their single signs mean nothing.
+MONOTONE = {"cosine": 1, "log_rank": -1}
 
 
 def pair_features(table: pd.DataFrame) -> pd.DataFrame:

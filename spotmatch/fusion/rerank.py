@@ -12,10 +12,12 @@ import numpy as np
 
 
 def query_expansion(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray, neighbours: int = 2,
-                    alpha: float = 3.0) -> np.ndarray:
-    """Similarity (q, g) after alpha-weighted expansion with each query's top `neighbours`."""
+                    alpha: float = 3.0, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Similarity (q, g) after alpha-weighted expansion with each query's top `neighbours` among the allowed
+    gallery images (default all; where the gallery holds the queries themselves, leave each query out)."""
     similarity = query_embeddings @ gallery_embeddings.T
-    top = np.argsort(-similarity, axis=1)[:, :neighbours]
+    candidates = similarity if allowed is None else np.where(allowed, similarity, -np.inf)
+    top = np.argsort(-candidates, axis=1)[:, :neighbours]
     weights = np.clip(np.take_along_axis(similarity, top, axis=1), 0, None) ** alpha
     expanded = query_embeddings + np.einsum("qn,qnd->qd", weights, gallery_embeddings[top])
     expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
