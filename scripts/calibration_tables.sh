@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SNOW=../shared/datasets/snowleopard/labels.csv
 NYALA=../shared/datasets/nyala/labels.csv
-UNET=unet:runs/seg-lite0-gpu/unet.pt
+# The U-Net from docs/segmentation.md's CPU command; UNET=unet:runs/seg-lite0-gpu/unet.pt for the GPU one.
+UNET=${UNET:-unet:runs/seg-lite0-cpu/unet.pt}
 
 # name | data | checkpoint | out dir | extra flags | reliability diagram kept in docs/img
 TABLES="
@@ -15,6 +16,8 @@ snow-calibration|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu||snow-reliability.png
 snow-calibration-unweighted|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/unweighted|--balance none
 snow-calibration-top100|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/top100|--top-k 100
 snow-calibration-free-signs|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/free-signs|--free-signs
+snow-seed1-calibration|$SNOW|runs/snow-cpu-seed1/best.pt|runs/snow-cpu-seed1|
+snow-seed2-calibration|$SNOW|runs/snow-cpu-seed2/best.pt|runs/snow-cpu-seed2|
 snow-20ep-calibration|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep|
 snow-20ep-calibration-unweighted|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/unweighted|--balance none
 snow-20ep-calibration-free-signs|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/free-signs|--free-signs

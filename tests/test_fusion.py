@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from spotmatch.errors import SpotmatchError
-from spotmatch.fusion.calibration import FusionModel
+from spotmatch.fusion.calibration import FusionModel, keep_shortlist_first
 from spotmatch.fusion.features import GLOBAL_FEATURES, LOCAL_FEATURES, pair_features
 from spotmatch.fusion.quality import expected_calibration_error, threshold_for_precision
 from spotmatch.fusion.rerank import k_reciprocal_rerank, query_expansion
@@ -126,6 +126,16 @@ def test_a_worse_global_rank_never_raises_the_probability():
     assert (np.diff(model.predict_proba(one_list, local_stage=False)) < 0).all()  # the embedding's order, no ties
 
 
+def test_unchecked_pairs_stay_below_their_querys_shortlist_in_order():
+    probability = np.array([0.50, 0.05, 0.20, 0.10, 0.01, 0.90, 0.30])
+    shortlisted = np.array([1, 1, 0, 0, 0, 1, 0], bool)
+    query = np.array(["a", "a", "a", "a", "a", "b", "b"])
+    kept = keep_shortlist_first(probability, shortlisted, query)
+    assert kept[shortlisted].tolist() == probability[shortlisted].tolist()  # the checked pairs keep their probability
+    assert kept[2:5].max() < 0.05 and kept[2] > kept[3] > kept[4]  # below query a's lowest checked pair, in order
+    assert kept[6] == 0.30  # query b's unchecked pair was already below its shortlist
+
+
 def test_sample_weights_change_the_fit():
     table, labels = synthetic_pairs(seed=2)
     features = pair_features(table)
@@ -182,6 +192,7 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
     assert (out_dir / "reliability.png").stat().st_size > 1000
     report = (out_dir / "calibration.md").read_text()
     assert "| fused | all |" in report and "| fused | global only | all |" in report  # fused minus global, with its interval
+    assert "| fused, shortlist first | local only (top-5 re-ranked) | all |" in report
     assert "| query animal |" in report
     fusion = FusionModel.load(out_dir / "fusion.json")
     # 12 queries of 3 cats fit no meaningful weights; the direction of the evidence is checked on synthetic
@@ -195,12 +206,30 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
     pairs.to_csv(tmp_path / "test.csv", index=False)
     scored = run_cli("score-pairs", tmp_path / "test.csv", "--checkpoint", tiny_checkpoint, "--fusion", out_dir / "fusion.json",
                      "--top-k", "5", "--out", tmp_path / "submission.csv", "--evidence-out", tmp_path / "evidence.csv",
-                     "--cache-dir", tmp_path / "cache")
+                     "--cache-dir", tmp_path / "cache", "--shortlist-first")
     assert scored.returncode == 0, scored.stderr
     evidence = pd.read_csv(tmp_path / "evidence.csv")
     assert evidence["inliers"].notna().sum() == 5  # only the query's top-5 were matched
     submission = pd.read_csv(tmp_path / "submission.csv")
     assert submission["similarity"].between(0, 1).all()
+    checked = evidence["inliers"].notna().to_numpy()
+    assert np.allclose(submission["similarity"], fusion.predict_proba(pair_features(evidence)))  # the calibrated probability
+
+    # A calibration whose pairs outside the shortlist all score above the shortlisted ones, as pooled fits
+    # do on the snow leopards: --shortlist-first puts them back below, in their order.
+    overtaking = json.loads((out_dir / "fusion.json").read_text())
+    overtaking["global_only"]["intercept"] = 10.0
+    (tmp_path / "overtaking.json").write_text(json.dumps(overtaking))
+    reordered = run_cli("score-pairs", tmp_path / "test.csv", "--checkpoint", tiny_checkpoint, "--fusion", tmp_path / "overtaking.json",
+                        "--top-k", "5", "--out", tmp_path / "reordered.csv", "--cache-dir", tmp_path / "cache", "--shortlist-first")
+    assert reordered.returncode == 0, reordered.stderr
+    similarity = pd.read_csv(tmp_path / "reordered.csv")["similarity"].to_numpy()
+    calibrated = FusionModel.load(tmp_path / "overtaking.json").predict_proba(pair_features(evidence))
+    assert calibrated[~checked].min() > calibrated[checked].min()
+    assert similarity[checked].tolist() == pytest.approx(calibrated[checked].tolist(), abs=1e-4)  # evidence.csv is rounded
+    assert similarity[~checked].max() < similarity[checked].min()
+    cosine = evidence["cosine"].to_numpy()
+    assert (np.argsort(-similarity[~checked]) == np.argsort(-cosine[~checked])).all()  # the embedding's order kept
 
     refused = run_cli("score-pairs", tmp_path / "test.csv", "--checkpoint", tiny_checkpoint, "--local",
                       "--out", tmp_path / "other.csv")

@@ -148,6 +148,8 @@ def score_pairs(
     fusion: Optional[Path] = typer.Option(None, help="Calibration file from `spotmatch calibrate`: similarity becomes a calibrated probability."),
     local: Optional[bool] = typer.Option(None, "--local/--no-local", help="Re-score each query's top-K pairs with keypoints (default: on when --fusion is given)."),
     top_k: int = typer.Option(20, help="Pairs per query re-scored by the local stage."),
+    shortlist_first: bool = typer.Option(False, help="With fusion: scale each query's pairs outside its top-K below the ones inside "
+                                                     "(ranks better across stations, calibrates worse: docs/fusion.md)."),
     extractor: str = typer.Option("rootsift", help="Local features (must match the calibration file)."),
     evidence_out: Optional[Path] = typer.Option(None, help="Also write every stage's columns (cosine, rank, inliers, ...) here."),
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
@@ -169,7 +171,7 @@ def score_pairs(
     pairs = load_pairs(pairs_csv, images)
     use_local = fusion is not None if local is None else local
     engine_conf = EngineConfig(shortlist_k=top_k, use_local=use_local, extractor=extractor, local_workers=num_workers,
-                               cache_dir=cache_root(cache_dir))
+                               cache_dir=cache_root(cache_dir), shortlist_first=shortlist_first)
     run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
     check_backend(backend)
     started = time.perf_counter()

@@ -6,8 +6,9 @@ On the checkpoint's own held-out split (validation queries never trained on):
 2. local evidence for each query's top-K gallery images (hard negatives included by construction);
 3. fused probabilities by cross-validation grouped by the query's identity: a pair's probability
    comes from a calibrator that never saw its query animal;
-4. IB-mAP per view for global-only, local-only (top-K re-ranked by local score), fused and fused +
-   re-ranking, with 95% intervals for fused minus each single source (query identities resampled);
+4. IB-mAP per view for global-only, local-only (top-K re-ranked by local score), fused, fused +
+   re-ranking and fused with each query's shortlist kept first, with 95% intervals for fused minus each
+   single source (query identities resampled);
    ECE (plain and identity-balanced), Brier and log loss of the held-out probabilities; a reliability diagram;
 5. the final calibrator, fit on all pairs, saved with the threshold for `identify`'s decision (name the
    best candidate, or "new individual"), set on held-out photos of animals in the gallery and of
@@ -26,7 +27,7 @@ from spotmatch.data.tables import Dataset
 from spotmatch.engine.engine import EngineConfig, build_local, scorer_name
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.protocol import Protocol, build_protocol, compare_models, evaluate_protocol
-from spotmatch.fusion.calibration import FusionModel
+from spotmatch.fusion.calibration import FusionModel, keep_shortlist_first, lowest_shortlisted
 from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import calibration_report, reliability_diagram, threshold_for_precision
 from spotmatch.fusion.rerank import k_reciprocal_rerank, query_expansion
@@ -58,6 +59,7 @@ class CalibrateConfig:
 
 
 BALANCES = ("identity", "none")
+SHORTLIST_FIRST = "fused, shortlist first"  # no pair outside a query's shortlist above a shortlisted one
 
 
 def pair_weights(frame: pd.DataFrame, balance: str) -> np.ndarray:
@@ -215,21 +217,26 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
         held_out_probability[name] = cross_validated_probability(frame, conf)
         label = "fused" if name == "plain" else f"fused + {name}"
         rankings[label] = as_matrix(frame, held_out_probability[name], shape)
+    shortlisted = (plain["global_rank"] < k).to_numpy()
+    shortlist_first = keep_shortlist_first(held_out_probability["plain"], shortlisted, plain["q"].to_numpy())
+    rankings[SHORTLIST_FIRST] = as_matrix(plain, shortlist_first, shape)
     for name in conf.rerankers:
         rankings[f"global + {name}"] = similarities[name]
 
     identity_of_rows = identities.copy()
     retrieval = {name: evaluate_protocol(np.where(allowed, matrix, -np.inf), identity_of_rows, protocol)
                  for name, matrix in rankings.items()}
-    comparisons = compare_models(retrieval, [("fused", "global only"), ("fused", local_name)])
+    comparisons = compare_models(retrieval, [(fused, single) for fused in ("fused", SHORTLIST_FIRST) for single in ("global only", local_name)])
 
     labels = plain["label"].to_numpy()
     balanced_weight = pair_weights(plain, "identity")
     probability = held_out_probability["plain"]
-    shortlisted = (plain["global_rank"] < k).to_numpy()
     quality = {"all pairs": calibration_report(probability, labels, balanced_weight),
-               f"top-{k} pairs": calibration_report(probability[shortlisted], labels[shortlisted], balanced_weight[shortlisted])}
+               f"top-{k} pairs": calibration_report(probability[shortlisted], labels[shortlisted], balanced_weight[shortlisted]),
+               # what `score-pairs` writes by default: the pairs outside the shortlist scaled below it
+               "all pairs, shortlist first": calibration_report(shortlist_first, labels, balanced_weight)}
     quality["by query identity"] = calibration_by_identity(plain, probability)
+    quality["overtaken"] = overtaken_shortlist(plain["q"].to_numpy(), probability, shortlisted)
     threshold = threshold_for_precision(probability, labels, conf.target_precision)
     calls = probability >= threshold
     quality["decision"] = {"threshold": threshold, "target_precision": conf.target_precision,
@@ -251,6 +258,14 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     return {"retrieval": retrieval, "comparisons": comparisons, "quality": quality, "fusion_path": fusion_path, "diagram": diagram}
 
 
+def overtaken_shortlist(query: np.ndarray, probability: np.ndarray, shortlisted: np.ndarray) -> dict:
+    """Per query, the pairs outside its shortlist whose fused probability is above its lowest shortlisted
+    pair's: the pairs `keep_shortlist_first` moves."""
+    overtaking = ~shortlisted & (probability > lowest_shortlisted(probability, shortlisted, query))
+    per_query = pd.Series(overtaking).groupby(query).sum()
+    return {"mean_pairs_per_query": float(per_query.mean()), "share_of_queries": float((per_query > 0).mean())}
+
+
 def calibration_by_identity(frame: pd.DataFrame, probability: np.ndarray) -> dict[str, dict]:
     """Per query animal: its pairs, the share that are matches, and the mean held-out probability. A gap
     between the two is what the plain ECE counts and the identity-balanced one evens out."""
@@ -269,11 +284,15 @@ def format_quality(quality: dict) -> str:
     lines = ["| pairs (held-out identities) | n | positives | ECE | ECE, identity-balanced | Brier | log loss |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, q in quality.items():
-        if name not in ("decision", "identify", "by query identity"):
+        if name not in ("decision", "identify", "by query identity", "overtaken"):
             lines.append(f"| {name} | {q['pairs']} | {q['positives']} | {q['ece']:.4f} | {q['ece_balanced']:.4f} | {q['brier']:.4f} | {q['log_loss']:.4f} |")
     lines += ["", "| query animal | pairs | share that match | mean held-out probability |", "|---|---:|---:|---:|"]
     lines += [f"| {identity} | {q['pairs']} | {q['match_rate']:.3f} | {q['mean_probability']:.3f} |"
               for identity, q in quality["by query identity"].items()]
+    o = quality["overtaken"]
+    lines += ["", f"Fused probabilities: {o['share_of_queries']:.0%} of the queries have pairs outside their shortlist scored above "
+                  f"their lowest shortlisted pair, {o['mean_pairs_per_query']:.1f} such pairs per query on average "
+                  f"(\"fused, shortlist first\" scales them below it)."]
     d = quality["decision"]
     lines.append("")
     if np.isnan(d["precision"]):

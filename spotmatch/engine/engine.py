@@ -19,7 +19,7 @@ import pandas as pd
 
 from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores
 from spotmatch.errors import SpotmatchError
-from spotmatch.fusion.calibration import FusionModel
+from spotmatch.fusion.calibration import FusionModel, keep_shortlist_first
 from spotmatch.fusion.features import pair_features
 from spotmatch.global_embed.embed import EmbedConfig, Embedder, mask_provider
 
@@ -32,6 +32,9 @@ class EngineConfig:
     masks: str | None = None  # keypoints only inside these masks; None: the embedder's mask source
     local_workers: int = 2
     cache_dir: str | None = ".cache/spotmatch"
+    # With fusion, scale each query's pairs outside its shortlist below its shortlisted ones, so unchecked
+    # pairs never overtake checked ones: better order within a query, worse calibration (docs/fusion.md).
+    shortlist_first: bool = False
 
 
 def scorer_name(scorer) -> str:
@@ -75,7 +78,11 @@ class Engine:
 
     def score_pairs(self, pairs: pd.DataFrame, progress=None) -> pd.DataFrame:
         table = self.pair_table(pairs, progress)
-        table["similarity"] = self.similarity(table)
+        similarity = self.similarity(table)
+        if self.conf.shortlist_first and self.fusion is not None and self.local is not None:
+            shortlisted = (table["global_rank"] < self.conf.shortlist_k).to_numpy()
+            similarity = keep_shortlist_first(similarity, shortlisted, pairs["query_image_path"].to_numpy())
+        table["similarity"] = similarity
         return table
 
 

@@ -101,6 +101,26 @@ def _monotone_logistic(features: np.ndarray, labels: np.ndarray, weight: np.ndar
     return result.x[:n_features], float(result.x[n_features])
 
 
+def keep_shortlist_first(probability: np.ndarray, shortlisted: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Per query, scale the probabilities of its pairs outside the shortlist so that none reaches its
+    lowest shortlisted one, keeping their order. The two calibrators are fit on pairs pooled over queries,
+    and pooled, a pair that failed verification is rarer a match than an unchecked one further down (many
+    of those belong to an animal that owns half the gallery); within one query that lets hundreds of
+    unchecked pairs overtake the checked ones (docs/fusion.md, "Shortlist first")."""
+    shortlisted = np.asarray(shortlisted, bool)
+    unchecked = pd.Series(np.where(shortlisted, np.nan, probability))
+    highest_unchecked = unchecked.groupby(np.asarray(query)).transform("max").to_numpy()
+    # Just below the lowest checked pair, so that no unchecked pair ties with it.
+    scale = np.nan_to_num(np.minimum(lowest_shortlisted(probability, shortlisted, query) * (1 - 1e-6) / highest_unchecked, 1.0), nan=1.0)
+    return np.where(shortlisted, probability, probability * scale)
+
+
+def lowest_shortlisted(probability: np.ndarray, shortlisted: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Per pair, the lowest probability among its query's shortlisted pairs (NaN for a query without any)."""
+    checked = pd.Series(np.where(shortlisted, probability, np.nan))
+    return checked.groupby(np.asarray(query)).transform("min").to_numpy()
+
+
 @dataclass
 class FusionModel:
     """Three calibrators: pairs with local evidence (in a query's shortlist), pairs outside the
