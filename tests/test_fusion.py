@@ -206,14 +206,14 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
     pairs.to_csv(tmp_path / "test.csv", index=False)
     scored = run_cli("score-pairs", tmp_path / "test.csv", "--checkpoint", tiny_checkpoint, "--fusion", out_dir / "fusion.json",
                      "--top-k", "5", "--out", tmp_path / "submission.csv", "--evidence-out", tmp_path / "evidence.csv",
-                     "--cache-dir", tmp_path / "cache", "--shortlist-first")
+                     "--cache-dir", tmp_path / "cache")
     assert scored.returncode == 0, scored.stderr
     evidence = pd.read_csv(tmp_path / "evidence.csv")
     assert evidence["inliers"].notna().sum() == 5  # only the query's top-5 were matched
     submission = pd.read_csv(tmp_path / "submission.csv")
     assert submission["similarity"].between(0, 1).all()
     checked = evidence["inliers"].notna().to_numpy()
-    assert np.allclose(submission["similarity"], fusion.predict_proba(pair_features(evidence)))  # the calibrated probability
+    assert np.allclose(submission["similarity"], fusion.predict_proba(pair_features(evidence)))  # by default, the calibrated probability
 
     # A calibration whose pairs outside the shortlist all score above the shortlisted ones, as pooled fits
     # do on the snow leopards: --shortlist-first puts them back below, in their order.

@@ -233,7 +233,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     probability = held_out_probability["plain"]
     quality = {"all pairs": calibration_report(probability, labels, balanced_weight),
                f"top-{k} pairs": calibration_report(probability[shortlisted], labels[shortlisted], balanced_weight[shortlisted]),
-               # what `score-pairs` writes by default: the pairs outside the shortlist scaled below it
+               # what `score-pairs --shortlist-first` writes: the pairs outside the shortlist scaled below it
                "all pairs, shortlist first": calibration_report(shortlist_first, labels, balanced_weight)}
     quality["by query identity"] = calibration_by_identity(plain, probability)
     quality["overtaken"] = overtaken_shortlist(plain["q"].to_numpy(), probability, shortlisted)
