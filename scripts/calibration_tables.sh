@@ -28,6 +28,7 @@ nyala-calibration|$NYALA|runs/nyala-cpu/best.pt|runs/nyala-cpu||nyala-reliabilit
 nyala-calibration-unweighted|$NYALA|runs/nyala-cpu/best.pt|runs/nyala-cpu/unweighted|--balance none
 nyala-10ep-calibration|$NYALA|runs/nyala-cpu-10ep/best.pt|runs/nyala-cpu-10ep|
 nyala-10ep-calibration-unweighted|$NYALA|runs/nyala-cpu-10ep/best.pt|runs/nyala-cpu-10ep/unweighted|--balance none
+nyala-10ep-calibration-top100|$NYALA|runs/nyala-cpu-10ep/best.pt|runs/nyala-cpu-10ep/top100|--top-k 100
 nyala-20ep-calibration|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep|
 nyala-20ep-calibration-unweighted|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/unweighted|--balance none
 nyala-20ep-calibration-free-signs|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/free-signs|--free-signs

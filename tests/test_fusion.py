@@ -136,6 +136,42 @@ def test_unchecked_pairs_stay_below_their_querys_shortlist_in_order():
     assert kept[6] == 0.30  # query b's unchecked pair was already below its shortlist
 
 
+def headroom_on_synthetic_lists(cosine_signal: float, seed: int = 0) -> dict:
+    """40 queries of 8 animals against 60 gallery photos. Each query's shortlist (its 20 best cosines) holds
+    its matches; within it the local score tells matches apart weakly, the cosine by `cosine_signal` only."""
+    from spotmatch.engine.calibrate import mixing_headroom
+    from spotmatch.evaluation.metrics import retrieval_metrics
+
+    rng = np.random.default_rng(seed)
+    query_ids, gallery_ids = rng.integers(0, 8, 40), np.repeat(np.arange(8), 8)[:60]
+    q, g = np.nonzero(np.ones((40, 60), bool))
+    label = query_ids[q] == gallery_ids[g]
+    shortlisted = np.zeros(len(q), bool)
+    for query in range(40):  # the 8 or fewer matches and non-matches drawn at random, 20 in all
+        rows = np.flatnonzero(q == query)
+        shortlisted[rows[label[rows]]] = True
+        shortlisted[rng.choice(rows[~label[rows]], 20 - label[rows].sum(), replace=False)] = True
+    cosine = np.where(shortlisted, 0.5 + 0.1 * rng.random(len(q)) + cosine_signal * label * rng.random(len(q)), 0.4 * rng.random(len(q)))
+    plain = pd.DataFrame({"q": q, "g": g, "cosine": cosine, "local_score": rng.poisson(5 + 3 * label).astype(float)})
+
+    def evaluate(values):
+        matrix = np.full((40, 60), -np.inf)
+        matrix[q, g] = values
+        return {"all": retrieval_metrics(matrix, query_ids, gallery_ids)}
+
+    local_only = evaluate(np.where(shortlisted, 10 + plain["local_score"] + 1e-3 * plain["cosine"], plain["cosine"]))
+    return mixing_headroom(plain, shortlisted, local_only, evaluate)["all"]
+
+
+def test_headroom_finds_what_the_cosine_adds_to_the_shortlist():
+    """Where the cosine orders the shortlist better than a weak local score, re-weighting lifts local only by a
+    lot and puts weight on the cosine; where it only chose the shortlist, the bound stays at local only."""
+    informative, uninformative = headroom_on_synthetic_lists(0.1), headroom_on_synthetic_lists(0.0)
+    assert informative["gain"] > 0.05 and informative["weight"] >= 0.75
+    assert informative["best"] == pytest.approx(informative["local_only"] + informative["gain"])
+    assert 0 <= uninformative["gain"] < 0.01
+
+
 def test_sample_weights_change_the_fit():
     table, labels = synthetic_pairs(seed=2)
     features = pair_features(table)
@@ -194,6 +230,7 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
     assert "| fused | all |" in report and "| fused | global only | all |" in report  # fused minus global, with its interval
     assert "| fused, shortlist first | local only (top-5 re-ranked) | all |" in report
     assert "| query animal |" in report
+    assert "Headroom within the shortlist" in report and "| all | " in report.split("Headroom within the shortlist")[1]
     fusion = FusionModel.load(out_dir / "fusion.json")
     # 12 queries of 3 cats fit no meaningful weights; the direction of the evidence is checked on synthetic
     # pairs above. Here: the file names the features it was fit on.

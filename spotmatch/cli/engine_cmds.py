@@ -57,6 +57,7 @@ def calibrate(
         f"balance: {balance}, signs: {'monotone' if monotone else 'free'}, cross-validated over query identities",
         format_table(result["retrieval"]),
         format_comparisons(result["comparisons"]),
+        calibration.format_headroom(result["headroom"]),
         "Query animals that move each difference most:",
         format_animal_differences(result["retrieval"], list(result["comparisons"])),
         calibration.format_quality(result["quality"]),

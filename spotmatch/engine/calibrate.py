@@ -8,7 +8,8 @@ On the checkpoint's own held-out split (validation queries never trained on):
    comes from a calibrator that never saw its query animal;
 4. IB-mAP per view for global-only, local-only (top-K re-ranked by local score), fused, fused +
    re-ranking and fused with each query's shortlist kept first, with 95% intervals for fused minus each
-   single source (query identities resampled);
+   single source (query identities resampled), and the best that re-weighting cosine against local
+   score within the shortlist could give (in-sample headroom over local-only);
    ECE (plain and identity-balanced), Brier and log loss of the held-out probabilities; a reliability diagram;
 5. the final calibrator, fit on all pairs, saved with the threshold for `identify`'s decision (name the
    best candidate, or "new individual"), set on held-out photos of animals in the gallery and of
@@ -227,6 +228,8 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     retrieval = {name: evaluate_protocol(np.where(allowed, matrix, -np.inf), identity_of_rows, protocol)
                  for name, matrix in rankings.items()}
     comparisons = compare_models(retrieval, [(fused, single) for fused in ("fused", SHORTLIST_FIRST) for single in ("global only", local_name)])
+    headroom = mixing_headroom(plain, shortlisted, retrieval[local_name],
+                               lambda values: evaluate_protocol(np.where(allowed, as_matrix(plain, values, shape), -np.inf), identity_of_rows, protocol))
 
     labels = plain["label"].to_numpy()
     balanced_weight = pair_weights(plain, "identity")
@@ -255,7 +258,48 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     diagram = reliability_diagram({"all pairs": (probability, labels),
                                    f"top-{k} pairs": (probability[shortlisted], labels[shortlisted])},
                                   out_dir / "reliability.png")
-    return {"retrieval": retrieval, "comparisons": comparisons, "quality": quality, "fusion_path": fusion_path, "diagram": diagram}
+    return {"retrieval": retrieval, "comparisons": comparisons, "headroom": headroom, "quality": quality, "fusion_path": fusion_path,
+            "diagram": diagram}
+
+
+# Weights of the standardised cosine beside the standardised log local score; the first only breaks ties,
+# which is local only's order.
+MIX_WEIGHTS = (1e-3, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+
+def shortlist_mix(plain: pd.DataFrame, shortlisted: np.ndarray, weight: float) -> np.ndarray:
+    """Shortlisted pairs ranked by z(log local score) + weight * z(cosine), all above the other pairs,
+    which keep the cosine's order (z: standardised over the shortlisted pairs)."""
+    def standardised(values: np.ndarray) -> np.ndarray:
+        return (values - values[shortlisted].mean()) / (values[shortlisted].std() + 1e-9)
+    cosine = plain["cosine"].to_numpy()
+    mixed = standardised(np.log1p(plain["local_score"].fillna(0).to_numpy())) + weight * standardised(cosine)
+    return np.where(shortlisted, mixed - mixed[shortlisted].min() + 2.0, cosine)  # cosine <= 1 < every shortlisted score
+
+
+def mixing_headroom(plain: pd.DataFrame, shortlisted: np.ndarray, local_only: dict, evaluate) -> dict[str, dict]:
+    """How far any re-weighting of the global and local evidence *within* the shortlist could lift local
+    only: per view, the best IB-mAP of `shortlist_mix` over MIX_WEIGHTS, the weight chosen on the same
+    queries it is measured on (in-sample, so an upper bound for this family, not an estimate). Near zero
+    says that the cosine tells nothing the local score does not about the order of a shortlist, so
+    weighing the two differently cannot beat local only there: the gain has to come from better
+    evidence. `evaluate` maps one value per pair of `plain` to `evaluate_protocol`'s result."""
+    by_weight = {weight: evaluate(shortlist_mix(plain, shortlisted, weight)) for weight in MIX_WEIGHTS}
+    headroom = {}
+    for view, local in local_only.items():
+        weight = max(MIX_WEIGHTS, key=lambda w: (by_weight[w][view]["ib_map"], -w))
+        best = by_weight[weight][view]["ib_map"]
+        headroom[view] = {"local_only": local["ib_map"], "weight": weight, "best": best, "gain": best - local["ib_map"]}
+    return headroom
+
+
+def format_headroom(headroom: dict[str, dict]) -> str:
+    lines = ["Headroom within the shortlist (in-sample upper bound): shortlisted pairs ranked by standardised log local score "
+             "+ w x standardised cosine, w chosen on these same queries, per view. A gain near 0: weighing the cosine against "
+             "the local score cannot improve on local only's order of the shortlist; a better embedder or matcher has to.", "",
+             "| view | local only | best w | IB-mAP at best w | gain |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {view} | {h['local_only']:.3f} | {h['weight']:g} | {h['best']:.3f} | {h['gain']:+.3f} |" for view, h in headroom.items()]
+    return "\n".join(lines)
 
 
 def overtaken_shortlist(query: np.ndarray, probability: np.ndarray, shortlisted: np.ndarray) -> dict:
