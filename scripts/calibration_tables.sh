@@ -32,6 +32,7 @@ nyala-10ep-calibration-top100|$NYALA|runs/nyala-cpu-10ep/best.pt|runs/nyala-cpu-
 nyala-20ep-calibration|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep|
 nyala-20ep-calibration-unweighted|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/unweighted|--balance none
 nyala-20ep-calibration-free-signs|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/free-signs|--free-signs
+nyala-20ep-calibration-top100|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/top100|--top-k 100
 "
 wanted=" $* "
 while IFS='|' read -r name data checkpoint out_dir extra diagram; do
