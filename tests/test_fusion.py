@@ -139,7 +139,7 @@ def test_unchecked_pairs_stay_below_their_querys_shortlist_in_order():
 def headroom_on_synthetic_lists(cosine_signal: float, seed: int = 0) -> dict:
     """40 queries of 8 animals against 60 gallery photos. Each query's shortlist (its 20 best cosines) holds
     its matches; within it the local score tells matches apart weakly, the cosine by `cosine_signal` only."""
-    from spotmatch.engine.calibrate import mixing_headroom
+    from spotmatch.engine.calibrate import local_only_order, mixing_headroom
     from spotmatch.evaluation.metrics import retrieval_metrics
 
     rng = np.random.default_rng(seed)
@@ -159,8 +159,7 @@ def headroom_on_synthetic_lists(cosine_signal: float, seed: int = 0) -> dict:
         matrix[q, g] = values
         return {"all": retrieval_metrics(matrix, query_ids, gallery_ids)}
 
-    local_only = evaluate(np.where(shortlisted, 10 + plain["local_score"] + 1e-3 * plain["cosine"], plain["cosine"]))
-    return mixing_headroom(plain, shortlisted, local_only, evaluate)["all"]
+    return mixing_headroom(plain, shortlisted, evaluate(local_only_order(plain, shortlisted)), evaluate)["all"]
 
 
 def test_headroom_finds_what_the_cosine_adds_to_the_shortlist():

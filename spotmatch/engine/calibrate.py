@@ -210,7 +210,8 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     frames = {name: pair_frame(similarities[name], ranks[name], allowed, k, evidence, query_ids, gallery_ids) for name in similarities}
     plain = frames["plain"]
     rankings = {"global only": similarities["plain"]}
-    local_only = np.where(plain["global_rank"] < k, 10.0 + plain["local_score"].fillna(0) + 1e-3 * plain["cosine"], plain["cosine"])
+    shortlisted = (plain["global_rank"] < k).to_numpy()
+    local_only = local_only_order(plain, shortlisted)
     local_name = f"local only (top-{k} re-ranked)"
     rankings[local_name] = as_matrix(plain, local_only, shape)
     held_out_probability = {}
@@ -218,7 +219,6 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
         held_out_probability[name] = cross_validated_probability(frame, conf)
         label = "fused" if name == "plain" else f"fused + {name}"
         rankings[label] = as_matrix(frame, held_out_probability[name], shape)
-    shortlisted = (plain["global_rank"] < k).to_numpy()
     shortlist_first = keep_shortlist_first(held_out_probability["plain"], shortlisted, plain["q"].to_numpy())
     rankings[SHORTLIST_FIRST] = as_matrix(plain, shortlist_first, shape)
     for name in conf.rerankers:
@@ -260,6 +260,13 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
                                   out_dir / "reliability.png")
     return {"retrieval": retrieval, "comparisons": comparisons, "headroom": headroom, "quality": quality, "fusion_path": fusion_path,
             "diagram": diagram}
+
+
+def local_only_order(plain: pd.DataFrame, shortlisted: np.ndarray) -> np.ndarray:
+    """Local only: shortlisted pairs by local score (the cosine breaking ties), all above the rest, which
+    keep the cosine's order."""
+    cosine = plain["cosine"].to_numpy()
+    return np.where(shortlisted, 10.0 + plain["local_score"].fillna(0).to_numpy() + 1e-3 * cosine, cosine)
 
 
 # Weights of the standardised cosine beside the standardised log local score; the first only breaks ties,
