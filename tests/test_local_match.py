@@ -11,7 +11,8 @@ import pytest
 
 from spotmatch.data.images import load_image
 from spotmatch.errors import SpotmatchError
-from spotmatch.local_match import LocalMatcher, create_extractor, create_matcher
+from spotmatch.local_match import LocalMatcher, VerificationConf, create_extractor, create_matcher
+from spotmatch.local_match.matchers import verify
 from spotmatch.local_match.extractors import inside_mask
 from spotmatch.local_match.weights import PackagedWeights
 
@@ -27,6 +28,9 @@ OTHER_CATS = [
     IMAGES / "02__Station06__Camera1__2012-8-18__8-30-32_3.JPG",
     IMAGES / "01__Station05__Camera1__2012-7-26__13-25-4_4.JPG",
 ]
+
+# Two different cats (Cat13, Cat5) two weeks apart in front of one fixed camera: the rocks match themselves.
+STATIC_CAMERA = (IMAGES / "02__Station24__Camera1__2012-8-28__1-55-52_6.JPG", IMAGES / "02__Station24__Camera1__2012-8-14__4-19-42_1.JPG")
 
 pytestmark = pytest.mark.skipif(not IMAGES.is_dir(), reason=f"shared dataset missing at {IMAGES}")
 
@@ -60,6 +64,38 @@ def test_same_cat_across_stations_beats_other_cats(rootsift_matcher):
     assert same.score > max(o.score for o in others)
     assert same.points0.shape == same.points1.shape == (same.inliers, 2)
     assert 0 < same.inlier_ratio <= 1 and same.matches >= same.inliers
+
+
+def test_a_fixed_cameras_static_scene_is_not_evidence(tmp_path):
+    def inliers(displacement: float, pair) -> int:
+        local = LocalMatcher.from_name("rootsift", cache_dir=tmp_path,
+                                       matcher_conf={"verification": VerificationConf(min_displacement=displacement)})
+        return local.evidence(*pair).inliers
+
+    assert VerificationConf().min_displacement > 0  # on by default
+    # Kept, the scene outvotes every coat: these two cats share more inliers than Cat1 does across stations.
+    assert inliers(0.0, STATIC_CAMERA) >= 100 > inliers(0.0, (SAME_QUERY, SAME_GALLERY))
+    assert inliers(VerificationConf().min_displacement, STATIC_CAMERA) < 8 <= inliers(VerificationConf().min_displacement, (SAME_QUERY, SAME_GALLERY))
+
+
+def test_the_local_stages_name_changes_with_its_verification():
+    default = LocalMatcher.from_name("rootsift")
+    keeping_static = LocalMatcher.from_name("rootsift", matcher_conf={"verification": VerificationConf(min_displacement=0.0)})
+    assert default.extractor.conf_name == keeping_static.extractor.conf_name  # the same cached keypoints serve both
+    assert default.conf_name != keeping_static.conf_name  # a calibration file records it and refuses the other
+
+
+def test_matches_that_stayed_put_are_dropped_before_verification():
+    rng = np.random.default_rng(0)
+    static = rng.uniform(0, 1000, (30, 2)).astype(np.float32)
+    coat = rng.uniform(0, 800, (20, 2)).astype(np.float32)
+    points0, points1 = np.vstack([static, coat]), np.vstack([static + 1.0, coat + [150.0, 40.0]])  # 1 px of jitter
+    confidence = np.ones(len(points0), np.float32)
+    kept = verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_side=1000)
+    assert kept.matches == 20 and kept.inliers == 20
+    assert np.allclose(kept.points1 - kept.points0, [150.0, 40.0])
+    everything = verify(points0, points1, confidence, VerificationConf(min_displacement=0.0), long_side=1000)
+    assert everything.matches == 50 and everything.inliers == 30  # the static scene wins the fit
 
 
 def test_rootsift_descriptors_are_root_normalised():
@@ -180,6 +216,7 @@ def test_learned_extractors_load_from_installed_packages(name):
     width, height = record.size
     assert (features.keypoints >= -1).all() and (features.keypoints[:, 0] <= width).all()
     assert (features.keypoints[:, 1] <= height).all()
-    matcher = create_matcher(name, extractor.matcher, device="cpu")
-    self_match = matcher.match(features, features)  # an image against itself: nearly every point matches
+    # An image against itself: nearly every point matches, each in place, so nothing is dropped for staying put.
+    matcher = create_matcher(name, extractor.matcher, device="cpu", verification=VerificationConf(min_displacement=0.0))
+    self_match = matcher.match(features, features)
     assert self_match.inliers > 0.5 * len(features)

@@ -39,8 +39,7 @@ class EngineConfig:
 
 def scorer_name(scorer) -> str:
     """The local stage's identity, as recorded in a calibration file."""
-    extractor = getattr(scorer, "extractor", None)
-    return extractor.conf_name if extractor is not None else type(scorer).__name__
+    return scorer.conf_name
 
 
 class Engine:

@@ -5,13 +5,13 @@ No LoFTR checkpoint ships in a PyPI package; it runs only from a weights file th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
-from spotmatch.config import merge_config
+from spotmatch.config import config_hash, merge_config
 from spotmatch.data.images import load_image
 from spotmatch.local_match.extractors import ExtractorConf, as_image_and_mask, inside_mask, without_info_bars, working_region
 from spotmatch.local_match.matchers import PairEvidence, VerificationConf, verify
@@ -43,6 +43,11 @@ class LoFTRMatcher(PairScorer):
         self.model = model.to(self.device).eval()
         self.mask_source = mask_source
         self.region_conf = ExtractorConf(max_side=self.conf.max_side)
+
+    @property
+    def conf_name(self) -> str:
+        values = {k: v for k, v in asdict(self.conf).items() if k not in ("device", "weights")}  # not what is found
+        return f"loftr-r{self.conf.max_side}-{config_hash(values, 6)}"
 
     def _grey_tensor(self, path: str):
         import torch

@@ -11,19 +11,21 @@ count that discounts matches the matcher itself doubted.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Iterable, Sequence
 
 import cv2
 import numpy as np
 
-from spotmatch.config import merge_config
+from spotmatch.config import config_hash, merge_config
 from spotmatch.errors import SpotmatchError
 from spotmatch.local_match.features import Features
 from spotmatch.local_match.weights import PackagedWeights, load_into, load_state_dict, pick_device, resolve_weights
 
 GEOMETRIC_MODELS = {"homography": 4, "fundamental": 8}  # model -> fewest correspondences it can be fitted to
+# Where it runs, how many pairs at once and where a weights file lives: none changes what is found.
+_RUNTIME_FIELDS = ("device", "batch_size", "weights")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ class VerificationConf:
     # A model fitted to (nearly) its minimal sample fits it exactly, so 4 matches always give 4 homography
     # inliers; below this many tentative matches nothing is verified and the pair gets 0 inliers.
     min_matches: int = 8
+    # A fixed camera's static scene (rocks, grass, a trunk) matches itself at the same pixel in every frame,
+    # whoever walks past, and outvotes the animal in the fit; a coat seen on another visit has moved. Tentative
+    # matches that moved less than this fraction of the larger image's long side (the reprojection threshold's
+    # size: closer than that, "moved" cannot be told from "stayed") are dropped before anything is counted; 0
+    # keeps them. Between different-cat frames of one snow-leopard camera the mean inlier count falls from 44
+    # to 1 (benchmarks/bench_static_scene.py). A camera re-aimed between visits moves its scene past this, and
+    # its rocks still match.
+    min_displacement: float = 0.01
 
 
 @dataclass
@@ -69,9 +79,13 @@ class PairEvidence:
 def verify(
     points0: np.ndarray, points1: np.ndarray, confidence: np.ndarray, conf: VerificationConf, long_side: int
 ) -> PairEvidence:
-    """Fit the geometric model with MAGSAC++ and keep the correspondences consistent with it."""
+    """Drop the matches that stayed put (`conf.min_displacement`), fit the geometric model with MAGSAC++ and
+    keep the correspondences consistent with it."""
     if conf.model not in GEOMETRIC_MODELS:
         raise SpotmatchError(f"unknown geometric model {conf.model!r}; use one of {', '.join(GEOMETRIC_MODELS)}")
+    if conf.min_displacement > 0 and len(points0):
+        moved = np.linalg.norm(points1 - points0, axis=1) >= conf.min_displacement * long_side
+        points0, points1, confidence = points0[moved], points1[moved], confidence[moved]
     matches = len(points0)
     if matches < max(conf.min_matches, GEOMETRIC_MODELS[conf.model]):
         return PairEvidence.none(matches)
@@ -127,6 +141,12 @@ class Matcher(ABC):
 
     def __init__(self, conf: MatcherConf | None = None, **overrides: Any):
         self.conf = merge_config(conf if conf is not None else self.default_conf, **overrides)
+
+    @property
+    def conf_name(self) -> str:
+        """The matcher and a hash of every setting that changes its evidence (a calibration file records it)."""
+        values = {k: v for k, v in asdict(self.conf).items() if k not in _RUNTIME_FIELDS}
+        return f"{self.name}-{config_hash(values, 6)}"
 
     def match(self, features0: Features, features1: Features) -> PairEvidence:
         return self.match_many([(features0, features1)])[0]

@@ -37,6 +37,11 @@ class PairScorer(ABC):
 
     chunk_size: int = 256
 
+    @property
+    def conf_name(self) -> str:
+        """Names every setting that changes the evidence; a calibration file records it and refuses another."""
+        return type(self).__name__
+
     @abstractmethod
     def evidence_many(self, path_pairs: Sequence[tuple[str, str]]) -> list[PairEvidence]:
         """Evidence for each (path0, path1), in order."""
@@ -97,6 +102,10 @@ class LocalMatcher(PairScorer):
         extractor = create_extractor(name, **(extractor_conf or {}))
         chosen = matcher or EXTRACTORS[name].matcher
         return cls(extractor, create_matcher(name, chosen, **(matcher_conf or {})), cache_dir, workers, mask_source=mask_source)
+
+    @property
+    def conf_name(self) -> str:
+        return f"{self.extractor.conf_name}+{self.matcher.conf_name}"
 
     def record(self, path: str | Path) -> ImageRecord:
         return load_image(path)
