@@ -67,15 +67,18 @@ def test_same_cat_across_stations_beats_other_cats(rootsift_matcher):
 
 
 def test_a_fixed_cameras_static_scene_is_not_evidence(tmp_path):
-    def inliers(displacement: float, pair) -> int:
+    def evidence(displacement: float, pair):
         local = LocalMatcher.from_name("rootsift", cache_dir=tmp_path,
                                        matcher_conf={"verification": VerificationConf(min_displacement=displacement)})
-        return local.evidence(*pair).inliers
+        return local.evidence(*pair)
 
-    assert VerificationConf().min_displacement > 0  # on by default
+    default = VerificationConf().min_displacement
+    assert default > 0  # on by default
     # Kept, the scene outvotes every coat: these two cats share more inliers than Cat1 does across stations.
-    assert inliers(0.0, STATIC_CAMERA) >= 100 > inliers(0.0, (SAME_QUERY, SAME_GALLERY))
-    assert inliers(VerificationConf().min_displacement, STATIC_CAMERA) < 8 <= inliers(VerificationConf().min_displacement, (SAME_QUERY, SAME_GALLERY))
+    assert evidence(0.0, STATIC_CAMERA).inliers >= 100 > evidence(0.0, (SAME_QUERY, SAME_GALLERY)).inliers
+    dropped = evidence(default, STATIC_CAMERA)
+    assert dropped.inliers < 8 <= evidence(default, (SAME_QUERY, SAME_GALLERY)).inliers
+    assert dropped.stationary >= 100 and dropped.to_dict()["stationary_matches_dropped"] == dropped.stationary  # explain shows it
 
 
 def test_the_local_stages_name_changes_with_its_verification():
@@ -92,7 +95,7 @@ def test_matches_that_stayed_put_are_dropped_before_verification():
     points0, points1 = np.vstack([static, coat]), np.vstack([static + 1.0, coat + [150.0, 40.0]])  # 1 px of jitter
     confidence = np.ones(len(points0), np.float32)
     kept = verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_side=1000)
-    assert kept.matches == 20 and kept.inliers == 20
+    assert kept.matches == 20 and kept.inliers == 20 and kept.stationary == 30
     assert np.allclose(kept.points1 - kept.points0, [150.0, 40.0])
     everything = verify(points0, points1, confidence, VerificationConf(min_displacement=0.0), long_side=1000)
     assert everything.matches == 50 and everything.inliers == 30  # the static scene wins the fit

@@ -38,7 +38,7 @@ def explain_pair(
     out_png = Path(out_png).with_suffix(".png")
     query_record, gallery_record = load_image(query), load_image(gallery)
     evidence = evidence if evidence is not None else scorer.evidence(query, gallery)
-    scores = ScoreLine(evidence.inliers, evidence.inlier_ratio, evidence.score, cosine, probability)
+    scores = ScoreLine(evidence.inliers, evidence.inlier_ratio, evidence.score, cosine, probability, evidence.stationary)
     mask_source = getattr(scorer, "mask_source", None)
     masks = [mask_source(r) if mask_source else r.mask for r in (query_record, gallery_record)]
     drawing = draw_matches(

@@ -58,11 +58,12 @@ class PairEvidence:
     points1: np.ndarray  # (k, 2)
     score: float
     confidence: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (k,) per inlier
+    stationary: int = 0  # tentative matches dropped for staying put (a fixed camera's scene), not in `matches`
 
     @classmethod
-    def none(cls, matches: int = 0) -> "PairEvidence":
+    def none(cls, matches: int = 0, stationary: int = 0) -> "PairEvidence":
         empty = np.zeros((0, 2), np.float32)
-        return cls(matches, 0, 0.0, empty, empty.copy(), 0.0)
+        return cls(matches, 0, 0.0, empty, empty.copy(), 0.0, stationary=stationary)
 
     def to_dict(self) -> dict:
         return {
@@ -73,6 +74,7 @@ class PairEvidence:
             "points0": np.round(self.points0, 2).tolist(),
             "points1": np.round(self.points1, 2).tolist(),
             "confidence": np.round(self.confidence, 4).tolist(),
+            "stationary_matches_dropped": int(self.stationary),
         }
 
 
@@ -83,12 +85,14 @@ def verify(
     keep the correspondences consistent with it."""
     if conf.model not in GEOMETRIC_MODELS:
         raise SpotmatchError(f"unknown geometric model {conf.model!r}; use one of {', '.join(GEOMETRIC_MODELS)}")
+    stationary = 0
     if conf.min_displacement > 0 and len(points0):
         moved = np.linalg.norm(points1 - points0, axis=1) >= conf.min_displacement * long_side
         points0, points1, confidence = points0[moved], points1[moved], confidence[moved]
+        stationary = int((~moved).sum())
     matches = len(points0)
     if matches < max(conf.min_matches, GEOMETRIC_MODELS[conf.model]):
-        return PairEvidence.none(matches)
+        return PairEvidence.none(matches, stationary)
     threshold = conf.threshold * long_side
     if conf.model == "homography":
         model, inlier_mask = cv2.findHomography(
@@ -99,7 +103,7 @@ def verify(
             points0, points1, cv2.USAC_MAGSAC, threshold, conf.confidence, conf.max_iters
         )
     if model is None or inlier_mask is None:
-        return PairEvidence.none(matches)
+        return PairEvidence.none(matches, stationary)
     keep = inlier_mask.ravel().astype(bool)
     inliers = int(keep.sum())
     return PairEvidence(
@@ -110,6 +114,7 @@ def verify(
         points1=points1[keep],
         score=float(confidence[keep].sum()),
         confidence=confidence[keep],
+        stationary=stationary,
     )
 
 

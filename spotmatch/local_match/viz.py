@@ -27,9 +27,12 @@ class ScoreLine:
     score: float
     cosine: float | None = None  # global embedding similarity, when a checkpoint was given
     probability: float | None = None  # fused same-individual probability: the fusion stage fills this in
+    stationary: int = 0  # matches dropped as static scene; shown so a reader knows why a busy pair scored 0
 
     def text(self) -> str:
         parts = [f"inliers {self.inliers}", f"inlier ratio {self.inlier_ratio:.2f}", f"local score {self.score:.1f}"]
+        if self.stationary:
+            parts.append(f"static-scene matches dropped {self.stationary}")
         if self.cosine is not None:
             parts.append(f"global cosine {self.cosine:.3f}")
         if self.probability is not None:
