@@ -1,16 +1,19 @@
 """What a fixed camera's static scene does to keypoint evidence, with and without dropping the matches
 that stayed put (`VerificationConf.min_displacement`).
 
-Pairs of snow-leopard frames from different encounters, drawn at random (seeded): per camera (station +
-camera) up to --per-camera pairs, and --cross pairs whose two frames come from different stations. For
-each kind, same cat against different cats: RootSIFT inliers (mean, median, 90th percentile, max) and
-the pair ROC-AUC of the inlier count, for each --displacement setting.
+Pairs of snow-leopard frames drawn at random (seeded): per camera (station + camera) up to --per-camera
+pairs from different encounters, --cross pairs whose two frames come from different stations, and
+--burst pairs from one encounter (one burst). For each kind, same cat against different cats: RootSIFT
+inliers (mean, median, 90th percentile, max), the pair ROC-AUC of the inlier count, for each
+--displacement setting, and the largest share of the smaller image's keypoints that stayed put (what
+`VerificationConf.same_picture_share` is compared with).
 
-    .venv/bin/python benchmarks/bench_static_scene.py [--per-camera 40] [--cross 300] [--displacement 0 0.01 0.02]
+    .venv/bin/python benchmarks/bench_static_scene.py [--per-camera 40] [--cross 300] [--burst 200] [--displacement 0 0.01 0.02]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import sys
@@ -28,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 SNOW = REPO.parent / "shared" / "datasets" / "snowleopard"
 
 
-def sample_pairs(table: pd.DataFrame, per_camera: int, cross: int, seed: int) -> pd.DataFrame:
-    """Distinct frame pairs from different encounters: within each camera (up to `per_camera` draws each),
-    and about `cross` across stations."""
+def sample_pairs(table: pd.DataFrame, per_camera: int, cross: int, burst: int, seed: int) -> pd.DataFrame:
+    """Distinct frame pairs: from different encounters within each camera (up to `per_camera` draws each),
+    about `cross` across stations, and up to `burst` within one encounter."""
     rng = np.random.default_rng(seed)
     camera = table["station"].astype(str) + " camera " + table["camera"].astype(str)
     pairs = []
@@ -45,6 +48,10 @@ def sample_pairs(table: pd.DataFrame, per_camera: int, cross: int, seed: int) ->
         a, b = table.iloc[rng.choice(len(table), 2, replace=False)].itertuples()
         if a.station != b.station:
             pairs.append((a.path, b.path, a.identity == b.identity, "different stations"))
+    within = [(a, b) for _, frames in table.groupby("encounter") for a, b in itertools.combinations(frames.itertuples(), 2)]
+    for i in rng.permutation(len(within))[:burst]:
+        a, b = within[i]
+        pairs.append((a.path, b.path, a.identity == b.identity, "one burst (same encounter)"))
     frame = pd.DataFrame(pairs, columns=["query_image_path", "gallery_image_path", "same_cat", "kind"])
     unordered = frame[["query_image_path", "gallery_image_path"]].apply(lambda pair: tuple(sorted(pair)), axis=1)
     return frame[~unordered.duplicated()].reset_index(drop=True)  # a pair drawn twice counts once
@@ -56,9 +63,30 @@ def inlier_table(pairs: pd.DataFrame, inliers: dict[float, np.ndarray]) -> str:
     for (kind, same_cat), group in pairs.groupby(["kind", "same_cat"], sort=False):
         for displacement, counts in inliers.items():
             mine, both = counts[group.index], pairs["kind"] == kind
-            auc = roc_auc_score(pairs.loc[both, "same_cat"], counts[both.to_numpy()]) if pairs.loc[both, "same_cat"].nunique() == 2 else float("nan")
+            auc = f"{roc_auc_score(pairs.loc[both, 'same_cat'], counts[both.to_numpy()]):.3f}" if pairs.loc[both, "same_cat"].nunique() == 2 else "n/a"
             rows.append(f"| {kind} | {'same' if same_cat else 'different'} | {len(group)} | {displacement:g} | {mine.mean():.1f} | "
-                        f"{np.median(mine):.0f} | {np.quantile(mine, 0.9):.0f} | {mine.max()} | {auc:.3f} |")
+                        f"{np.median(mine):.0f} | {np.quantile(mine, 0.9):.0f} | {mine.max()} | {auc} |")
+    return "\n".join(rows)
+
+
+def still_shares(pairs: pd.DataFrame, cache: Path) -> np.ndarray:
+    """Per pair, tentative matches that stayed put over the smaller image's keypoint count (same-picture
+    rule off, so every such match is counted)."""
+    local = LocalMatcher.from_name("rootsift", cache_dir=cache,
+                                   matcher_conf={"verification": VerificationConf(same_picture_share=np.inf)})
+    path_pairs = list(zip(pairs["query_image_path"], pairs["gallery_image_path"]))
+    features = local.features_many(p for pair in path_pairs for p in pair)
+    evidence = local.evidence_many(path_pairs)
+    smaller = np.array([min(len(features[a]), len(features[b])) for a, b in path_pairs])
+    return np.array([e.stationary for e in evidence]) / np.maximum(smaller, 1)
+
+
+def share_table(pairs: pd.DataFrame) -> str:
+    rows = ["| frames | cats | pairs | median share | 99th percentile | max |", "|---|---|---:|---:|---:|---:|"]
+    for (kind, same_cat), group in pairs.groupby(["kind", "same_cat"], sort=False):
+        share = group["still_share"]
+        rows.append(f"| {kind} | {'same' if same_cat else 'different'} | {len(group)} | {share.median():.3f} | "
+                    f"{share.quantile(0.99):.3f} | {share.max():.3f} |")
     return "\n".join(rows)
 
 
@@ -67,6 +95,7 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=SNOW)
     parser.add_argument("--per-camera", type=int, default=40)
     parser.add_argument("--cross", type=int, default=300)
+    parser.add_argument("--burst", type=int, default=200)
     parser.add_argument("--displacement", type=float, nargs="+", default=[0.0, VerificationConf().min_displacement, 0.02])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "spotmatch", help="keypoint cache (the CLI's by default)")
@@ -75,20 +104,24 @@ def main() -> None:
 
     table = load_dataset(args.dataset / "labels.csv").table  # unambiguous identities only
     table["path"] = table["path"].astype(str)
-    pairs = sample_pairs(table, args.per_camera, args.cross, args.seed)
+    pairs = sample_pairs(table, args.per_camera, args.cross, args.burst, args.seed)
     inliers = {}
     for displacement in args.displacement:
         local = LocalMatcher.from_name("rootsift", cache_dir=args.cache,
                                        matcher_conf={"verification": VerificationConf(min_displacement=displacement)})
         inliers[displacement] = local.score_pairs(pairs)["inliers"].to_numpy()
+    pairs["still_share"] = still_shares(pairs, args.cache)
     report = "\n\n".join([
         "# Static scene: keypoint evidence between frames of one fixed camera",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  \nData: {args.dataset.name} ({len(table)} unambiguous images, "
-        f"whole frames, text bars masked), frame pairs from different encounters (seed {args.seed})  \nMachine: "
+        f"whole frames, text bars masked), frame pairs drawn with seed {args.seed}  \nMachine: "
         f"{platform.machine()}, {os.cpu_count()} CPU cores  \nRootSIFT defaults (mutual NN, ratio 0.8, MAGSAC++ homography, "
         f"at least 8 matches); min displacement: tentative matches that moved less than this fraction of the long side are "
         f"dropped before verification.",
         inlier_table(pairs, inliers),
+        "Largest share of the smaller image's keypoints whose matches stayed put (at or above "
+        f"`same_picture_share` = {VerificationConf().same_picture_share:g}, the pair counts as one picture and keeps them):",
+        share_table(pairs),
     ])
     print(report)
     with atomic_path(args.out) as tmp:

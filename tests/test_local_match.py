@@ -81,6 +81,12 @@ def test_a_fixed_cameras_static_scene_is_not_evidence(tmp_path):
     assert dropped.stationary >= 100 and dropped.to_dict()["stationary_matches_dropped"] == dropped.stationary  # explain shows it
 
 
+def test_a_photo_and_its_copy_keep_their_matches(rootsift_matcher):
+    # Every match of a photo with its copy stays put; they are one picture, not a camera's static scene.
+    copy = rootsift_matcher.evidence(SAME_QUERY, SAME_QUERY)
+    assert copy.stationary == 0 and copy.inliers > 0.9 * len(rootsift_matcher.features(SAME_QUERY))
+
+
 def test_the_local_stages_name_changes_with_its_verification():
     default = LocalMatcher.from_name("rootsift")
     keeping_static = LocalMatcher.from_name("rootsift", matcher_conf={"verification": VerificationConf(min_displacement=0.0)})
@@ -99,6 +105,10 @@ def test_matches_that_stayed_put_are_dropped_before_verification():
     assert np.allclose(kept.points1 - kept.points0, [150.0, 40.0])
     everything = verify(points0, points1, confidence, VerificationConf(min_displacement=0.0), long_side=1000)
     assert everything.matches == 50 and everything.inliers == 30  # the static scene wins the fit
+    # 30 of at most 32 keypoints stayed put: one picture twice, so nothing is dropped.
+    same_picture = verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_side=1000, keypoints=32)
+    assert same_picture.stationary == 0 and same_picture.matches == 50
+    assert verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_side=1000, keypoints=40).stationary == 30
 
 
 def test_rootsift_descriptors_are_root_normalised():
