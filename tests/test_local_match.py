@@ -12,8 +12,8 @@ import pytest
 from spotmatch.data.images import load_image
 from spotmatch.errors import SpotmatchError
 from spotmatch.local_match import LocalMatcher, VerificationConf, create_extractor, create_matcher
-from spotmatch.local_match.matchers import verify
 from spotmatch.local_match.extractors import inside_mask
+from spotmatch.local_match.matchers import verify
 from spotmatch.local_match.weights import PackagedWeights
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"

@@ -48,7 +48,7 @@ class VerificationConf:
     # ...unless the matches that stayed put make up at least this share of the smaller image's keypoints: then
     # the two files are one picture (a copy, or a frame in which nothing moved), and dropping them would call a
     # photo and its copy unrelated. On the snow leopards, frames of one camera from different visits reach at
-    # most 0.47, frames of one burst at most 0.83, copies 1.0. Needs the keypoint count (not for LoFTR).
+    # most 0.47, frames of one burst at most 0.87, copies 1.0. Needs the keypoint count (not for LoFTR).
     same_picture_share: float = 0.9
 
 
@@ -94,11 +94,11 @@ def verify(
         raise SpotmatchError(f"unknown geometric model {conf.model!r}; use one of {', '.join(GEOMETRIC_MODELS)}")
     stationary = 0
     if conf.min_displacement > 0 and len(points0):
-        moved = np.linalg.norm(points1 - points0, axis=1) >= conf.min_displacement * long_side
-        same_picture = keypoints is not None and (~moved).sum() >= conf.same_picture_share * keypoints
+        still = np.linalg.norm(points1 - points0, axis=1) < conf.min_displacement * long_side
+        same_picture = keypoints is not None and still.sum() >= conf.same_picture_share * keypoints
         if not same_picture:
-            points0, points1, confidence = points0[moved], points1[moved], confidence[moved]
-            stationary = int((~moved).sum())
+            points0, points1, confidence = points0[~still], points1[~still], confidence[~still]
+            stationary = int(still.sum())
     matches = len(points0)
     if matches < max(conf.min_matches, GEOMETRIC_MODELS[conf.model]):
         return PairEvidence.none(matches, stationary)
