@@ -25,7 +25,7 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold
 
 from spotmatch.data.tables import Dataset
-from spotmatch.engine.engine import EngineConfig, build_local, scorer_name
+from spotmatch.engine.engine import EngineConfig, build_local
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.protocol import Protocol, build_protocol, compare_models, evaluate_protocol
 from spotmatch.fusion.calibration import FusionModel, keep_shortlist_first, lowest_shortlisted
@@ -251,7 +251,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
                                             conf.target_precision, conf.new_share)
 
     # The saved threshold serves `identify`, so it is the one set on identify's own decision.
-    fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, extractor=scorer_name(scorer),
+    fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, extractor=scorer.conf_name,
                              threshold=quality["identify"]["threshold"], target_precision=conf.target_precision, quality=quality)
     fusion.fit(pair_features(plain), labels, pair_weights(plain, conf.balance))
     fusion_path = fusion.save(out_dir / "fusion.json")

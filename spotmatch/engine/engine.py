@@ -37,11 +37,6 @@ class EngineConfig:
     shortlist_first: bool = False
 
 
-def scorer_name(scorer) -> str:
-    """The local stage's identity, as recorded in a calibration file."""
-    return scorer.conf_name
-
-
 class Engine:
     def __init__(self, embedder: Embedder, local=None, fusion: FusionModel | None = None, conf: EngineConfig | None = None):
         self.embedder, self.local, self.fusion, self.conf = embedder, local, fusion, conf or EngineConfig()
@@ -58,7 +53,7 @@ class Engine:
         fusion = None
         if fusion_path is not None:
             fusion = FusionModel.load(fusion_path, embedder_id=embedder.model_id,
-                                      extractor=scorer_name(local) if local is not None else None)
+                                      extractor=local.conf_name if local is not None else None)
         return cls(embedder, local, fusion, conf)
 
     def pair_table(self, pairs: pd.DataFrame, progress=None) -> pd.DataFrame:
@@ -108,4 +103,4 @@ def explain(engine: Engine, query: str | Path, gallery: str | Path, out_png: str
     table[["matches", "inliers", "inlier_ratio", "local_score"]] = [evidence_row(evidence)]
     probability = float(engine.similarity(table)[0]) if engine.fusion is not None else None
     return explain_pair(query, gallery, engine.local, out_png, cosine=float(table["cosine"].iloc[0]),
-                        probability=probability, settings=scorer_name(engine.local), evidence=evidence)
+                        probability=probability, settings=engine.local.conf_name, evidence=evidence)

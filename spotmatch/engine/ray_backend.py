@@ -332,9 +332,9 @@ class RayEmbedder:
 def extract_features_on_ray(paths: list, engine_conf, embedder_masks: str, conf: RayConfig, job_dir: str | Path) -> pd.DataFrame:
     """Fill the local-feature cache for each distinct image, spread over the pool: (sha256, path, keypoints)."""
     from spotmatch.config import config_hash
-    from spotmatch.engine.engine import build_local, scorer_name
+    from spotmatch.engine.engine import build_local
 
-    settings = {"local_stage": scorer_name(build_local(engine_conf, embedder_masks)), "masks": engine_conf.masks or embedder_masks}
+    settings = {"local_stage": build_local(engine_conf, embedder_masks).conf_name, "masks": engine_conf.masks or embedder_masks}
     folder = Path(job_dir) / "features" / config_hash(settings)
     _, merged = _image_job(paths, functools.partial(FeatureStage, engine_conf, embedder_masks), folder, conf, conf.local)
     return merged
