@@ -2,7 +2,8 @@
 # Re-runs every `spotmatch calibrate` whose table is quoted in docs/fusion.md and the README, and copies
 # each calibration.md to docs/results/. Needs the checkpoints the docs' training commands write under
 # runs/ (and the U-Net of docs/segmentation.md); embeddings and keypoints come from .cache/spotmatch,
-# so a re-run takes minutes once they are cached. Usage: bash scripts/calibration_tables.sh [NAME ...]
+# so a re-run takes minutes once they are cached (the two ALIKED + LightGlue rows: 28 and 53 minutes
+# on 2 CPU cores, most of it LightGlue, whose matches are not cached). Usage: bash scripts/calibration_tables.sh [NAME ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SNOW=../shared/datasets/snowleopard/labels.csv
@@ -21,6 +22,7 @@ snow-seed2-calibration|$SNOW|runs/snow-cpu-seed2/best.pt|runs/snow-cpu-seed2|
 snow-20ep-calibration|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep|
 snow-20ep-calibration-unweighted|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/unweighted|--balance none
 snow-20ep-calibration-free-signs|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/free-signs|--free-signs
+snow-20ep-calibration-aliked|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/aliked|--extractor aliked
 snow-calibration-unet-local|$SNOW|runs/snow-cpu-masked/best.pt|runs/snow-cpu-masked|--local-masks $UNET
 snow-calibration-unet-embedder|$SNOW|runs/snow-cpu-unet/best.pt|runs/snow-cpu-unet|
 snow-calibration-unet-embedder-unweighted|$SNOW|runs/snow-cpu-unet/best.pt|runs/snow-cpu-unet/unweighted|--balance none
@@ -33,6 +35,7 @@ nyala-20ep-calibration|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep|
 nyala-20ep-calibration-unweighted|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/unweighted|--balance none
 nyala-20ep-calibration-free-signs|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/free-signs|--free-signs
 nyala-20ep-calibration-top100|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/top100|--top-k 100
+nyala-20ep-calibration-aliked|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/aliked|--extractor aliked --no-rerank
 "
 wanted=" $* "
 while IFS='|' read -r name data checkpoint out_dir extra diagram; do

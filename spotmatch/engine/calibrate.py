@@ -104,7 +104,7 @@ def local_evidence(scorer, paths: np.ndarray, protocol: Protocol, pairs_qg: set[
         "query_image_path": [paths[protocol.query_rows[q]] for q, _ in ordered],
         "gallery_image_path": [paths[protocol.gallery_rows[g]] for _, g in ordered],
     })
-    evidence = scorer.score_pairs(frame)
+    evidence = scorer.score_pairs_shown(frame)
     return {pair: tuple(row) for pair, row in zip(ordered, evidence[["matches", "inliers", "inlier_ratio", "local_score"]].itertuples(index=False))}
 
 

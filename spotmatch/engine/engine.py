@@ -56,13 +56,13 @@ class Engine:
                                       extractor=local.conf_name if local is not None else None)
         return cls(embedder, local, fusion, conf)
 
-    def pair_table(self, pairs: pd.DataFrame, progress=None) -> pd.DataFrame:
+    def pair_table(self, pairs: pd.DataFrame) -> pd.DataFrame:
         """Global columns for every row; local evidence for rows within each query's top-K (NaN elsewhere)."""
         table = global_pair_scores(pairs, self.embedder)
         if self.local is None:
             return table
         shortlisted = table["global_rank"] < self.conf.shortlist_k
-        evidence = self.local.score_pairs(pairs[shortlisted], progress=progress)
+        evidence = self.local.score_pairs_shown(pairs[shortlisted])
         return table.join(evidence)
 
     def similarity(self, table: pd.DataFrame) -> np.ndarray:
@@ -70,8 +70,8 @@ class Engine:
             return self.fusion.predict_proba(pair_features(table), local_stage=self.local is not None)
         return cosine_to_similarity(table["cosine"].to_numpy())
 
-    def score_pairs(self, pairs: pd.DataFrame, progress=None) -> pd.DataFrame:
-        table = self.pair_table(pairs, progress)
+    def score_pairs(self, pairs: pd.DataFrame) -> pd.DataFrame:
+        table = self.pair_table(pairs)
         similarity = self.similarity(table)
         if self.conf.shortlist_first and self.fusion is not None and self.local is not None:
             shortlisted = (table["global_rank"] < self.conf.shortlist_k).to_numpy()

@@ -269,7 +269,8 @@ class LearnedExtractor(Extractor):
     def _tensor(self, rgb: np.ndarray):
         import torch
 
-        return torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255.0).to(self.device)
+        # astype copies, so a read-only decoded image (from the cache) never reaches torch.from_numpy
+        return torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)[None].to(self.device)
 
     def _budget(self, mask: np.ndarray | None) -> int:
         # Keypoints off the mask are dropped after detection, so ask for more when there is a mask.

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from spotmatch.data.images import ImageRecord, file_sha256, load_image
 from spotmatch.local_match.extractors import EXTRACTORS, Extractor, create_extractor
@@ -63,6 +64,12 @@ class PairScorer(ABC):
                 progress(len(chunk))
         table = pd.DataFrame(rows, columns=list(EVIDENCE_COLUMNS), index=pairs.index)
         return table.astype({"matches": "int64", "inliers": "int64"})
+
+    def score_pairs_shown(self, pairs: pd.DataFrame) -> pd.DataFrame:
+        """`score_pairs` with a progress bar on a terminal (none in logs or tests): a learned matcher on
+        CPU takes tens of minutes over a few thousand pairs."""
+        with tqdm(total=len(pairs), desc="local evidence", unit="pair", disable=None) as bar:
+            return self.score_pairs(pairs, progress=bar.update)
 
 
 class LocalMatcher(PairScorer):
