@@ -269,7 +269,7 @@ class LearnedExtractor(Extractor):
     def _tensor(self, rgb: np.ndarray):
         import torch
 
-        # astype copies, so a read-only decoded image (from the cache) never reaches torch.from_numpy
+        # astype copies: the decoded image is a read-only view of a PIL image, which torch.from_numpy warns about
         return torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)[None].to(self.device)
 
     def _budget(self, mask: np.ndarray | None) -> int:
