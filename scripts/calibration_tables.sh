@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Re-runs every `spotmatch calibrate` whose table is quoted in docs/fusion.md and the README, and copies
 # each calibration.md to docs/results/. Needs the checkpoints the docs' training commands write under
-# runs/ (and the U-Net of docs/segmentation.md); embeddings and keypoints come from .cache/spotmatch,
-# so a re-run takes minutes once they are cached (the two ALIKED + LightGlue rows: 28 and 53 minutes
-# on 2 CPU cores, most of it LightGlue, whose matches are not cached). Usage: bash scripts/calibration_tables.sh [NAME ...]
+# runs/ (and the U-Net of docs/segmentation.md); embeddings, keypoints and each pair's local evidence
+# come from .cache/spotmatch, so a re-run takes minutes once they are cached (the two ALIKED + LightGlue
+# rows: 28 and 53 minutes on 2 CPU cores the first time, most of it LightGlue; the runs that measured
+# them predate the pair cache). Usage: bash scripts/calibration_tables.sh [NAME ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SNOW=../shared/datasets/snowleopard/labels.csv

@@ -156,6 +156,32 @@ def test_feature_cache_reuses_files_without_recomputing(tmp_path):
     assert changed.extractor.conf_name != first.extractor.conf_name  # a changed setting never reads stale files
 
 
+def test_pair_evidence_is_read_back_instead_of_matched_again(tmp_path, monkeypatch):
+    pairs = pd.DataFrame({"query_image_path": [str(SAME_QUERY), str(SAME_QUERY), str(STATIC_CAMERA[0])],
+                          "gallery_image_path": [str(SAME_GALLERY), str(OTHER_CATS[0]), str(STATIC_CAMERA[1])]})
+    scored = LocalMatcher.from_name("rootsift", cache_dir=tmp_path, cache_pairs=True).score_pairs(pairs)
+    assert scored["inliers"].iloc[0] >= 8  # real evidence went in
+
+    again = LocalMatcher.from_name("rootsift", cache_dir=tmp_path, cache_pairs=True)  # a new process, as it were
+    monkeypatch.setattr(again.matcher, "match", lambda *a: pytest.fail("a cached pair was matched again"))
+    pd.testing.assert_frame_equal(again.score_pairs(pairs), scored)
+
+    # Other verification settings are other evidence: the static scene kept, the Station 24 pair gains inliers.
+    keeping_static = LocalMatcher.from_name("rootsift", cache_dir=tmp_path, cache_pairs=True,
+                                            matcher_conf={"verification": VerificationConf(min_displacement=0.0)})
+    assert keeping_static.score_pairs(pairs)["inliers"].iloc[2] >= 100 > scored["inliers"].iloc[2]
+
+
+def test_a_corrupt_pair_cache_is_named_with_the_fix(tmp_path):
+    local = LocalMatcher.from_name("rootsift", cache_dir=tmp_path, cache_pairs=True)
+    local.pair_cache.path.parent.mkdir(parents=True)
+    local.pair_cache.path.write_bytes(b"not a database" * 100)
+    pairs = pd.DataFrame({"query_image_path": [str(SAME_QUERY)], "gallery_image_path": [str(SAME_GALLERY)]})
+    with pytest.raises(SpotmatchError, match=r"pair-evidence cache unreadable.*delete the file") as error:
+        local.score_pairs(pairs)
+    assert str(local.pair_cache.path) in str(error.value)
+
+
 def test_explain_writes_png_and_json_matching_the_evidence(rootsift_matcher, tmp_path):
     from spotmatch.local_match.explain import explain_pair
 

@@ -32,6 +32,8 @@ class EngineConfig:
     masks: str | None = None  # keypoints only inside these masks; None: the embedder's mask source
     local_workers: int = 2
     cache_dir: str | None = ".cache/spotmatch"
+    # Keep each pair's local evidence in the cache as well (local_match.features.PairEvidenceCache).
+    cache_pairs: bool = True
     # With fusion, scale each query's pairs outside its shortlist below its shortlisted ones, so unchecked
     # pairs never overtake checked ones: better order within a query, worse calibration (docs/fusion.md).
     shortlist_first: bool = False
@@ -87,7 +89,7 @@ def build_local(conf: EngineConfig, embedder_masks: str = "alpha"):
     cache = conf.cache_dir if conf.cache_dir else None
     masks = mask_provider(conf.masks or embedder_masks, cache)
     return LocalMatcher.from_name(conf.extractor, cache_dir=cache, workers=conf.local_workers,
-                                  mask_source=masks.mask_for if masks else None)
+                                  mask_source=masks.mask_for if masks else None, cache_pairs=conf.cache_pairs)
 
 
 def explain(engine: Engine, query: str | Path, gallery: str | Path, out_png: str | Path):

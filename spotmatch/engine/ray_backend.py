@@ -410,6 +410,9 @@ def score_pairs_on_ray(pairs: pd.DataFrame, checkpoint: str | Path, fusion_path:
     from spotmatch.engine.engine import Engine
     from spotmatch.global_embed.embed import Embedder
 
+    # No SQLite pair cache on cluster storage (its locking is not safe over a network file system); the
+    # shards already let a re-run skip finished work.
+    engine_conf = dataclasses.replace(engine_conf, cache_pairs=False)
     model_id = Embedder.from_checkpoint(checkpoint, _actor_run_config(run)).model_id
     if run is None or run.cache_dir:
         # Fill the shared embedding cache with each distinct image once, spread over the pool, so the

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from spotmatch.data.images import ImageRecord, file_sha256, load_image
 from spotmatch.local_match.extractors import EXTRACTORS, Extractor, create_extractor
-from spotmatch.local_match.features import FeatureCache, Features
+from spotmatch.local_match.features import FeatureCache, Features, PairEvidenceCache
 from spotmatch.local_match.matchers import Matcher, MutualNNMatcher, PairEvidence, create_matcher
 
 # A later segmentation stage supplies masks for JPEGs through this hook; None uses the alpha mask only.
@@ -58,12 +58,16 @@ class PairScorer(ABC):
         for start in range(0, len(order), self.chunk_size):
             chunk = order[start:start + self.chunk_size]
             path_pairs = list(zip(pairs["query_image_path"].to_numpy()[chunk], pairs["gallery_image_path"].to_numpy()[chunk]))
-            for index, evidence in zip(chunk, self.evidence_many(path_pairs)):
-                rows[index] = evidence_row(evidence)
+            for index, row in zip(chunk, self.evidence_rows(path_pairs)):
+                rows[index] = row
             if progress is not None:
                 progress(len(chunk))
         table = pd.DataFrame(rows, columns=list(EVIDENCE_COLUMNS), index=pairs.index)
         return table.astype({"matches": "int64", "inliers": "int64"})
+
+    def evidence_rows(self, path_pairs: Sequence[tuple[str, str]]) -> list[tuple]:
+        """`evidence_row` of each pair: what `score_pairs` keeps."""
+        return [evidence_row(evidence) for evidence in self.evidence_many(path_pairs)]
 
     def score_pairs_shown(self, pairs: pd.DataFrame) -> pd.DataFrame:
         """`score_pairs` with a progress bar on a terminal (none in logs or tests): a learned matcher on
@@ -83,12 +87,16 @@ class LocalMatcher(PairScorer):
         workers: int = 2,
         max_in_memory: int = 256,
         mask_source: MaskSource | None = None,
+        cache_pairs: bool = False,
     ):
+        """`cache_pairs`: keep each pair's evidence under `cache_dir` too (the engine does; off here so that
+        a benchmark of matching measures matching)."""
         self.extractor = extractor
         self.matcher = matcher
         self.cache = FeatureCache(extractor, cache_dir, max_in_memory=max_in_memory)
         self.workers = max(1, workers)
         self.mask_source = mask_source
+        self.pair_cache = PairEvidenceCache(cache_dir, self.conf_name) if cache_pairs and cache_dir is not None else None
 
     @classmethod
     def from_name(
@@ -100,6 +108,7 @@ class LocalMatcher(PairScorer):
         extractor_conf: dict[str, Any] | None = None,
         matcher_conf: dict[str, Any] | None = None,
         mask_source: MaskSource | None = None,
+        cache_pairs: bool = False,
     ) -> "LocalMatcher | PairScorer":
         """The extractor registered as `name` with its usual matcher; `loftr` gives the detector-free matcher."""
         if name in DENSE_MATCHERS:
@@ -108,7 +117,8 @@ class LocalMatcher(PairScorer):
             return LoFTRMatcher(mask_source=mask_source, **(matcher_conf or {}))
         extractor = create_extractor(name, **(extractor_conf or {}))
         chosen = matcher or EXTRACTORS[name].matcher
-        return cls(extractor, create_matcher(name, chosen, **(matcher_conf or {})), cache_dir, workers, mask_source=mask_source)
+        return cls(extractor, create_matcher(name, chosen, **(matcher_conf or {})), cache_dir, workers, mask_source=mask_source,
+                   cache_pairs=cache_pairs)
 
     @property
     def conf_name(self) -> str:
@@ -116,6 +126,25 @@ class LocalMatcher(PairScorer):
 
     def record(self, path: str | Path) -> ImageRecord:
         return load_image(path)
+
+    def feature_key(self, path: str | Path) -> str:
+        """The feature cache's key of one image file (content hash, plus the mask's when masks are on)."""
+        if self.mask_source is None:
+            return file_sha256(path)
+        record = load_image(path)
+        return self.cache.key(record, self.mask_source(record))
+
+    def evidence_rows(self, path_pairs: Sequence[tuple[str, str]]) -> list[tuple]:
+        """Rows from the pair cache where it has them; the other pairs matched, then stored."""
+        if self.pair_cache is None:
+            return super().evidence_rows(path_pairs)
+        keys = {path: self.feature_key(path) for path in dict.fromkeys(p for pair in path_pairs for p in pair)}
+        pair_keys = [(keys[a], keys[b]) for a, b in path_pairs]
+        known = self.pair_cache.get_many(pair_keys)
+        missing = [i for i, key in enumerate(pair_keys) if key not in known]
+        computed = dict(zip((pair_keys[i] for i in missing), super().evidence_rows([path_pairs[i] for i in missing])))
+        self.pair_cache.put_many(computed)
+        return [known.get(key) or computed[key] for key in pair_keys]
 
     def features(self, path: str | Path) -> Features:
         """Cached features of one image file; decodes the image only when they must be computed."""
