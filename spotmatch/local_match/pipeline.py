@@ -135,7 +135,9 @@ class LocalMatcher(PairScorer):
         return self.cache.key(record, self.mask_source(record))
 
     def evidence_rows(self, path_pairs: Sequence[tuple[str, str]]) -> list[tuple]:
-        """Rows from the pair cache where it has them; the other pairs matched, then stored."""
+        """Rows from the pair cache where it has them; the other pairs matched, then stored. With external
+        masks the key needs the decoded image and its mask, so an uncached pair decodes its images twice,
+        a small cost beside matching (alpha masks and no masks key by the file's hash alone)."""
         if self.pair_cache is None:
             return super().evidence_rows(path_pairs)
         keys = {path: self.feature_key(path) for path in dict.fromkeys(p for pair in path_pairs for p in pair)}
@@ -144,7 +146,7 @@ class LocalMatcher(PairScorer):
         missing = [i for i, key in enumerate(pair_keys) if key not in known]
         computed = dict(zip((pair_keys[i] for i in missing), super().evidence_rows([path_pairs[i] for i in missing])))
         self.pair_cache.put_many(computed)
-        return [known.get(key) or computed[key] for key in pair_keys]
+        return [known[key] if key in known else computed[key] for key in pair_keys]
 
     def features(self, path: str | Path) -> Features:
         """Cached features of one image file; decodes the image only when they must be computed."""
