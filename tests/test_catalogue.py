@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -84,10 +85,11 @@ def test_add_is_idempotent_and_stores_embeddings_and_metadata(catalogue, gallery
     row = store.db.execute("SELECT * FROM images ORDER BY id LIMIT 1").fetchone()
     stored = blob_to_embedding(row["embedding"])
     assert stored.dtype == np.float32 and np.allclose(stored, engine.embedder.embed([row["path"]])[0], atol=1e-6)
-    assert row["station"].startswith("S") and row["camera"] and row["captured_at"]
+    assert row["station"].startswith("S") and row["camera"]
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}", row["captured_at"])  # the CSV's "2012-7-22", "1-53-20", as ISO
     assert row["feature_key"] == engine.local.extractor.conf_name
     stats = store.stats()
-    assert (stats["individuals"], stats["images"], stats["confirmations"], stats["schema_version"]) == (3, 17, 17, 2)
+    assert (stats["individuals"], stats["images"], stats["confirmations"], stats["schema_version"]) == (3, 17, 17, 4)
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -109,6 +111,74 @@ def test_identify_ranks_individuals_with_calibrated_probability(catalogue, galle
         assert any(c.inliers is not None for c in result.candidates)  # keypoint evidence on the shortlist
         assert Path(result.candidates[0].explanation_png).stat().st_size > 1000
         assert result.known_image_id is None
+
+
+def test_identify_restricted_to_a_station_a_season_a_flank_and_living_individuals(catalogue, gallery_and_queries):
+    from spotmatch.catalogue.service import IdentifyConfig, identify
+    from spotmatch.catalogue.store import GalleryRestriction
+    from spotmatch.errors import SpotmatchError
+
+    store, engine = catalogue
+    query = gallery_and_queries[1][0]
+
+    def candidates(**restriction):
+        conf = IdentifyConfig(top_k=10, restriction=GalleryRestriction.from_text(**restriction))
+        return identify(store, engine, [query], conf)[0].candidates
+
+    everyone = candidates()
+    gallery = store.images_table().set_index("image_id")
+    for c in everyone:  # where and when each catalogue photo was taken travels with its candidate
+        image = gallery.loc[c.gallery_image_id]
+        assert (c.gallery_filename, c.station, c.captured_at) == (image["filename"], image["station"], image["captured_at"])
+    station = everyone[-1].station  # not the best candidate's: the restriction has to change the answer
+    at_station = candidates(stations=[station])
+    assert at_station and {c.station for c in at_station} == {station}
+    assert {c.individual for c in at_station} == set(gallery[gallery["station"] == station]["individual"])
+
+    day = everyone[0].captured_at[:10]
+    that_day = candidates(since=day, until=day)
+    assert that_day and all(c.captured_at.startswith(day) for c in that_day)
+    with pytest.raises(SpotmatchError, match="not a date; write it as YYYY-MM-DD"):
+        GalleryRestriction.from_text(since="22/07/2012")
+
+    try:  # flanks as a CSV's side column would set them: the best candidate's photos are the right flank
+        best = everyone[0].individual
+        store.db.execute("UPDATE images SET side = 'right' WHERE individual_id = ?", (store.individual_id(best),))
+        left = candidates(side="left")
+        assert best not in {c.individual for c in left} and {c.side for c in left} == {None}
+        assert best in {c.individual for c in candidates(side="right")}
+
+        store.retire(best, who="ana")
+        assert best not in {c.individual for c in candidates()}
+        assert best in {c.individual for c in candidates(include_retired=True)}
+        assert store.stats()["retired_individuals"] == 1
+        with pytest.raises(SpotmatchError, match="no identified image matches the restriction") as nothing:
+            candidates(individuals=[best])
+        assert "\n" not in str(nothing.value)
+    finally:
+        store.db.execute("UPDATE images SET side = NULL")
+        store.retire(best, who="ana", undo=True)
+    assert [c.gallery_image_id for c in candidates()] == [c.gallery_image_id for c in everyone]
+
+
+def test_capture_times_become_iso_and_sides_flanks(tmp_path, snow_subset_csv):
+    from spotmatch.catalogue.service import sources_from_csv
+    from spotmatch.catalogue.store import iso_capture_time
+    from spotmatch.errors import SpotmatchError
+
+    assert iso_capture_time("2012:07:22 01:53:20") == "2012-07-22T01:53:20"  # EXIF
+    assert iso_capture_time("2012-7-22 1-53-20") == iso_capture_time("2012-07-22T01:53:20") == "2012-07-22T01:53:20"
+    assert iso_capture_time("2012-7-22") == "2012-07-22"
+    for unreadable in ("22/07/2012", "2012-13-01 00:00:00", "dawn"):  # kept as written, never dropped
+        assert iso_capture_time(unreadable) == unreadable
+    table = pd.read_csv(snow_subset_csv, dtype=str, keep_default_na=False).head(3)
+    table["side"] = ["Left", "", "r"]
+    table.to_csv(tmp_path / "sides.csv", index=False)
+    assert [s.side for s in sources_from_csv(tmp_path / "sides.csv", SNOW / "images")] == ["left", None, "right"]
+    table["side"] = ["left", "up", "right"]
+    table.to_csv(tmp_path / "sides.csv", index=False)
+    with pytest.raises(SpotmatchError, match=r"sides.csv line 3: side 'up' is not a flank; use left, right"):
+        sources_from_csv(tmp_path / "sides.csv", SNOW / "images")
 
 
 def test_identify_a_catalogue_photo_never_matches_itself(catalogue):
@@ -170,6 +240,12 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     found = run_cli("catalogue", "identify", folder, *gallery_and_queries[1], "--top-k", "2")
     assert found.returncode == 0, found.stderr
     assert found.stdout.count("  1. ") == 2 and "p=" in found.stdout and "threshold 0.50" in found.stdout  # no fusion: cosine only
+    assert "gallery: every individual not retired" in found.stdout and re.search(r"\.JPG \(S\d+, 20\d\d-\d\d-\d\dT", found.stdout)
+    retired = run_cli("catalogue", "retire", folder, "Cat21")
+    assert retired.returncode == 0 and "Cat21 is retired" in retired.stdout
+    nothing = run_cli("catalogue", "identify", folder, gallery_and_queries[1][0], "--individual", "Cat21")
+    assert nothing.returncode == 2 and nothing.stderr.count("\n") == 1 and "every individual" not in nothing.stderr
+    assert "no identified image matches the restriction (individual Cat21 not retired)" in nothing.stderr
     exported = run_cli("catalogue", "export", folder, "--out", tmp_path / "all.csv")
     assert exported.returncode == 0
     assert len(pd.read_csv(tmp_path / "all.csv")) == 17
@@ -205,10 +281,16 @@ def test_migrations_upgrade_an_older_catalogue(tmp_path):
     MIGRATIONS[0](db)  # a catalogue written by the first schema version
     db.execute("PRAGMA user_version = 1")
     db.execute("INSERT INTO meta VALUES ('checkpoint', 'x'), ('embedder_id', 'm'), ('embedding_dim', '4')")
+    for n, written in enumerate(("2012:07:22 01:53:20", "2012-7-22 1-53-20", "at dawn")):  # EXIF, a CSV's, free text
+        db.execute("INSERT INTO images(path, filename, sha256, captured_at, added_at, embedder_id, embedding)"
+                   " VALUES ('p', 'f', ?, ?, 'now', 'm', x'00000000')", (str(n), written))
     db.close()
     store = Catalogue.open(tmp_path)
-    assert schema_version(store.db) == SCHEMA_VERSION == 2
+    assert schema_version(store.db) == SCHEMA_VERSION == 4
     assert store.db.execute("SELECT name FROM sqlite_master WHERE name = 'images_by_individual'").fetchone()
+    captured = [r[0] for r in store.db.execute("SELECT captured_at FROM images ORDER BY id")]
+    assert captured == ["2012-07-22T01:53:20", "2012-07-22T01:53:20", "at dawn"]  # read as ISO, or kept as written
+    assert store.db.execute("SELECT side FROM images").fetchall() and store.stats()["retired_individuals"] == 0
 
 
 def _image_count(db_path: Path) -> int:

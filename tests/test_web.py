@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import threading
@@ -63,6 +64,9 @@ def test_upload_names_cannot_escape_the_catalogue(server, gallery_and_queries): 
     assert (folder / "uploads" / "evil.jpg").read_bytes() == photo and not Path("/tmp/evil.jpg").exists()
     import urllib3
 
+    for restriction, error in (("station=S99", "no identified image matches the restriction"), ("since=July", "not a date")):
+        refused = urllib3.PoolManager().request("POST", f"{base}/api/identify/evil.jpg?{restriction}")
+        assert refused.status == 400 and error in json.loads(refused.data)["error"]
     for probe in ("..%2F..%2Fcatalogue.db", "catalogue.db", "..%2F..%2F..%2Fetc%2Fpasswd"):
         escaped = urllib3.PoolManager().request("GET", f"{base}/files/upload/{probe}")
         assert escaped.status in (400, 404) and b"SQLite" not in escaped.data and b"root:" not in escaped.data
@@ -101,6 +105,8 @@ def test_review_page_upload_identify_confirm(server, gallery_and_queries):  # no
         probability = float(cards[0].find_element(By.CSS_SELECTOR, ".probability").text)
         assert first in {"Cat1", "Cat5", "Cat21"} and 0 <= probability <= 1
         assert "threshold" in browser.find_element(By.ID, "verdict").text
+        # each candidate names its catalogue photo, station and capture date
+        assert re.fullmatch(r"\S+\.JPG · S\d+ · 20\d\d-\d\d-\d\dT[\d:]+", cards[0].find_element(By.CSS_SELECTOR, ".metadata").text)
         explanation = cards[0].find_element(By.CSS_SELECTOR, "img.explanation")
         wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", explanation) > 0)
         cards[0].find_element(By.CSS_SELECTOR, "button.confirm").click()

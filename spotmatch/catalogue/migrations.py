@@ -59,7 +59,29 @@ def _add_lookup_indexes(db: sqlite3.Connection) -> None:
     """)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_tables, _add_lookup_indexes]
+def _add_flank_and_retirement(db: sqlite3.Connection) -> None:
+    # identify restricts the gallery to the query's flank (a left flank's rosettes are not the right's),
+    # and leaves out animals known to be dead or gone.
+    _run_statements(db, """
+        ALTER TABLE images ADD COLUMN side TEXT;             -- 'left', 'right', or NULL: not known
+        ALTER TABLE individuals ADD COLUMN retired_at TEXT;  -- when it was retired, or NULL: still looked for
+        CREATE INDEX images_by_station ON images(station);
+    """)
+
+
+def _normalise_capture_times(db: sqlite3.Connection) -> None:
+    # Capture times came as written (EXIF "2012:07:22 01:53:20", a CSV's "2012-7-22 1-53-20"); date
+    # restrictions compare ISO text. One that cannot be read is kept as it was, never dropped.
+    from spotmatch.catalogue.store import iso_capture_time
+
+    for image_id, captured_at in db.execute("SELECT id, captured_at FROM images WHERE captured_at IS NOT NULL").fetchall():
+        normalised = iso_capture_time(captured_at)
+        if normalised != captured_at:
+            db.execute("UPDATE images SET captured_at = ? WHERE id = ?", (normalised, image_id))
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_tables, _add_lookup_indexes, _add_flank_and_retirement,
+                                                          _normalise_capture_times]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 import numpy as np
 import pandas as pd
 
-from spotmatch.catalogue.store import Catalogue, CatalogueSettings, NewImage
+from spotmatch.catalogue.store import Catalogue, CatalogueSettings, GalleryRestriction, NewImage, parse_side
 from spotmatch.data.images import file_sha256, load_image
 from spotmatch.data.tables import FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir
 from spotmatch.errors import SpotmatchError
@@ -37,6 +37,10 @@ class ImageSource:
     station: str | None = None
     camera: str | None = None
     captured_at: str | None = None
+    side: str | None = None
+
+
+SIDE_ALIASES = ("side", "flank")
 
 
 @dataclass
@@ -57,6 +61,7 @@ class AddReport:
 class IdentifyConfig:
     top_k: int = 5  # individuals reported per query
     explain_dir: Path | None = None  # where match drawings go; None: no drawings
+    restriction: GalleryRestriction = field(default_factory=GalleryRestriction)  # default: every living individual
 
 
 @dataclass
@@ -67,6 +72,12 @@ class Candidate:
     global_rank: int
     gallery_image_id: int
     gallery_path: str
+    # what a reviewer checks first: where and when the catalogue photo was taken, and which flank it shows
+    gallery_filename: str = ""
+    station: str | None = None
+    camera: str | None = None
+    captured_at: str | None = None
+    side: str | None = None
     matches: float | None = None
     inliers: float | None = None
     inlier_ratio: float | None = None
@@ -130,7 +141,7 @@ def _column(table: pd.DataFrame, aliases: tuple[str, ...]) -> str | None:
 
 
 def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[ImageSource]:
-    """A table `filename[, identity, station, camera, date, time]`; files missing on disk are reported by add."""
+    """A table `filename[, identity, station, camera, date, time, side]`; files missing on disk are reported by add."""
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
@@ -140,14 +151,15 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
     filename_col = _column(table, FILENAME_ALIASES)
     if filename_col is None:
         raise SpotmatchError(f"{csv_path}: no filename column (expected one of {', '.join(FILENAME_ALIASES)}); rename the column")
-    identity_col = _column(table, IDENTITY_ALIASES)
+    identity_col, side_col = _column(table, IDENTITY_ALIASES), _column(table, SIDE_ALIASES)
     image_dir = image_dir or default_image_dir(csv_path)
     sources = []
-    for row in table.to_dict("records"):
+    for line, row in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
         when = " ".join(v for v in (row.get("date", ""), row.get("time", "")) if v) or None
         sources.append(ImageSource(path=(image_dir / row[filename_col]).resolve(),
                                    identity=(row[identity_col].strip() or None) if identity_col else None,
-                                   station=row.get("station") or None, camera=row.get("camera") or None, captured_at=when))
+                                   station=row.get("station") or None, camera=row.get("camera") or None, captured_at=when,
+                                   side=parse_side(row[side_col], f"{csv_path} line {line}") if side_col else None))
     return sources
 
 
@@ -190,7 +202,7 @@ def insert_fresh(catalogue: Catalogue, fresh: list[tuple[ImageSource, str, str |
                  embedder_id: str, feature_key: str | None, who: str, report: AddReport) -> None:
     """One transaction for these images (computed beforehand, outside it)."""
     rows = [NewImage(path=str(s.path), sha256=sha, embedding=e, embedder_id=embedder_id, feature_key=feature_key,
-                     identity=s.identity, station=s.station, camera=s.camera, captured_at=s.captured_at or exif_time)
+                     identity=s.identity, station=s.station, camera=s.camera, captured_at=s.captured_at or exif_time, side=s.side)
             for (s, sha, exif_time), e in zip(fresh, embeddings)]
     new_ids = catalogue.insert_images(rows, who)
     report.added += len(new_ids)
@@ -219,12 +231,24 @@ def add_images(catalogue: Catalogue, embedder: EmbedsImages, local, sources: lis
 
 
 # --- identify -------------------------------------------------------------------------------------------
-def _shortlist(catalogue: Catalogue, query_paths: list[Path], query_embeddings: np.ndarray, query_hashes: list[str],
-               shortlist_k: int) -> pd.DataFrame:
-    """Global candidates per query from the FAISS index; a query never matches its own file."""
-    from spotmatch.global_embed.index import search
+def restricted_index(catalogue: Catalogue, restriction: GalleryRestriction):
+    """(FAISS index, image ids in index order) over the images `restriction` keeps: the saved index when it
+    keeps them all, else an exact index over the kept ones. A site or a season is a small gallery, and an
+    exact search over it returns k candidates where filtering an approximate index (HNSW) can return fewer."""
+    from spotmatch.global_embed.index import IndexConfig, build_index
 
     index, image_ids = catalogue.search_index()
+    kept = catalogue.restricted_image_ids(restriction)
+    if len(kept) == len(image_ids):
+        return index, image_ids
+    return build_index(catalogue.embeddings(kept), IndexConfig(kind="flat")), kept
+
+
+def _shortlist(catalogue: Catalogue, index, image_ids: np.ndarray, query_paths: list[Path], query_embeddings: np.ndarray,
+               query_hashes: list[str], shortlist_k: int) -> pd.DataFrame:
+    """Global candidates per query from `index` (over `image_ids`); a query never matches its own file."""
+    from spotmatch.global_embed.index import search
+
     if query_embeddings.shape[1] != index.d:
         raise SpotmatchError(f"{catalogue.folder}: the catalogue index has {index.d} dimensions, the query embeddings"
                              f" {query_embeddings.shape[1]}; identify with the catalogue's checkpoint")
@@ -241,11 +265,15 @@ def _shortlist(catalogue: Catalogue, query_paths: list[Path], query_embeddings: 
                 continue
             rows.append({"query_image_path": str(query), "gallery_image_path": image["path"],
                          "gallery_image_id": int(image_ids[position]), "individual": image["individual"],
-                         "cosine": float(cosine), "global_rank": rank})
+                         "cosine": float(cosine), "global_rank": rank,
+                         **{column: image[column] for column in CANDIDATE_METADATA}})
             rank += 1
     candidates = pd.DataFrame(rows)
     candidates.insert(0, "row_id", np.arange(len(candidates)))
     return candidates
+
+
+CANDIDATE_METADATA = ("filename", "station", "camera", "captured_at", "side")
 
 
 def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: IdentifyConfig | None = None) -> list[QueryResult]:
@@ -255,7 +283,9 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     query_hashes = [file_sha256(p) for p in query_paths]  # one-line error for a missing photo
     for path in query_paths:
         load_image(path)  # and for a corrupt one, before any work
-    candidates = _shortlist(catalogue, query_paths, engine.embedder.embed(query_paths), query_hashes, engine.conf.shortlist_k)
+    index, image_ids = restricted_index(catalogue, conf.restriction)  # one that keeps nothing is reported before any embedding
+    candidates = _shortlist(catalogue, index, image_ids, query_paths, engine.embedder.embed(query_paths), query_hashes,
+                            engine.conf.shortlist_k)
     if engine.local is not None and len(candidates):
         candidates = candidates.join(engine.local.score_pairs(candidates))
     if len(candidates):
@@ -277,10 +307,12 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
 
 def _candidate(row: dict) -> Candidate:
     optional = lambda key: (None if pd.isna(row.get(key, np.nan)) else float(row[key]))  # noqa: E731
+    text = lambda key: (None if pd.isna(row[key]) else str(row[key]))  # noqa: E731
     return Candidate(individual=row["individual"], probability=float(row["probability"]), cosine=row["cosine"],
                      global_rank=int(row["global_rank"]), gallery_image_id=int(row["gallery_image_id"]),
-                     gallery_path=row["gallery_image_path"], matches=optional("matches"), inliers=optional("inliers"),
-                     inlier_ratio=optional("inlier_ratio"))
+                     gallery_path=row["gallery_image_path"], gallery_filename=row["filename"], station=text("station"),
+                     camera=text("camera"), captured_at=text("captured_at"), side=text("side"), matches=optional("matches"),
+                     inliers=optional("inliers"), inlier_ratio=optional("inlier_ratio"))
 
 
 def explain_candidate(engine, query: Path, query_sha: str, candidate: Candidate, out_dir: Path) -> Path:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sqlite3
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -52,6 +53,78 @@ class NewImage:
     station: str | None = None
     camera: str | None = None
     captured_at: str | None = None
+    side: str | None = None  # the flank shown: "left", "right", or None (not known)
+
+
+SIDES = ("left", "right")
+_SIDE_WORDS = {"left": "left", "l": "left", "right": "right", "r": "right", "": None, "unknown": None, "na": None, "both": None}
+# Year, month, day and optionally hour, minute, second, with any of the separators that EXIF
+# ("2012:07:22 01:53:20"), ISO and camera-trap CSVs ("2012-7-22 1-53-20") use.
+_CAPTURE_TIME = re.compile(r"(\d{4})[-:/.](\d{1,2})[-:/.](\d{1,2})(?:[ T_](\d{1,2})[-:.](\d{1,2})(?:[-:.](\d{1,2}))?)?")
+
+
+def parse_side(value: str | None, where: str) -> str | None:
+    """"left"/"right" (or l/r, any case); empty, "unknown", "na", "both": not known. Anything else is an error
+    naming `where`, since a wrong flank would hide the right animal from identify."""
+    word = (value or "").strip().lower()
+    if word not in _SIDE_WORDS:
+        raise SpotmatchError(f"{where}: side {value!r} is not a flank; use left, right, or leave it empty")
+    return _SIDE_WORDS[word]
+
+
+def iso_capture_time(text: str | None) -> str | None:
+    """ISO 8601 ("2012-07-22T01:53:20", or "2012-07-22" for a date alone) when `text` reads as year, month,
+    day[, time]; otherwise `text` unchanged, so nothing a user wrote is lost (date restrictions skip it)."""
+    if text is None:
+        return None
+    found = _CAPTURE_TIME.fullmatch(text.strip())
+    if found is None:
+        return text
+    numbers = [int(part) for part in found.groups() if part is not None]
+    try:
+        moment = datetime(*numbers)
+    except ValueError:  # month 13, 30 February, ...
+        return text
+    return moment.isoformat() if len(numbers) > 3 else moment.date().isoformat()
+
+
+@dataclass(frozen=True)
+class GalleryRestriction:
+    """Which catalogue images a photo is matched against: a site, a season, the query's flank, some
+    individuals, living ones only. Each field left at its default restricts nothing."""
+
+    stations: tuple[str, ...] = ()
+    since: date | None = None  # capture date at or after; images without a readable date are left out
+    until: date | None = None  # capture date at or before
+    side: str | None = None  # the query's flank: images of the other flank are left out, unknown ones kept
+    individuals: tuple[str, ...] = ()
+    include_retired: bool = False  # retired individuals (dead, gone) are left out unless this is set
+
+    def __post_init__(self):
+        if self.side is not None and self.side not in SIDES:
+            raise SpotmatchError(f"--side {self.side}: use left or right")
+        if self.since and self.until and self.since > self.until:
+            raise SpotmatchError(f"--since {self.since} is after --until {self.until}; swap them")
+
+    @classmethod
+    def from_text(cls, stations=(), since: str | None = None, until: str | None = None, side: str | None = None,
+                  individuals=(), include_retired: bool = False) -> "GalleryRestriction":
+        """From command-line or web-form text: dates as YYYY-MM-DD, side in any case; empty text means unset."""
+        def day(value: str | None, flag: str) -> date | None:
+            try:
+                return date.fromisoformat(value) if value else None
+            except ValueError:
+                raise SpotmatchError(f"{flag} {value}: not a date; write it as YYYY-MM-DD") from None
+        return cls(tuple(s for s in stations if s), day(since, "--since"), day(until, "--until"), (side or "").lower() or None,
+                   tuple(i for i in individuals if i), include_retired)
+
+    def describe(self) -> str:
+        who = f"individual {' or '.join(self.individuals)}" if self.individuals else "every individual"
+        parts = [who + ("" if self.include_retired else " not retired"),
+                 f"station {' or '.join(self.stations)}" if self.stations else "",
+                 f"captured {self.since or '...'} to {self.until or '...'}" if self.since or self.until else "",
+                 f"{self.side} flank or unknown" if self.side else ""]
+        return ", ".join(p for p in parts if p)
 
 
 def now_utc() -> str:
@@ -184,6 +257,30 @@ class Catalogue:
         rows = self.db.execute("SELECT id, individual_id FROM images WHERE individual_id IS NOT NULL ORDER BY id").fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64)
 
+    def restricted_image_ids(self, restriction: GalleryRestriction) -> np.ndarray:
+        """Ids, ascending, of the identified images that `restriction` keeps; none is an error naming it."""
+        clauses, values = ["images.individual_id IS NOT NULL"], []
+        if not restriction.include_retired:
+            clauses.append("individuals.retired_at IS NULL")
+        for column, wanted in (("images.station", restriction.stations), ("individuals.name", restriction.individuals)):
+            if wanted:
+                clauses.append(f"{column} IN ({','.join('?' * len(wanted))})")
+                values += list(wanted)
+        if restriction.side:
+            clauses.append("(images.side IS NULL OR images.side = ?)")
+            values.append(restriction.side)
+        if restriction.since or restriction.until:
+            # ISO text compares as dates; a capture time that could not be read as one is never in range.
+            clauses.append("images.captured_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*'")
+            clauses.append("substr(images.captured_at, 1, 10) BETWEEN ? AND ?")
+            values += [(restriction.since or date.min).isoformat(), (restriction.until or date.max).isoformat()]
+        rows = self.db.execute("SELECT images.id FROM images JOIN individuals ON individuals.id = images.individual_id"
+                               f" WHERE {' AND '.join(clauses)} ORDER BY images.id", values).fetchall()
+        if not rows:
+            raise SpotmatchError(f"{self.folder}: no identified image matches the restriction ({restriction.describe()});"
+                                 f" widen it (`spotmatch catalogue export` lists stations, dates and sides)")
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
     def embeddings(self, image_ids: np.ndarray) -> np.ndarray:
         dim = self.settings().embedding_dim
         out = np.empty((len(image_ids), dim), dtype=np.float32)
@@ -198,7 +295,7 @@ class Catalogue:
 
         return pd.read_sql_query(
             "SELECT images.id AS image_id, images.filename, images.path, images.sha256, individuals.name AS individual,"
-            " images.station, images.camera, images.captured_at, images.added_at"
+            " images.station, images.camera, images.captured_at, images.side, images.added_at"
             " FROM images LEFT JOIN individuals ON individuals.id = images.individual_id ORDER BY images.id", self.db)
 
     def stats(self) -> dict:
@@ -206,6 +303,7 @@ class Catalogue:
         from spotmatch.catalogue.migrations import schema_version
 
         return {"individuals": count("SELECT COUNT(*) FROM individuals"),
+                "retired_individuals": count("SELECT COUNT(*) FROM individuals WHERE retired_at IS NOT NULL"),
                 "images": count("SELECT COUNT(*) FROM images"),
                 "identified_images": count("SELECT COUNT(*) FROM images WHERE individual_id IS NOT NULL"),
                 "unidentified_images": count("SELECT COUNT(*) FROM images WHERE individual_id IS NULL"),
@@ -235,10 +333,11 @@ class Catalogue:
                                          f" {expected_dim} dimensions; use the catalogue's checkpoint")
                 individual = self._individual_id_creating(image.identity) if image.identity else None
                 cursor = db.execute(
-                    "INSERT OR IGNORE INTO images(path, filename, sha256, individual_id, station, camera, captured_at, added_at,"
-                    " embedder_id, feature_key, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (image.path, Path(image.path).name, image.sha256, individual, image.station, image.camera, image.captured_at,
-                     now_utc(), image.embedder_id, image.feature_key, embedding_to_blob(image.embedding)))
+                    "INSERT OR IGNORE INTO images(path, filename, sha256, individual_id, station, camera, captured_at, side, added_at,"
+                    " embedder_id, feature_key, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (image.path, Path(image.path).name, image.sha256, individual, image.station, image.camera,
+                     iso_capture_time(image.captured_at), image.side, now_utc(), image.embedder_id, image.feature_key,
+                     embedding_to_blob(image.embedding)))
                 if cursor.rowcount:
                     new_ids.append(int(cursor.lastrowid))
                     if individual is not None:
@@ -304,6 +403,14 @@ class Catalogue:
                 raise SpotmatchError(f"{self.folder}: individual {new!r} already exists; merge the two instead")
             self.db.execute("UPDATE individuals SET name = ? WHERE id = ?", (new, individual_id))
             self._record("rename", None, individual_id, who, f"{old} -> {new}")
+
+    def retire(self, name: str, who: str, undo: bool = False) -> None:
+        """Mark an individual as no longer to be looked for (dead, left the area), or undo that. Its images
+        and history stay; identify leaves it out unless asked to include retired individuals."""
+        with transaction(self.db):
+            individual_id = self.individual_id(name)
+            self.db.execute("UPDATE individuals SET retired_at = ? WHERE id = ?", (None if undo else now_utc(), individual_id))
+            self._record("unretire" if undo else "retire", None, individual_id, who)
 
     # --- the FAISS index: a cache of the identified images' embeddings -----------------------------------
     def search_index(self, index_conf=None):

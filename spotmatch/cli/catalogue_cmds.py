@@ -45,7 +45,8 @@ def init(
 @catalogue_app.command("add")
 def add(
     folder: Path = typer.Argument(..., help=FOLDER_HELP),
-    source: Path = typer.Argument(..., help="A folder of photos, or a CSV `filename[, identity, station, camera, date, time]`."),
+    source: Path = typer.Argument(..., help="A folder of photos, or a CSV `filename[, identity, station, camera, date, time, side]`"
+                                              " (side: left or right, the flank shown; empty when not known)."),
     images: Optional[Path] = typer.Option(None, help="Image folder of a CSV (default: images/ beside it, else its folder)."),
     batch_size: int = typer.Option(16, help="Images per transaction."),
     local_features: bool = typer.Option(True, "--local-features/--no-local-features", help="Extract keypoints now (faster identify later)."),
@@ -82,31 +83,43 @@ def identify(
     top_k: int = typer.Option(5, help="Individuals listed per photo."),
     shortlist_k: int = typer.Option(20, help="Catalogue images re-scored with keypoints per photo."),
     explain_dir: Optional[Path] = typer.Option(None, help="Draw each candidate's keypoint matches into this folder."),
+    station: List[str] = typer.Option([], help="Match only against catalogue photos from this station (repeat for several)."),
+    since: Optional[str] = typer.Option(None, help="Only catalogue photos captured on or after this date (YYYY-MM-DD);"
+                                                   " photos without a readable date are left out."),
+    until: Optional[str] = typer.Option(None, help="Only catalogue photos captured on or before this date (YYYY-MM-DD)."),
+    side: Optional[str] = typer.Option(None, help="The flank the photos show (left or right): catalogue photos of the other"
+                                                  " flank are left out, ones of unknown flank kept."),
+    individual: List[str] = typer.Option([], help="Only these individuals (repeat for several)."),
+    include_retired: bool = typer.Option(False, "--include-retired", help="Also individuals retired with `catalogue retire`."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Top-K individuals per photo with calibrated probability and evidence; 'new individual' below the threshold."""
     from dataclasses import asdict
 
     from spotmatch.catalogue.service import IdentifyConfig, identify as run_identify, open_engine
-
+    from spotmatch.catalogue.store import GalleryRestriction
     from spotmatch.data.images import file_sha256
 
+    restriction = GalleryRestriction.from_text(station, since, until, side, individual, include_retired)
     catalogue = _open(folder)
-    catalogue.search_index()  # an empty catalogue and a missing photo are reported before the model loads
+    catalogue.search_index()  # an empty catalogue or restriction, and a missing photo, are reported before the model loads
+    catalogue.restricted_image_ids(restriction)
     for photo in photos:
         file_sha256(photo)
-    results = run_identify(catalogue, open_engine(catalogue, shortlist_k), photos, IdentifyConfig(top_k, explain_dir))
+    results = run_identify(catalogue, open_engine(catalogue, shortlist_k), photos, IdentifyConfig(top_k, explain_dir, restriction))
     if json_out:
         typer.echo(json.dumps([{**asdict(r), "verdict": r.verdict} for r in results], indent=1))
         return
+    typer.echo(f"gallery: {restriction.describe()}")
     for result in results:
         known = f" (already in the catalogue as image {result.known_image_id})" if result.known_image_id else ""
         typer.echo(f"{result.query}: {result.verdict} (threshold {result.threshold:.2f}){known}")
         for rank, c in enumerate(result.candidates, 1):
             local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
             drawing = f", {c.explanation_png}" if c.explanation_png else ""
+            where = ", ".join(value for value in (c.station, c.captured_at, c.side and f"{c.side} flank") if value)
             typer.echo(f"  {rank}. {c.individual}  p={c.probability:.3f}  cosine {c.cosine:.3f}{local}"
-                       f"  via image {c.gallery_image_id} {Path(c.gallery_path).name}{drawing}")
+                       f"  via image {c.gallery_image_id} {c.gallery_filename}{f' ({where})' if where else ''}{drawing}")
 
 
 @catalogue_app.command("confirm")
@@ -156,6 +169,15 @@ def rename(folder: Path = typer.Argument(..., help=FOLDER_HELP), old: str = type
     """Rename an individual."""
     _open(folder).rename(old, new, who)
     typer.echo(f"renamed {old} to {new}")
+
+
+@catalogue_app.command("retire")
+def retire(folder: Path = typer.Argument(..., help=FOLDER_HELP), individual: str = typer.Argument(...),
+           undo: bool = typer.Option(False, "--undo", help="Look for it again."),
+           who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP)) -> None:
+    """An individual is dead or gone: identify stops proposing it (its photos and history stay)."""
+    _open(folder).retire(individual, who, undo)
+    typer.echo(f"{individual} is {'looked for again' if undo else 'retired'} (by {who})")
 
 
 @catalogue_app.command("export")

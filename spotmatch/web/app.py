@@ -55,7 +55,7 @@ def inside(folder: Path, name: str) -> Path:
 
 def create_app(conf: ServeConfig):
     from spotmatch.catalogue.service import IdentifyConfig, confirm_photo, identify, open_engine
-    from spotmatch.catalogue.store import Catalogue
+    from spotmatch.catalogue.store import Catalogue, GalleryRestriction
 
     store = Catalogue.open(conf.catalogue)
     uploads, explain_dir = store.folder / "uploads", store.folder / "explain"
@@ -91,11 +91,13 @@ def create_app(conf: ServeConfig):
         return {"photo": name}
 
     @app.post("/api/identify/{photo}")
-    def identify_photo(photo: str):
+    def identify_photo(photo: str, station: str = "", since: str = "", until: str = "", side: str = ""):
         path = inside(uploads, safe_upload_name(photo))
+        restriction = GalleryRestriction.from_text([station], since, until, side)
         with lock:
-            result = identify(store, engine, [path], IdentifyConfig(conf.top_k, explain_dir))[0]
+            result = identify(store, engine, [path], IdentifyConfig(conf.top_k, explain_dir, restriction))[0]
         return {"photo": photo, "verdict": result.verdict, "threshold": result.threshold, "known_image_id": result.known_image_id,
+                "gallery": restriction.describe(),
                 "candidates": [{**c.__dict__, "gallery_path": Path(c.gallery_path).name,
                                 "explanation_png": Path(c.explanation_png).name if c.explanation_png else None}
                                for c in result.candidates]}
