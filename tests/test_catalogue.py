@@ -147,6 +147,11 @@ def test_identify_restricted_to_a_station_a_season_a_flank_and_living_individual
         left = candidates(side="left")
         assert best not in {c.individual for c in left} and {c.side for c in left} == {None}
         assert best in {c.individual for c in candidates(side="right")}
+        # a round's photos each with their own flank (from its CSV); the unknown one keeps the restriction's
+        round_results = identify(store, engine, [query, query], IdentifyConfig(top_k=10), sides=["left", None])
+        assert [r.gallery for r in round_results] == ["every individual not retired, left flank or unknown", "every individual not retired"]
+        assert best not in {c.individual for c in round_results[0].candidates}
+        assert [c.gallery_image_id for c in round_results[1].candidates] == [c.gallery_image_id for c in everyone]
 
         store.retire(best, who="ana")
         assert best not in {c.individual for c in candidates()}
@@ -241,6 +246,14 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     assert found.returncode == 0, found.stderr
     assert found.stdout.count("  1. ") == 2 and "p=" in found.stdout and "threshold 0.50" in found.stdout  # no fusion: cosine only
     assert "gallery: every individual not retired" in found.stdout and re.search(r"\.JPG \(S\d+, 20\d\d-\d\d-\d\dT", found.stdout)
+    round_csv = tmp_path / "round.csv"
+    pd.DataFrame({"filename": [p.name for p in gallery_and_queries[1]], "side": ["left", ""]}).to_csv(round_csv, index=False)
+    found = run_cli("catalogue", "identify", folder, round_csv, "--images", SNOW / "images", "--top-k", "2", "--out", tmp_path / "round-results.csv")
+    assert found.returncode == 0, found.stderr
+    results = pd.read_csv(tmp_path / "round-results.csv")
+    assert list(results["photo"].drop_duplicates().map(lambda p: Path(p).name)) == [p.name for p in gallery_and_queries[1]]
+    assert set(results["rank"]) <= {1, 2} and results["gallery_filename"].str.endswith(".JPG").all()
+    assert results.groupby("photo", sort=False)["gallery"].first().str.endswith("left flank or unknown").tolist() == [True, False]
     retired = run_cli("catalogue", "retire", folder, "Cat21")
     assert retired.returncode == 0 and "Cat21 is retired" in retired.stdout
     nothing = run_cli("catalogue", "identify", folder, gallery_and_queries[1][0], "--individual", "Cat21")

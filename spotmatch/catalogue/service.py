@@ -6,7 +6,7 @@ outside a transaction, then hands finished rows to the store in one write.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -91,6 +91,7 @@ class QueryResult:
     candidates: list[Candidate]
     threshold: float
     known_image_id: int | None = None  # the photo is already in the catalogue under this id
+    gallery: str = ""  # what it was matched against (GalleryRestriction.describe)
 
     @property
     def verdict(self) -> str:
@@ -246,7 +247,8 @@ def restricted_index(catalogue: Catalogue, restriction: GalleryRestriction):
 
 def _shortlist(catalogue: Catalogue, index, image_ids: np.ndarray, query_paths: list[Path], query_embeddings: np.ndarray,
                query_hashes: list[str], shortlist_k: int) -> pd.DataFrame:
-    """Global candidates per query from `index` (over `image_ids`); a query never matches its own file."""
+    """Global candidates per query from `index` (over `image_ids`); a query never matches its own file.
+    `query_position`: the query's place in `query_paths`."""
     from spotmatch.global_embed.index import search
 
     if query_embeddings.shape[1] != index.d:
@@ -263,41 +265,53 @@ def _shortlist(catalogue: Catalogue, index, image_ids: np.ndarray, query_paths: 
             image = gallery.loc[int(image_ids[position])]
             if image["sha256"] == query_hashes[q]:
                 continue
-            rows.append({"query_image_path": str(query), "gallery_image_path": image["path"],
+            rows.append({"query_position": q, "query_image_path": str(query), "gallery_image_path": image["path"],
                          "gallery_image_id": int(image_ids[position]), "individual": image["individual"],
                          "cosine": float(cosine), "global_rank": rank,
                          **{column: image[column] for column in CANDIDATE_METADATA}})
             rank += 1
-    candidates = pd.DataFrame(rows)
-    candidates.insert(0, "row_id", np.arange(len(candidates)))
-    return candidates
+    return pd.DataFrame(rows)
 
 
 CANDIDATE_METADATA = ("filename", "station", "camera", "captured_at", "side")
 
 
-def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: IdentifyConfig | None = None) -> list[QueryResult]:
-    """Per photo: the top-K individuals by calibrated probability, with the evidence behind each."""
+def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: IdentifyConfig | None = None,
+             sides: list[str | None] | None = None) -> list[QueryResult]:
+    """Per photo: the top-K individuals by calibrated probability, with the evidence behind each. `sides`:
+    each photo's flank where known (a round's CSV), which then replaces the restriction's side for it."""
     conf = conf or IdentifyConfig()
     query_paths = [Path(p) for p in query_paths]
+    sides = [side or conf.restriction.side for side in (sides or [None] * len(query_paths))]
     query_hashes = [file_sha256(p) for p in query_paths]  # one-line error for a missing photo
     for path in query_paths:
         load_image(path)  # and for a corrupt one, before any work
-    index, image_ids = restricted_index(catalogue, conf.restriction)  # one that keeps nothing is reported before any embedding
-    candidates = _shortlist(catalogue, index, image_ids, query_paths, engine.embedder.embed(query_paths), query_hashes,
-                            engine.conf.shortlist_k)
+    # One gallery per flank among the photos; a restriction that keeps nothing is reported before any embedding.
+    restrictions = {side: replace(conf.restriction, side=side) for side in dict.fromkeys(sides)}
+    galleries = {side: restricted_index(catalogue, restriction) for side, restriction in restrictions.items()}
+    query_embeddings = engine.embedder.embed(query_paths)
+    shortlists = []
+    for side, (index, image_ids) in galleries.items():
+        mine = [n for n, s in enumerate(sides) if s == side]
+        shortlist = _shortlist(catalogue, index, image_ids, [query_paths[n] for n in mine], query_embeddings[mine],
+                               [query_hashes[n] for n in mine], engine.conf.shortlist_k)
+        if len(shortlist):  # positions among all photos: the same file may come twice, with two flanks
+            shortlist["query_position"] = np.asarray(mine)[shortlist["query_position"].to_numpy()]
+        shortlists.append(shortlist)
+    candidates = pd.concat(shortlists, ignore_index=True)
+    candidates.insert(0, "row_id", np.arange(len(candidates)))
     if engine.local is not None and len(candidates):
         candidates = candidates.join(engine.local.score_pairs(candidates))
     if len(candidates):
         candidates["probability"] = engine.similarity(candidates)
     threshold = float(engine.fusion.threshold) if engine.fusion is not None else 0.5
     results = []
-    for path, sha in zip(query_paths, query_hashes):
-        mine = candidates[candidates["query_image_path"] == str(path)] if len(candidates) else candidates
+    for position, (path, sha, side) in enumerate(zip(query_paths, query_hashes, sides)):
+        mine = candidates[candidates["query_position"] == position] if len(candidates) else candidates
         best = mine.sort_values("probability", ascending=False).drop_duplicates("individual").head(conf.top_k) if len(mine) else mine
         known = catalogue.image_by_sha(sha)
         result = QueryResult(str(path), sha, [_candidate(row) for row in best.to_dict("records")], threshold,
-                             int(known["id"]) if known is not None else None)
+                             int(known["id"]) if known is not None else None, restrictions[side].describe())
         if conf.explain_dir is not None and engine.local is not None:
             for candidate in result.candidates:
                 candidate.explanation_png = str(explain_candidate(engine, path, sha, candidate, conf.explain_dir))
@@ -337,6 +351,19 @@ def confirm_photo(catalogue: Catalogue, engine, photo: Path, individual: str | N
             raise SpotmatchError(report.failed[0][1])
         known = catalogue.image_by_sha(sha)
     return int(known["id"]), catalogue.confirm(int(known["id"]), individual, who)
+
+
+def results_table(results: list[QueryResult]) -> pd.DataFrame:
+    """One row per (photo, candidate), best first, with the verdict and the evidence; a photo without any
+    candidate keeps one row, so every photo of a round is accounted for."""
+    from dataclasses import asdict
+
+    rows = []
+    for result in results:
+        photo = {"photo": result.query, "verdict": result.verdict, "threshold": result.threshold,
+                 "known_image_id": result.known_image_id, "gallery": result.gallery}
+        rows += [{**photo, "rank": rank, **asdict(c)} for rank, c in enumerate(result.candidates, 1)] or [photo]
+    return pd.DataFrame(rows)
 
 
 def export_table(catalogue: Catalogue, competition: bool) -> pd.DataFrame:

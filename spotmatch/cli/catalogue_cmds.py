@@ -79,7 +79,10 @@ def add(
 @catalogue_app.command("identify")
 def identify(
     folder: Path = typer.Argument(..., help=FOLDER_HELP),
-    photos: List[Path] = typer.Argument(..., help="Photos to identify."),
+    photos: List[Path] = typer.Argument(..., help="Photos to identify, or one CSV of a round: `filename[, side, ...]`, each"
+                                                  " photo's side (left/right) restricting its gallery to that flank."),
+    images: Optional[Path] = typer.Option(None, help="Image folder of a round's CSV (default: images/ beside it, else its folder)."),
+    out: Optional[Path] = typer.Option(None, help="Also write every photo's candidates and evidence to this CSV (atomically)."),
     top_k: int = typer.Option(5, help="Individuals listed per photo."),
     shortlist_k: int = typer.Option(20, help="Catalogue images re-scored with keypoints per photo."),
     explain_dir: Optional[Path] = typer.Option(None, help="Draw each candidate's keypoint matches into this folder."),
@@ -96,24 +99,30 @@ def identify(
     """Top-K individuals per photo with calibrated probability and evidence; 'new individual' below the threshold."""
     from dataclasses import asdict
 
-    from spotmatch.catalogue.service import IdentifyConfig, identify as run_identify, open_engine
+    from spotmatch.catalogue.service import IdentifyConfig, identify as run_identify, open_engine, results_table, sources_from_csv
     from spotmatch.catalogue.store import GalleryRestriction
     from spotmatch.data.images import file_sha256
+    from spotmatch.io import write_csv_atomic
 
     restriction = GalleryRestriction.from_text(station, since, until, side, individual, include_retired)
+    sides = None
+    if len(photos) == 1 and photos[0].suffix.lower() == ".csv":
+        round_sources = sources_from_csv(photos[0], images)
+        photos, sides = [s.path for s in round_sources], [s.side for s in round_sources]
     catalogue = _open(folder)
     catalogue.search_index()  # an empty catalogue or restriction, and a missing photo, are reported before the model loads
     catalogue.restricted_image_ids(restriction)
     for photo in photos:
         file_sha256(photo)
-    results = run_identify(catalogue, open_engine(catalogue, shortlist_k), photos, IdentifyConfig(top_k, explain_dir, restriction))
+    results = run_identify(catalogue, open_engine(catalogue, shortlist_k), photos, IdentifyConfig(top_k, explain_dir, restriction), sides)
+    if out is not None:
+        write_csv_atomic(results_table(results), out)
     if json_out:
         typer.echo(json.dumps([{**asdict(r), "verdict": r.verdict} for r in results], indent=1))
         return
-    typer.echo(f"gallery: {restriction.describe()}")
     for result in results:
         known = f" (already in the catalogue as image {result.known_image_id})" if result.known_image_id else ""
-        typer.echo(f"{result.query}: {result.verdict} (threshold {result.threshold:.2f}){known}")
+        typer.echo(f"{result.query}: {result.verdict} (threshold {result.threshold:.2f}; gallery: {result.gallery}){known}")
         for rank, c in enumerate(result.candidates, 1):
             local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
             drawing = f", {c.explanation_png}" if c.explanation_png else ""
