@@ -166,6 +166,24 @@ def test_identify_restricted_to_a_station_a_season_a_flank_and_living_individual
     assert [c.gallery_image_id for c in candidates()] == [c.gallery_image_id for c in everyone]
 
 
+def test_shortlist_with_at_most_one_image_per_individual(catalogue, gallery_and_queries):
+    from spotmatch.catalogue.service import IdentifyConfig, identify
+
+    store, engine = catalogue
+    query = gallery_and_queries[1][1]
+    ids, _ = store.identified_images()
+    cosine = store.embeddings(ids) @ engine.embedder.embed([query])[0]
+    individual_of = store.images_table().set_index("image_id")["individual"]
+    ranked = ids[np.argsort(-cosine, kind="stable")]
+    firsts = pd.Series(individual_of.loc[ranked].to_numpy(), index=ranked).drop_duplicates()  # each cat's best image
+    (limited,) = identify(store, engine, [query], IdentifyConfig(top_k=10, per_individual=1))
+    (plain,) = identify(store, engine, [query], IdentifyConfig(top_k=10))
+    assert {c.gallery_image_id for c in limited.candidates} == set(firsts.index)  # all 3 cats, each by its best image
+    assert len(plain.candidates) < len(limited.candidates)  # the 5 nearest frames leave a cat out
+    # the rank counts every catalogue image above it, as in calibration, not only the shortlisted ones
+    assert sorted(c.global_rank for c in limited.candidates) == sorted(list(ranked).index(i) for i in firsts.index)
+
+
 def test_capture_times_become_iso_and_sides_flanks(tmp_path, snow_subset_csv):
     from spotmatch.catalogue.service import sources_from_csv
     from spotmatch.catalogue.store import iso_capture_time

@@ -6,6 +6,7 @@ outside a transaction, then hands finished rows to the store in one write.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
@@ -62,6 +63,10 @@ class IdentifyConfig:
     top_k: int = 5  # individuals reported per query
     explain_dir: Path | None = None  # where match drawings go; None: no drawings
     restriction: GalleryRestriction = field(default_factory=GalleryRestriction)  # default: every living individual
+    # At most this many images of one individual in a photo's shortlist (None: no limit). At a fixed camera
+    # one animal's frames share the background and can fill the whole shortlist, leaving no keypoint check
+    # for any other animal (docs/catalogue.md, "Several individuals in the shortlist").
+    per_individual: int | None = None
 
 
 @dataclass
@@ -245,30 +250,38 @@ def restricted_index(catalogue: Catalogue, restriction: GalleryRestriction):
     return build_index(catalogue.embeddings(kept), IndexConfig(kind="flat")), kept
 
 
+# With a per-individual limit, how far down the cosine list (in shortlists) the shortlist is looked for.
+LIMITED_SEARCH_DEPTH = 10
+
+
 def _shortlist(catalogue: Catalogue, index, image_ids: np.ndarray, query_paths: list[Path], query_embeddings: np.ndarray,
-               query_hashes: list[str], shortlist_k: int) -> pd.DataFrame:
-    """Global candidates per query from `index` (over `image_ids`); a query never matches its own file.
-    `query_position`: the query's place in `query_paths`."""
+               query_hashes: list[str], shortlist_k: int, per_individual: int | None = None) -> pd.DataFrame:
+    """Global candidates per query from `index` (over `image_ids`), at most `per_individual` images of one
+    individual; a query never matches its own file. `global_rank` counts every catalogue image above it, as
+    in calibration; `query_position`: the query's place in `query_paths`."""
     from spotmatch.global_embed.index import search
 
     if query_embeddings.shape[1] != index.d:
         raise SpotmatchError(f"{catalogue.folder}: the catalogue index has {index.d} dimensions, the query embeddings"
                              f" {query_embeddings.shape[1]}; identify with the catalogue's checkpoint")
-    scores, neighbours = search(index, query_embeddings, shortlist_k + 1)  # +1: room for the query itself
+    depth = shortlist_k if per_individual is None else shortlist_k * LIMITED_SEARCH_DEPTH
+    scores, neighbours = search(index, query_embeddings, depth + 1)  # +1: room for the query itself
     gallery = catalogue.images_table().set_index("image_id")
     rows = []
     for q, query in enumerate(query_paths):
-        rank = 0
+        rank, taken = 0, Counter()
         for position, cosine in zip(neighbours[q], scores[q]):
-            if position < 0 or rank >= shortlist_k:
+            if position < 0:
                 continue
             image = gallery.loc[int(image_ids[position])]
             if image["sha256"] == query_hashes[q]:
                 continue
-            rows.append({"query_position": q, "query_image_path": str(query), "gallery_image_path": image["path"],
-                         "gallery_image_id": int(image_ids[position]), "individual": image["individual"],
-                         "cosine": float(cosine), "global_rank": rank,
-                         **{column: image[column] for column in CANDIDATE_METADATA}})
+            if taken.total() < shortlist_k and (per_individual is None or taken[image["individual"]] < per_individual):
+                rows.append({"query_position": q, "query_image_path": str(query), "gallery_image_path": image["path"],
+                             "gallery_image_id": int(image_ids[position]), "individual": image["individual"],
+                             "cosine": float(cosine), "global_rank": rank,
+                             **{column: image[column] for column in CANDIDATE_METADATA}})
+                taken[image["individual"]] += 1
             rank += 1
     return pd.DataFrame(rows)
 
@@ -294,7 +307,7 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     for side, (index, image_ids) in galleries.items():
         mine = [n for n, s in enumerate(sides) if s == side]
         shortlist = _shortlist(catalogue, index, image_ids, [query_paths[n] for n in mine], query_embeddings[mine],
-                               [query_hashes[n] for n in mine], engine.conf.shortlist_k)
+                               [query_hashes[n] for n in mine], engine.conf.shortlist_k, conf.per_individual)
         if len(shortlist):  # positions among all photos: the same file may come twice, with two flanks
             shortlist["query_position"] = np.asarray(mine)[shortlist["query_position"].to_numpy()]
         shortlists.append(shortlist)

@@ -85,6 +85,8 @@ def identify(
     out: Optional[Path] = typer.Option(None, help="Also write every photo's candidates and evidence to this CSV (atomically)."),
     top_k: int = typer.Option(5, help="Individuals listed per photo."),
     shortlist_k: int = typer.Option(20, help="Catalogue images re-scored with keypoints per photo."),
+    per_individual: Optional[int] = typer.Option(None, help="At most this many images of one individual among them (default: no"
+                                                            " limit; docs/catalogue.md measures both)."),
     explain_dir: Optional[Path] = typer.Option(None, help="Draw each candidate's keypoint matches into this folder."),
     station: List[str] = typer.Option([], help="Match only against catalogue photos from this station (repeat for several)."),
     since: Optional[str] = typer.Option(None, help="Only catalogue photos captured on or after this date (YYYY-MM-DD);"
@@ -114,7 +116,8 @@ def identify(
     catalogue.restricted_image_ids(restriction)
     for photo in photos:
         file_sha256(photo)
-    results = run_identify(catalogue, open_engine(catalogue, shortlist_k), photos, IdentifyConfig(top_k, explain_dir, restriction), sides)
+    results = run_identify(catalogue, open_engine(catalogue, shortlist_k), photos, IdentifyConfig(top_k, explain_dir, restriction, per_individual),
+                           sides)
     if out is not None:
         write_csv_atomic(results_table(results), out)
     if json_out:
