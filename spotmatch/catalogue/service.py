@@ -299,24 +299,8 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     query_hashes = [file_sha256(p) for p in query_paths]  # one-line error for a missing photo
     for path in query_paths:
         load_image(path)  # and for a corrupt one, before any work
-    # One gallery per flank among the photos; a restriction that keeps nothing is reported before any embedding.
     restrictions = {side: replace(conf.restriction, side=side) for side in dict.fromkeys(sides)}
-    galleries = {side: restricted_index(catalogue, restriction) for side, restriction in restrictions.items()}
-    query_embeddings = engine.embedder.embed(query_paths)
-    shortlists = []
-    for side, (index, image_ids) in galleries.items():
-        mine = [n for n, s in enumerate(sides) if s == side]
-        shortlist = _shortlist(catalogue, index, image_ids, [query_paths[n] for n in mine], query_embeddings[mine],
-                               [query_hashes[n] for n in mine], engine.conf.shortlist_k, conf.per_individual)
-        if len(shortlist):  # positions among all photos: the same file may come twice, with two flanks
-            shortlist["query_position"] = np.asarray(mine)[shortlist["query_position"].to_numpy()]
-        shortlists.append(shortlist)
-    candidates = pd.concat(shortlists, ignore_index=True)
-    candidates.insert(0, "row_id", np.arange(len(candidates)))
-    if engine.local is not None and len(candidates):
-        candidates = candidates.join(engine.local.score_pairs(candidates))
-    if len(candidates):
-        candidates["probability"] = engine.similarity(candidates)
+    candidates = _scored_candidates(catalogue, engine, query_paths, query_hashes, sides, restrictions, conf.per_individual)
     threshold = float(engine.fusion.threshold) if engine.fusion is not None else 0.5
     results = []
     for position, (path, sha, side) in enumerate(zip(query_paths, query_hashes, sides)):
@@ -330,6 +314,29 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
                 candidate.explanation_png = str(explain_candidate(engine, path, sha, candidate, conf.explain_dir))
         results.append(result)
     return results
+
+
+def _scored_candidates(catalogue: Catalogue, engine, query_paths: list[Path], query_hashes: list[str], sides: list[str | None],
+                       restrictions: dict, per_individual: int | None) -> pd.DataFrame:
+    """Every photo's shortlist from the gallery of its flank, re-scored by the local stage and fused."""
+    # One gallery per flank among the photos; a restriction that keeps nothing is reported before any embedding.
+    galleries = {side: restricted_index(catalogue, restriction) for side, restriction in restrictions.items()}
+    query_embeddings = engine.embedder.embed(query_paths)
+    shortlists = []
+    for side, (index, image_ids) in galleries.items():
+        mine = [n for n, s in enumerate(sides) if s == side]
+        shortlist = _shortlist(catalogue, index, image_ids, [query_paths[n] for n in mine], query_embeddings[mine],
+                               [query_hashes[n] for n in mine], engine.conf.shortlist_k, per_individual)
+        if len(shortlist):  # positions among all photos: the same file may come twice, with two flanks
+            shortlist["query_position"] = np.asarray(mine)[shortlist["query_position"].to_numpy()]
+        shortlists.append(shortlist)
+    candidates = pd.concat(shortlists, ignore_index=True)
+    candidates.insert(0, "row_id", np.arange(len(candidates)))
+    if engine.local is not None and len(candidates):
+        candidates = candidates.join(engine.local.score_pairs(candidates))
+    if len(candidates):
+        candidates["probability"] = engine.similarity(candidates)
+    return candidates
 
 
 def _candidate(row: dict) -> Candidate:
