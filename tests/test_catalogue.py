@@ -107,7 +107,10 @@ def test_identify_ranks_individuals_with_calibrated_probability(catalogue, galle
         assert probabilities == sorted(probabilities, reverse=True) and all(0 <= p <= 1 for p in probabilities)
         assert result.threshold == pytest.approx(engine.fusion.threshold)
         assert result.verdict in ("new individual", f"match: {names[0]}")
-        assert (result.verdict == "new individual") == (probabilities[0] < result.threshold)
+        # the fusion file decides on the best individual's lead over the next one (shortlist of 5: all 3 cats listed)
+        assert result.decision == engine.fusion.decision == "margin"
+        assert result.decision_score == pytest.approx(probabilities[0] - (probabilities[1] if len(probabilities) > 1 else 0.0))
+        assert (result.verdict == "new individual") == (result.decision_score < result.threshold)
         assert any(c.inliers is not None for c in result.candidates)  # keypoint evidence on the shortlist
         assert Path(result.candidates[0].explanation_png).stat().st_size > 1000
         assert result.known_image_id is None

@@ -47,12 +47,17 @@ def test_fusion_is_calibrated_and_round_trips(tmp_path):
     weak = pd.DataFrame([{**shortlisted, "inliers": 6, "inlier_ratio": 0.06, "local_score": 3.6}])
     strong = pd.DataFrame([{**shortlisted, "inliers": 40, "inlier_ratio": 0.4, "local_score": 24.0}])
     assert model.predict_proba(pair_features(strong))[0] > model.predict_proba(pair_features(weak))[0] + 0.3
+    model.decision = "margin"
     path = model.save(tmp_path / "fusion.json")
     loaded = FusionModel.load(path, embedder_id="emb-1", extractor="rootsift-x")
     np.testing.assert_allclose(loaded.predict_proba(pair_features(table)), model.predict_proba(pair_features(table)))
     with pytest.raises(SpotmatchError, match="calibrated for embedder 'emb-1', not 'emb-2'"):
         FusionModel.load(path, embedder_id="emb-2")
     payload = json.loads(path.read_text())
+    older = {key: value for key, value in payload.items() if key != "decision"} | {"version": 1}
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    # version 1 had no rule: its threshold is on the best probability
+    assert (FusionModel.load(path).decision, FusionModel.load(tmp_path / "older.json").decision) == ("margin", "best")
     payload["version"] = 99
     (tmp_path / "future.json").write_text(json.dumps(payload))
     with pytest.raises(SpotmatchError, match="known version"):
@@ -103,6 +108,24 @@ def test_identify_threshold_counts_photos_of_missing_animals():
     assert identify_decision(known.assign(label=0), new, 0.65, new_share=0.5)["threshold"] == 1.0  # never right: never name
     with pytest.raises(SpotmatchError, match="--new-share 1.0: must be at least 0 and below 1"):
         CalibrateConfig(new_share=1.0)
+
+
+def test_identify_decides_on_the_lead_over_the_next_individual():
+    from spotmatch.engine.calibrate import CalibrateConfig, decision_per_query
+
+    # query 0: two images of A (the right animal) and one of B close behind; query 1: A alone in its shortlist,
+    # with a stranger C outside it (rank 2, k = 2) that the catalogue would never score
+    frame = pd.DataFrame({"q": [0, 0, 0, 1, 1, 1], "gallery_identity": ["A", "A", "B", "B", "B", "C"],
+                          "global_rank": [0, 1, 2, 0, 1, 2], "label": [1, 1, 0, 1, 1, 0]})
+    probability = np.array([0.8, 0.7, 0.75, 0.6, 0.5, 0.9])
+    margin = decision_per_query(frame, probability, shortlist_k=3, decision="margin").set_index("q")
+    assert margin.loc[0, "probability"] == pytest.approx(0.05) and margin.loc[0, "label"] == 1  # A over B: 0.8 - 0.75
+    best = decision_per_query(frame, probability, shortlist_k=2, decision="best").set_index("q")
+    assert best["probability"].tolist() == pytest.approx([0.8, 0.6])  # C (rank 2) is outside the shortlist
+    assert decision_per_query(frame, probability, shortlist_k=2, decision="margin").set_index("q").loc[1, "probability"] == \
+        pytest.approx(0.6)  # no other individual shortlisted: the whole probability is the lead
+    with pytest.raises(SpotmatchError, match="--decision ratio: unknown rule; use margin or best"):
+        CalibrateConfig(decision="ratio")
 
 
 def test_a_worse_global_rank_never_raises_the_probability():

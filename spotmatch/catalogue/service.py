@@ -18,6 +18,7 @@ from spotmatch.catalogue.store import Catalogue, CatalogueSettings, GalleryRestr
 from spotmatch.data.images import file_sha256, load_image
 from spotmatch.data.tables import FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir
 from spotmatch.errors import SpotmatchError
+from spotmatch.fusion.calibration import decision_score
 
 
 class EmbedsImages(Protocol):
@@ -97,10 +98,12 @@ class QueryResult:
     threshold: float
     known_image_id: int | None = None  # the photo is already in the catalogue under this id
     gallery: str = ""  # what it was matched against (GalleryRestriction.describe)
+    decision: str = "best"  # what the threshold applies to (fusion.calibration.DECISIONS)
+    decision_score: float | None = None  # that number: None without candidates
 
     @property
     def verdict(self) -> str:
-        if self.candidates and self.candidates[0].probability >= self.threshold:
+        if self.decision_score is not None and self.decision_score >= self.threshold:
             return f"match: {self.candidates[0].individual}"
         return "new individual"
 
@@ -302,13 +305,17 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     restrictions = {side: replace(conf.restriction, side=side) for side in dict.fromkeys(sides)}
     candidates = _scored_candidates(catalogue, engine, query_paths, query_hashes, sides, restrictions, conf.per_individual)
     threshold = float(engine.fusion.threshold) if engine.fusion is not None else 0.5
+    decision = engine.fusion.decision if engine.fusion is not None else "best"
     results = []
     for position, (path, sha, side) in enumerate(zip(query_paths, query_hashes, sides)):
         mine = candidates[candidates["query_position"] == position] if len(candidates) else candidates
-        best = mine.sort_values("probability", ascending=False).drop_duplicates("individual").head(conf.top_k) if len(mine) else mine
+        # each individual by its best image, best first; the runner-up is whoever comes next, listed or not
+        ranked = mine.sort_values("probability", ascending=False).drop_duplicates("individual") if len(mine) else mine
+        probabilities = ranked["probability"].tolist() if len(ranked) else []
+        score = decision_score(probabilities[0], probabilities[1] if len(probabilities) > 1 else None, decision) if probabilities else None
         known = catalogue.image_by_sha(sha)
-        result = QueryResult(str(path), sha, [_candidate(row) for row in best.to_dict("records")], threshold,
-                             int(known["id"]) if known is not None else None, restrictions[side].describe())
+        result = QueryResult(str(path), sha, [_candidate(row) for row in ranked.head(conf.top_k).to_dict("records")], threshold,
+                             int(known["id"]) if known is not None else None, restrictions[side].describe(), decision, score)
         if conf.explain_dir is not None and engine.local is not None:
             for candidate in result.candidates:
                 candidate.explanation_png = str(explain_candidate(engine, path, sha, candidate, conf.explain_dir))

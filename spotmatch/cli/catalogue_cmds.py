@@ -125,7 +125,8 @@ def identify(
         return
     for result in results:
         known = f" (already in the catalogue as image {result.known_image_id})" if result.known_image_id else ""
-        typer.echo(f"{result.query}: {result.verdict} (threshold {result.threshold:.2f}; gallery: {result.gallery}){known}")
+        score = "no candidates" if result.decision_score is None else f"{result.decision} {result.decision_score:.3f}"
+        typer.echo(f"{result.query}: {result.verdict} ({score}, threshold {result.threshold:.2f}; gallery: {result.gallery}){known}")
         for rank, c in enumerate(result.candidates, 1):
             local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
             drawing = f", {c.explanation_png}" if c.explanation_png else ""

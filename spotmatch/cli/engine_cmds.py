@@ -23,6 +23,8 @@ def calibrate(
     method: str = typer.Option("logistic", help="logistic or isotonic."),
     target_precision: float = typer.Option(0.9, help="Precision the 'same individual' threshold must reach."),
     new_share: float = typer.Option(0.5, help="Share of photos of animals missing from the gallery that `identify` is expected to meet; sets its threshold."),
+    decision: str = typer.Option("margin", help="What identify's threshold applies to: margin (the best individual's probability minus the"
+                                                " next one's) or best (the best individual's probability). Both are measured."),
     balance: str = typer.Option("identity", help="identity: every query animal, and within a query every gallery animal, weighs the same in the fit (as in identity-balanced mAP); none: every pair the same."),
     monotone: bool = typer.Option(True, "--monotone/--free-signs", help="A higher cosine never lowers the probability, a worse global rank never raises it (--free-signs: every weight free)."),
     rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Also measure query expansion and k-reciprocal re-ranking."),
@@ -50,6 +52,7 @@ def calibrate(
     engine_conf = EngineConfig(shortlist_k=top_k, extractor=extractor, local_workers=num_workers, masks=local_masks,
                                cache_dir=cache_root(cache_dir))
     conf = calibration.CalibrateConfig(method=method, target_precision=target_precision, balance=balance, new_share=new_share, monotone=monotone,
+                                       decision=decision,
                                        rerankers=calibration.CalibrateConfig.rerankers if rerank else ())
     result = calibration.main(dataset, split, used_split_by, Embedder.from_checkpoint(checkpoint, run), engine_conf, conf, out_dir)
     report = "\n\n".join([

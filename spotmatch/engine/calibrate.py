@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import average_precision_score
 from sklearn.model_selection import GroupKFold
 
 from spotmatch.data.tables import Dataset
 from spotmatch.engine.engine import EngineConfig, build_local
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.protocol import Protocol, build_protocol, compare_models, evaluate_protocol
-from spotmatch.fusion.calibration import FusionModel, keep_shortlist_first, lowest_shortlisted
+from spotmatch.fusion.calibration import DECISIONS, FusionModel, decision_score, keep_shortlist_first, lowest_shortlisted
 from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import calibration_report, reliability_diagram, threshold_for_precision
 from spotmatch.fusion.rerank import k_reciprocal_rerank, query_expansion
@@ -48,6 +49,9 @@ class CalibrateConfig:
     # `identify` names the best candidate or says "new individual"; its threshold is set on that decision,
     # over photos of catalogued animals and of animals missing from the gallery, mixed in this proportion.
     new_share: float = 0.5
+    # What that threshold applies to (fusion.calibration.DECISIONS): the best individual's probability, or
+    # its margin over the next individual's. Both are measured; this one is saved.
+    decision: str = "margin"
     # A higher cosine never lowers the probability and a worse global rank never raises it, so within a query
     # the global evidence keeps its order (fusion.features.MONOTONE); False: every weight free.
     monotone: bool = True
@@ -57,6 +61,8 @@ class CalibrateConfig:
             raise SpotmatchError(f"--balance {self.balance}: unknown weighting; use {' or '.join(BALANCES)}")
         if not 0 <= self.new_share < 1:
             raise SpotmatchError(f"--new-share {self.new_share}: must be at least 0 and below 1")
+        if self.decision not in DECISIONS:
+            raise SpotmatchError(f"--decision {self.decision}: unknown rule; use {' or '.join(DECISIONS)}")
 
 
 BALANCES = ("identity", "none")
@@ -146,16 +152,27 @@ def cross_validated_probability(frame: pd.DataFrame, conf: CalibrateConfig, pair
     return probability
 
 
-def best_per_query(frame: pd.DataFrame, probability: np.ndarray) -> pd.DataFrame:
-    """Per query, its most probable pair: what `identify` names (columns probability, label)."""
-    table = pd.DataFrame({"q": frame["q"].to_numpy(), "probability": probability, "label": frame["label"].to_numpy()})
-    return table.sort_values("probability", ascending=False, kind="stable").drop_duplicates("q")
+def decision_per_query(frame: pd.DataFrame, probability: np.ndarray, shortlist_k: int, decision: str) -> pd.DataFrame:
+    """Per query, what `identify` decides on: its shortlisted pairs (the catalogue scores no others), the best
+    individual's probability against the next one's (columns probability: the decision score; label: whether
+    the best individual is the query's)."""
+    shortlisted = frame["global_rank"].to_numpy() < shortlist_k
+    table = pd.DataFrame({"q": frame["q"].to_numpy()[shortlisted], "individual": frame["gallery_identity"].to_numpy()[shortlisted],
+                          "probability": probability[shortlisted], "label": frame["label"].to_numpy()[shortlisted]})
+    # one row per (query, individual), its best pair, best first
+    ranked = table.sort_values("probability", ascending=False, kind="stable").drop_duplicates(["q", "individual"])
+    place = ranked.groupby("q").cumcount()
+    runner_up = ranked[place == 1].set_index("q")["probability"]
+    best = ranked[place == 0].set_index("q")
+    scores = [decision_score(p, runner_up.get(q), decision) for q, p in best["probability"].items()]
+    return pd.DataFrame({"q": best.index, "probability": scores, "label": best["label"].to_numpy()})
 
 
 def identify_decision(known: pd.DataFrame, new: pd.DataFrame, target_precision: float, new_share: float) -> dict:
-    """The threshold at which `identify`'s named animals reach `target_precision`, from the best pair of
+    """The threshold at which `identify`'s named animals reach `target_precision`, from the decision score of
     each query with its animal in the gallery (`known`) and without it (`new`, never right), the two
-    weighed as `new_share` says; then what that threshold does to each kind of photo."""
+    weighed as `new_share` says; then what that threshold does to each kind of photo, and the average
+    precision of naming over all thresholds."""
     probability = np.concatenate([known["probability"], new["probability"]])
     correct = np.concatenate([known["label"], np.zeros(len(new), int)])
     weight = np.concatenate([np.full(len(known), (1 - new_share) / max(len(known), 1)), np.full(len(new), new_share / max(len(new), 1))])
@@ -171,8 +188,9 @@ def identify_decision(known: pd.DataFrame, new: pd.DataFrame, target_precision: 
 
     # Where the target is out of reach, the best precision any threshold gives tells what to ask for instead.
     best = max((outcome(at) for at in np.unique(probability)), key=lambda o: (o["precision"], -o["threshold"]))
+    average_precision = average_precision_score(correct, probability, sample_weight=weight) if correct.any() else 0.0
     return {**outcome(threshold), "target_precision": target_precision, "new_share": new_share,
-            "known_photos": len(known), "new_photos": len(new), "best": best}
+            "known_photos": len(known), "new_photos": len(new), "best": best, "average_precision": float(average_precision)}
 
 
 def as_matrix(frame: pd.DataFrame, values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -246,13 +264,17 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
                            "precision": float(labels[calls].mean()) if calls.any() else float("nan"),
                            "recall": float(calls[labels == 1].mean()) if labels.any() else float("nan")}
     new_frame = pair_frame(similarities["plain"], ranks_new, allowed_new, k, evidence, query_ids, gallery_ids)
-    quality["identify"] = identify_decision(best_per_query(plain, probability),
-                                            best_per_query(new_frame, cross_validated_probability(plain, conf, new_frame)),
-                                            conf.target_precision, conf.new_share)
+    new_probability = cross_validated_probability(plain, conf, new_frame)
+    quality["identify by rule"] = {
+        rule: identify_decision(decision_per_query(plain, probability, k, rule), decision_per_query(new_frame, new_probability, k, rule),
+                                conf.target_precision, conf.new_share)
+        for rule in DECISIONS}
+    quality["identify"] = {**quality["identify by rule"][conf.decision], "decision": conf.decision}
 
     # The saved threshold serves `identify`, so it is the one set on identify's own decision.
     fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, extractor=scorer.conf_name,
-                             threshold=quality["identify"]["threshold"], target_precision=conf.target_precision, quality=quality)
+                             threshold=quality["identify"]["threshold"], target_precision=conf.target_precision, quality=quality,
+                             decision=conf.decision)
     fusion.fit(pair_features(plain), labels, pair_weights(plain, conf.balance))
     fusion_path = fusion.save(out_dir / "fusion.json")
     diagram = reliability_diagram({"all pairs": (probability, labels),
@@ -335,7 +357,7 @@ def format_quality(quality: dict) -> str:
     lines = ["| pairs (held-out identities) | n | positives | ECE | ECE, identity-balanced | Brier | log loss |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, q in quality.items():
-        if name not in ("decision", "identify", "by query identity", "overtaken"):
+        if name not in ("decision", "identify", "identify by rule", "by query identity", "overtaken"):
             lines.append(f"| {name} | {q['pairs']} | {q['positives']} | {q['ece']:.4f} | {q['ece_balanced']:.4f} | {q['brier']:.4f} | {q['log_loss']:.4f} |")
     lines += ["", "| query animal | pairs | share that match | mean held-out probability |", "|---|---:|---:|---:|"]
     lines += [f"| {identity} | {q['pairs']} | {q['match_rate']:.3f} | {q['mean_probability']:.3f} |"
@@ -353,8 +375,9 @@ def format_quality(quality: dict) -> str:
                      f"(precision {d['precision']:.3f}, recall {d['recall']:.3f}).")
     i = quality["identify"]
     lines.append("")
-    lines.append(f"`identify` (the best candidate per photo; {i['known_photos']} photos of animals in the gallery, and the same "
-                 f"photos with their animal taken out, weighed {1 - i['new_share']:g} : {i['new_share']:g}):")
+    lines.append(f"`identify` (the best individual per photo among its shortlisted pairs; {i['known_photos']} photos of animals in the "
+                 f"gallery, and the same photos with their animal taken out, weighed {1 - i['new_share']:g} : {i['new_share']:g}; "
+                 f"threshold on the {DECISION_WORDS[i['decision']]}):")
     if i["threshold"] >= 1.0:
         b = i["best"]
         lines.append(f"no threshold reaches precision {i['target_precision']}; the saved threshold (1.0) answers 'new individual' "
@@ -362,4 +385,14 @@ def format_quality(quality: dict) -> str:
                      f"--target-precision below it sets a threshold.")
     else:
         lines.append(f"saved threshold p >= {i['threshold']:.3f} for precision {i['target_precision']} ({describe_outcome(i)}).")
+    lines += ["", "| threshold on | average precision of naming | best precision | at score >= | named right | named wrong | called new |"
+                  " missing animals named |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for rule, r in quality["identify by rule"].items():
+        b = r["best"]
+        lines.append(f"| {DECISION_WORDS[rule]}{' (saved)' if rule == i['decision'] else ''} | {r['average_precision']:.3f} |"
+                     f" {b['precision']:.3f} | {b['threshold']:.3f} | {b['known_named_right']:.1%} | {b['known_named_wrong']:.1%} |"
+                     f" {b['known_called_new']:.1%} | {b['new_named']:.1%} |")
     return "\n".join(lines)
+
+
+DECISION_WORDS = {"margin": "best individual's lead over the next", "best": "best individual's probability"}

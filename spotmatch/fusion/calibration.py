@@ -17,7 +17,7 @@ from spotmatch.fusion.features import GLOBAL_FEATURES, LOCAL_FEATURES, MONOTONE
 from spotmatch.io import atomic_path
 
 FUSION_FORMAT = "spotmatch.fusion"
-FUSION_VERSION = 1
+FUSION_VERSION = 2  # 2: `decision` (1 had none: its threshold is on the best probability)
 MIN_WEIGHT = 1e-3  # smallest magnitude of a sign-constrained weight (standardised feature)
 
 
@@ -101,6 +101,17 @@ def _monotone_logistic(features: np.ndarray, labels: np.ndarray, weight: np.ndar
     return result.x[:n_features], float(result.x[n_features])
 
 
+# What `identify`'s threshold applies to. "best": the best individual's probability. "margin": its lead over
+# the next individual's (0 when no other is shortlisted): a photo two animals match about equally well is
+# not named, since at most one of them is right (docs/fusion.md, "The threshold `identify` uses").
+DECISIONS = ("margin", "best")
+
+
+def decision_score(best: float, runner_up: float | None, decision: str) -> float:
+    """The number `identify` compares with its threshold, from the best and the next individual's probability."""
+    return best - (runner_up or 0.0) if decision == "margin" else best
+
+
 def keep_shortlist_first(probability: np.ndarray, shortlisted: np.ndarray, query: np.ndarray) -> np.ndarray:
     """Per query, scale the probabilities of its pairs outside the shortlist so that none reaches its
     lowest shortlisted one, keeping their order. The two calibrators are fit on pairs pooled over queries,
@@ -132,8 +143,9 @@ class FusionModel:
     global_all: Calibrator
     embedder_id: str = ""
     extractor: str = ""
-    threshold: float = 0.5  # "same individual" at or above this probability
+    threshold: float = 0.5  # "same individual" when the decision score (below) reaches it
     target_precision: float | None = None
+    decision: str = "best"  # DECISIONS; "best" reads files of version 1 as they were calibrated
     quality: dict = field(default_factory=dict)
 
     @classmethod
@@ -171,6 +183,7 @@ class FusionModel:
     def save(self, path: str | Path) -> Path:
         payload = {"format": FUSION_FORMAT, "version": FUSION_VERSION, "embedder_id": self.embedder_id,
                    "extractor": self.extractor, "threshold": self.threshold, "target_precision": self.target_precision,
+                   "decision": self.decision,
                    "quality": self.quality, "with_local": self.with_local.to_dict(), "global_only": self.global_only.to_dict(),
                    "global_all": self.global_all.to_dict()}
         with atomic_path(path) as tmp:
@@ -195,5 +208,6 @@ class FusionModel:
                     f"{path}: calibrated for {what} '{saved}', not '{expected}'; run `spotmatch calibrate` for this model"
                 )
         return cls(Calibrator.from_dict(payload["with_local"]), Calibrator.from_dict(payload["global_only"]),
-                   Calibrator.from_dict(payload["global_all"]), payload["embedder_id"], payload["extractor"], payload["threshold"], payload["target_precision"],
-                   payload.get("quality", {}))
+                   Calibrator.from_dict(payload["global_all"]), embedder_id=payload["embedder_id"], extractor=payload["extractor"],
+                   threshold=payload["threshold"], target_precision=payload["target_precision"],
+                   decision=payload.get("decision", "best"), quality=payload.get("quality", {}))

@@ -97,7 +97,7 @@ def create_app(conf: ServeConfig):
         with lock:
             result = identify(store, engine, [path], IdentifyConfig(conf.top_k, explain_dir, restriction))[0]
         return {"photo": photo, "verdict": result.verdict, "threshold": result.threshold, "known_image_id": result.known_image_id,
-                "gallery": result.gallery,
+                "gallery": result.gallery, "decision": result.decision, "decision_score": result.decision_score,
                 "candidates": [{**c.__dict__, "gallery_path": Path(c.gallery_path).name,
                                 "explanation_png": Path(c.explanation_png).name if c.explanation_png else None}
                                for c in result.candidates]}
