@@ -381,10 +381,10 @@ def format_quality(quality: dict) -> str:
     if i["threshold"] >= 1.0:
         b = i["best"]
         lines.append(f"no threshold reaches precision {i['target_precision']}; the saved threshold (1.0) answers 'new individual' "
-                     f"to every photo. The best precision, {b['precision']:.3f}, comes at p >= {b['threshold']:.3f} ({describe_outcome(b)}); "
+                     f"to every photo. The best precision, {b['precision']:.3f}, comes at {b['threshold']:.3f} ({describe_outcome(b)}); "
                      f"--target-precision below it sets a threshold.")
     else:
-        lines.append(f"saved threshold p >= {i['threshold']:.3f} for precision {i['target_precision']} ({describe_outcome(i)}).")
+        lines.append(f"saved threshold {i['threshold']:.3f} for precision {i['target_precision']} ({describe_outcome(i)}).")
     lines += ["", "| threshold on | average precision of naming | best precision | at score >= | named right | named wrong | called new |"
                   " missing animals named |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for rule, r in quality["identify by rule"].items():
