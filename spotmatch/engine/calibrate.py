@@ -67,6 +67,7 @@ class CalibrateConfig:
 
 BALANCES = ("identity", "none")
 SHORTLIST_FIRST = "fused, shortlist first"  # no pair outside a query's shortlist above a shortlisted one
+DECISION_WORDS = {"margin": "best individual's lead over the next", "best": "best individual's probability"}
 
 
 def pair_weights(frame: pd.DataFrame, balance: str) -> np.ndarray:
@@ -393,6 +394,3 @@ def format_quality(quality: dict) -> str:
                      f" {b['precision']:.3f} | {b['threshold']:.3f} | {b['known_named_right']:.1%} | {b['known_named_wrong']:.1%} |"
                      f" {b['known_called_new']:.1%} | {b['new_named']:.1%} |")
     return "\n".join(lines)
-
-
-DECISION_WORDS = {"margin": "best individual's lead over the next", "best": "best individual's probability"}
