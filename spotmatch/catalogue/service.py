@@ -257,19 +257,15 @@ def restricted_index(catalogue: Catalogue, restriction: GalleryRestriction):
 LIMITED_SEARCH_DEPTH = 10
 
 
-def _shortlist(catalogue: Catalogue, index, image_ids: np.ndarray, query_paths: list[Path], query_embeddings: np.ndarray,
+def _shortlist(gallery: pd.DataFrame, index, image_ids: np.ndarray, query_paths: list[Path], query_embeddings: np.ndarray,
                query_hashes: list[str], shortlist_k: int, per_individual: int | None = None) -> pd.DataFrame:
     """Global candidates per query from `index` (over `image_ids`), at most `per_individual` images of one
     individual; a query never matches its own file. `global_rank` counts every catalogue image above it, as
     in calibration; `query_position`: the query's place in `query_paths`."""
     from spotmatch.global_embed.index import search
 
-    if query_embeddings.shape[1] != index.d:
-        raise SpotmatchError(f"{catalogue.folder}: the catalogue index has {index.d} dimensions, the query embeddings"
-                             f" {query_embeddings.shape[1]}; identify with the catalogue's checkpoint")
     depth = shortlist_k if per_individual is None else shortlist_k * LIMITED_SEARCH_DEPTH
     scores, neighbours = search(index, query_embeddings, depth + 1)  # +1: room for the query itself
-    gallery = catalogue.images_table().set_index("image_id")
     rows = []
     for q, query in enumerate(query_paths):
         rank, taken = 0, Counter()
@@ -329,10 +325,15 @@ def _scored_candidates(catalogue: Catalogue, engine, query_paths: list[Path], qu
     # One gallery per flank among the photos; a restriction that keeps nothing is reported before any embedding.
     galleries = {side: restricted_index(catalogue, restriction) for side, restriction in restrictions.items()}
     query_embeddings = engine.embedder.embed(query_paths)
+    dim = next(iter(galleries.values()))[0].d
+    if query_embeddings.shape[1] != dim:
+        raise SpotmatchError(f"{catalogue.folder}: the catalogue index has {dim} dimensions, the query embeddings"
+                             f" {query_embeddings.shape[1]}; identify with the catalogue's checkpoint")
+    gallery = catalogue.images_table().set_index("image_id")  # read once for every flank's shortlist
     shortlists = []
     for side, (index, image_ids) in galleries.items():
         mine = [n for n, s in enumerate(sides) if s == side]
-        shortlist = _shortlist(catalogue, index, image_ids, [query_paths[n] for n in mine], query_embeddings[mine],
+        shortlist = _shortlist(gallery, index, image_ids, [query_paths[n] for n in mine], query_embeddings[mine],
                                [query_hashes[n] for n in mine], engine.conf.shortlist_k, per_individual)
         if len(shortlist):  # positions among all photos: the same file may come twice, with two flanks
             shortlist["query_position"] = np.asarray(mine)[shortlist["query_position"].to_numpy()]
