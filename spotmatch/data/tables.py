@@ -114,9 +114,12 @@ def load_pairs(csv_path: str | Path, image_dir: str | Path | None = None, check_
             f"{csv_path}: row_id {duplicated.iloc[0]!r} appears more than once; row_id must be unique per pair"
         )
     image_dir = Path(image_dir) if image_dir is not None else default_image_dir(csv_path)
+    # Each distinct name resolved once: a competition file names a few hundred images in 10^5 to 10^6 rows,
+    # and a path resolved per row took 20 s for 187k pairs (benchmarks/bench_pairs.py); rows share the strings.
+    names = pd.unique(pd.concat([table["query_image"], table["gallery_image"]], ignore_index=True))
+    path_of = {name: str((image_dir / name).resolve()) for name in names}
     for column in ("query_image", "gallery_image"):
-        table[f"{column}_path"] = [str((image_dir / name).resolve()) for name in table[column]]
+        table[f"{column}_path"] = table[column].map(path_of)
     if check_files:
-        unique = pd.unique(pd.concat([table["query_image_path"], table["gallery_image_path"]]))
-        check_files_exist([Path(p) for p in unique], csv_path)
+        check_files_exist([Path(p) for p in path_of.values()], csv_path)
     return table

@@ -9,7 +9,9 @@ import pandas as pd
 from spotmatch.global_embed.embed import Embedder
 from spotmatch.io import write_csv_atomic
 
-PAIR_CHUNK = 200_000  # rows per vectorised dot-product chunk: bounds memory on huge pair files
+# Rows per vectorised dot product. Each chunk gathers two (rows x dim) float32 copies of the embeddings:
+# 16k rows of 512-d embeddings hold 64 MiB, whatever the size of the pair file (200k rows held 780 MiB).
+PAIR_CHUNK = 16_384
 
 
 def cosine_to_similarity(cosine: np.ndarray) -> np.ndarray:
@@ -19,20 +21,15 @@ def cosine_to_similarity(cosine: np.ndarray) -> np.ndarray:
 
 def global_pair_scores(pairs: pd.DataFrame, embedder: Embedder) -> pd.DataFrame:
     """`cosine` per row, and `global_rank`: 0 for the best-scoring gallery image among that query's rows."""
-    unique_paths = pd.unique(pd.concat([pairs["query_image_path"], pairs["gallery_image_path"]], ignore_index=True))
-    position = pd.Series(np.arange(len(unique_paths)), index=unique_paths)
+    codes, unique_paths = pd.factorize(pd.concat([pairs["query_image_path"], pairs["gallery_image_path"]], ignore_index=True))
+    query_pos, gallery_pos = codes[: len(pairs)], codes[len(pairs):]
     embeddings = embedder.embed(list(unique_paths))
-    query_pos = position.loc[pairs["query_image_path"]].to_numpy()
-    gallery_pos = position.loc[pairs["gallery_image_path"]].to_numpy()
     cosine = np.empty(len(pairs), dtype=np.float32)
     for start in range(0, len(pairs), PAIR_CHUNK):
         stop = start + PAIR_CHUNK
         cosine[start:stop] = np.einsum("ij,ij->i", embeddings[query_pos[start:stop]], embeddings[gallery_pos[start:stop]])
     scores = pd.DataFrame({"row_id": pairs["row_id"].to_numpy(), "cosine": cosine}, index=pairs.index)
-    scores["global_rank"] = (
-        scores.assign(query=pairs["query_image_path"]).groupby("query")["cosine"]
-        .rank(method="first", ascending=False).astype(int) - 1
-    )
+    scores["global_rank"] = scores.groupby(query_pos)["cosine"].rank(method="first", ascending=False).astype(int) - 1
     return scores
 
 
