@@ -18,11 +18,13 @@ snow-calibration|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu||snow-reliability.png
 snow-calibration-unweighted|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/unweighted|--balance none
 snow-calibration-top100|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/top100|--top-k 100
 snow-calibration-free-signs|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/free-signs|--free-signs
+snow-calibration-qe|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/qe|--rerank qe
 snow-seed1-calibration|$SNOW|runs/snow-cpu-seed1/best.pt|runs/snow-cpu-seed1|
 snow-seed2-calibration|$SNOW|runs/snow-cpu-seed2/best.pt|runs/snow-cpu-seed2|
 snow-20ep-calibration|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep|
 snow-20ep-calibration-unweighted|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/unweighted|--balance none
 snow-20ep-calibration-free-signs|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/free-signs|--free-signs
+snow-20ep-calibration-qe|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/qe|--rerank qe
 snow-20ep-calibration-aliked|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/aliked|--extractor aliked
 snow-calibration-unet-local|$SNOW|runs/snow-cpu-masked/best.pt|runs/snow-cpu-masked|--local-masks $UNET
 snow-calibration-unet-embedder|$SNOW|runs/snow-cpu-unet/best.pt|runs/snow-cpu-unet|
@@ -35,8 +37,9 @@ nyala-10ep-calibration-top100|$NYALA|runs/nyala-cpu-10ep/best.pt|runs/nyala-cpu-
 nyala-20ep-calibration|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep|
 nyala-20ep-calibration-unweighted|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/unweighted|--balance none
 nyala-20ep-calibration-free-signs|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/free-signs|--free-signs
+nyala-20ep-calibration-qe|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/qe|--rerank qe
 nyala-20ep-calibration-top100|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/top100|--top-k 100
-nyala-20ep-calibration-aliked|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/aliked|--extractor aliked --no-rerank
+nyala-20ep-calibration-aliked|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/aliked|--extractor aliked --no-compare-rerankers
 "
 wanted=" $* "
 while IFS='|' read -r name data checkpoint out_dir extra diagram; do

@@ -26,7 +26,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def fusion_file(tmp_path_factory, snow_subset_csv, tiny_checkpoint) -> Path:
     """A calibration of the tiny model on the subset, so the catalogue re-scores with keypoints."""
-    # In-process, as `spotmatch calibrate --top-k 5 --no-rerank` does it (a subprocess would re-import torch).
+    # In-process, as `spotmatch calibrate --top-k 5 --no-compare-rerankers` does it (a subprocess would re-import torch).
     from spotmatch.data.splits import SplitConfig
     from spotmatch.data.tables import load_dataset
     from spotmatch.engine import calibrate as calibration

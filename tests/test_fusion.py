@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -244,7 +245,7 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
 
     out_dir = tmp_path / "calibration"
     result = run_cli("calibrate", "--data", snow_subset_csv, "--checkpoint", tiny_checkpoint, "--out-dir", out_dir,
-                     "--top-k", "5", "--no-rerank", "--cache-dir", tmp_path / "cache")
+                     "--top-k", "5", "--no-compare-rerankers", "--cache-dir", tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     assert (out_dir / "reliability.png").stat().st_size > 1000
     report = (out_dir / "calibration.md").read_text()
@@ -292,3 +293,81 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
     refused = run_cli("score-pairs", tmp_path / "test.csv", "--checkpoint", tiny_checkpoint, "--local",
                       "--out", tmp_path / "other.csv")
     assert refused.returncode == 2 and "needs a calibration file" in refused.stderr
+
+
+def test_score_pairs_with_query_expansion_uses_a_calibration_fit_on_it(tmp_path, snow_subset_csv, tiny_checkpoint):
+    """`calibrate --rerank qe` fits on query-expanded similarities; the engine expands each query of a pair
+    file over its own rows (so shards of whole queries, as on Ray, score alike) and refuses to mix a file
+    fit on one global similarity with another."""
+    from spotmatch.catalogue.service import init_catalogue
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.engine import calibrate as calibration
+    from spotmatch.engine.engine import Engine, EngineConfig
+    from spotmatch.evaluation.run import split_for
+    from spotmatch.global_embed.embed import EmbedConfig, Embedder
+
+    cache = str(tmp_path / "cache")
+    run = EmbedConfig(device="cpu", num_workers=0, cache_dir=cache, progress=False)
+    dataset = load_dataset(snow_subset_csv)
+    split, split_by, _ = split_for(dataset, SplitConfig(by="identity"), tiny_checkpoint)
+    result = calibration.main(dataset, split, split_by, Embedder.from_checkpoint(tiny_checkpoint, run),
+                              EngineConfig(shortlist_k=5, cache_dir=cache), calibration.CalibrateConfig(rerankers=(), rerank="qe"), tmp_path)
+    fusion = FusionModel.load(result["fusion_path"])
+    assert fusion.rerank == "qe" and "identify" not in fusion.quality  # the catalogue never uses such a file
+    assert "`identify`: not measured" in calibration.format_quality(fusion.quality)
+
+    paths = [str(p) for p in dataset.paths]
+    # Every other frame, and for two queries a row with themselves, which must not expand their own query.
+    rows = [(q, g) for q in paths for g in paths if q != g] + [(q, q) for q in paths[:2]]
+    pairs = pd.DataFrame(rows, columns=["query_image_path", "gallery_image_path"])
+    pairs.insert(0, "row_id", np.arange(len(pairs)))
+    engine = Engine.from_files(tiny_checkpoint, result["fusion_path"], EngineConfig(shortlist_k=5, rerank="qe", cache_dir=cache), run)
+    whole = engine.score_pairs(pairs)
+    assert not np.allclose(whole["reranked_similarity"], whole["cosine"])
+    np.testing.assert_allclose(whole["similarity"], fusion.predict_proba(pair_features(whole)))
+
+    embeddings = dict(zip(paths, engine.embedder.embed(paths)))
+    for query in paths[:3]:
+        mine = whole[(pairs["query_image_path"] == query) & (pairs["gallery_image_path"] != query)]
+        gallery = np.stack([embeddings[g] for g in pairs.loc[mine.index, "gallery_image_path"]])
+        np.testing.assert_allclose(mine["reranked_similarity"], query_expansion(embeddings[query][None], gallery)[0], rtol=1e-5)
+        listed = whole[pairs["query_image_path"] == query]
+        assert set(listed.nlargest(5, "reranked_similarity").index) == set(listed.index[listed["global_rank"] < 5])  # the shortlist
+
+    first_half = pairs["query_image_path"].isin(paths[: len(paths) // 2])
+    by_shard = pd.concat([engine.score_pairs(pairs[first_half]), engine.score_pairs(pairs[~first_half])]).loc[whole.index]
+    np.testing.assert_allclose(by_shard["similarity"], whole["similarity"])
+
+    from test_cli import run_cli
+
+    (tmp_path / "images").symlink_to(snow_subset_csv.parent / "images")
+    pairs.assign(query_image=[Path(p).name for p in pairs["query_image_path"]], gallery_image=[Path(p).name for p in pairs["gallery_image_path"]])[
+        ["row_id", "query_image", "gallery_image"]].to_csv(tmp_path / "test.csv", index=False)
+    scored = run_cli("score-pairs", tmp_path / "test.csv", "--checkpoint", tiny_checkpoint, "--fusion", result["fusion_path"], "--rerank", "qe",
+                     "--top-k", "5", "--out", tmp_path / "submission.csv", "--cache-dir", cache)
+    assert scored.returncode == 0, scored.stderr
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "submission.csv")["similarity"], whole["similarity"], rtol=1e-6)
+
+    with pytest.raises(SpotmatchError, match="re-ranked by 'qe', but this command re-ranks by 'none'"):
+        Engine.from_files(tiny_checkpoint, result["fusion_path"], EngineConfig(shortlist_k=5, cache_dir=cache), run)
+    with pytest.raises(SpotmatchError, match="re-ranked by 'qe'"):
+        init_catalogue(tmp_path / "catalogue", tiny_checkpoint, result["fusion_path"])
+    with pytest.raises(SpotmatchError, match="--rerank foo: unknown"):
+        EngineConfig(rerank="foo")
+
+
+def test_k_reciprocal_refuses_what_it_cannot_hold_or_shard(monkeypatch):
+    from spotmatch.engine.engine import EngineConfig
+    from spotmatch.engine.ray_backend import check_pair_scoring
+    from spotmatch.fusion import rerank
+
+    embeddings = np.eye(6, dtype=np.float32)
+    query_pos, gallery_pos = np.array([0, 0, 1, 1]), np.array([2, 3, 4, 5])
+    assert rerank.rerank_pairs("k-reciprocal", embeddings, query_pos, gallery_pos).shape == (4,)
+    monkeypatch.setattr(rerank, "K_RECIPROCAL_MAX_IMAGES", 5)  # 2 queries + 4 gallery images
+    with pytest.raises(SpotmatchError, match="2 \\+ 4 images is over 5; use --rerank qe"):
+        rerank.rerank_pairs("k-reciprocal", embeddings, query_pos, gallery_pos)
+    check_pair_scoring(EngineConfig(rerank="qe"))  # shards of whole queries hold all that query expansion reads
+    with pytest.raises(SpotmatchError, match="k-reciprocal needs every image of the file at once"):
+        check_pair_scoring(EngineConfig(rerank="k-reciprocal"))

@@ -115,7 +115,8 @@ def init_catalogue(folder: Path, checkpoint: Path, fusion: Path | None, extracto
 
     embedder = Embedder.from_checkpoint(checkpoint, EmbedConfig(device="cpu", progress=False, cache_dir=None))
     if fusion is not None:
-        FusionModel.load(fusion, embedder_id=embedder.model_id)  # refuse a calibration of another model now, not later
+        # Refuse a calibration of another model now, not later; identify ranks plain cosines, never re-ranked ones.
+        FusionModel.load(fusion, embedder_id=embedder.model_id, rerank="none")
     settings = CatalogueSettings(checkpoint=str(Path(checkpoint).resolve()),
                                  fusion=str(Path(fusion).resolve()) if fusion else None,
                                  embedder_id=embedder.model_id, embedding_dim=embedder.dim, extractor=extractor)

@@ -27,7 +27,9 @@ def calibrate(
                                                 " next one's) or best (the best individual's probability). Both are measured."),
     balance: str = typer.Option("identity", help="identity: every query animal, and within a query every gallery animal, weighs the same in the fit (as in identity-balanced mAP); none: every pair the same."),
     monotone: bool = typer.Option(True, "--monotone/--free-signs", help="A higher cosine never lowers the probability, a worse global rank never raises it (--free-signs: every weight free)."),
-    rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Also measure query expansion and k-reciprocal re-ranking."),
+    compare_rerankers: bool = typer.Option(True, help="Also measure query expansion and k-reciprocal re-ranking."),
+    rerank: str = typer.Option("none", help="Fit the saved calibration on re-ranked global similarities (qe or k-reciprocal), "
+                                            "for `score-pairs --rerank` with the same name; the catalogue takes only none."),
     split_by: str = typer.Option("identity", help="When the checkpoint was not trained on this table: identity or a group column."),
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
@@ -52,12 +54,13 @@ def calibrate(
     engine_conf = EngineConfig(shortlist_k=top_k, extractor=extractor, local_workers=num_workers, masks=local_masks,
                                cache_dir=cache_root(cache_dir))
     conf = calibration.CalibrateConfig(method=method, target_precision=target_precision, balance=balance, new_share=new_share, monotone=monotone,
-                                       decision=decision,
-                                       rerankers=calibration.CalibrateConfig.rerankers if rerank else ())
+                                       decision=decision, rerank=rerank,
+                                       rerankers=calibration.CalibrateConfig.rerankers if compare_rerankers else ())
     result = calibration.main(dataset, split, used_split_by, Embedder.from_checkpoint(checkpoint, run), engine_conf, conf, out_dir)
     report = "\n\n".join([
         f"data: {data} ({len(dataset)} images); {origin}; local: {extractor}, top-{top_k}, masks: {local_masks or 'as the checkpoint'}; calibration: {method}, "
-        f"balance: {balance}, signs: {'monotone' if monotone else 'free'}, cross-validated over query identities",
+        f"balance: {balance}, signs: {'monotone' if monotone else 'free'}, cross-validated over query identities"
+        + (f"; saved calibration and its quality figures: on similarities re-ranked by {rerank}" if rerank != "none" else ""),
         format_table(result["retrieval"]),
         format_comparisons(result["comparisons"]),
         calibration.format_headroom(result["headroom"]),

@@ -151,6 +151,8 @@ def score_pairs(
     shortlist_first: bool = typer.Option(False, help="With fusion: scale each query's pairs outside its top-K below the ones inside "
                                                      "(ranks better across stations, calibrates worse: docs/fusion.md)."),
     extractor: str = typer.Option("rootsift", help="Local features (must match the calibration file)."),
+    rerank: str = typer.Option("none", help="Re-rank each query's global similarities over its rows first: qe (query expansion) or "
+                                            "k-reciprocal; a calibration file must be made with the same `calibrate --rerank`."),
     evidence_out: Optional[Path] = typer.Option(None, help="Also write every stage's columns (cosine, rank, inliers, ...) here."),
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     batch_size: int = typer.Option(32, help="Images per forward pass (bounds GPU memory)."),
@@ -171,13 +173,15 @@ def score_pairs(
     pairs = load_pairs(pairs_csv, images)
     use_local = fusion is not None if local is None else local
     engine_conf = EngineConfig(shortlist_k=top_k, use_local=use_local, extractor=extractor, local_workers=num_workers,
-                               cache_dir=cache_root(cache_dir), shortlist_first=shortlist_first)
+                               cache_dir=cache_root(cache_dir), shortlist_first=shortlist_first,
+                               rerank=rerank)
     run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
     check_backend(backend)
     started = time.perf_counter()
     if backend == "ray":
         from spotmatch.engine import ray_backend as rb
 
+        rb.check_pair_scoring(engine_conf)
         ray_conf = rb.load_ray_config(ray_config, address=ray_address, batch_size=batch_size)
         with rb.ray_session(ray_conf):
             scored = rb.score_pairs_on_ray(pairs, checkpoint, fusion, engine_conf, run, ray_conf, rb.default_job_dir(out))
@@ -187,7 +191,7 @@ def score_pairs(
         write_csv_atomic(scored, evidence_out)
     write_submission(scored["row_id"], scored["similarity"].to_numpy(), out)
     n_images = len(set(pairs["query_image_path"]) | set(pairs["gallery_image_path"]))
-    stages = "global" + (f" + local top-{top_k}" if use_local else "") + (" + fusion" if fusion else "")
+    stages = "global" + (f" + {rerank}" if rerank != "none" else "") + (f" + local top-{top_k}" if use_local else "") + (" + fusion" if fusion else "")
     typer.echo(f"scored {len(pairs)} pairs over {n_images} distinct images ({stages}) in {time.perf_counter() - started:.1f}s; wrote {out}")
 
 

@@ -32,7 +32,7 @@ from spotmatch.evaluation.protocol import Protocol, build_protocol, compare_mode
 from spotmatch.fusion.calibration import DECISIONS, FusionModel, decision_score, keep_shortlist_first, lowest_shortlisted
 from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import calibration_report, reliability_diagram, threshold_for_precision
-from spotmatch.fusion.rerank import k_reciprocal_rerank, query_expansion
+from spotmatch.fusion.rerank import RERANKERS, rerank_similarity
 from spotmatch.global_embed.embed import Embedder
 
 
@@ -41,7 +41,10 @@ class CalibrateConfig:
     method: str = "logistic"  # or "isotonic"
     folds: int = 5
     target_precision: float = 0.9  # the "same individual" threshold is set to reach this precision
-    rerankers: tuple[str, ...] = ("qe", "k-reciprocal")
+    rerankers: tuple[str, ...] = ("qe", "k-reciprocal")  # measured beside fusion alone
+    # The global similarity the saved calibrators, their quality figures and thresholds are fit on: plain
+    # cosine ("none") or re-ranked ("qe", "k-reciprocal"), for `score-pairs --rerank` with the same name.
+    rerank: str = "none"
     # "identity": every query animal weighs the same, and within a query every gallery animal does, as in
     # identity-balanced mAP; so one animal that owns half the photos (snow leopards' Cat1) does not set
     # the calibration for all others. "none": every pair weighs the same.
@@ -63,6 +66,17 @@ class CalibrateConfig:
             raise SpotmatchError(f"--new-share {self.new_share}: must be at least 0 and below 1")
         if self.decision not in DECISIONS:
             raise SpotmatchError(f"--decision {self.decision}: unknown rule; use {' or '.join(DECISIONS)}")
+        if self.rerank not in RERANKERS:
+            raise SpotmatchError(f"--rerank {self.rerank}: unknown re-ranking; use {' or '.join(RERANKERS)}")
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """Every re-ranked global similarity to compute: the measured ones and the saved one."""
+        return tuple(dict.fromkeys([*self.rerankers, *([self.rerank] if self.rerank != "none" else [])]))
+
+    @property
+    def saved_variant(self) -> str:
+        return "plain" if self.rerank == "none" else self.rerank
 
 
 BALANCES = ("identity", "none")
@@ -87,10 +101,8 @@ def global_similarities(query_embeddings: np.ndarray, gallery_embeddings: np.nda
     """Cosine, and each re-ranked similarity, per (query, gallery) pair; `allowed` marks the pairs that
     exist (not a query with itself)."""
     variants = {"plain": query_embeddings @ gallery_embeddings.T}
-    if "qe" in rerankers:
-        variants["qe"] = query_expansion(query_embeddings, gallery_embeddings, allowed=allowed)
-    if "k-reciprocal" in rerankers:
-        variants["k-reciprocal"] = k_reciprocal_rerank(query_embeddings, gallery_embeddings)
+    for name in rerankers:
+        variants[name] = rerank_similarity(name, query_embeddings, gallery_embeddings, allowed)
     return variants
 
 
@@ -115,12 +127,16 @@ def local_evidence(scorer, paths: np.ndarray, protocol: Protocol, pairs_qg: set[
     return {pair: tuple(row) for pair, row in zip(ordered, evidence[["matches", "inliers", "inlier_ratio", "local_score"]].itertuples(index=False))}
 
 
-def pair_frame(similarity: np.ndarray, ranks: np.ndarray, allowed: np.ndarray, shortlist_k: int,
-               evidence: dict, query_ids: np.ndarray, gallery_ids: np.ndarray) -> pd.DataFrame:
+def pair_frame(cosine: np.ndarray, ranks: np.ndarray, allowed: np.ndarray, shortlist_k: int, evidence: dict,
+               query_ids: np.ndarray, gallery_ids: np.ndarray, reranked: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per allowed (query, gallery) pair, in the same order for every variant; `reranked`: the
+    re-ranked similarity that `ranks` come from (None: the cosine's)."""
     q, g = np.nonzero(allowed)
-    frame = pd.DataFrame({"q": q, "g": g, "cosine": similarity[q, g], "global_rank": ranks[q, g],
+    frame = pd.DataFrame({"q": q, "g": g, "cosine": cosine[q, g], "global_rank": ranks[q, g],
                           "label": (query_ids[q] == gallery_ids[g]).astype(int), "query_identity": query_ids[q],
                           "gallery_identity": gallery_ids[g]})
+    if reranked is not None:
+        frame["reranked_similarity"] = reranked[q, g]
     local = np.full((len(frame), 4), np.nan)
     shortlisted = frame["global_rank"].to_numpy() < shortlist_k
     for i in np.flatnonzero(shortlisted):
@@ -212,21 +228,24 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     embeddings = np.zeros((len(dataset), embedder.dim), np.float32)
     embeddings[rows] = embedder.embed(list(paths[rows]))
     allowed = protocol.views["all"]
-    similarities = global_similarities(embeddings[protocol.query_rows], embeddings[protocol.gallery_rows], allowed, conf.rerankers)
+    similarities = global_similarities(embeddings[protocol.query_rows], embeddings[protocol.gallery_rows], allowed, conf.variants)
     ranks = {name: ranks_within(s, allowed) for name, s in similarities.items()}
 
     # What a photo of an animal missing from the gallery meets: every query against the other animals.
+    # `identify` (the catalogue) ranks plain cosines only, so its decision is measured for plain files only.
+    measure_identify = conf.rerank == "none"
     allowed_new = allowed & (query_ids[:, None] != gallery_ids[None, :])
     ranks_new = ranks_within(similarities["plain"], allowed_new)
 
     scorer = build_local(engine_conf, embedder.conf.masks)
     k = engine_conf.shortlist_k
-    shortlists = [(r, allowed) for r in ranks.values()] + [(ranks_new, allowed_new)]
+    shortlists = [(r, allowed) for r in ranks.values()] + ([(ranks_new, allowed_new)] if measure_identify else [])
     needed = {(q, g) for r, a in shortlists for q, g in zip(*np.nonzero((r < k) & a))}
     evidence = local_evidence(scorer, paths, protocol, needed)
 
     shape = allowed.shape
-    frames = {name: pair_frame(similarities[name], ranks[name], allowed, k, evidence, query_ids, gallery_ids) for name in similarities}
+    frames = {name: pair_frame(similarities["plain"], ranks[name], allowed, k, evidence, query_ids, gallery_ids,
+                               reranked=None if name == "plain" else similarities[name]) for name in similarities}
     plain = frames["plain"]
     rankings = {"global only": similarities["plain"]}
     shortlisted = (plain["global_rank"] < k).to_numpy()
@@ -240,46 +259,55 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
         rankings[label] = as_matrix(frame, held_out_probability[name], shape)
     shortlist_first = keep_shortlist_first(held_out_probability["plain"], shortlisted, plain["q"].to_numpy())
     rankings[SHORTLIST_FIRST] = as_matrix(plain, shortlist_first, shape)
-    for name in conf.rerankers:
+    for name in conf.variants:
         rankings[f"global + {name}"] = similarities[name]
 
     identity_of_rows = identities.copy()
     retrieval = {name: evaluate_protocol(np.where(allowed, matrix, -np.inf), identity_of_rows, protocol)
                  for name, matrix in rankings.items()}
-    comparisons = compare_models(retrieval, [(fused, single) for fused in ("fused", SHORTLIST_FIRST) for single in ("global only", local_name)])
+    # The saved variant too, when it is re-ranked: what `score-pairs --rerank` will rank with.
+    compared = ["fused", SHORTLIST_FIRST] + ([f"fused + {conf.rerank}"] if conf.rerank != "none" else [])
+    comparisons = compare_models(retrieval, [(fused, single) for fused in compared for single in ("global only", local_name)])
     headroom = mixing_headroom(plain, shortlisted, retrieval[local_name],
                                lambda values: evaluate_protocol(np.where(allowed, as_matrix(plain, values, shape), -np.inf), identity_of_rows, protocol))
 
-    labels = plain["label"].to_numpy()
-    balanced_weight = pair_weights(plain, "identity")
-    probability = held_out_probability["plain"]
+    # Quality and thresholds describe the calibrators that are saved: fit on plain or re-ranked similarities.
+    saved = frames[conf.saved_variant]
+    labels = saved["label"].to_numpy()
+    balanced_weight = pair_weights(saved, "identity")
+    probability = held_out_probability[conf.saved_variant]
+    saved_shortlisted = (saved["global_rank"] < k).to_numpy()
     quality = {"all pairs": calibration_report(probability, labels, balanced_weight),
-               f"top-{k} pairs": calibration_report(probability[shortlisted], labels[shortlisted], balanced_weight[shortlisted]),
+               f"top-{k} pairs": calibration_report(probability[saved_shortlisted], labels[saved_shortlisted], balanced_weight[saved_shortlisted]),
                # what `score-pairs --shortlist-first` writes: the pairs outside the shortlist scaled below it
-               "all pairs, shortlist first": calibration_report(shortlist_first, labels, balanced_weight)}
-    quality["by query identity"] = calibration_by_identity(plain, probability)
-    quality["overtaken"] = overtaken_shortlist(plain["q"].to_numpy(), probability, shortlisted)
+               "all pairs, shortlist first": calibration_report(keep_shortlist_first(probability, saved_shortlisted, saved["q"].to_numpy()),
+                                                                labels, balanced_weight)}
+    quality["by query identity"] = calibration_by_identity(saved, probability)
+    quality["overtaken"] = overtaken_shortlist(saved["q"].to_numpy(), probability, saved_shortlisted)
     threshold = threshold_for_precision(probability, labels, conf.target_precision)
     calls = probability >= threshold
     quality["decision"] = {"threshold": threshold, "target_precision": conf.target_precision,
                            "precision": float(labels[calls].mean()) if calls.any() else float("nan"),
                            "recall": float(calls[labels == 1].mean()) if labels.any() else float("nan")}
-    new_frame = pair_frame(similarities["plain"], ranks_new, allowed_new, k, evidence, query_ids, gallery_ids)
-    new_probability = cross_validated_probability(plain, conf, new_frame)
-    quality["identify by rule"] = {
-        rule: identify_decision(decision_per_query(plain, probability, k, rule), decision_per_query(new_frame, new_probability, k, rule),
-                                conf.target_precision, conf.new_share)
-        for rule in DECISIONS}
-    quality["identify"] = {**quality["identify by rule"][conf.decision], "decision": conf.decision}
+    identify_threshold = 1.0  # a file fit on re-ranked similarities never names an animal
+    if measure_identify:
+        new_frame = pair_frame(similarities["plain"], ranks_new, allowed_new, k, evidence, query_ids, gallery_ids)
+        new_probability = cross_validated_probability(plain, conf, new_frame)
+        quality["identify by rule"] = {
+            rule: identify_decision(decision_per_query(plain, probability, k, rule), decision_per_query(new_frame, new_probability, k, rule),
+                                    conf.target_precision, conf.new_share)
+            for rule in DECISIONS}
+        quality["identify"] = {**quality["identify by rule"][conf.decision], "decision": conf.decision}
+        # The saved threshold serves `identify`, so it is the one set on identify's own decision.
+        identify_threshold = quality["identify"]["threshold"]
 
-    # The saved threshold serves `identify`, so it is the one set on identify's own decision.
     fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, extractor=scorer.conf_name,
-                             threshold=quality["identify"]["threshold"], target_precision=conf.target_precision, quality=quality,
-                             decision=conf.decision)
-    fusion.fit(pair_features(plain), labels, pair_weights(plain, conf.balance))
+                             threshold=identify_threshold, target_precision=conf.target_precision, quality=quality,
+                             decision=conf.decision, rerank=conf.rerank)
+    fusion.fit(pair_features(saved), labels, pair_weights(saved, conf.balance))
     fusion_path = fusion.save(out_dir / "fusion.json")
     diagram = reliability_diagram({"all pairs": (probability, labels),
-                                   f"top-{k} pairs": (probability[shortlisted], labels[shortlisted])},
+                                   f"top-{k} pairs": (probability[saved_shortlisted], labels[saved_shortlisted])},
                                   out_dir / "reliability.png")
     return {"retrieval": retrieval, "comparisons": comparisons, "headroom": headroom, "quality": quality, "fusion_path": fusion_path,
             "diagram": diagram}
@@ -374,8 +402,12 @@ def format_quality(quality: dict) -> str:
     else:
         lines.append(f"Pairs: p >= {d['threshold']:.3f} reaches precision {d['target_precision']} over all held-out pairs "
                      f"(precision {d['precision']:.3f}, recall {d['recall']:.3f}).")
-    i = quality["identify"]
     lines.append("")
+    if "identify" not in quality:
+        lines.append("`identify`: not measured. These calibrators are fit on re-ranked global similarities, for `score-pairs "
+                     "--rerank`; the catalogue ranks plain cosines and refuses this file.")
+        return "\n".join(lines)
+    i = quality["identify"]
     lines.append(f"`identify` (the best individual per photo among its shortlisted pairs; {i['known_photos']} photos of animals in the "
                  f"gallery, and the same photos with their animal taken out, weighed {1 - i['new_share']:g} : {i['new_share']:g}; "
                  f"threshold on the {DECISION_WORDS[i['decision']]}):")

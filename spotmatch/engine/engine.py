@@ -20,7 +20,8 @@ import pandas as pd
 from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import FusionModel, keep_shortlist_first
-from spotmatch.fusion.features import pair_features
+from spotmatch.fusion.features import global_similarity, pair_features
+from spotmatch.fusion.rerank import RERANKERS
 from spotmatch.global_embed.embed import EmbedConfig, Embedder, mask_provider
 
 
@@ -37,6 +38,13 @@ class EngineConfig:
     # With fusion, scale each query's pairs outside its shortlist below its shortlisted ones, so unchecked
     # pairs never overtake checked ones: better order within a query, worse calibration (docs/fusion.md).
     shortlist_first: bool = False
+    # Global similarity re-ranked over each query's rows before the shortlist and fusion (fusion.rerank:
+    # "qe" or "k-reciprocal", as the Kaggle entries do); the calibration file must be fit on the same.
+    rerank: str = "none"
+
+    def __post_init__(self):
+        if self.rerank not in RERANKERS:
+            raise SpotmatchError(f"--rerank {self.rerank}: unknown re-ranking; use {' or '.join(RERANKERS)}")
 
 
 class Engine:
@@ -55,12 +63,12 @@ class Engine:
         fusion = None
         if fusion_path is not None:
             fusion = FusionModel.load(fusion_path, embedder_id=embedder.model_id,
-                                      extractor=local.conf_name if local is not None else None)
+                                      extractor=local.conf_name if local is not None else None, rerank=conf.rerank)
         return cls(embedder, local, fusion, conf)
 
     def pair_table(self, pairs: pd.DataFrame) -> pd.DataFrame:
         """Global columns for every row; local evidence for rows within each query's top-K (NaN elsewhere)."""
-        table = global_pair_scores(pairs, self.embedder)
+        table = global_pair_scores(pairs, self.embedder, self.conf.rerank)
         if self.local is None:
             return table
         shortlisted = table["global_rank"] < self.conf.shortlist_k
@@ -70,7 +78,7 @@ class Engine:
     def similarity(self, table: pd.DataFrame) -> np.ndarray:
         if self.fusion is not None:
             return self.fusion.predict_proba(pair_features(table), local_stage=self.local is not None)
-        return cosine_to_similarity(table["cosine"].to_numpy())
+        return cosine_to_similarity(global_similarity(table).to_numpy())
 
     def score_pairs(self, pairs: pd.DataFrame) -> pd.DataFrame:
         table = self.pair_table(pairs)

@@ -404,11 +404,21 @@ def pair_shard_folder(job_dir: Path, model_id: str, fusion_path, engine_conf) ->
     return Path(job_dir) / "pairs" / f"{model_id}-{config_hash(settings)}"
 
 
+def check_pair_scoring(engine_conf) -> None:
+    """Refuse, before a cluster is started, what shards holding whole queries cannot score."""
+    if engine_conf.rerank == "k-reciprocal":
+        raise SpotmatchError("--rerank k-reciprocal needs every image of the file at once, which shards by query do not have; "
+                             "use --backend local, or --rerank qe")
+
+
 def score_pairs_on_ray(pairs: pd.DataFrame, checkpoint: str | Path, fusion_path: str | Path | None, engine_conf, run,
                        conf: RayConfig, job_dir: str | Path) -> pd.DataFrame:
-    """`Engine.score_pairs(pairs)` on a Ray actor pool: the same table, in the input's row order."""
+    """`Engine.score_pairs(pairs)` on a Ray actor pool: the same table, in the input's row order. Shards hold
+    whole queries, so query expansion (which reads a query's own rows) gives the local backend's scores."""
     from spotmatch.engine.engine import Engine
     from spotmatch.global_embed.embed import Embedder
+
+    check_pair_scoring(engine_conf)
 
     # No SQLite pair cache on cluster storage (its locking is not safe over a network file system); the
     # shards already let a re-run skip finished work.

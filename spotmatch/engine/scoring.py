@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spotmatch.fusion.features import global_similarity
+from spotmatch.fusion.rerank import rerank_pairs
 from spotmatch.global_embed.embed import Embedder
 from spotmatch.io import write_csv_atomic
 
@@ -19,8 +21,9 @@ def cosine_to_similarity(cosine: np.ndarray) -> np.ndarray:
     return np.clip((cosine + 1.0) / 2.0, 0.0, 1.0)
 
 
-def global_pair_scores(pairs: pd.DataFrame, embedder: Embedder) -> pd.DataFrame:
-    """`cosine` per row, and `global_rank`: 0 for the best-scoring gallery image among that query's rows."""
+def global_pair_scores(pairs: pd.DataFrame, embedder: Embedder, rerank: str = "none") -> pd.DataFrame:
+    """`cosine` per row; with a re-ranker (fusion.rerank.RERANKERS), also `reranked_similarity`; and
+    `global_rank`: 0 for the best gallery image among that query's rows by the global similarity."""
     codes, unique_paths = pd.factorize(pd.concat([pairs["query_image_path"], pairs["gallery_image_path"]], ignore_index=True))
     query_pos, gallery_pos = codes[: len(pairs)], codes[len(pairs):]
     embeddings = embedder.embed(list(unique_paths))
@@ -29,7 +32,10 @@ def global_pair_scores(pairs: pd.DataFrame, embedder: Embedder) -> pd.DataFrame:
         stop = start + PAIR_CHUNK
         cosine[start:stop] = np.einsum("ij,ij->i", embeddings[query_pos[start:stop]], embeddings[gallery_pos[start:stop]])
     scores = pd.DataFrame({"row_id": pairs["row_id"].to_numpy(), "cosine": cosine}, index=pairs.index)
-    scores["global_rank"] = scores.groupby(query_pos)["cosine"].rank(method="first", ascending=False).astype(int) - 1
+    if rerank != "none":
+        scores["reranked_similarity"] = rerank_pairs(rerank, embeddings, query_pos, gallery_pos)
+    ranked_by = global_similarity(scores)
+    scores["global_rank"] = ranked_by.groupby(query_pos).rank(method="first", ascending=False).astype(int) - 1
     return scores
 
 

@@ -1,5 +1,5 @@
 """Calibrators: logistic regression (default) or isotonic, saved as small JSON files that name their
-features, the embedder and extractor they were fit for, and a format version."""
+features, the embedder, extractor and global re-ranking they were fit for, and a format version."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,8 @@ from spotmatch.fusion.features import GLOBAL_FEATURES, LOCAL_FEATURES, MONOTONE
 from spotmatch.io import atomic_path
 
 FUSION_FORMAT = "spotmatch.fusion"
-FUSION_VERSION = 2  # 2: `decision` (1 had none: its threshold is on the best probability)
+# 2: `decision` (1 had none: its threshold is on the best probability); 3: `rerank` (before: plain cosines)
+FUSION_VERSION = 3
 MIN_WEIGHT = 1e-3  # smallest magnitude of a sign-constrained weight (standardised feature)
 
 
@@ -146,6 +147,8 @@ class FusionModel:
     threshold: float = 0.5  # "same individual" when the decision score (below) reaches it
     target_precision: float | None = None
     decision: str = "best"  # DECISIONS; "best" reads files of version 1 as they were calibrated
+    # The global similarity the calibrators were fit on: plain cosine ("none") or re-ranked (fusion.rerank).
+    rerank: str = "none"
     quality: dict = field(default_factory=dict)
 
     @classmethod
@@ -183,7 +186,7 @@ class FusionModel:
     def save(self, path: str | Path) -> Path:
         payload = {"format": FUSION_FORMAT, "version": FUSION_VERSION, "embedder_id": self.embedder_id,
                    "extractor": self.extractor, "threshold": self.threshold, "target_precision": self.target_precision,
-                   "decision": self.decision,
+                   "decision": self.decision, "rerank": self.rerank,
                    "quality": self.quality, "with_local": self.with_local.to_dict(), "global_only": self.global_only.to_dict(),
                    "global_all": self.global_all.to_dict()}
         with atomic_path(path) as tmp:
@@ -191,8 +194,10 @@ class FusionModel:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, embedder_id: str | None = None, extractor: str | None = None) -> "FusionModel":
-        """Refuse a file fit for another embedder or extractor: its probabilities would mean nothing."""
+    def load(cls, path: str | Path, embedder_id: str | None = None, extractor: str | None = None,
+             rerank: str | None = None) -> "FusionModel":
+        """Refuse a file fit for another embedder, extractor or global re-ranking: its probabilities would
+        mean nothing. None: not checked."""
         path = Path(path)
         try:
             payload = json.loads(path.read_text())
@@ -207,7 +212,13 @@ class FusionModel:
                 raise SpotmatchError(
                     f"{path}: calibrated for {what} '{saved}', not '{expected}'; run `spotmatch calibrate` for this model"
                 )
+        saved_rerank = payload.get("rerank", "none")
+        if rerank is not None and rerank != saved_rerank:
+            raise SpotmatchError(
+                f"{path}: calibrated on global similarities re-ranked by '{saved_rerank}', but this command re-ranks by '{rerank}'; pass --rerank "
+                f"{saved_rerank} to score-pairs, or make a file for this use with `spotmatch calibrate --rerank {rerank}`"
+            )
         return cls(Calibrator.from_dict(payload["with_local"]), Calibrator.from_dict(payload["global_only"]),
                    Calibrator.from_dict(payload["global_all"]), embedder_id=payload["embedder_id"], extractor=payload["extractor"],
                    threshold=payload["threshold"], target_precision=payload["target_precision"],
-                   decision=payload.get("decision", "best"), quality=payload.get("quality", {}))
+                   decision=payload.get("decision", "best"), rerank=saved_rerank, quality=payload.get("quality", {}))

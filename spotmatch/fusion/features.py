@@ -22,11 +22,17 @@ LOCAL_FEATURES = ("cosine", "log_rank", "log_inliers", "inlier_ratio", "log_matc
 MONOTONE = {"cosine": 1, "log_rank": -1}
 
 
+def global_similarity(table: pd.DataFrame) -> pd.Series:
+    """The global evidence of each pair: its re-ranked similarity where the table has one, else its cosine."""
+    return table["reranked_similarity"] if "reranked_similarity" in table else table["cosine"]
+
+
 def pair_features(table: pd.DataFrame) -> pd.DataFrame:
-    """From columns cosine, global_rank[, matches, inliers, inlier_ratio, local_score] to model features;
-    `has_local` marks rows with local evidence (inliers not NaN)."""
+    """From columns cosine [or reranked_similarity], global_rank[, matches, inliers, inlier_ratio, local_score]
+    to model features; `has_local` marks rows with local evidence (inliers not NaN). The feature named
+    "cosine" is the global similarity; a calibration file records whether it was re-ranked."""
     features = pd.DataFrame(index=table.index)
-    features["cosine"] = table["cosine"].astype(float)
+    features["cosine"] = global_similarity(table).astype(float)
     features["log_rank"] = np.log1p(table["global_rank"].astype(float))
     inliers = table["inliers"].astype(float) if "inliers" in table else pd.Series(np.nan, index=table.index)
     features["has_local"] = inliers.notna()

@@ -5,10 +5,17 @@
 - k-reciprocal re-ranking (Zhong et al. 2017): the distance blends the original one with a Jaccard
   distance between k-reciprocal neighbour sets.
 Both take and return cosine-like similarities (higher = more alike), so fusion treats them alike.
+`rerank_pairs` applies one to the rows of a pair file, each query's gallery being its own rows.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from spotmatch.errors import SpotmatchError
+
+RERANKERS = ("none", "qe", "k-reciprocal")
+# k-reciprocal holds several (queries + gallery)^2 float64 matrices: 12,000 images take about 1.2 GB each.
+K_RECIPROCAL_MAX_IMAGES = 12_000
 
 
 def query_expansion(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray, neighbours: int = 2,
@@ -59,3 +66,33 @@ def k_reciprocal_rerank(query_embeddings: np.ndarray, gallery_embeddings: np.nda
         jaccard[q] = 1 - overlap / (2 - overlap)  # rows sum to 1, so the union is 2 - overlap
     final = (1 - lambda_value) * jaccard + lambda_value * distance[:n_queries, n_queries:]
     return 1 - final
+
+
+def rerank_similarity(name: str, query_embeddings: np.ndarray, gallery_embeddings: np.ndarray,
+                      allowed: np.ndarray) -> np.ndarray:
+    """(queries, gallery) similarity after the re-ranker `name`; `allowed` marks the pairs that exist
+    (query expansion looks for neighbours only there; k-reciprocal uses every image as context)."""
+    if name == "qe":
+        return query_expansion(query_embeddings, gallery_embeddings, allowed=allowed)
+    if name == "k-reciprocal":
+        return k_reciprocal_rerank(query_embeddings, gallery_embeddings)
+    raise SpotmatchError(f"--rerank {name}: unknown re-ranking; use {' or '.join(RERANKERS)}")
+
+
+def rerank_pairs(name: str, embeddings: np.ndarray, query_pos: np.ndarray, gallery_pos: np.ndarray) -> np.ndarray:
+    """Re-ranked similarity of each row (query `embeddings[query_pos[i]]`, gallery `embeddings[gallery_pos[i]]`).
+    Each query's gallery is its own rows (never itself), as a competition file gives them. Query expansion
+    then depends on a query's rows only, so files split by query score the same; k-reciprocal uses every
+    query and gallery image of the file as context."""
+    queries, query_row = np.unique(query_pos, return_inverse=True)
+    gallery, gallery_row = np.unique(gallery_pos, return_inverse=True)
+    if name == "k-reciprocal" and len(queries) + len(gallery) > K_RECIPROCAL_MAX_IMAGES:
+        raise SpotmatchError(f"--rerank k-reciprocal holds (queries + gallery)^2 distances: {len(queries)} + {len(gallery)} images "
+                             f"is over {K_RECIPROCAL_MAX_IMAGES:,}; use --rerank qe, or split the pair file by query")
+    allowed = np.zeros((len(queries), len(gallery)), dtype=bool)
+    allowed[query_row, gallery_row] = True
+    allowed &= queries[:, None] != gallery[None, :]
+    # In float64, so that a query's scores do not depend on how many other queries share its matrix
+    # products (float32 sums differ with their blocking): files split by query then score alike.
+    similarity = rerank_similarity(name, embeddings[queries].astype(np.float64), embeddings[gallery].astype(np.float64), allowed)
+    return similarity[query_row, gallery_row]
