@@ -32,7 +32,7 @@ from spotmatch.evaluation.protocol import Protocol, build_protocol, compare_mode
 from spotmatch.fusion.calibration import DECISIONS, FusionModel, decision_score, keep_shortlist_first, lowest_shortlisted
 from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import calibration_report, reliability_diagram, threshold_for_precision
-from spotmatch.fusion.rerank import RERANKERS, rerank_similarity
+from spotmatch.fusion.rerank import check_reranker, rerank_similarity
 from spotmatch.global_embed.embed import Embedder
 
 
@@ -66,8 +66,7 @@ class CalibrateConfig:
             raise SpotmatchError(f"--new-share {self.new_share}: must be at least 0 and below 1")
         if self.decision not in DECISIONS:
             raise SpotmatchError(f"--decision {self.decision}: unknown rule; use {' or '.join(DECISIONS)}")
-        if self.rerank not in RERANKERS:
-            raise SpotmatchError(f"--rerank {self.rerank}: unknown re-ranking; use {' or '.join(RERANKERS)}")
+        check_reranker(self.rerank)
 
     @property
     def variants(self) -> tuple[str, ...]:

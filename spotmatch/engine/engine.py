@@ -21,7 +21,7 @@ from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import FusionModel, keep_shortlist_first
 from spotmatch.fusion.features import global_similarity, pair_features
-from spotmatch.fusion.rerank import RERANKERS
+from spotmatch.fusion.rerank import check_reranker
 from spotmatch.global_embed.embed import EmbedConfig, Embedder, mask_provider
 
 
@@ -43,8 +43,7 @@ class EngineConfig:
     rerank: str = "none"
 
     def __post_init__(self):
-        if self.rerank not in RERANKERS:
-            raise SpotmatchError(f"--rerank {self.rerank}: unknown re-ranking; use {' or '.join(RERANKERS)}")
+        check_reranker(self.rerank)
 
 
 class Engine:

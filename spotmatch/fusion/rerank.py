@@ -68,6 +68,11 @@ def k_reciprocal_rerank(query_embeddings: np.ndarray, gallery_embeddings: np.nda
     return 1 - final
 
 
+def check_reranker(name: str) -> None:
+    if name not in RERANKERS:
+        raise SpotmatchError(f"--rerank {name}: unknown re-ranking; use {' or '.join(RERANKERS)}")
+
+
 def rerank_similarity(name: str, query_embeddings: np.ndarray, gallery_embeddings: np.ndarray,
                       allowed: np.ndarray) -> np.ndarray:
     """(queries, gallery) similarity after the re-ranker `name`; `allowed` marks the pairs that exist
@@ -76,7 +81,8 @@ def rerank_similarity(name: str, query_embeddings: np.ndarray, gallery_embedding
         return query_expansion(query_embeddings, gallery_embeddings, allowed=allowed)
     if name == "k-reciprocal":
         return k_reciprocal_rerank(query_embeddings, gallery_embeddings)
-    raise SpotmatchError(f"--rerank {name}: unknown re-ranking; use {' or '.join(RERANKERS)}")
+    check_reranker(name)
+    raise ValueError(f"no re-ranking to apply for {name!r}")
 
 
 def rerank_pairs(name: str, embeddings: np.ndarray, query_pos: np.ndarray, gallery_pos: np.ndarray) -> np.ndarray:
