@@ -132,6 +132,31 @@ def test_keypoints_stay_inside_the_mask():
     assert not inside_mask(unmasked.keypoints, mask).all()  # the mask really restricted something
 
 
+def test_a_cut_outs_hidden_pixels_change_no_keypoint(tmp_path):
+    """A competition cut-out hides its background under alpha 0, with black or leftover pixels beneath:
+    keypoints and descriptors must come from the animal alone, whatever lies there."""
+    from PIL import Image
+
+    rgb = load_image(SAME_QUERY).rgb
+    height, width = rgb.shape[:2]
+    alpha = np.zeros((height, width), np.uint8)
+    cv2.ellipse(alpha, (width // 3, height // 2), (width // 5, height // 4), 0, 0, 360, 255, -1)
+    hidden = alpha == 0
+    variants = {"black": np.where(hidden[..., None], 0, rgb), "scene": rgb,
+                "noise": np.where(hidden[..., None], np.random.default_rng(0).integers(0, 256, rgb.shape), rgb)}
+    features = {}
+    for name, pixels in variants.items():
+        Image.fromarray(np.dstack([pixels.astype(np.uint8), alpha]), "RGBA").save(tmp_path / f"{name}.png")
+        features[name] = create_extractor("rootsift").extract(load_image(tmp_path / f"{name}.png"))
+    assert len(features["black"]) > 50
+    for name in ("scene", "noise"):
+        np.testing.assert_array_equal(features[name].keypoints, features["black"].keypoints)
+        np.testing.assert_array_equal(features[name].descriptors, features["black"].descriptors)
+    # With the background left as it is, descriptors near the outline read what lies beyond it.
+    unfilled = {name: create_extractor("rootsift", background="none").extract(load_image(tmp_path / f"{name}.png")) for name in ("black", "scene")}
+    assert not np.array_equal(unfilled["black"].descriptors, unfilled["scene"].descriptors)
+
+
 def test_camera_info_bars_get_no_keypoints():
     record = load_image(SAME_QUERY)  # has a black text strip at top and bottom
     features = create_extractor("rootsift").extract(record)

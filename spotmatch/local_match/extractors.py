@@ -23,6 +23,7 @@ from spotmatch.config import config_hash, merge_config
 from spotmatch.data.images import ImageRecord, mask_bbox
 from spotmatch.errors import SpotmatchError
 from spotmatch.local_match.features import Features
+from spotmatch.segmentation.background import apply_background, check_fill
 from spotmatch.local_match.weights import PackagedWeights, load_into, load_state_dict, pick_device, resolve_weights
 
 
@@ -34,6 +35,10 @@ class ExtractorConf:
     # Camera traps print a black strip of white text (date, temperature, brand logo) at the top and bottom
     # of every frame; left in, it matches between any two frames of the same camera model.
     ignore_info_bars: bool = True
+    # What the detector sees outside the animal mask (segmentation.background fills). Keypoints lie inside
+    # the mask either way, but a descriptor reaches past the outline: "extend" fills the outside with the
+    # animal's own colours smeared outward, so no rock or grass (nor a cut-out's hidden pixels) enters one.
+    background: str = "extend"
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,12 @@ def info_bar_rows(rgb: np.ndarray) -> tuple[int, int]:
     return band(dark_rows, grey), band(dark_rows[::-1], grey[::-1])
 
 
+def keypoint_mask(rgb: np.ndarray, animal: np.ndarray | None, cut_out: bool, ignore_info_bars: bool = True) -> np.ndarray | None:
+    """Where keypoints may lie: the animal mask without camera-trap text bars. A cut-out (its mask is its
+    alpha channel) has no bar to find, and its black hidden pixels beside bright fur would look like one."""
+    return without_info_bars(rgb, animal) if ignore_info_bars and not cut_out else animal
+
+
 def without_info_bars(rgb: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
     """The mask with camera-trap text bars removed; None when there is neither a mask nor a bar."""
     top, bottom = info_bar_rows(rgb)
@@ -130,9 +141,10 @@ def without_info_bars(rgb: np.ndarray, mask: np.ndarray | None) -> np.ndarray | 
 
 
 def working_region(
-    rgb: np.ndarray, mask: np.ndarray | None, conf: ExtractorConf
+    rgb: np.ndarray, mask: np.ndarray | None, conf: ExtractorConf, animal: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, WorkingFrame]:
-    """Crop to the mask's box (no time spent on background) and shrink to `max_side`; never enlarge."""
+    """Crop to the mask's box (no time spent on background) and shrink to `max_side`; never enlarge.
+    Outside the `animal` mask (when given) the crop is filled per `conf.background`."""
     x0, y0, x1, y1 = 0, 0, rgb.shape[1], rgb.shape[0]
     if mask is not None:
         box = mask_bbox(mask, conf.mask_margin)
@@ -140,12 +152,15 @@ def working_region(
             return rgb[:0, :0], mask[:0, :0], WorkingFrame(0, 0, 1.0)
         x0, y0, x1, y1 = box
     crop, crop_mask = rgb[y0:y1, x0:x1], (mask[y0:y1, x0:x1] if mask is not None else None)
+    crop_animal = animal[y0:y1, x0:x1] if animal is not None else None
     scale = min(1.0, conf.max_side / max(crop.shape[:2]))
     if scale < 1.0:
         size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
         crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
-        if crop_mask is not None:
-            crop_mask = cv2.resize(crop_mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+        crop_mask, crop_animal = (cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool) if m is not None else None
+                                  for m in (crop_mask, crop_animal))
+    if crop_animal is not None and crop.size:  # filled after shrinking: the blur then costs little
+        crop = apply_background(crop, crop_animal, conf.background)
     return np.ascontiguousarray(crop), crop_mask, WorkingFrame(x0, y0, scale)
 
 
@@ -169,6 +184,7 @@ class Extractor(ABC):
 
     def __init__(self, conf: ExtractorConf | None = None, **overrides: Any):
         self.conf = merge_config(conf if conf is not None else self.default_conf, **overrides)
+        check_fill(self.conf.background)
 
     @property
     def conf_name(self) -> str:
@@ -182,10 +198,10 @@ class Extractor(ABC):
         return self.name
 
     def extract(self, image: ImageRecord | np.ndarray, mask: np.ndarray | None = None) -> Features:
-        rgb, mask = as_image_and_mask(image, mask)
-        if self.conf.ignore_info_bars:
-            mask = without_info_bars(rgb, mask)
-        crop, crop_mask, frame = working_region(rgb, mask, self.conf)
+        rgb, animal = as_image_and_mask(image, mask)
+        cut_out = isinstance(image, ImageRecord) and image.mask is not None
+        # Keypoints avoid the text bars as well as the background; only the background is filled.
+        crop, crop_mask, frame = working_region(rgb, keypoint_mask(rgb, animal, cut_out, self.conf.ignore_info_bars), self.conf, animal)
         image_size = (rgb.shape[1], rgb.shape[0])
         if min(crop.shape[:2]) < 16:  # an empty or sliver mask: nothing a detector can describe
             return Features.empty(self.descriptor_dim, image_size)

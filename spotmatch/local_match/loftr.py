@@ -13,7 +13,7 @@ import numpy as np
 
 from spotmatch.config import config_hash, merge_config
 from spotmatch.data.images import load_image
-from spotmatch.local_match.extractors import ExtractorConf, as_image_and_mask, inside_mask, without_info_bars, working_region
+from spotmatch.local_match.extractors import ExtractorConf, as_image_and_mask, inside_mask, keypoint_mask, working_region
 from spotmatch.local_match.matchers import PairEvidence, VerificationConf, verify
 from spotmatch.local_match.pipeline import MaskSource, PairScorer
 from spotmatch.local_match.weights import load_into, load_state_dict, pick_device, resolve_weights
@@ -53,9 +53,8 @@ class LoFTRMatcher(PairScorer):
         import torch
 
         record = load_image(path)
-        rgb, mask = as_image_and_mask(record, self.mask_source(record) if self.mask_source else None)
-        mask = without_info_bars(rgb, mask)
-        crop, crop_mask, frame = working_region(rgb, mask, self.region_conf)
+        rgb, animal = as_image_and_mask(record, self.mask_source(record) if self.mask_source else None)
+        crop, crop_mask, frame = working_region(rgb, keypoint_mask(rgb, animal, record.mask is not None), self.region_conf, animal)
         grey = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
         tensor = torch.from_numpy(grey)[None, None].float().div(255.0).to(self.device)
         return tensor, crop_mask, frame, max(rgb.shape[:2])

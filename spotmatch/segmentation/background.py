@@ -14,10 +14,11 @@ import numpy as np
 from spotmatch.data.images import mask_bbox
 from spotmatch.errors import SpotmatchError
 
-Fill = Literal["none", "black", "grey", "blur", "noise"]
+Fill = Literal["none", "black", "grey", "blur", "noise", "extend"]
 FILLS: tuple[str, ...] = get_args(Fill)
 GREY_LEVEL = 128  # maps to ~0 under the encoders' mean-0.5 normalisation: "no signal"
 BLUR_SIGMA_FRACTION = 0.03  # of the long side: strong enough to wipe rock texture, keeps overall light
+EXTEND_SIGMA_FRACTION = 0.05  # of the long side: how far the animal's colours are smeared outward
 
 
 def check_fill(fill: str) -> Fill:
@@ -26,8 +27,11 @@ def check_fill(fill: str) -> Fill:
     return fill  # type: ignore[return-value]
 
 
-def background_pixels(rgb: np.ndarray, fill: Fill, rng: np.random.Generator | None = None) -> np.ndarray:
-    """A full-size image of what the background becomes under `fill`."""
+def background_pixels(rgb: np.ndarray, fill: Fill, rng: np.random.Generator | None = None,
+                      mask: np.ndarray | None = None) -> np.ndarray:
+    """A full-size image of what the background becomes under `fill` ("extend" needs the animal `mask`)."""
+    if fill == "extend":
+        return extended_animal(rgb, mask)
     if fill == "black":
         return np.zeros_like(rgb)
     if fill == "grey":
@@ -50,7 +54,22 @@ def apply_background(
         return rgb.copy()
     if mask.shape != rgb.shape[:2]:
         raise SpotmatchError(f"mask shape {mask.shape} does not match image {rgb.shape[:2]}; recompute the mask")
-    return np.where(mask[..., None], rgb, background_pixels(rgb, fill, rng))
+    return np.where(mask[..., None], rgb, background_pixels(rgb, fill, rng, mask))
+
+
+def extended_animal(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The animal's own colours smeared outward (a Gaussian-weighted mean of nearby animal pixels; far
+    away, its mean colour): smooth, and made without reading one background pixel, so a keypoint
+    descriptor that reaches past the outline describes no rock or grass, and a cut-out's hidden pixels
+    (whatever its alpha hides) change nothing."""
+    if not mask.any():
+        return np.full_like(rgb, GREY_LEVEL)
+    sigma = EXTEND_SIGMA_FRACTION * max(rgb.shape[:2])
+    weight = mask.astype(np.float32)
+    colour_sum = cv2.GaussianBlur(rgb.astype(np.float32) * weight[..., None], (0, 0), sigmaX=sigma)
+    weight_sum = cv2.GaussianBlur(weight, (0, 0), sigmaX=sigma)[..., None]
+    extended = np.where(weight_sum > 1e-3, colour_sum / np.maximum(weight_sum, 1e-3), rgb[mask].mean(axis=0))
+    return np.clip(np.round(extended), 0, 255).astype(np.uint8)
 
 
 def crop_to_mask(
