@@ -124,3 +124,42 @@ def test_train_resume_and_evaluate(tmp_path, snow_subset_csv):
     assert "the split stored in" in evaluation.stdout and "| all |" in evaluation.stdout
     table = (tmp_path / "table.md").read_text()
     assert "cross-station" in table and f"| {run / 'last.pt'} | {run / 'best.pt'} | all |" in table  # last.pt minus best.pt
+
+
+def test_competition_cut_outs_train_and_score_from_the_animal_alone(tmp_path, snow_subset_csv):
+    """The Kaggle jaguar layout: RGBA cut-outs in one folder, `train.csv` (filename, ground_truth) and
+    `test.csv` (row_id, query_image, gallery_image). What the alpha channel hides (black, or the scene
+    the cut-out came from) must not move a single similarity."""
+    import cv2
+    from PIL import Image
+
+    table = pd.read_csv(snow_subset_csv).groupby("identity").head(3)
+    for hidden in ("black", "scene"):
+        folder = tmp_path / hidden
+        (folder / "train").mkdir(parents=True)
+        for name in table["filename"]:
+            rgb = np.asarray(Image.open(SNOW / "images" / name).convert("RGB").resize((320, 240)))
+            alpha = np.zeros(rgb.shape[:2], np.uint8)
+            cv2.ellipse(alpha, (160, 130), (110, 70), 0, 0, 360, 255, -1)
+            pixels = np.where(alpha[..., None] > 0, rgb, 0) if hidden == "black" else rgb
+            Image.fromarray(np.dstack([pixels, alpha]), "RGBA").save(folder / "train" / name.replace(".JPG", ".png"))
+        names = [n.replace(".JPG", ".png") for n in table["filename"]]
+        pd.DataFrame({"filename": names, "ground_truth": table["identity"]}).to_csv(folder / "train.csv", index=False)
+        pairs = [(q, g) for q in names for g in names if q != g]
+        pd.DataFrame({"row_id": range(len(pairs)), "query_image": [q for q, _ in pairs], "gallery_image": [g for _, g in pairs]}).to_csv(
+            folder / "test.csv", index=False)
+
+    # One model, trained on the black cut-outs, scores both folders.
+    trained = run_cli("train", "--data", tmp_path / "black" / "train.csv", "--images", tmp_path / "black" / "train",
+                      "--out", tmp_path / "run", "--preset", "tiny", "--epochs", "1", "--val-fraction", "0")
+    assert trained.returncode == 0, trained.stderr
+    submissions = {}
+    for hidden in ("black", "scene"):
+        out = tmp_path / hidden / "submission.csv"
+        scored = run_cli("score-pairs", tmp_path / hidden / "test.csv", "--images", tmp_path / hidden / "train",
+                         "--checkpoint", tmp_path / "run" / "best.pt", "--out", out, "--cache-dir", tmp_path / hidden / "cache")
+        assert scored.returncode == 0, scored.stderr
+        submissions[hidden] = pd.read_csv(out)
+    black, scene = submissions["black"], submissions["scene"]
+    assert black["row_id"].tolist() == list(range(len(black))) and black["similarity"].between(0, 1).all()
+    np.testing.assert_allclose(scene["similarity"], black["similarity"], atol=1e-6)
