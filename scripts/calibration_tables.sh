@@ -40,6 +40,7 @@ nyala-20ep-calibration-free-signs|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-
 nyala-20ep-calibration-qe|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/qe|--rerank qe
 nyala-20ep-calibration-top100|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/top100|--top-k 100
 nyala-lite2-cpu-calibration|$NYALA|runs/nyala-cpu-lite2/best.pt|runs/nyala-cpu-lite2|
+snow-lite2-cpu-calibration|$SNOW|runs/snow-cpu-lite2/best.pt|runs/snow-cpu-lite2|
 nyala-20ep-calibration-aliked|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/aliked|--extractor aliked --no-compare-rerankers
 "
 wanted=" $* "
