@@ -136,7 +136,8 @@ def main() -> None:
 
     fit = calibration.CalibrateConfig(rerankers=())
     rankings = {"global only": {"frame": None, "scores": cosine}}
-    for name, evidence in (("pairwise (mutual NN + ratio)", pairwise), (f"LNBNN (K = {args.knn}, whole gallery)", lnbnn)):
+    scorings = {"pairwise (mutual NN + ratio)": pairwise, f"LNBNN (K = {args.knn}, whole gallery)": lnbnn}
+    for name, evidence in scorings.items():
         frame = calibration.pair_frame(cosine, ranks, allowed, args.top_k, evidence, query_ids, gallery_ids)
         shortlisted = (frame["global_rank"] < args.top_k).to_numpy()
         rankings[f"local only, {name}"] = {"frame": frame, "scores": calibration.local_only_order(frame, shortlisted)}
@@ -145,8 +146,8 @@ def main() -> None:
     for name, ranking in rankings.items():
         scores = ranking["scores"] if ranking["frame"] is None else calibration.as_matrix(ranking["frame"], ranking["scores"], allowed.shape)
         results[name] = evaluate_protocol(np.where(allowed, scores, -np.inf), identities, protocol)
-    names = list(results)
-    comparisons = compare_models(results, [(names[3], names[1]), (names[4], names[2])])
+    ours, theirs = scorings
+    comparisons = compare_models(results, [(f"{stage}, {theirs}", f"{stage}, {ours}") for stage in ("local only", "fused")])
     report = "\n\n".join([
         f"data: {args.data} ({len(dataset)} images); {origin}; {protocol.kind}; RootSIFT on each query's top-{args.top_k}, "
         f"settings {scorer.conf_name}; {time.perf_counter() - started:.0f} s, {platform.machine()}, {torch.get_num_threads()} threads",
