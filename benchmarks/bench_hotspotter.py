@@ -116,16 +116,16 @@ def main() -> None:
     identities, paths = dataset.table["identity"].to_numpy(), np.array([str(p) for p in dataset.paths])
     query_ids, gallery_ids = identities[protocol.query_rows], identities[protocol.gallery_rows]
     embedder = Embedder.from_checkpoint(args.checkpoint, _embed_config(32, "auto", False, 2, args.cache_dir))
-    query_embeddings = embedder.embed(list(paths[protocol.query_rows]))
-    gallery_embeddings = embedder.embed(list(paths[protocol.gallery_rows]))
+    rows = np.union1d(protocol.query_rows, protocol.gallery_rows)  # an open set's queries are its gallery: embed once
+    embeddings = dict(zip(rows, embedder.embed(list(paths[rows]))))
     allowed = protocol.views["all"]
-    cosine = query_embeddings @ gallery_embeddings.T
+    cosine = np.stack([embeddings[r] for r in protocol.query_rows]) @ np.stack([embeddings[r] for r in protocol.gallery_rows]).T
     ranks = calibration.ranks_within(cosine, allowed)
     shortlisted_qg = (ranks < args.top_k) & allowed
 
     scorer = build_local(EngineConfig(shortlist_k=args.top_k, cache_dir=str(args.cache_dir)), embedder.conf.masks)
     pairwise = calibration.local_evidence(scorer, paths, protocol, set(zip(*np.nonzero(shortlisted_qg))))
-    features = scorer.features_many(paths[np.union1d(protocol.query_rows, protocol.gallery_rows)])
+    features = scorer.features_many(paths[rows])
     gallery = GalleryDescriptors([features[p] for p in paths[protocol.gallery_rows]])
     gallery_position = {row: position for position, row in enumerate(protocol.gallery_rows)}
     conf = LNBNNConf(knn=args.knn, verification=scorer.matcher.conf.verification)
