@@ -1,7 +1,9 @@
-"""Throughput of one batch job: local backend vs the Ray backend with 1 and 2 actors, on this machine.
+"""Throughput of one batch job: the local backend against the Ray backend with 1 and 2 actors (`--actors`).
 
     .venv/bin/python benchmarks/bench_ray.py --checkpoint runs/x/best.pt --n-images 120            # embed
     .venv/bin/python benchmarks/bench_ray.py --stage match --n-images 40                           # RootSIFT pairs
+    python3 benchmarks/bench_ray.py --checkpoint runs/nyala-lite2-gpu-b/best.pt --dataset .stage/nyala \
+        --n-images 1200 --batch-size 64 --local-workers 15 --gpus-per-actor 1 --actors 1 2          # GPU actors
 
 `embed`: cache off (every image is decoded and embedded). `match`: each image against the next
 `--gallery-per-query` images, RootSIFT extraction and verification from an empty feature cache.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ import pandas as pd
 
 from spotmatch.engine import ray_backend as rb
 from spotmatch.global_embed.embed import EmbedConfig, Embedder
+from spotmatch.io import atomic_path
 from spotmatch.local_match.pipeline import LocalMatcher
 
 SNOW = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "snowleopard"
@@ -30,10 +35,27 @@ SNOW = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "snowleopar
 class BenchConfig:
     checkpoint: Path | None = None  # needed by the embed stage
     stage: str = "embed"  # or "match"
+    dataset: Path = SNOW  # a folder holding labels.csv and images/
     n_images: int = 120
     batch_size: int = 16
+    local_workers: int = 0  # embed: the local path's DataLoader decode processes
+    gpus_per_actor: float = 0.0  # embed: the GPU share of a lone actor; a row of n actors gives each 1/n of it
+    actors: tuple[int, ...] = (1, 2)
     gallery_per_query: int = 5  # match: pairs per query image
     pairs_per_shard: int = 50  # match: rows per Ray shard
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def timed(label: str, unit: str, n: int, job) -> dict:
@@ -52,7 +74,7 @@ def match_pairs(paths: list[Path], per_query: int) -> pd.DataFrame:
 def local_and_ray_jobs(conf: BenchConfig, paths: list[Path]):
     """(unit, n, local job, ray job(ray_conf, job_dir)) for the chosen stage."""
     if conf.stage == "embed":
-        run = EmbedConfig(batch_size=conf.batch_size, num_workers=0, cache_dir=None, progress=False)
+        run = EmbedConfig(batch_size=conf.batch_size, num_workers=conf.local_workers, cache_dir=None, progress=False)
         return ("images", len(paths), lambda: Embedder.from_checkpoint(conf.checkpoint, run).embed(paths),
                 lambda ray_conf, job_dir: rb.embed_on_ray(paths, conf.checkpoint, run, ray_conf, job_dir))
     pairs = match_pairs(paths, conf.gallery_per_query)
@@ -68,16 +90,18 @@ def local_and_ray_jobs(conf: BenchConfig, paths: list[Path]):
 
 
 def main(conf: BenchConfig) -> pd.DataFrame:
-    names = pd.read_csv(SNOW / "labels.csv")["filename"].head(conf.n_images)
-    paths = [SNOW / "images" / n for n in names]
+    names = pd.read_csv(conf.dataset / "labels.csv")["filename"].head(conf.n_images)
+    paths = [conf.dataset / "images" / n for n in names]
     unit, n, local_job, ray_job = local_and_ray_jobs(conf, paths)
-    rows = [timed("local (1 process)", unit, n, local_job)]
-    for workers in (1, 2):
-        pool = rb.ActorPool(num_cpus=1, concurrency=workers)
+    local_label = f"local (1 process, {conf.local_workers} decode workers)" if conf.local_workers else "local (1 process)"
+    rows = [timed(local_label, unit, n, local_job)]
+    for workers in conf.actors:
+        pool = rb.ActorPool(num_cpus=1, num_gpus=conf.gpus_per_actor / workers, concurrency=workers)
         ray_conf = rb.RayConfig(num_cpus_local=os.cpu_count(), batch_size=conf.batch_size, pairs_per_shard=conf.pairs_per_shard,
                                 embed=pool, local=pool)
         with tempfile.TemporaryDirectory() as job_dir, rb.ray_session(ray_conf):
-            rows.append(timed(f"ray, {workers} actor(s)", unit, n, lambda: ray_job(ray_conf, job_dir)))
+            gpus = f", {pool.num_gpus:g} GPU each" if pool.num_gpus else ""
+            rows.append(timed(f"ray, {workers} actor(s){gpus}", unit, n, lambda: ray_job(ray_conf, job_dir)))
     return pd.DataFrame(rows)
 
 
@@ -85,8 +109,21 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="embedder checkpoint (the embed stage)")
     parser.add_argument("--stage", choices=("embed", "match"), default="embed")
+    parser.add_argument("--dataset", type=Path, default=SNOW, help="folder with labels.csv and images/")
     parser.add_argument("--n-images", type=int, default=120)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--local-workers", type=int, default=0, help="embed: decode processes of the local path")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="embed: GPUs of a lone actor; a row of n actors gives each 1/n of it")
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="actor counts to time")
+    parser.add_argument("--out", type=Path, help="also write the table here as markdown")
     args = parser.parse_args()
     if args.stage == "embed" and args.checkpoint is None:
         parser.error("--stage embed needs --checkpoint")
-    print(main(BenchConfig(args.checkpoint, args.stage, args.n_images)).to_string(index=False))
+    conf = BenchConfig(args.checkpoint, args.stage, args.dataset, args.n_images, args.batch_size, args.local_workers,
+                       args.gpus_per_actor, tuple(args.actors))
+    table = main(conf)
+    print(table.to_string(index=False))
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(f"Command: `{' '.join(['python', *sys.argv])}`  \nMachine: {machine()}\n\n"
+                           + markdown(table))

@@ -1,6 +1,8 @@
 """Global embedder: pretrained weights offline, metrics, checkpoints, cache, FAISS."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -124,6 +126,30 @@ def test_checkpoint_round_trip_and_cache(tmp_path, tiny_checkpoint, snow_subset_
     np.testing.assert_allclose(fresh.embed(paths), first[:6], atol=1e-5)
 
 
+def test_a_moved_copy_of_the_table_keeps_the_checkpoints_split(tmp_path, tiny_checkpoint, snow_subset_csv):
+    """A table staged elsewhere (a GPU machine's downsized copy) with the same file names evaluates on the
+    checkpoint's held-out rows; a table with other rows gets a fresh split instead."""
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.evaluation.run import split_for
+
+    images = snow_subset_csv.parent / "images"
+    payload = torch.load(tiny_checkpoint, weights_only=False)
+    assert set(payload["split_assignment"].values()) == {"train", "val"}
+
+    moved = tmp_path / "moved.csv"
+    pd.read_csv(snow_subset_csv).to_csv(moved, index=False)
+    copy = load_dataset(moved, images)
+    split, split_by, origin = split_for(copy, SplitConfig(by="identity"), tiny_checkpoint)
+    assert origin == f"the split stored in {tiny_checkpoint}" and split_by == "encounter"
+    assert split.tolist() == [payload["split_assignment"][name] for name in copy.table["filename"]]
+
+    fewer = tmp_path / "fewer.csv"
+    pd.read_csv(snow_subset_csv).iloc[1:].to_csv(fewer, index=False)
+    _, split_by, origin = split_for(load_dataset(fewer, images), SplitConfig(by="identity"), tiny_checkpoint)
+    assert origin.startswith("split by identity") and split_by == "identity"
+
+
 def test_flip_tta_changes_the_cache_identity(tiny_checkpoint):
     plain = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=0))
     flipped = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=0, flip_tta=True))
@@ -154,6 +180,29 @@ def test_corrupt_image_fails_the_batch_with_its_name(tmp_path, tiny_checkpoint):
     with pytest.raises(SpotmatchError, match="half.jpg: cannot decode image") as error:
         embedder.embed([DAY_FRAME, broken])
     assert "\n" not in str(error.value)
+
+
+def test_persistent_loader_follows_the_samplers_epoch(snow_subset_csv):
+    """Training keeps its decoding processes between epochs; the PK sampler still reshuffles each epoch,
+    since it runs in the main process, and every image arrives decoded."""
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.global_embed.loading import ImageTensorDataset, checked_batches, make_loader
+    from spotmatch.global_embed.model import EmbedderConfig
+    from spotmatch.global_embed.sampler import PKBatchSampler
+
+    table = load_dataset(snow_subset_csv).table
+    labels = pd.factorize(table["identity"])[0].tolist()
+    images = ImageTensorDataset([Path(p) for p in table["path"]], EmbedderConfig(image_size=64), labels)
+    sampler = PKBatchSampler(labels, identities_per_batch=2, images_per_identity=2, seed=0)
+    loader = make_loader(images, 0, 1, batch_sampler=sampler, persistent=True)
+    orders = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(checked_batches(loader))
+        assert len(batches) == len(sampler) and all(b.images.shape[1:] == (3, 64, 64) for b in batches)
+        orders.append([i for b in batches for i in b.indices])
+    assert orders[0] != orders[1]
+    assert orders[1] == [i for batch in sampler for i in batch]  # the same epoch's order, drawn again here
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])

@@ -22,12 +22,17 @@ class EvaluatedModel:
 
 def split_for(dataset: Dataset, split_conf: SplitConfig, checkpoint: str | Path | None) -> tuple[pd.Series, str, str]:
     """The checkpoint's own split when it was trained on this very table (validation rows were never
-    trained on); otherwise a fresh split from `split_conf`. Returns (split, split_by, where it came from)."""
+    trained on); otherwise a fresh split from `split_conf`. Returns (split, split_by, where it came from).
+
+    "This very table" is the same CSV path, or a table whose file names are exactly those the checkpoint
+    split: a copy moved elsewhere or downsized for a GPU machine (benchmarks/stage_for_gpu.py) keeps its
+    names, and a fresh split there could differ (near-duplicate grouping hashes the pixels)."""
     if checkpoint is not None:
         payload = read_checkpoint(checkpoint)
         trained_on = payload.get("dataset")
-        if trained_on and dataset.csv_path and Path(trained_on).resolve() == Path(dataset.csv_path).resolve():
-            assignment = payload["split_assignment"]
+        assignment = payload.get("split_assignment") or {}
+        same_path = bool(trained_on and dataset.csv_path) and Path(trained_on).resolve() == Path(dataset.csv_path).resolve()
+        if same_path or (assignment and set(assignment) == set(dataset.table["filename"])):
             split = dataset.table["filename"].map(assignment).fillna("val")
             return split.rename("split"), payload["split_config"]["by"], f"the split stored in {checkpoint}"
     return split_dataset(dataset, split_conf), split_conf.by, f"split by {split_conf.by}, seed {split_conf.seed}"

@@ -2,11 +2,12 @@
 
 A bad image must surface as one clear SpotmatchError in the main process. Exceptions raised inside
 workers come back wrapped in a multi-line traceback, so decode errors travel as data instead and are
-raised by `iterate_batches`.
+raised by `checked_batches`.
 """
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -80,17 +81,36 @@ def _single_threaded_worker(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-def iterate_batches(dataset: ImageTensorDataset, batch_size: int, num_workers: int,
-                    batch_sampler: Sampler | None = None, pin_memory: bool = False) -> Iterator[Batch]:
-    """Batches in order (or as `batch_sampler` groups them); raises the first decode error as is."""
+def _forkserver() -> multiprocessing.context.BaseContext:
+    """forkserver, not fork: a process that already ran thread pools (local matching, a web server) can
+    deadlock in a forked child holding a copied lock. The server imports torch, OpenCV and this module
+    once, before it forks any worker: otherwise every worker imports them itself, seconds per loader
+    (5 s for two workers on 2 cores, against 0.16 s preloaded: benchmarks/bench_loader.py)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "cv2", __name__])  # takes effect when the server starts
+    return context
+
+
+def make_loader(dataset: ImageTensorDataset, batch_size: int, num_workers: int, batch_sampler: Sampler | None = None,
+                pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+    """A DataLoader of `Batch`es. `persistent` keeps the decoding processes between passes (training
+    epochs) instead of starting new ones for each."""
     sizing = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
-    # forkserver, not fork: a process that already ran thread pools (local matching, a web server)
-    # can deadlock in a forked child holding a copied lock.
-    workers = {"multiprocessing_context": "forkserver"} if num_workers > 0 else {}
-    loader = DataLoader(dataset, **sizing, num_workers=num_workers, collate_fn=_Collate(dataset.labels), **workers,
-                        pin_memory=pin_memory, worker_init_fn=_single_threaded_worker if num_workers > 0 else None,
-                        prefetch_factor=4 if num_workers > 0 else None)
+    workers = dict(multiprocessing_context=_forkserver(), worker_init_fn=_single_threaded_worker, prefetch_factor=4,
+                   persistent_workers=persistent) if num_workers > 0 else {}
+    return DataLoader(dataset, **sizing, num_workers=num_workers, collate_fn=_Collate(dataset.labels),
+                      pin_memory=pin_memory, **workers)
+
+
+def checked_batches(loader: DataLoader) -> Iterator[Batch]:
+    """One pass over `loader`; raises the first decode error as is."""
     for batch in loader:
         if batch.errors:
             raise SpotmatchError(batch.errors[0])
         yield batch
+
+
+def iterate_batches(dataset: ImageTensorDataset, batch_size: int, num_workers: int,
+                    batch_sampler: Sampler | None = None, pin_memory: bool = False) -> Iterator[Batch]:
+    """Batches in order (or as `batch_sampler` groups them), in one pass."""
+    return checked_batches(make_loader(dataset, batch_size, num_workers, batch_sampler, pin_memory))

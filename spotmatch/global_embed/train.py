@@ -20,7 +20,7 @@ from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol
 from spotmatch.global_embed.checkpoint import read_checkpoint, save_checkpoint
 from spotmatch.global_embed.embed import DEFAULT_CACHE, EmbedConfig, Embedder, mask_provider, resolve_device
-from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
+from spotmatch.global_embed.loading import ImageTensorDataset, checked_batches, make_loader
 from spotmatch.global_embed.model import ArcFace, EmbedderConfig, ReIDNet
 from spotmatch.global_embed.sampler import PKBatchSampler
 from spotmatch.global_embed.transforms import AugmentConfig, build_train_augment, normalise
@@ -133,12 +133,13 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     checkpoint_extra = dict(train_config=config_to_dict(train_conf), split_config=config_to_dict(split_conf),
                             class_names=class_names, dataset=str(dataset.csv_path),
                             split_assignment=dict(zip(dataset.table["filename"], split)))
+    loader = make_loader(images, 0, train_conf.num_workers, batch_sampler=sampler, pin_memory=device.type == "cuda",
+                         persistent=True)
     model.train()
     for epoch in range(start_epoch, train_conf.epochs):
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)  # read by the loader's next pass: the sampler runs in this process
         started, losses = time.perf_counter(), []
-        batches = iterate_batches(images, 0, train_conf.num_workers, batch_sampler=sampler, pin_memory=device.type == "cuda")
-        for batch in tqdm(batches, total=len(sampler), desc=f"epoch {epoch + 1}/{train_conf.epochs}", leave=False, disable=None):
+        for batch in tqdm(checked_batches(loader), total=len(sampler), desc=f"epoch {epoch + 1}/{train_conf.epochs}", leave=False, disable=None):
             inputs, targets = normalise(batch.images.to(device, non_blocking=True)), batch.labels.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 features = model(inputs)
