@@ -1,5 +1,6 @@
 """What starting DataLoader workers costs: a fresh loader per pass, with and without the fork server's
-preload, against one persistent loader (training's epochs).
+preload, against one persistent loader (training's epochs); and decoding in the main process, in
+one thread or in `--workers` threads (a Ray actor's way, which starts no processes).
 
     .venv/bin/python benchmarks/bench_loader.py [--images ../shared/datasets/snowleopard/images] [--workers 2]
         [--passes 4] [--out docs/results/bench_loader.md]
@@ -24,6 +25,8 @@ VARIANTS = {
     "no-preload": "a fresh loader per pass, fork server without preload (the code before 2026-11-24)",
     "fresh": "a fresh loader per pass (`make_loader`: each `embed` call, each validation pass)",
     "persistent": "one loader, workers kept between passes (`make_loader(persistent=True)`: training epochs)",
+    "main-process": "no workers: decoded in the main process, one thread",
+    "threads": "no workers: decoded in threads of the main process (`threaded_batches`: a Ray actor)",
 }
 
 
@@ -42,11 +45,18 @@ def one_variant(variant: str, images: Path, n_images: int, workers: int, passes:
                           prefetch_factor=4)
 
     persistent = loading.make_loader(dataset, 8, workers, persistent=True) if variant == "persistent" else None
+
+    def one_pass():
+        if variant == "threads":
+            return loading.threaded_batches(dataset, 8, workers)
+        if variant == "main-process":
+            return loading.iterate_batches(dataset, 8, 0)
+        return loading.checked_batches(persistent or (plain_loader() if variant == "no-preload" else loading.make_loader(dataset, 8, workers)))
+
     seconds = []
     for _ in range(passes):
         started = time.perf_counter()
-        loader = persistent or (plain_loader() if variant == "no-preload" else loading.make_loader(dataset, 8, workers))
-        for _batch in loading.checked_batches(loader):
+        for _batch in one_pass():
             pass
         seconds.append(time.perf_counter() - started)
     return seconds

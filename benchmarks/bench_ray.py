@@ -40,6 +40,7 @@ class BenchConfig:
     batch_size: int = 16
     local_workers: int = 0  # embed: the local path's DataLoader decode processes
     gpus_per_actor: float = 0.0  # embed: the GPU share of a lone actor; a row of n actors gives each 1/n of it
+    cpus_per_actor: float = 1.0  # embed: an actor decodes in this many threads
     actors: tuple[int, ...] = (1, 2)
     gallery_per_query: int = 5  # match: pairs per query image
     pairs_per_shard: int = 50  # match: rows per Ray shard
@@ -96,12 +97,13 @@ def main(conf: BenchConfig) -> pd.DataFrame:
     local_label = f"local (1 process, {conf.local_workers} decode workers)" if conf.local_workers else "local (1 process)"
     rows = [timed(local_label, unit, n, local_job)]
     for workers in conf.actors:
-        pool = rb.ActorPool(num_cpus=1, num_gpus=conf.gpus_per_actor / workers, concurrency=workers)
+        pool = rb.ActorPool(num_cpus=conf.cpus_per_actor, num_gpus=conf.gpus_per_actor / workers, concurrency=workers)
         ray_conf = rb.RayConfig(num_cpus_local=os.cpu_count(), batch_size=conf.batch_size, pairs_per_shard=conf.pairs_per_shard,
                                 embed=pool, local=pool)
         with tempfile.TemporaryDirectory() as job_dir, rb.ray_session(ray_conf):
             gpus = f", {pool.num_gpus:g} GPU each" if pool.num_gpus else ""
-            rows.append(timed(f"ray, {workers} actor(s){gpus}", unit, n, lambda: ray_job(ray_conf, job_dir)))
+            cpus = f", {pool.num_cpus:g} CPUs each" if pool.num_cpus != 1 else ""
+            rows.append(timed(f"ray, {workers} actor(s){gpus}{cpus}", unit, n, lambda: ray_job(ray_conf, job_dir)))
     return pd.DataFrame(rows)
 
 
@@ -114,13 +116,14 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--local-workers", type=int, default=0, help="embed: decode processes of the local path")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="embed: GPUs of a lone actor; a row of n actors gives each 1/n of it")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="embed: CPUs of each actor, its decoding threads")
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="actor counts to time")
     parser.add_argument("--out", type=Path, help="also write the table here as markdown")
     args = parser.parse_args()
     if args.stage == "embed" and args.checkpoint is None:
         parser.error("--stage embed needs --checkpoint")
     conf = BenchConfig(args.checkpoint, args.stage, args.dataset, args.n_images, args.batch_size, args.local_workers,
-                       args.gpus_per_actor, tuple(args.actors))
+                       args.gpus_per_actor, args.cpus_per_actor, tuple(args.actors))
     table = main(conf)
     print(table.to_string(index=False))
     if args.out:

@@ -173,10 +173,23 @@ def test_checkpoint_errors(tmp_path, tiny_checkpoint):
         load_model(tmp_path / "edited.pt")
 
 
-def test_corrupt_image_fails_the_batch_with_its_name(tmp_path, tiny_checkpoint):
+def test_decoding_in_threads_gives_the_same_embeddings_in_order(tiny_checkpoint, snow_subset_csv):
+    """A Ray actor decodes in threads (no worker processes): same rows, same order, same numbers."""
+    from spotmatch.data.tables import load_dataset
+
+    paths = load_dataset(snow_subset_csv).paths[:7]
+    plain = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=0, batch_size=2, progress=False))
+    threaded = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=0, decode_threads=3,
+                                                                     batch_size=2, progress=False))
+    np.testing.assert_allclose(threaded.embed(paths), plain.embed(paths), atol=1e-6)
+    assert plain.model_id == threaded.model_id  # how images are decoded is not part of the cache identity
+
+
+@pytest.mark.parametrize("decoding", [{"num_workers": 1}, {"num_workers": 0, "decode_threads": 2}], ids=["process", "threads"])
+def test_corrupt_image_fails_the_batch_with_its_name(tmp_path, tiny_checkpoint, decoding):
     broken = tmp_path / "half.jpg"
     broken.write_bytes(DAY_FRAME.read_bytes()[:5000])
-    embedder = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=1, progress=False))
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, progress=False, **decoding))
     with pytest.raises(SpotmatchError, match="half.jpg: cannot decode image") as error:
         embedder.embed([DAY_FRAME, broken])
     assert "\n" not in str(error.value)

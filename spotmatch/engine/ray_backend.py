@@ -46,7 +46,7 @@ PAIR_KEY = "row_id"
 class ActorPool:
     """The actors of one kind of stage."""
 
-    num_cpus: float = 1.0  # per actor
+    num_cpus: float = 1.0  # per actor; an embedding actor decodes images in that many threads
     num_gpus: float = 0.0  # per actor; 1 puts one model per GPU
     concurrency: int = 1  # actors in the pool
 
@@ -149,11 +149,12 @@ def _record_pid(pid_dir: str | None, role: str) -> None:
         (Path(pid_dir) / f"{role}-{os.getpid()}.pid").write_text(str(os.getpid()))
 
 
-def _actor_run_config(run):
-    """Inside an actor Ray provides the parallelism: no DataLoader processes, no progress bars."""
+def _actor_run_config(run, cpus: float = 1.0):
+    """Inside an actor Ray provides the processes: no DataLoader workers and no progress bars, but the
+    actor's own CPUs decode images in threads (else a GPU actor waits on one core's decoding)."""
     from spotmatch.global_embed.embed import EmbedConfig
 
-    return dataclasses.replace(run or EmbedConfig(), num_workers=0, progress=False)
+    return dataclasses.replace(run or EmbedConfig(), num_workers=0, decode_threads=max(1, int(cpus)), progress=False)
 
 
 def _unwrap_user_error(error: Exception) -> Exception:
@@ -231,10 +232,10 @@ class EmbeddingStage:
 
     role = "embed"
 
-    def __init__(self, checkpoint: str, run):
+    def __init__(self, checkpoint: str, run, cpus: float):
         from spotmatch.global_embed.embed import Embedder
 
-        self.embedder = Embedder.from_checkpoint(checkpoint, _actor_run_config(run))
+        self.embedder = Embedder.from_checkpoint(checkpoint, _actor_run_config(run, cpus))
 
     def __call__(self, paths: list[str]) -> dict:
         import pyarrow as pa
@@ -310,7 +311,7 @@ def embed_on_ray(paths: list, checkpoint: str | Path, run, conf: RayConfig, job_
     from spotmatch.global_embed.embed import Embedder
 
     model_id = model_id or Embedder.from_checkpoint(checkpoint, _actor_run_config(run)).model_id
-    hashes, merged = _image_job(paths, functools.partial(EmbeddingStage, str(checkpoint), run),
+    hashes, merged = _image_job(paths, functools.partial(EmbeddingStage, str(checkpoint), run, conf.embed.num_cpus),
                                 embedding_shard_folder(Path(job_dir), model_id), conf, conf.embed)
     by_hash = dict(zip(merged[EMBED_KEY], merged["embedding"]))
     return np.stack([np.asarray(by_hash[h], dtype=np.float32) for h in hashes])
@@ -430,7 +431,7 @@ def score_pairs_on_ray(pairs: pd.DataFrame, checkpoint: str | Path, fusion_path:
         unique = list(dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]]))
         embed_on_ray(unique, checkpoint, run, conf, job_dir, model_id)
     build_engine = functools.partial(Engine.from_files, str(checkpoint), str(fusion_path) if fusion_path else None,
-                                     engine_conf, _actor_run_config(run))
+                                     engine_conf, _actor_run_config(run, conf.score.num_cpus))
     return _pair_job(pairs, build_engine, pair_shard_folder(Path(job_dir), model_id, fusion_path, engine_conf), conf, conf.score)
 
 

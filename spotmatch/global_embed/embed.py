@@ -26,6 +26,7 @@ class EmbedConfig:
 
     batch_size: int = 32
     num_workers: int = 2
+    decode_threads: int = 0  # with num_workers=0: decode in this many threads instead (a Ray actor's CPUs)
     device: str = "auto"  # "auto" picks CUDA when present
     flip_tta: bool = False  # average with the mirrored image; off by default (flanks differ)
     cache_dir: str | None = DEFAULT_CACHE  # None: no disk cache (masks included)
@@ -116,7 +117,8 @@ class Embedder:
             self.masks.fill_cache(paths)  # predict masks here once; workers then only read the cache
         dataset = ImageTensorDataset(paths, self.conf, mask_fn=self.masks.mask_for if self.masks else None)
         results: dict[str, np.ndarray] = {}
-        batches = iterate_batches(dataset, self.run.batch_size, self.run.num_workers, pin_memory=self.device.type == "cuda")
+        batches = iterate_batches(dataset, self.run.batch_size, self.run.num_workers, pin_memory=self.device.type == "cuda",
+                                  threads=self.run.decode_threads)
         with tqdm(total=len(paths), desc="embed", unit="img", disable=not self.run.progress or None) as bar:
             for batch in batches:
                 embeddings = self._forward(batch.images).cpu().numpy()

@@ -7,7 +7,10 @@ raised by `checked_batches`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import multiprocessing
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -85,7 +88,7 @@ def _forkserver() -> multiprocessing.context.BaseContext:
     """forkserver, not fork: a process that already ran thread pools (local matching, a web server) can
     deadlock in a forked child holding a copied lock. The server imports torch, OpenCV and this module
     once, before it forks any worker: otherwise every worker imports them itself, seconds per loader
-    (5 s for two workers on 2 cores, against 0.16 s preloaded: benchmarks/bench_loader.py)."""
+    (4 s for two workers on 2 cores, against 0.3 s preloaded: benchmarks/bench_loader.py)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "cv2", __name__])  # takes effect when the server starts
     return context
@@ -110,7 +113,30 @@ def checked_batches(loader: DataLoader) -> Iterator[Batch]:
         yield batch
 
 
+def threaded_batches(dataset: ImageTensorDataset, batch_size: int, threads: int) -> Iterator[Batch]:
+    """Batches in order, decoded by `threads` threads of this process (PIL and OpenCV release the GIL
+    while they decode and resize): for a process that must not start worker processes, such as a Ray
+    actor holding a few CPUs. At most two batches per thread are decoded ahead, so memory stays bounded."""
+    collate = _Collate(dataset.labels)
+
+    def decode(start: int) -> Batch:
+        return collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+    starts = iter(range(0, len(dataset), batch_size))
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque(pool.submit(decode, start) for start in itertools.islice(starts, 2 * threads))
+        while pending:
+            batch = pending.popleft().result()
+            pending.extend(pool.submit(decode, start) for start in itertools.islice(starts, 1))
+            if batch.errors:
+                raise SpotmatchError(batch.errors[0])
+            yield batch
+
+
 def iterate_batches(dataset: ImageTensorDataset, batch_size: int, num_workers: int,
-                    batch_sampler: Sampler | None = None, pin_memory: bool = False) -> Iterator[Batch]:
-    """Batches in order (or as `batch_sampler` groups them), in one pass."""
+                    batch_sampler: Sampler | None = None, pin_memory: bool = False, threads: int = 0) -> Iterator[Batch]:
+    """Batches in order (or as `batch_sampler` groups them), in one pass; with no worker processes and
+    `threads` > 1, decoded in that many threads instead."""
+    if num_workers == 0 and threads > 1 and batch_sampler is None:
+        return threaded_batches(dataset, batch_size, threads)
     return checked_batches(make_loader(dataset, batch_size, num_workers, batch_sampler, pin_memory))
