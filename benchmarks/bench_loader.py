@@ -48,7 +48,7 @@ def one_variant(variant: str, images: Path, n_images: int, workers: int, passes:
 
     def one_pass():
         if variant == "threads":
-            return loading.threaded_batches(dataset, 8, workers)
+            return loading.checked_batches(loading.threaded_batches(dataset, 8, workers))
         if variant == "main-process":
             return loading.iterate_batches(dataset, 8, 0)
         return loading.checked_batches(persistent or (plain_loader() if variant == "no-preload" else loading.make_loader(dataset, 8, workers)))

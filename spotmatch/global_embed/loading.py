@@ -13,7 +13,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -105,9 +105,9 @@ def make_loader(dataset: ImageTensorDataset, batch_size: int, num_workers: int, 
                       pin_memory=pin_memory, **workers)
 
 
-def checked_batches(loader: DataLoader) -> Iterator[Batch]:
-    """One pass over `loader`; raises the first decode error as is."""
-    for batch in loader:
+def checked_batches(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """One pass over `batches` (a loader's); raises the first decode error as is."""
+    for batch in batches:
         if batch.errors:
             raise SpotmatchError(batch.errors[0])
         yield batch
@@ -128,8 +128,6 @@ def threaded_batches(dataset: ImageTensorDataset, batch_size: int, threads: int)
         while pending:
             batch = pending.popleft().result()
             pending.extend(pool.submit(decode, start) for start in itertools.islice(starts, 1))
-            if batch.errors:
-                raise SpotmatchError(batch.errors[0])
             yield batch
 
 
@@ -138,5 +136,5 @@ def iterate_batches(dataset: ImageTensorDataset, batch_size: int, num_workers: i
     """Batches in order (or as `batch_sampler` groups them), in one pass; with no worker processes and
     `threads` > 1, decoded in that many threads instead."""
     if num_workers == 0 and threads > 1 and batch_sampler is None:
-        return threaded_batches(dataset, batch_size, threads)
+        return checked_batches(threaded_batches(dataset, batch_size, threads))
     return checked_batches(make_loader(dataset, batch_size, num_workers, batch_sampler, pin_memory))
