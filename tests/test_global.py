@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -216,6 +217,32 @@ def test_persistent_loader_follows_the_samplers_epoch(snow_subset_csv):
         orders.append([i for b in batches for i in b.indices])
     assert orders[0] != orders[1]
     assert orders[1] == [i for batch in sampler for i in batch]  # the same epoch's order, drawn again here
+
+
+def test_letterbox_keeps_the_aspect_and_pads_with_the_mean_colour():
+    frame = load_image(DAY_FRAME).rgb[:576]  # 1024 x 576
+    boxed = letterbox(frame, 128)
+    assert boxed.shape == (128, 128, 3) and boxed.dtype == np.uint8
+    # 576 * 128 / 1024 = 72 rows of image, centred: 28 rows of padding above, 28 below
+    mean_colour = np.floor(np.array([0.485, 0.456, 0.406]) * 255)
+    assert np.all(boxed[:28] == mean_colour) and np.all(boxed[100:] == mean_colour)
+    np.testing.assert_array_equal(boxed[28:100], cv2.resize(frame, (128, 72), interpolation=cv2.INTER_AREA))
+
+
+def test_batches_come_channels_last_with_the_images_values():
+    """Inference images are stacked as HWC rows (no transposing copy): the batch holds the same values as
+    a plain NCHW stack and is channels_last, the networks' layout; augmented (contiguous NCHW) images are
+    stacked as they are."""
+    from spotmatch.global_embed.transforms import stack_images
+
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    expected = torch.stack([torch.from_numpy(p).permute(2, 0, 1).contiguous() for p in pixels])
+    batch = stack_images([to_tensor(p) for p in pixels])
+    assert torch.equal(batch, expected) and batch.is_contiguous(memory_format=torch.channels_last)
+    augmented = stack_images([t.clone() for t in expected])
+    assert torch.equal(augmented, expected) and augmented.is_contiguous()
+    assert normalise(augmented).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])

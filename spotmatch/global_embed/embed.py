@@ -12,7 +12,7 @@ from spotmatch.config import config_hash
 from spotmatch.data.images import file_sha256
 from spotmatch.global_embed.checkpoint import file_digest, load_model
 from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
-from spotmatch.global_embed.model import EmbedderConfig, ReIDNet
+from spotmatch.global_embed.model import MEMORY_FORMAT, EmbedderConfig, ReIDNet
 from spotmatch.global_embed.transforms import normalise
 from spotmatch.io import save_npy_atomic
 
@@ -57,9 +57,7 @@ class Embedder:
                  use_neck: bool = True):
         self.conf, self.run = conf, run or EmbedConfig()
         self.device = resolve_device(self.run.device)
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = model.to(self.device, memory_format=MEMORY_FORMAT).eval()
         self.use_neck = use_neck
         # The mask source is part of the embedder's config: it defines what the network sees.
         self.masks = mask_provider(conf.masks, self.run.cache_dir, self.device)
@@ -89,8 +87,6 @@ class Embedder:
     @torch.inference_mode()
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         images = normalise(images.to(self.device, non_blocking=True))
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             views = [images, images.flip(-1)] if self.run.flip_tta else [images]
             features = sum(self.model(v) if self.use_neck else self.model.pool(self.model.backbone(v).float()) for v in views)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from spotmatch.data.images import ImageRecord, load_image
 from spotmatch.errors import SpotmatchError
 from spotmatch.global_embed.model import EmbedderConfig
-from spotmatch.global_embed.transforms import prepare_pixels, to_tensor
+from spotmatch.global_embed.transforms import prepare_pixels, stack_images, to_tensor
 from spotmatch.segmentation.background import RandomBackground
 
 MaskFn = Callable[[ImageRecord], "np.ndarray | None"]
@@ -72,7 +72,7 @@ class _Collate:
     def __call__(self, items) -> Batch:
         good = [(i, t) for i, t, e in items if e is None]
         errors = [e for _, _, e in items if e is not None]
-        images = torch.stack([t for _, t in good]) if good else torch.empty(0)
+        images = stack_images([t for _, t in good]) if good else torch.empty(0)
         return Batch(images, torch.tensor([self.labels[i] for i, _ in good], dtype=torch.long), [i for i, _ in good], errors)
 
 

@@ -21,7 +21,7 @@ from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol
 from spotmatch.global_embed.checkpoint import read_checkpoint, save_checkpoint
 from spotmatch.global_embed.embed import DEFAULT_CACHE, EmbedConfig, Embedder, mask_provider, resolve_device
 from spotmatch.global_embed.loading import ImageTensorDataset, checked_batches, make_loader
-from spotmatch.global_embed.model import ArcFace, EmbedderConfig, ReIDNet
+from spotmatch.global_embed.model import MEMORY_FORMAT, ArcFace, EmbedderConfig, ReIDNet
 from spotmatch.global_embed.sampler import PKBatchSampler
 from spotmatch.global_embed.transforms import AugmentConfig, build_train_augment, normalise
 from spotmatch.io import write_csv_atomic
@@ -95,7 +95,7 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     train_table = dataset.table[train_rows].reset_index(drop=True)
     labels = [label_of[name] for name in train_table["identity"]]
 
-    model = ReIDNet(embedder_conf).to(device)
+    model = ReIDNet(embedder_conf).to(device, memory_format=MEMORY_FORMAT)
     head = ArcFace(embedder_conf.embedding_dim, len(class_names), train_conf.arcface_scale, train_conf.arcface_margin).to(device)
     optimiser = torch.optim.AdamW(
         [{"params": model.backbone.parameters(), "lr": train_conf.lr},
