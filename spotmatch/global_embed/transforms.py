@@ -43,8 +43,7 @@ def letterbox(rgb: np.ndarray, size: int) -> np.ndarray:
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     resized = cv2.resize(rgb, (new_w, new_h), interpolation=interpolation)
     top, left = (size - new_h) // 2, (size - new_w) // 2
-    # OpenCV pads in one pass; filling a numpy canvas with a 3-value colour took a millisecond an image,
-    # more than decoding a small JPEG (benchmarks/bench_embed.py, decoding only).
+    # OpenCV pads in one pass, faster than filling a numpy canvas with a 3-value colour.
     return cv2.copyMakeBorder(resized, top, size - new_h - top, left, size - new_w - left, cv2.BORDER_CONSTANT,
                               value=_PAD_RGB)
 
@@ -67,7 +66,7 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
 def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     """(3, S, S) uint8 images → one (N, 3, S, S) batch, in one copy. Images that are views of HWC pixels
     (`to_tensor`: inference) are stacked as HWC rows, which makes the batch channels_last (the layout the
-    networks run in, `normalise`) ten times faster than gathering them into NCHW; augmented training
+    networks run in, `normalise`) much faster than gathering them into NCHW; augmented training
     images come as NCHW tensors of their own and are stacked as they are."""
     if all(image.permute(1, 2, 0).is_contiguous() for image in images):
         return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
