@@ -21,6 +21,7 @@ import torch
 from spotmatch.global_embed.embed import EmbedConfig, Embedder
 from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
 from spotmatch.global_embed.model import EmbedderConfig
+from spotmatch.io import atomic_path
 
 
 def synchronise(device: torch.device) -> None:
@@ -105,8 +106,8 @@ def main() -> None:
     ])
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(table + "\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from spotmatch.global_embed.model import EmbedderConfig, ReIDNet
+from spotmatch.io import atomic_path
 
 LAYOUTS = {"contiguous (NCHW)": torch.contiguous_format, "channels_last (NHWC)": torch.channels_last}
 
@@ -88,8 +89,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(table + "\n")
 
 
 if __name__ == "__main__":
