@@ -42,6 +42,7 @@ nyala-20ep-calibration-top100|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-
 nyala-lite2-cpu-calibration|$NYALA|runs/nyala-cpu-lite2/best.pt|runs/nyala-cpu-lite2|
 snow-lite2-cpu-calibration|$SNOW|runs/snow-cpu-lite2/best.pt|runs/snow-cpu-lite2|
 snow-lite2-gpu-calibration|$SNOW|runs/snow-lite2-gpu/best.pt|runs/snow-lite2-gpu|
+snow-lite2-gpu-calibration-top100|$SNOW|runs/snow-lite2-gpu/best.pt|runs/snow-lite2-gpu/top100|--top-k 100
 nyala-lite2-gpu-calibration|$NYALA|runs/nyala-lite2-gpu/best.pt|runs/nyala-lite2-gpu|
 nyala-lite2-gpu-calibration-top100|$NYALA|runs/nyala-lite2-gpu/best.pt|runs/nyala-lite2-gpu/top100|--top-k 100
 nyala-lite2-gpu-calibration-top100-kr|$NYALA|runs/nyala-lite2-gpu/best.pt|runs/nyala-lite2-gpu/top100-kr|--top-k 100 --rerank k-reciprocal
