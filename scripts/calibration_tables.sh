@@ -12,6 +12,8 @@ NYALA=../shared/datasets/nyala/labels.csv
 # The U-Net from docs/segmentation.md's CPU command; UNET=unet:runs/seg-lite0-gpu/unet.pt for the GPU one.
 UNET=${UNET:-unet:runs/seg-lite0-cpu/unet.pt}
 
+# The -searched tables are the same calibrations run again after the report gained the views searched on
+# their own, on checkpoints re-trained by the docs' commands on 2026-11-24; on one machine the two share a checkpoint.
 # name | data | checkpoint | out dir | extra flags | reliability diagram kept in docs/img
 TABLES="
 snow-calibration|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu||snow-reliability.png
@@ -48,6 +50,11 @@ nyala-lite2-gpu-calibration-top100|$NYALA|runs/nyala-lite2-gpu/best.pt|runs/nyal
 nyala-lite2-gpu-calibration-top100-kr|$NYALA|runs/nyala-lite2-gpu/best.pt|runs/nyala-lite2-gpu/top100-kr|--top-k 100 --rerank k-reciprocal
 nyala-lite2-gpu-calibration-kr|$NYALA|runs/nyala-lite2-gpu/best.pt|runs/nyala-lite2-gpu/kr|--rerank k-reciprocal
 nyala-20ep-calibration-aliked|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/aliked|--extractor aliked --no-compare-rerankers
+snow-searched|$SNOW|runs/snow-cpu/best.pt|runs/snow-cpu/searched|
+snow-20ep-searched|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/searched|
+nyala-searched|$NYALA|runs/nyala-cpu/best.pt|runs/nyala-cpu/searched|
+nyala-20ep-searched|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/searched|
+nyala-20ep-searched-top100|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20ep/searched-top100|--top-k 100
 "
 wanted=" $* "
 while IFS='|' read -r name data checkpoint out_dir extra diagram; do

@@ -251,6 +251,7 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
     report = (out_dir / "calibration.md").read_text()
     assert "| fused | all |" in report and "| fused | global only | all |" in report  # fused minus global, with its interval
     assert "| fused, shortlist first | local only (top-5 re-ranked) | all |" in report
+    assert "| fused | local only (top-5 re-ranked) | cross-station, searched within |" in report
     assert "| query animal |" in report
     assert "Headroom within the shortlist" in report and "| all | " in report.split("Headroom within the shortlist")[1]
     fusion = FusionModel.load(out_dir / "fusion.json")
@@ -371,3 +372,34 @@ def test_k_reciprocal_refuses_what_it_cannot_hold_or_shard(monkeypatch):
     check_pair_scoring(EngineConfig(rerank="qe"))  # shards of whole queries hold all that query expansion reads
     with pytest.raises(SpotmatchError, match="k-reciprocal needs every image of the file at once"):
         check_pair_scoring(EngineConfig(rerank="k-reciprocal"))
+
+
+def test_a_view_searched_on_its_own_verifies_its_own_candidates():
+    """Every query's best cosines are photos of its own station, whoever they show (a shared background); its
+    animal's photos elsewhere rank below them. Filtering the whole gallery's ranking to the cross-station
+    view leaves local only no checked pair there; searching that view on its own checks its own top-k."""
+    from spotmatch.engine.calibrate import (CalibrateConfig, as_matrix, local_only_order, pair_frame, ranks_within,
+                                            searched_within_views)
+    from spotmatch.evaluation.metrics import retrieval_metrics
+
+    rng = np.random.default_rng(0)
+    query_ids, gallery_ids = np.repeat(np.arange(4), 3), np.tile(np.arange(4), 10)
+    gallery_elsewhere = np.arange(40) >= 20  # the queries' station holds the first 20 gallery photos
+    same = query_ids[:, None] == gallery_ids[None, :]
+    cosine = np.where(gallery_elsewhere[None, :], 0.3 + 0.03 * same, 0.8) + 0.1 * rng.random(same.shape)
+    evidence = {(q, g): (50.0, 30.0 if same[q, g] else 4.0, 0.5, 30.0 if same[q, g] else 4.0) for q in range(12) for g in range(40)}
+    allowed = np.ones(same.shape, bool)
+    plain = pair_frame(cosine, ranks_within(cosine, allowed), allowed, 10, evidence, query_ids, gallery_ids)
+    cross_station = np.repeat(gallery_elsewhere[None, :], 12, axis=0)
+
+    searched = searched_within_views(plain, cosine, {"cross-station": (ranks_within(cosine, cross_station), cross_station)}, evidence,
+                                     query_ids, gallery_ids, 10, CalibrateConfig(folds=4))
+    view = "cross-station, searched within"
+    whole_gallery_local = as_matrix(plain, local_only_order(plain, plain["global_rank"].to_numpy() < 10), same.shape)
+    filtered_local = retrieval_metrics(whole_gallery_local, query_ids, gallery_ids, cross_station)["ib_map"]
+    searched_local = searched["retrieval"]["local only (top-10 re-ranked)"][view]["ib_map"]
+    global_only = searched["retrieval"]["global only"][view]["ib_map"]
+    assert filtered_local == pytest.approx(global_only)  # no pair of the view was checked: the cosine's order
+    assert searched_local > filtered_local + 0.1
+    assert searched["retrieval"]["fused"][view]["ib_map"] > global_only
+    assert set(searched["comparisons"]) == {("fused", "global only"), ("fused", "local only (top-10 re-ranked)")}

@@ -63,6 +63,7 @@ def calibrate(
         + (f"; saved calibration and its quality figures: on similarities re-ranked by {rerank}" if rerank != "none" else ""),
         format_table(result["retrieval"]),
         format_comparisons(result["comparisons"]),
+        *calibration.format_searched(result["searched"]),
         calibration.format_headroom(result["headroom"]),
         "Query animals that move each difference most:",
         format_animal_differences(result["retrieval"], list(result["comparisons"])),

@@ -9,7 +9,8 @@ On the checkpoint's own held-out split (validation queries never trained on):
 4. IB-mAP per view for global-only, local-only (top-K re-ranked by local score), fused, fused +
    re-ranking and fused with each query's shortlist kept first, with 95% intervals for fused minus each
    single source (query identities resampled), and the best that re-weighting cosine against local
-   score within the shortlist could give (in-sample headroom over local-only);
+   score within the shortlist could give (in-sample headroom over local-only); the same three stages
+   again with each view (same flank, cross-station) searched on its own, its shortlist taken within it;
    ECE (plain and identity-balanced), Brier and log loss of the held-out probabilities; a reliability diagram;
 5. the final calibrator, fit on all pairs, saved with the threshold for `identify`'s decision (name the
    best candidate, or "new individual"), set on held-out photos of animals in the gallery and of
@@ -28,7 +29,9 @@ from sklearn.model_selection import GroupKFold
 from spotmatch.data.tables import Dataset
 from spotmatch.engine.engine import EngineConfig, build_local
 from spotmatch.errors import SpotmatchError
-from spotmatch.evaluation.protocol import Protocol, build_protocol, compare_models, evaluate_protocol
+from spotmatch.evaluation.metrics import retrieval_metrics
+from spotmatch.evaluation.protocol import (Protocol, build_protocol, compare_models, evaluate_protocol, format_animal_differences,
+                                          format_comparisons, format_table)
 from spotmatch.fusion.calibration import DECISIONS, FusionModel, decision_score, keep_shortlist_first, lowest_shortlisted
 from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import calibration_report, reliability_diagram, threshold_for_precision
@@ -236,9 +239,15 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     allowed_new = allowed & (query_ids[:, None] != gallery_ids[None, :])
     ranks_new = ranks_within(similarities["plain"], allowed_new)
 
+    # Each view searched on its own gallery, as `identify --side` or `--station` searches: the shortlist
+    # taken within the view, where the views of `retrieval` filter the whole gallery's ranking.
+    restricted = {view: (ranks_within(similarities["plain"], view_allowed), view_allowed)
+                  for view, view_allowed in protocol.views.items() if view != "all"}
+
     scorer = build_local(engine_conf, embedder.conf.masks)
     k = engine_conf.shortlist_k
-    shortlists = [(r, allowed) for r in ranks.values()] + ([(ranks_new, allowed_new)] if measure_identify else [])
+    shortlists = ([(r, allowed) for r in ranks.values()] + list(restricted.values())
+                  + ([(ranks_new, allowed_new)] if measure_identify else []))
     needed = {(q, g) for r, a in shortlists for q, g in zip(*np.nonzero((r < k) & a))}
     evidence = local_evidence(scorer, paths, protocol, needed)
 
@@ -267,6 +276,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     # The saved variant too, when it is re-ranked: what `score-pairs --rerank` will rank with.
     compared = ["fused", SHORTLIST_FIRST] + ([f"fused + {conf.rerank}"] if conf.rerank != "none" else [])
     comparisons = compare_models(retrieval, [(fused, single) for fused in compared for single in ("global only", local_name)])
+    searched = searched_within_views(plain, similarities["plain"], restricted, evidence, query_ids, gallery_ids, k, conf)
     headroom = mixing_headroom(plain, shortlisted, retrieval[local_name],
                                lambda values: evaluate_protocol(np.where(allowed, as_matrix(plain, values, shape), -np.inf), identity_of_rows, protocol))
 
@@ -308,8 +318,29 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     diagram = reliability_diagram({"all pairs": (probability, labels),
                                    f"top-{k} pairs": (probability[saved_shortlisted], labels[saved_shortlisted])},
                                   out_dir / "reliability.png")
-    return {"retrieval": retrieval, "comparisons": comparisons, "headroom": headroom, "quality": quality, "fusion_path": fusion_path,
-            "diagram": diagram}
+    return {"retrieval": retrieval, "comparisons": comparisons, "searched": searched, "headroom": headroom, "quality": quality,
+            "fusion_path": fusion_path, "diagram": diagram}
+
+
+def searched_within_views(plain: pd.DataFrame, cosine: np.ndarray, restricted: dict[str, tuple[np.ndarray, np.ndarray]], evidence: dict,
+                          query_ids: np.ndarray, gallery_ids: np.ndarray, k: int, conf: CalibrateConfig) -> dict:
+    """Global only, local only and fused where each query searches only the gallery of a view (`restricted`:
+    view -> (global ranks within the view, its allowed pairs)): the top-k re-ranked are the view's own, and the
+    fused probabilities come from calibrators fit on the whole gallery's pairs without the query's animal, as
+    the saved file scores a restricted `identify`. Retrieval per model and view, and fused minus each single
+    source with its interval."""
+    local_name = f"local only (top-{k} re-ranked)"
+    retrieval: dict[str, dict] = {}
+    for view, (view_ranks, view_allowed) in restricted.items():
+        frame = pair_frame(cosine, view_ranks, view_allowed, k, evidence, query_ids, gallery_ids)
+        shortlisted = (frame["global_rank"] < k).to_numpy()
+        orders = {"global only": frame["cosine"].to_numpy(), local_name: local_only_order(frame, shortlisted),
+                  "fused": cross_validated_probability(plain, conf, frame)}
+        for model, values in orders.items():
+            similarity = np.where(view_allowed, as_matrix(frame, values, view_allowed.shape), -np.inf)
+            retrieval.setdefault(model, {})[f"{view}, searched within"] = retrieval_metrics(similarity, query_ids, gallery_ids, view_allowed)
+    comparisons = compare_models(retrieval, [("fused", "global only"), ("fused", local_name)]) if retrieval else {}
+    return {"retrieval": retrieval, "comparisons": comparisons}
 
 
 def local_only_order(plain: pd.DataFrame, shortlisted: np.ndarray) -> np.ndarray:
@@ -348,6 +379,17 @@ def mixing_headroom(plain: pd.DataFrame, shortlisted: np.ndarray, local_only: di
         best = by_weight[weight][view]["ib_map"]
         headroom[view] = {"local_only": local["ib_map"], "weight": weight, "best": best, "gain": best - local["ib_map"]}
     return headroom
+
+
+def format_searched(searched: dict) -> list[str]:
+    """The report's sections on each view searched on its own; none where the data have no views."""
+    if not searched["retrieval"]:
+        return []
+    return ["Each view searched on its own: the gallery restricted to the view before each query's shortlist is taken, "
+            "as `identify --side` or `--station` searches (the views above filter the whole gallery's ranking, whose "
+            "shortlist can hold photos the view leaves out). Global only is the same ranking as above.",
+            format_table(searched["retrieval"]), format_comparisons(searched["comparisons"]),
+            "Query animals that move each of these differences most:", format_animal_differences(searched["retrieval"], list(searched["comparisons"]))]
 
 
 def format_headroom(headroom: dict[str, dict]) -> str:
