@@ -281,23 +281,9 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
                                lambda values: evaluate_protocol(np.where(allowed, as_matrix(plain, values, shape), -np.inf), identity_of_rows, protocol))
 
     # Quality and thresholds describe the calibrators that are saved: fit on plain or re-ranked similarities.
-    saved = frames[conf.saved_variant]
-    labels = saved["label"].to_numpy()
-    balanced_weight = pair_weights(saved, "identity")
-    probability = held_out_probability[conf.saved_variant]
-    saved_shortlisted = (saved["global_rank"] < k).to_numpy()
-    quality = {"all pairs": calibration_report(probability, labels, balanced_weight),
-               f"top-{k} pairs": calibration_report(probability[saved_shortlisted], labels[saved_shortlisted], balanced_weight[saved_shortlisted]),
-               # what `score-pairs --shortlist-first` writes: the pairs outside the shortlist scaled below it
-               "all pairs, shortlist first": calibration_report(keep_shortlist_first(probability, saved_shortlisted, saved["q"].to_numpy()),
-                                                                labels, balanced_weight)}
-    quality["by query identity"] = calibration_by_identity(saved, probability)
-    quality["overtaken"] = overtaken_shortlist(saved["q"].to_numpy(), probability, saved_shortlisted)
-    threshold = threshold_for_precision(probability, labels, conf.target_precision)
-    calls = probability >= threshold
-    quality["decision"] = {"threshold": threshold, "target_precision": conf.target_precision,
-                           "precision": float(labels[calls].mean()) if calls.any() else float("nan"),
-                           "recall": float(calls[labels == 1].mean()) if labels.any() else float("nan")}
+    saved, probability = frames[conf.saved_variant], held_out_probability[conf.saved_variant]
+    labels, saved_shortlisted = saved["label"].to_numpy(), (saved["global_rank"] < k).to_numpy()
+    quality = pair_quality(saved, probability, k, conf.target_precision)
     identify_threshold = 1.0  # a file fit on re-ranked similarities never names an animal
     if measure_identify:
         new_frame = pair_frame(similarities["plain"], ranks_new, allowed_new, k, evidence, query_ids, gallery_ids)
@@ -320,6 +306,24 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
                                   out_dir / "reliability.png")
     return {"retrieval": retrieval, "comparisons": comparisons, "searched": searched, "headroom": headroom, "quality": quality,
             "fusion_path": fusion_path, "diagram": diagram}
+
+
+def pair_quality(saved: pd.DataFrame, probability: np.ndarray, k: int, target_precision: float) -> dict:
+    """Calibration of the held-out probabilities over all pairs, the shortlisted ones and as `score-pairs
+    --shortlist-first` writes them; per query animal; the pairs outside a shortlist that overtake it; and the
+    pair threshold that reaches `target_precision`."""
+    labels, balanced_weight = saved["label"].to_numpy(), pair_weights(saved, "identity")
+    shortlisted, query = (saved["global_rank"] < k).to_numpy(), saved["q"].to_numpy()
+    threshold = threshold_for_precision(probability, labels, target_precision)
+    calls = probability >= threshold
+    return {"all pairs": calibration_report(probability, labels, balanced_weight),
+            f"top-{k} pairs": calibration_report(probability[shortlisted], labels[shortlisted], balanced_weight[shortlisted]),
+            "all pairs, shortlist first": calibration_report(keep_shortlist_first(probability, shortlisted, query), labels, balanced_weight),
+            "by query identity": calibration_by_identity(saved, probability),
+            "overtaken": overtaken_shortlist(query, probability, shortlisted),
+            "decision": {"threshold": threshold, "target_precision": target_precision,
+                         "precision": float(labels[calls].mean()) if calls.any() else float("nan"),
+                         "recall": float(calls[labels == 1].mean()) if labels.any() else float("nan")}}
 
 
 def searched_within_views(plain: pd.DataFrame, cosine: np.ndarray, restricted: dict[str, tuple[np.ndarray, np.ndarray]], evidence: dict,
