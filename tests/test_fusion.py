@@ -403,3 +403,21 @@ def test_a_view_searched_on_its_own_verifies_its_own_candidates():
     assert searched_local > filtered_local + 0.1
     assert searched["retrieval"]["fused"][view]["ib_map"] > global_only
     assert set(searched["comparisons"]) == {("fused", "global only"), ("fused", "local only (top-10 re-ranked)")}
+
+
+def test_free_signs_fit_is_scikit_learns_logistic_regression():
+    """The calibrators are fit by L-BFGS-B (scikit-learn's LogisticRegression takes no sign bounds) on
+    scikit-learn's objective; with every sign free the weights must be scikit-learn's own."""
+    from sklearn.linear_model import LogisticRegression
+
+    from spotmatch.fusion.calibration import Calibrator
+
+    table, labels = synthetic_pairs(seed=3)
+    shortlisted = table["inliers"].notna().to_numpy()
+    features, labels = pair_features(table)[shortlisted], labels[shortlisted]
+    weights = np.random.default_rng(3).uniform(0.2, 3.0, len(labels))
+    ours = Calibrator(LOCAL_FEATURES).fit(features, labels, weights)
+    standardised = (features[list(LOCAL_FEATURES)].to_numpy() - ours.mean) / ours.scale
+    reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(standardised, labels, sample_weight=weights)
+    assert ours.coef == pytest.approx(reference.coef_[0], abs=1e-3)
+    assert ours.intercept == pytest.approx(reference.intercept_[0], abs=1e-3)
