@@ -252,6 +252,7 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
     assert "| fused | all |" in report and "| fused | global only | all |" in report  # fused minus global, with its interval
     assert "| fused, shortlist first | local only (top-5 re-ranked) | all |" in report
     assert "| fused | local only (top-5 re-ranked) | cross-station, searched within |" in report
+    assert "| cross-station, searched within, top-5 pairs |" in report  # the restricted search's calibration
     assert "| query animal |" in report
     assert "Headroom within the shortlist" in report and "| all | " in report.split("Headroom within the shortlist")[1]
     fusion = FusionModel.load(out_dir / "fusion.json")
@@ -403,6 +404,7 @@ def test_a_view_searched_on_its_own_verifies_its_own_candidates():
     assert searched_local > filtered_local + 0.1
     assert searched["retrieval"]["fused"][view]["ib_map"] > global_only
     assert set(searched["comparisons"]) == {("fused", "global only"), ("fused", "local only (top-10 re-ranked)")}
+    assert searched["calibration"][f"{view}, top-10 pairs"]["pairs"] == 12 * 10  # each query's ten best in the view
 
 
 def test_free_signs_fit_is_scikit_learns_logistic_regression():

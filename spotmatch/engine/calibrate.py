@@ -335,16 +335,21 @@ def searched_within_views(plain: pd.DataFrame, cosine: np.ndarray, restricted: d
     source with its interval."""
     local_name = f"local only (top-{k} re-ranked)"
     retrieval: dict[str, dict] = {}
+    calibration: dict[str, dict] = {}
     for view, (view_ranks, view_allowed) in restricted.items():
         frame = pair_frame(cosine, view_ranks, view_allowed, k, evidence, query_ids, gallery_ids)
-        shortlisted = (frame["global_rank"] < k).to_numpy()
-        orders = {"global only": frame["cosine"].to_numpy(), local_name: local_only_order(frame, shortlisted),
-                  "fused": cross_validated_probability(plain, conf, frame)}
+        shortlisted, labels = (frame["global_rank"] < k).to_numpy(), frame["label"].to_numpy()
+        fused = cross_validated_probability(plain, conf, frame)
+        orders = {"global only": frame["cosine"].to_numpy(), local_name: local_only_order(frame, shortlisted), "fused": fused}
+        name = f"{view}, searched within"
         for model, values in orders.items():
             similarity = np.where(view_allowed, as_matrix(frame, values, view_allowed.shape), -np.inf)
-            retrieval.setdefault(model, {})[f"{view}, searched within"] = retrieval_metrics(similarity, query_ids, gallery_ids, view_allowed)
+            retrieval.setdefault(model, {})[name] = retrieval_metrics(similarity, query_ids, gallery_ids, view_allowed)
+        balanced_weight = pair_weights(frame, "identity")
+        calibration[f"{name}, all pairs"] = calibration_report(fused, labels, balanced_weight)
+        calibration[f"{name}, top-{k} pairs"] = calibration_report(fused[shortlisted], labels[shortlisted], balanced_weight[shortlisted])
     comparisons = compare_models(retrieval, [("fused", "global only"), ("fused", local_name)]) if retrieval else {}
-    return {"retrieval": retrieval, "comparisons": comparisons}
+    return {"retrieval": retrieval, "comparisons": comparisons, "calibration": calibration}
 
 
 def local_only_order(plain: pd.DataFrame, shortlisted: np.ndarray) -> np.ndarray:
@@ -393,7 +398,16 @@ def format_searched(searched: dict) -> list[str]:
             "as `identify --side` or `--station` searches (the views above filter the whole gallery's ranking, whose "
             "shortlist can hold photos the view leaves out). Global only is the same ranking as above.",
             format_table(searched["retrieval"]), format_comparisons(searched["comparisons"]),
+            "\n".join(calibration_rows(searched["calibration"])),
             "Query animals that move each of these differences most:", format_animal_differences(searched["retrieval"], list(searched["comparisons"]))]
+
+
+def calibration_rows(reports: dict[str, dict]) -> list[str]:
+    """A Markdown table of `calibration_report`s, one row per named set of held-out pairs."""
+    return ["| pairs (held-out identities) | n | positives | ECE | ECE, identity-balanced | Brier | log loss |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *(f"| {name} | {q['pairs']} | {q['positives']} | {q['ece']:.4f} | {q['ece_balanced']:.4f} | {q['brier']:.4f} | {q['log_loss']:.4f} |"
+              for name, q in reports.items())]
 
 
 def format_headroom(headroom: dict[str, dict]) -> str:
@@ -428,11 +442,8 @@ def describe_outcome(outcome: dict) -> str:
 
 
 def format_quality(quality: dict) -> str:
-    lines = ["| pairs (held-out identities) | n | positives | ECE | ECE, identity-balanced | Brier | log loss |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, q in quality.items():
-        if name not in ("decision", "identify", "identify by rule", "by query identity", "overtaken"):
-            lines.append(f"| {name} | {q['pairs']} | {q['positives']} | {q['ece']:.4f} | {q['ece_balanced']:.4f} | {q['brier']:.4f} | {q['log_loss']:.4f} |")
+    lines = calibration_rows({name: q for name, q in quality.items()
+                              if name not in ("decision", "identify", "identify by rule", "by query identity", "overtaken")})
     lines += ["", "| query animal | pairs | share that match | mean held-out probability |", "|---|---:|---:|---:|"]
     lines += [f"| {identity} | {q['pairs']} | {q['match_rate']:.3f} | {q['mean_probability']:.3f} |"
               for identity, q in quality["by query identity"].items()]
