@@ -117,6 +117,25 @@ def test_identity_split_is_disjoint():
     assert not val & train and abs(len(val) - 0.3 * 179) <= 1
 
 
+def test_nyala_views_leave_out_each_photos_partner():
+    """Nyala's photo_ids each hold a left and a right photo of one animal: the "other photo_id" view drops a query's
+    partner and keeps its animal's other photos; the same flank drops the partner too, as it shows the other flank."""
+    from spotmatch.evaluation.protocol import build_protocol
+
+    dataset = load_dataset(NYALA / "labels.csv")
+    split = split_dataset(dataset, SplitConfig(by="identity", val_fraction=0.3, near_duplicate_distance=-1))
+    protocol = build_protocol(dataset.table, split, "identity")
+    table = dataset.table
+    photo, identity = table["photo_id"].to_numpy(), table["identity"].to_numpy()
+    q, g = protocol.query_rows[:, None], protocol.gallery_rows[None, :]
+    partner, same_animal = (photo[q] == photo[g]) & (q != g), identity[q] == identity[g]
+    assert partner.sum() > 100 and (partner <= same_animal).all()  # the partners are matches the open set counts
+    other_photo = protocol.views["other photo_id"]
+    assert not (other_photo & partner).any() and ((other_photo | partner) == protocol.views["all"]).all()
+    assert (other_photo & same_animal).sum() > 0
+    assert not (protocol.views["same flank"] & partner).any()
+
+
 def test_near_duplicates_never_straddle_the_split(tmp_path, snow_table):
     """A burst frame filed under another encounter is tied to its twin."""
     rows = snow_table[snow_table["identity"].isin(["Cat1"]) & (snow_table["unambiguous"] == "True")]

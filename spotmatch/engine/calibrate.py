@@ -243,10 +243,12 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     # taken within the view, where the views of `retrieval` filter the whole gallery's ranking.
     restricted = {view: (ranks_within(similarities["plain"], view_allowed), view_allowed)
                   for view, view_allowed in protocol.views.items() if view != "all"}
+    restricted_new = {view: (ranks_within(similarities["plain"], view_allowed & allowed_new), view_allowed & allowed_new)
+                      for view, (_, view_allowed) in restricted.items()} if measure_identify else {}
 
     scorer = build_local(engine_conf, embedder.conf.masks)
     k = engine_conf.shortlist_k
-    shortlists = ([(r, allowed) for r in ranks.values()] + list(restricted.values())
+    shortlists = ([(r, allowed) for r in ranks.values()] + list(restricted.values()) + list(restricted_new.values())
                   + ([(ranks_new, allowed_new)] if measure_identify else []))
     needed = {(q, g) for r, a in shortlists for q, g in zip(*np.nonzero((r < k) & a))}
     evidence = local_evidence(scorer, paths, protocol, needed)
@@ -277,6 +279,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     compared = ["fused", SHORTLIST_FIRST] + ([f"fused + {conf.rerank}"] if conf.rerank != "none" else [])
     comparisons = compare_models(retrieval, [(fused, single) for fused in compared for single in ("global only", local_name)])
     searched = searched_within_views(plain, similarities["plain"], restricted, evidence, query_ids, gallery_ids, k, conf)
+    searched_frames = searched.pop("frames")
     headroom = mixing_headroom(plain, shortlisted, retrieval[local_name],
                                lambda values: evaluate_protocol(np.where(allowed, as_matrix(plain, values, shape), -np.inf), identity_of_rows, protocol))
 
@@ -295,6 +298,15 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
         quality["identify"] = {**quality["identify by rule"][conf.decision], "decision": conf.decision}
         # The saved threshold serves `identify`, so it is the one set on identify's own decision.
         identify_threshold = quality["identify"]["threshold"]
+        # `identify` searched within each view, against the whole gallery on the same photos: those whose
+        # animal the view holds (searched there, the others are new animals).
+        whole = (decision_per_query(plain, probability, k, conf.decision), decision_per_query(new_frame, new_probability, k, conf.decision))
+        for view, (view_frame, view_probability) in searched_frames.items():
+            view_new_frame = pair_frame(similarities["plain"], *restricted_new[view], k, evidence, query_ids, gallery_ids)
+            view_decisions = (decision_per_query(view_frame, view_probability, k, conf.decision),
+                              decision_per_query(view_new_frame, cross_validated_probability(plain, conf, view_new_frame), k, conf.decision))
+            photos = view_frame.loc[view_frame["label"] == 1, "q"].unique()
+            searched["identify"][view] = identify_within({f"{view}, searched within": view_decisions, "whole gallery": whole}, photos, conf)
 
     fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, extractor=scorer.conf_name,
                              threshold=identify_threshold, target_precision=conf.target_precision, quality=quality,
@@ -331,11 +343,12 @@ def searched_within_views(plain: pd.DataFrame, cosine: np.ndarray, restricted: d
     """Global only, local only and fused where each query searches only the gallery of a view (`restricted`:
     view -> (global ranks within the view, its allowed pairs)): the top-k re-ranked are the view's own, and the
     fused probabilities come from calibrators fit on the whole gallery's pairs without the query's animal, as
-    the saved file scores a restricted `identify`. Retrieval per model and view, and fused minus each single
-    source with its interval."""
+    the saved file scores a restricted `identify`. Retrieval per model and view, fused minus each single
+    source with its interval, the calibration of the fused probabilities, and each view's pairs with them."""
     local_name = f"local only (top-{k} re-ranked)"
     retrieval: dict[str, dict] = {}
     calibration: dict[str, dict] = {}
+    frames: dict[str, tuple[pd.DataFrame, np.ndarray]] = {}
     for view, (view_ranks, view_allowed) in restricted.items():
         frame = pair_frame(cosine, view_ranks, view_allowed, k, evidence, query_ids, gallery_ids)
         shortlisted, labels = (frame["global_rank"] < k).to_numpy(), frame["label"].to_numpy()
@@ -348,8 +361,16 @@ def searched_within_views(plain: pd.DataFrame, cosine: np.ndarray, restricted: d
         balanced_weight = pair_weights(frame, "identity")
         calibration[f"{name}, all pairs"] = calibration_report(fused, labels, balanced_weight)
         calibration[f"{name}, top-{k} pairs"] = calibration_report(fused[shortlisted], labels[shortlisted], balanced_weight[shortlisted])
+        frames[view] = (frame, fused)
     comparisons = compare_models(retrieval, [("fused", "global only"), ("fused", local_name)]) if retrieval else {}
-    return {"retrieval": retrieval, "comparisons": comparisons, "calibration": calibration}
+    return {"retrieval": retrieval, "comparisons": comparisons, "calibration": calibration, "frames": frames, "identify": {}}
+
+
+def identify_within(decisions: dict[str, tuple[pd.DataFrame, pd.DataFrame]], photos: np.ndarray, conf: CalibrateConfig) -> dict[str, dict]:
+    """`identify`'s decision per named search (name -> decision_per_query of the photos with their animal in the
+    gallery, and of the same photos with it taken out), each on the same `photos` (query positions)."""
+    return {name: identify_decision(known[known["q"].isin(photos)], new[new["q"].isin(photos)], conf.target_precision, conf.new_share)
+            for name, (known, new) in decisions.items()}
 
 
 def local_only_order(plain: pd.DataFrame, shortlisted: np.ndarray) -> np.ndarray:
@@ -399,7 +420,22 @@ def format_searched(searched: dict) -> list[str]:
             "shortlist can hold photos the view leaves out). Global only is the same ranking as above.",
             format_table(searched["retrieval"]), format_comparisons(searched["comparisons"]),
             "\n".join(calibration_rows(searched["calibration"])),
+            *identify_rows(searched["identify"]),
             "Query animals that move each of these differences most:", format_animal_differences(searched["retrieval"], list(searched["comparisons"]))]
+
+
+def identify_rows(outcomes: dict[str, dict]) -> list[str]:
+    """`identify` within each searched view, in the columns of the whole gallery's table (format_quality)."""
+    if not outcomes:
+        return []
+    header = ("`identify` searched within each view and over the whole gallery, on the same photos: those whose animal the "
+              "view holds, and the same photos with it taken out, weighed as above; the saved decision rule:")
+    return [header, "\n".join(["| photos | search | photos | average precision of naming | best precision | at score >= | named right |"
+                               " named wrong | called new | missing animals named |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+                               *(f"| whose animal the {view} view holds | {name} | {r['known_photos']} | {r['average_precision']:.3f} |"
+                                 f" {r['best']['precision']:.3f} | {r['best']['threshold']:.3f} | {r['best']['known_named_right']:.1%} |"
+                                 f" {r['best']['known_named_wrong']:.1%} | {r['best']['known_called_new']:.1%} | {r['best']['new_named']:.1%} |"
+                                 for view, searches in outcomes.items() for name, r in searches.items())])]
 
 
 def calibration_rows(reports: dict[str, dict]) -> list[str]:

@@ -3,8 +3,10 @@
 - Closed set (split by a group such as `encounter`): validation images query the training images.
 - Open set (split by identity): each validation image queries the other validation images.
 Views beside "all": "same flank" when a `side` column exists (the two flanks carry different
-patterns), and "cross-station" when a `station` column exists (different camera sites: the honest
-view when backgrounds repeat per camera).
+patterns), "cross-station" when a `station` column exists (different camera sites: the honest
+view when backgrounds repeat per camera), and "other photo_id" when a `photo_id` column exists (nyala
+files a left and a right photo of one animal under one photo_id; the embedding finds that partner far
+more easily than the animal's other photos, and its flank's pattern cannot confirm it: docs/fusion.md).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def build_protocol(table: pd.DataFrame, split: pd.Series, split_by: str) -> Prot
         gallery_rows, kind = np.flatnonzero(~is_val), f"closed set (split by {split_by}), validation queries vs training gallery"
     not_self = query_rows[:, None] != gallery_rows[None, :]
     views = {"all": not_self}
-    for column, name, same in (("side", "same flank", True), ("station", "cross-station", False)):
+    for column, name, same in (("side", "same flank", True), ("station", "cross-station", False), ("photo_id", "other photo_id", False)):
         if column in table.columns:
             values = table[column].to_numpy()
             equal = values[query_rows][:, None] == values[gallery_rows][None, :]
