@@ -253,6 +253,7 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
     assert "| fused, shortlist first | local only (top-5 re-ranked) | all |" in report
     assert "| fused | local only (top-5 re-ranked) | cross-station, searched within |" in report
     assert "| cross-station, searched within, top-5 pairs |" in report  # the restricted search's calibration
+    assert "| whose animal the cross-station view holds | whole gallery |" in report  # identify searched both ways
     assert "| query animal |" in report
     assert "Headroom within the shortlist" in report and "| all | " in report.split("Headroom within the shortlist")[1]
     fusion = FusionModel.load(out_dir / "fusion.json")
