@@ -380,7 +380,7 @@ def test_a_view_searched_on_its_own_verifies_its_own_candidates():
     """Every query's best cosines are photos of its own station, whoever they show (a shared background); its
     animal's photos elsewhere rank below them. Filtering the whole gallery's ranking to the cross-station
     view leaves local only no checked pair there; searching that view on its own checks its own top-k."""
-    from spotmatch.engine.calibrate import (CalibrateConfig, as_matrix, local_only_order, pair_frame, ranks_within,
+    from spotmatch.engine.calibrate import (CalibrateConfig, PairSource, as_matrix, local_only_order, pair_frame, ranks_within,
                                             searched_within_views)
     from spotmatch.evaluation.metrics import retrieval_metrics
 
@@ -394,8 +394,8 @@ def test_a_view_searched_on_its_own_verifies_its_own_candidates():
     plain = pair_frame(cosine, ranks_within(cosine, allowed), allowed, 10, evidence, query_ids, gallery_ids)
     cross_station = np.repeat(gallery_elsewhere[None, :], 12, axis=0)
 
-    searched = searched_within_views(plain, cosine, {"cross-station": (ranks_within(cosine, cross_station), cross_station)}, evidence,
-                                     query_ids, gallery_ids, 10, CalibrateConfig(folds=4))
+    searched = searched_within_views(plain, PairSource(cosine, evidence, query_ids, gallery_ids, 10),
+                                     {"cross-station": (ranks_within(cosine, cross_station), cross_station)}, CalibrateConfig(folds=4))
     view = "cross-station, searched within"
     whole_gallery_local = as_matrix(plain, local_only_order(plain, plain["global_rank"].to_numpy() < 10), same.shape)
     filtered_local = retrieval_metrics(whole_gallery_local, query_ids, gallery_ids, cross_station)["ib_map"]

@@ -147,6 +147,21 @@ def pair_frame(cosine: np.ndarray, ranks: np.ndarray, allowed: np.ndarray, short
     return frame
 
 
+@dataclass
+class PairSource:
+    """What every pair table of one calibration is built from: each (query, gallery) pair's plain cosine, the
+    local evidence of the pairs checked, both sides' identities, and the shortlist length."""
+    cosine: np.ndarray
+    evidence: dict
+    query_ids: np.ndarray
+    gallery_ids: np.ndarray
+    k: int
+
+    def frame(self, ranks: np.ndarray, allowed: np.ndarray, reranked: np.ndarray | None = None) -> pd.DataFrame:
+        """The allowed pairs, their top-k by `ranks` with local evidence (pair_frame)."""
+        return pair_frame(self.cosine, ranks, allowed, self.k, self.evidence, self.query_ids, self.gallery_ids, reranked)
+
+
 def fold_models(frame: pd.DataFrame, conf: CalibrateConfig):
     """For each fold grouped by query identity: (the fold's held-out query identities, the fusion fit
     on the other pairs)."""
@@ -254,8 +269,8 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     evidence = local_evidence(scorer, paths, protocol, needed)
 
     shape = allowed.shape
-    frames = {name: pair_frame(similarities["plain"], ranks[name], allowed, k, evidence, query_ids, gallery_ids,
-                               reranked=None if name == "plain" else similarities[name]) for name in similarities}
+    source = PairSource(similarities["plain"], evidence, query_ids, gallery_ids, k)
+    frames = {name: source.frame(ranks[name], allowed, reranked=None if name == "plain" else similarities[name]) for name in similarities}
     plain = frames["plain"]
     rankings = {"global only": similarities["plain"]}
     shortlisted = (plain["global_rank"] < k).to_numpy()
@@ -278,7 +293,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     # The saved variant too, when it is re-ranked: what `score-pairs --rerank` will rank with.
     compared = ["fused", SHORTLIST_FIRST] + ([f"fused + {conf.rerank}"] if conf.rerank != "none" else [])
     comparisons = compare_models(retrieval, [(fused, single) for fused in compared for single in ("global only", local_name)])
-    searched = searched_within_views(plain, similarities["plain"], restricted, evidence, query_ids, gallery_ids, k, conf)
+    searched = searched_within_views(plain, source, restricted, conf)
     searched_frames = searched.pop("frames")
     headroom = mixing_headroom(plain, shortlisted, retrieval[local_name],
                                lambda values: evaluate_protocol(np.where(allowed, as_matrix(plain, values, shape), -np.inf), identity_of_rows, protocol))
@@ -289,7 +304,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     quality = pair_quality(saved, probability, k, conf.target_precision)
     identify_threshold = 1.0  # a file fit on re-ranked similarities never names an animal
     if measure_identify:
-        new_frame = pair_frame(similarities["plain"], ranks_new, allowed_new, k, evidence, query_ids, gallery_ids)
+        new_frame = source.frame(ranks_new, allowed_new)
         new_probability = cross_validated_probability(plain, conf, new_frame)
         quality["identify by rule"] = {
             rule: identify_decision(decision_per_query(plain, probability, k, rule), decision_per_query(new_frame, new_probability, k, rule),
@@ -298,15 +313,8 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
         quality["identify"] = {**quality["identify by rule"][conf.decision], "decision": conf.decision}
         # The saved threshold serves `identify`, so it is the one set on identify's own decision.
         identify_threshold = quality["identify"]["threshold"]
-        # `identify` searched within each view, against the whole gallery on the same photos: those whose
-        # animal the view holds (searched there, the others are new animals).
         whole = (decision_per_query(plain, probability, k, conf.decision), decision_per_query(new_frame, new_probability, k, conf.decision))
-        for view, (view_frame, view_probability) in searched_frames.items():
-            view_new_frame = pair_frame(similarities["plain"], *restricted_new[view], k, evidence, query_ids, gallery_ids)
-            view_decisions = (decision_per_query(view_frame, view_probability, k, conf.decision),
-                              decision_per_query(view_new_frame, cross_validated_probability(plain, conf, view_new_frame), k, conf.decision))
-            photos = view_frame.loc[view_frame["label"] == 1, "q"].unique()
-            searched["identify"][view] = identify_within({f"{view}, searched within": view_decisions, "whole gallery": whole}, photos, conf)
+        searched["identify"] = identify_in_views(plain, source, searched_frames, restricted_new, whole, conf)
 
     fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, extractor=scorer.conf_name,
                              threshold=identify_threshold, target_precision=conf.target_precision, quality=quality,
@@ -338,32 +346,50 @@ def pair_quality(saved: pd.DataFrame, probability: np.ndarray, k: int, target_pr
                          "recall": float(calls[labels == 1].mean()) if labels.any() else float("nan")}}
 
 
-def searched_within_views(plain: pd.DataFrame, cosine: np.ndarray, restricted: dict[str, tuple[np.ndarray, np.ndarray]], evidence: dict,
-                          query_ids: np.ndarray, gallery_ids: np.ndarray, k: int, conf: CalibrateConfig) -> dict:
+def searched_within_views(plain: pd.DataFrame, source: PairSource, restricted: dict[str, tuple[np.ndarray, np.ndarray]],
+                          conf: CalibrateConfig) -> dict:
     """Global only, local only and fused where each query searches only the gallery of a view (`restricted`:
     view -> (global ranks within the view, its allowed pairs)): the top-k re-ranked are the view's own, and the
     fused probabilities come from calibrators fit on the whole gallery's pairs without the query's animal, as
     the saved file scores a restricted `identify`. Retrieval per model and view, fused minus each single
     source with its interval, the calibration of the fused probabilities, and each view's pairs with them."""
+    k = source.k
     local_name = f"local only (top-{k} re-ranked)"
     retrieval: dict[str, dict] = {}
     calibration: dict[str, dict] = {}
     frames: dict[str, tuple[pd.DataFrame, np.ndarray]] = {}
     for view, (view_ranks, view_allowed) in restricted.items():
-        frame = pair_frame(cosine, view_ranks, view_allowed, k, evidence, query_ids, gallery_ids)
+        frame = source.frame(view_ranks, view_allowed)
         shortlisted, labels = (frame["global_rank"] < k).to_numpy(), frame["label"].to_numpy()
         fused = cross_validated_probability(plain, conf, frame)
         orders = {"global only": frame["cosine"].to_numpy(), local_name: local_only_order(frame, shortlisted), "fused": fused}
         name = f"{view}, searched within"
         for model, values in orders.items():
             similarity = np.where(view_allowed, as_matrix(frame, values, view_allowed.shape), -np.inf)
-            retrieval.setdefault(model, {})[name] = retrieval_metrics(similarity, query_ids, gallery_ids, view_allowed)
+            retrieval.setdefault(model, {})[name] = retrieval_metrics(similarity, source.query_ids, source.gallery_ids, view_allowed)
         balanced_weight = pair_weights(frame, "identity")
         calibration[f"{name}, all pairs"] = calibration_report(fused, labels, balanced_weight)
         calibration[f"{name}, top-{k} pairs"] = calibration_report(fused[shortlisted], labels[shortlisted], balanced_weight[shortlisted])
         frames[view] = (frame, fused)
     comparisons = compare_models(retrieval, [("fused", "global only"), ("fused", local_name)]) if retrieval else {}
     return {"retrieval": retrieval, "comparisons": comparisons, "calibration": calibration, "frames": frames, "identify": {}}
+
+
+def identify_in_views(plain: pd.DataFrame, source: PairSource, searched_frames: dict[str, tuple[pd.DataFrame, np.ndarray]],
+                      restricted_new: dict[str, tuple[np.ndarray, np.ndarray]], whole: tuple[pd.DataFrame, pd.DataFrame],
+                      conf: CalibrateConfig) -> dict[str, dict]:
+    """`identify` searched within each view (`searched_frames`: its pairs and held-out probabilities;
+    `restricted_new`: its ranks and pairs with each query's animal taken out), beside the whole gallery's
+    decisions (`whole`), on the same photos: those whose animal the view holds (searched there, the others
+    are new animals)."""
+    outcomes = {}
+    for view, (frame, probability) in searched_frames.items():
+        new_frame = source.frame(*restricted_new[view])
+        decisions = (decision_per_query(frame, probability, source.k, conf.decision),
+                     decision_per_query(new_frame, cross_validated_probability(plain, conf, new_frame), source.k, conf.decision))
+        photos = frame.loc[frame["label"] == 1, "q"].unique()
+        outcomes[view] = identify_within({f"{view}, searched within": decisions, "whole gallery": whole}, photos, conf)
+    return outcomes
 
 
 def identify_within(decisions: dict[str, tuple[pd.DataFrame, pd.DataFrame]], photos: np.ndarray, conf: CalibrateConfig) -> dict[str, dict]:
