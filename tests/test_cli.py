@@ -105,14 +105,20 @@ def test_empty_dataset_and_unknown_split_column(tmp_path, snow_subset_csv, tiny_
                           "no labelled images")
     assert_one_line_error(run_cli("train", "--data", snow_subset_csv, "--out", tmp_path / "run", "--preset", "tiny",
                                   "--split-by", "season"), "cannot split by 'season'")
+    assert_one_line_error(run_cli("train", "--data", snow_subset_csv, "--out", tmp_path / "run", "--preset", "tiny",
+                                  "--flank-classes"), "--flank-classes needs a side column")
+    assert_one_line_error(run_cli("train", "--data", snow_subset_csv, "--out", tmp_path / "run", "--preset", "tiny",
+                                  "--split-by", "encounter", "--select-view", "same flank"), "--select-view same flank: not a view")
     assert not (tmp_path / "run" / "best.pt").exists()
 
 
 def test_train_resume_and_evaluate(tmp_path, snow_subset_csv):
     run = tmp_path / "run"
-    common = ["--data", snow_subset_csv, "--out", run, "--preset", "tiny", "--split-by", "encounter", "--num-workers", "0"]
+    common = ["--data", snow_subset_csv, "--out", run, "--preset", "tiny", "--split-by", "encounter", "--num-workers", "0",
+              "--select-view", "cross-station"]
     first = run_cli("train", *common, "--epochs", "1")
     assert first.returncode == 0, first.stderr
+    assert "best validation IB-mAP (cross-station)" in first.stdout
     resumed = run_cli("train", *common, "--epochs", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     history = pd.read_csv(run / "history.csv")

@@ -314,3 +314,11 @@ def test_pair_scores_are_the_same_in_small_chunks(monkeypatch):
         mine = scores[query == q]
         assert sorted(mine["global_rank"]) == list(range(len(mine)))
         assert mine.sort_values("global_rank")["cosine"].is_monotonic_decreasing
+
+
+def test_flank_classes_give_each_flank_of_an_animal_its_own_class():
+    from spotmatch.global_embed.train import training_classes
+
+    table = pd.DataFrame({"identity": ["a", "a", "a", "b"], "side": ["left", "right", None, "Left"]})
+    assert training_classes(table, flank_classes=True).tolist() == ["a/left", "a/right", "a", "b/left"]  # unknown flank: the animal
+    assert training_classes(table, flank_classes=False).tolist() == ["a", "a", "a", "b"]

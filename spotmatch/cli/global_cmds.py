@@ -61,6 +61,9 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     num_workers: Optional[int] = typer.Option(None, help="Image decoding processes."),
     eval_every: Optional[int] = typer.Option(None, help="Epochs between validation IB-mAP measurements (0: only at the end)."),
+    select_view: str = typer.Option("all", help="View whose validation IB-mAP picks best.pt: all, same flank, other photo_id, cross-station "
+                                                "(those the data's columns allow)."),
+    flank_classes: bool = typer.Option(False, help="Each flank of an animal its own class (needs a side column): the flanks' patterns differ."),
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
     resume: bool = typer.Option(False, help="Continue from OUT/last.pt with the same settings."),
 ) -> None:
@@ -80,6 +83,7 @@ def train(
     train_conf = merge_config(chosen.train, **given(epochs=epochs, identities_per_batch=batch_identities,
                                                     images_per_identity=images_per_identity, lr=lr,
                                                     num_workers=num_workers, eval_every=eval_every), seed=seed, device=device,
+                              select_view=select_view, flank_classes=flank_classes,
                               augment=dataclasses.replace(chosen.train.augment, horizontal_flip=hflip,
                                                           random_background=random_background))
     dataset = load_dataset(data, images, drop_ambiguous=not keep_ambiguous)
@@ -90,7 +94,7 @@ def train(
 
     best_map = read_checkpoint(best)["best_ib_map"]
     typer.echo(f"trained {embedder_conf.backbone} on {len(dataset)} images for {train_conf.epochs} epochs in "
-               f"{time.perf_counter() - started:.0f}s; best validation IB-mAP {best_map:.3f}; wrote {best}")
+               f"{time.perf_counter() - started:.0f}s; best validation IB-mAP ({train_conf.select_view}) {best_map:.3f}; wrote {best}")
 
 
 @app.command()

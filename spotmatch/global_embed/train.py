@@ -43,6 +43,12 @@ class TrainConfig:
     num_workers: int = 2
     device: str = "auto"
     eval_every: int = 1  # epochs between validation mAP measurements (0: only at the end)
+    # The protocol view whose validation IB-mAP picks best.pt: "all", or an honest view the data allow
+    # ("same flank", "other photo_id", "cross-station"), where "all" rewards what the coat cannot show.
+    select_view: str = "all"
+    # Each flank of an animal its own ArcFace class (needs a `side` column): the two flanks carry different
+    # patterns, and one class for both asks the network to tie them by something else.
+    flank_classes: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -63,8 +69,18 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+def training_classes(table: pd.DataFrame, flank_classes: bool) -> pd.Series:
+    """The ArcFace class of each row: its identity, or with `flank_classes` its identity and flank where the
+    flank is known."""
+    identity = table["identity"].astype(str)
+    if not flank_classes:
+        return identity
+    side = table["side"].fillna("").astype(str).str.lower()
+    return identity.where(side == "", identity + "/" + side)
+
+
 def validation_ib_map(model: ReIDNet, conf: EmbedderConfig, dataset: Dataset, split: pd.Series, split_by: str,
-                      run: EmbedConfig) -> float:
+                      run: EmbedConfig, view: str) -> float:
     protocol = build_protocol(dataset.table, split, split_by)
     if len(protocol.query_rows) == 0:
         return float("nan")
@@ -72,7 +88,7 @@ def validation_ib_map(model: ReIDNet, conf: EmbedderConfig, dataset: Dataset, sp
     embeddings = embedder.embed(dataset.paths)
     similarity = embeddings[protocol.query_rows] @ embeddings[protocol.gallery_rows].T
     identities = dataset.table["identity"].to_numpy()
-    result = evaluate_protocol(similarity, identities, protocol)["all"]["ib_map"]
+    result = evaluate_protocol(similarity, identities, protocol)[view]["ib_map"]
     model.train()
     return result
 
@@ -85,15 +101,21 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     torch.manual_seed(train_conf.seed)
     device = resolve_device(train_conf.device)
 
+    if train_conf.flank_classes and "side" not in dataset.table.columns:
+        raise SpotmatchError(f"{dataset.csv_path}: --flank-classes needs a side column (left/right); add it or drop the flag")
     split = split_dataset(dataset, split_conf) if split_conf.val_fraction > 0 else pd.Series("train", index=dataset.table.index)
+    views = build_protocol(dataset.table, split, split_conf.by).views
+    if train_conf.select_view not in views:
+        raise SpotmatchError(f"--select-view {train_conf.select_view}: not a view of {dataset.csv_path}; use one of {', '.join(views)}")
     write_csv_atomic(dataset.table[["filename", "identity"]].assign(split=split), out_dir / "split.csv")
     train_rows = split == "train"
-    class_names = sorted(dataset.table.loc[train_rows, "identity"].unique())
+    train_table = dataset.table[train_rows].reset_index(drop=True)
+    classes = training_classes(train_table, train_conf.flank_classes)
+    class_names = sorted(classes.unique())
     if len(class_names) < 2:
         raise SpotmatchError(f"{dataset.csv_path}: training needs at least 2 identities, found {len(class_names)}")
     label_of = {name: i for i, name in enumerate(class_names)}
-    train_table = dataset.table[train_rows].reset_index(drop=True)
-    labels = [label_of[name] for name in train_table["identity"]]
+    labels = [label_of[name] for name in classes]
 
     model = ReIDNet(embedder_conf).to(device, memory_format=MEMORY_FORMAT)
     head = ArcFace(embedder_conf.embedding_dim, len(class_names), train_conf.arcface_scale, train_conf.arcface_margin).to(device)
@@ -152,7 +174,8 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
         epoch_seconds = time.perf_counter() - started
         is_last = epoch + 1 == train_conf.epochs
         evaluate_now = is_last or (train_conf.eval_every > 0 and (epoch + 1) % train_conf.eval_every == 0)
-        val_map = validation_ib_map(model, embedder_conf, dataset, split, split_conf.by, run) if evaluate_now else float("nan")
+        val_map = (validation_ib_map(model, embedder_conf, dataset, split, split_conf.by, run, train_conf.select_view)
+                   if evaluate_now else float("nan"))
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
                         "val_ib_map": val_map, "epoch_seconds": epoch_seconds})
         print(json.dumps(history[-1]), flush=True)
