@@ -21,7 +21,7 @@ import torch
 from spotmatch.global_embed.embed import EmbedConfig, Embedder
 from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
 from spotmatch.global_embed.model import EmbedderConfig
-from spotmatch.io import atomic_path
+from spotmatch.io import write_text_atomic
 
 
 def synchronise(device: torch.device) -> None:
@@ -106,8 +106,7 @@ def main() -> None:
     ])
     print(table)
     if args.out:
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(table + "\n")
+        write_text_atomic(table + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from spotmatch.engine.engine import EngineConfig, build_local
 from spotmatch.evaluation.protocol import build_protocol, compare_models, evaluate_protocol, format_comparisons, format_table
 from spotmatch.evaluation.run import split_for
 from spotmatch.global_embed.embed import Embedder
-from spotmatch.io import atomic_path
+from spotmatch.io import write_text_atomic
 from spotmatch.local_match.features import Features
 from spotmatch.local_match.matchers import VerificationConf, verify
 
@@ -152,8 +152,7 @@ def main() -> None:
         f"data: {args.data} ({len(dataset)} images); {origin}; {protocol.kind}; RootSIFT on each query's top-{args.top_k}, "
         f"settings {scorer.conf_name}; {time.perf_counter() - started:.0f} s, {platform.machine()}, {torch.get_num_threads()} threads",
         format_table(results), format_comparisons(comparisons)])
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(report + "\n")
+    write_text_atomic(report + "\n", args.out)
     print(report)
 
 

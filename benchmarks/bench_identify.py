@@ -26,7 +26,7 @@ import pandas as pd
 
 from spotmatch.catalogue.service import IdentifyConfig, add_images, identify, init_catalogue, open_engine, sources_from_csv
 from spotmatch.catalogue.store import GalleryRestriction
-from spotmatch.io import atomic_path
+from spotmatch.io import write_text_atomic
 
 ALL_CANDIDATES = 1000  # top_k: every shortlisted individual, to see whether the photo's own animal was among them
 
@@ -100,8 +100,7 @@ def main() -> None:
         f"{platform.machine()}, {time.perf_counter() - started:.0f} s", "", table(results)])
     print(text)
     if args.out:
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(text + "\n")
+        write_text_atomic(text + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -87,10 +87,9 @@ def main() -> None:
               f"{args.workers} workers, {args.n_images} images at 128 px per pass\n\n" + "\n".join(rows) + "\n")
     print(report)
     if args.out:
-        from spotmatch.io import atomic_path
+        from spotmatch.io import write_text_atomic
 
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(report)
+        write_text_atomic(report, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from spotmatch.data.images import load_image
 from spotmatch.data.splits import SplitConfig, split_dataset
 from spotmatch.data.tables import load_dataset
 from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol, format_table
-from spotmatch.io import atomic_path
+from spotmatch.io import write_text_atomic
 from spotmatch.local_match import EXTRACTORS, LocalMatcher, VerificationConf
 from spotmatch.local_match.extractors import create_extractor
 from spotmatch.local_match.matchers import create_matcher
@@ -224,8 +224,7 @@ def main() -> None:
         sections += ["## Ranking: local only vs global only (split by encounter)", ranking_section(args.dataset, cache, args.checkpoint, args.device)]
     report = "\n\n".join(sections) + "\n"
     print(report)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(report)
+    write_text_atomic(report, args.out)
 
 
 if __name__ == "__main__":

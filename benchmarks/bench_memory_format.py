@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from spotmatch.global_embed.model import EmbedderConfig, ReIDNet
-from spotmatch.io import atomic_path
+from spotmatch.io import write_text_atomic
 
 LAYOUTS = {"contiguous (NCHW)": torch.contiguous_format, "channels_last (NHWC)": torch.channels_last}
 
@@ -89,8 +89,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(table + "\n")
+        write_text_atomic(table + "\n", args.out)
 
 
 if __name__ == "__main__":

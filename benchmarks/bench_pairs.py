@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spotmatch.io import atomic_path
+from spotmatch.io import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "datasets" / "snowleopard" / "images"
@@ -161,8 +161,7 @@ def main() -> None:
     text = table(results, args)
     print(text)
     if args.out:
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(text + "\n")
+        write_text_atomic(text + "\n", args.out)
 
 
 if __name__ == "__main__":

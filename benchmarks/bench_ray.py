@@ -25,7 +25,7 @@ import pandas as pd
 
 from spotmatch.engine import ray_backend as rb
 from spotmatch.global_embed.embed import EmbedConfig, Embedder
-from spotmatch.io import atomic_path
+from spotmatch.io import write_text_atomic
 from spotmatch.local_match.pipeline import LocalMatcher
 
 SNOW = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "snowleopard"
@@ -127,6 +127,4 @@ if __name__ == "__main__":
     table = main(conf)
     print(table.to_string(index=False))
     if args.out:
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(f"Command: `{' '.join(['python', *sys.argv])}`  \nMachine: {machine()}\n\n"
-                           + markdown(table))
+        write_text_atomic(f"Command: `{' '.join(['python', *sys.argv])}`  \nMachine: {machine()}\n\n" + markdown(table), args.out)

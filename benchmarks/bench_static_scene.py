@@ -24,7 +24,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from spotmatch.data.tables import load_dataset
-from spotmatch.io import atomic_path
+from spotmatch.io import write_text_atomic
 from spotmatch.local_match import LocalMatcher, VerificationConf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,8 +124,7 @@ def main() -> None:
         share_table(pairs),
     ])
     print(report)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(report + "\n")
+    write_text_atomic(report + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,12 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(text: str, target: str | Path) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")  # reports hold − and ×, whatever the locale
+    return Path(target)
+
+
 def write_csv_atomic(frame: pd.DataFrame, target: str | Path) -> Path:
     with atomic_path(target) as tmp:
         frame.to_csv(tmp, index=False)

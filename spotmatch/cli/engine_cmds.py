@@ -44,7 +44,7 @@ def calibrate(
     from spotmatch.evaluation.protocol import format_animal_differences, format_comparisons, format_table
     from spotmatch.evaluation.run import split_for
     from spotmatch.global_embed.embed import Embedder
-    from spotmatch.io import atomic_path
+    from spotmatch.io import write_text_atomic
 
     started = time.perf_counter()
     out_dir = out_dir or checkpoint.parent
@@ -69,7 +69,6 @@ def calibrate(
         format_animal_differences(result["retrieval"], list(result["comparisons"])),
         calibration.format_quality(result["quality"]),
     ])
-    with atomic_path(out_dir / "calibration.md") as tmp:
-        tmp.write_text(report + "\n")
+    write_text_atomic(report + "\n", out_dir / "calibration.md")
     typer.echo(report)
     typer.echo(f"wrote {result['fusion_path']}, {result['diagram']} and {out_dir / 'calibration.md'} in {time.perf_counter() - started:.0f}s")

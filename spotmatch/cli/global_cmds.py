@@ -226,7 +226,7 @@ def evaluate(
     from spotmatch.global_embed.checkpoint import read_checkpoint
     from spotmatch.global_embed.embed import Embedder
     from spotmatch.global_embed.model import EmbedderConfig
-    from spotmatch.io import atomic_path
+    from spotmatch.io import write_text_atomic
 
     if not checkpoint and not baseline:
         raise SpotmatchError("nothing to evaluate; pass --checkpoint and/or --baseline BACKBONE")
@@ -248,8 +248,7 @@ def evaluate(
     typer.echo(f"data: {data} ({len(dataset)} images, {dataset.table['identity'].nunique()} identities); {origin}")
     typer.echo(table)
     if out:
-        with atomic_path(out) as tmp:
-            tmp.write_text(table + "\n")
+        write_text_atomic(table + "\n", out)
     best = max(results.items(), key=lambda item: item[1]["all"]["ib_map"])
     typer.echo(f"best: {best[0]} with IB-mAP {best[1]['all']['ib_map']:.3f} over {best[1]['all']['n_queries']} queries")
 

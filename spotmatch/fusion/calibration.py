@@ -14,7 +14,7 @@ from sklearn.isotonic import IsotonicRegression
 
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.features import GLOBAL_FEATURES, LOCAL_FEATURES, MONOTONE
-from spotmatch.io import atomic_path
+from spotmatch.io import write_text_atomic
 
 FUSION_FORMAT = "spotmatch.fusion"
 # 2: `decision` (1 had none: its threshold is on the best probability); 3: `rerank` (before: plain cosines)
@@ -189,8 +189,7 @@ class FusionModel:
                    "decision": self.decision, "rerank": self.rerank,
                    "quality": self.quality, "with_local": self.with_local.to_dict(), "global_only": self.global_only.to_dict(),
                    "global_all": self.global_all.to_dict()}
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(payload, indent=1))
+        write_text_atomic(json.dumps(payload, indent=1), path)
         return Path(path)
 
     @classmethod

@@ -9,7 +9,7 @@ import cv2
 
 from spotmatch.data.images import load_image
 from spotmatch.errors import SpotmatchError
-from spotmatch.io import atomic_path
+from spotmatch.io import atomic_path, write_text_atomic
 from spotmatch.local_match.matchers import PairEvidence
 from spotmatch.local_match.pipeline import PairScorer
 from spotmatch.local_match.viz import ScoreLine, draw_matches
@@ -60,6 +60,5 @@ def explain_pair(
         "probability": probability,
         **evidence.to_dict(),
     }
-    with atomic_path(json_path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1))
+    write_text_atomic(json.dumps(payload, indent=1), json_path)
     return PairExplanation(evidence, scores, out_png, json_path)

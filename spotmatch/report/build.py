@@ -13,7 +13,7 @@ from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.run import split_for
 from spotmatch.global_embed.checkpoint import read_checkpoint
 from spotmatch.global_embed.embed import EmbedConfig, Embedder
-from spotmatch.io import atomic_path
+from spotmatch.io import atomic_path, write_text_atomic
 from spotmatch.report import figures
 from spotmatch.report.analysis import (RetrievalAnalysis, analyse, neighbour_queries, pair_similarities,
                                        ranked_neighbours, sample_rows)
@@ -172,8 +172,7 @@ def build_report(conf: ReportConfig) -> ReportSummary:
         }.items() if note},
     )
     page = render_page(content)
-    with atomic_path(conf.out) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    write_text_atomic(page, conf.out)
     return ReportSummary(out=conf.out, pngs=list(pngs.values()), n_images=len(dataset),
                          n_identities=int(dataset.table["identity"].nunique()), n_shown=len(shown),
                          ib_map=overall["ib_map"], split_origin=origin, bytes_written=len(page.encode("utf-8")))

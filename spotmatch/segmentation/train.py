@@ -25,7 +25,7 @@ from spotmatch.data.images import load_image
 from spotmatch.data.splits import SplitConfig, split_dataset
 from spotmatch.data.tables import Dataset, load_dataset
 from spotmatch.errors import SpotmatchError
-from spotmatch.io import atomic_path, write_csv_atomic
+from spotmatch.io import write_csv_atomic, write_text_atomic
 from spotmatch.segmentation.evaluate import compare_masks, summarise_iou
 from spotmatch.segmentation.provider import MaskConfig, MaskProvider
 from spotmatch.segmentation.unet import UNetConfig, UNetSegmenter, build_unet, save_checkpoint, to_input_tensor
@@ -208,7 +208,6 @@ def train_seg(
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = save_checkpoint(output_dir / CHECKPOINT_NAME, model, conf.unet, train_config_dict(conf), metrics)
     write_csv_atomic(per_image, output_dir / "val_iou.csv")
-    with atomic_path(output_dir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(json.dumps(metrics, indent=2), output_dir / "metrics.json")
     log.info("val IoU vs %s: %.3f (%d images)", conf.labels.source, metrics["iou_vs_labels"]["all"]["mean_iou"], len(val_paths))
     return checkpoint
