@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SNOW
+from conftest import NYALA, SNOW
 from spotmatch.data.images import load_image
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.metrics import average_precision, identity_bootstrap_difference, retrieval_metrics
@@ -322,3 +322,63 @@ def test_flank_classes_give_each_flank_of_an_animal_its_own_class():
     table = pd.DataFrame({"identity": ["a", "a", "a", "b"], "side": ["left", "right", None, "Left"]})
     assert training_classes(table, flank_classes=True).tolist() == ["a/left", "a/right", "a", "b/left"]  # unknown flank: the animal
     assert training_classes(table, flank_classes=False).tolist() == ["a", "a", "a", "b"]
+
+
+def test_an_extra_training_set_adds_classes_and_is_never_held_out(tmp_path, snow_subset_csv):
+    from spotmatch.config import merge_config
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.evaluation.run import split_for
+    from spotmatch.global_embed import train as training
+    from spotmatch.global_embed.checkpoint import read_checkpoint
+    from spotmatch.global_embed.presets import PRESETS
+
+    nyala = pd.read_csv(NYALA / "labels.csv", dtype=str).groupby("identity").head(2).head(6)
+    folder = tmp_path / "nyala"
+    folder.mkdir()
+    nyala.to_csv(folder / "labels.csv", index=False)
+    (folder / "images").symlink_to(NYALA / "images")
+    snow, extra = load_dataset(snow_subset_csv), load_dataset(folder / "labels.csv")
+    preset = PRESETS["tiny"]
+    best = training.main(snow, preset.embedder, merge_config(preset.train, epochs=1),
+                         SplitConfig(by="encounter", near_duplicate_distance=-1), tmp_path / "run", extra_datasets=[extra])
+    payload = read_checkpoint(best)
+    split = pd.Series(payload["split_assignment"])
+    trained_cats = set(snow.table.set_index("filename").loc[split.index[split == "train"], "identity"])
+    assert set(payload["class_names"]) == trained_cats | {f"nyala:{name}" for name in nyala["identity"]}
+    assert set(split.index) == set(snow.table["filename"])  # validation holds snow-leopard photos only
+    with pytest.raises(SpotmatchError, match="nothing here is held out"):
+        split_for(extra, SplitConfig(by="identity"), best)
+    refused = [
+        ([snow], None, "shares 19 images"),
+        ([extra], 1.0, "--extra-share 1.0: needs --extra-train and a share between 0 and 1"),
+        ([], 0.5, "--extra-share 0.5: needs --extra-train"),
+    ]
+    for extra_datasets, extra_share, message in refused:
+        with pytest.raises(SpotmatchError, match=message):
+            training.main(snow, preset.embedder, merge_config(preset.train, extra_share=extra_share), SplitConfig(by="encounter"),
+                          tmp_path / "refused", extra_datasets=extra_datasets)
+        assert not (tmp_path / "refused").exists()  # refused before a run folder is made
+
+
+def test_extra_share_sets_how_often_each_sets_animals_are_drawn():
+    from spotmatch.global_embed.sampler import PKBatchSampler
+    from spotmatch.global_embed.train import sampling_weights
+
+    class_names = ["Cat1", "Cat2"] + [f"nyala:{i}" for i in range(18)]
+    labels = [i for i in range(20) for _ in range(4)]
+    classes = pd.Series([class_names[label] for label in labels])
+    from_extra = classes.str.startswith("nyala:").to_numpy()
+    assert sampling_weights(classes, class_names, from_extra, None) is None
+    weights = sampling_weights(classes, class_names, from_extra, 0.5)
+    assert weights[0] == weights[1] == pytest.approx(0.25) and weights[2] == pytest.approx(0.5 / 18)
+
+    def main_share(identity_weights):
+        sampler = PKBatchSampler(labels, identities_per_batch=2, images_per_identity=2, seed=0, identity_weights=identity_weights)
+        drawn = []
+        for epoch in range(50):
+            sampler.set_epoch(epoch)
+            drawn += [labels[row] for batch in sampler for row in batch]
+        return np.mean(np.array(drawn) < 2)
+
+    assert main_share(None) < 0.2 < 0.4 < main_share(weights)  # 2 of 20 animals alike, or half of every batch

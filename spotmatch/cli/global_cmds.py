@@ -65,6 +65,10 @@ def train(
                                                 "(those the data's columns allow)."),
     flank_classes: bool = typer.Option(False, help="Each flank of an animal its own class (needs a side column): the flanks' patterns differ."),
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
+    extra_train: list[Path] = typer.Option([], help="Another labelled set (CSV, images/ beside it) trained on whole, never "
+                                                    "validated on: its animals become extra classes. Repeat for several."),
+    extra_share: Optional[float] = typer.Option(None, help="Share of each batch's identities drawn from the --extra-train sets "
+                                                           "(default: every identity as likely, whichever set)."),
     resume: bool = typer.Option(False, help="Continue from OUT/last.pt with the same settings."),
 ) -> None:
     """Train the global embedder (timm backbone + GeM + BN neck, ArcFace) on a labelled image folder."""
@@ -83,17 +87,19 @@ def train(
     train_conf = merge_config(chosen.train, **given(epochs=epochs, identities_per_batch=batch_identities,
                                                     images_per_identity=images_per_identity, lr=lr,
                                                     num_workers=num_workers, eval_every=eval_every), seed=seed, device=device,
-                              select_view=select_view, flank_classes=flank_classes,
+                              select_view=select_view, flank_classes=flank_classes, extra_share=extra_share,
                               augment=dataclasses.replace(chosen.train.augment, horizontal_flip=hflip,
                                                           random_background=random_background))
     dataset = load_dataset(data, images, drop_ambiguous=not keep_ambiguous)
+    extra_datasets = [load_dataset(csv, drop_ambiguous=not keep_ambiguous) for csv in extra_train]
     started = time.perf_counter()
     best = training.main(dataset, embedder_conf, train_conf, SplitConfig(by=split_by, val_fraction=val_fraction, seed=seed),
-                         out, resume=resume)
+                         out, resume=resume, extra_datasets=extra_datasets)
     from spotmatch.global_embed.checkpoint import read_checkpoint
 
     best_map = read_checkpoint(best)["best_ib_map"]
-    typer.echo(f"trained {embedder_conf.backbone} on {len(dataset)} images for {train_conf.epochs} epochs in "
+    extra_images = f" (+{sum(len(extra) for extra in extra_datasets)} extra)" if extra_datasets else ""
+    typer.echo(f"trained {embedder_conf.backbone} on {len(dataset)} images{extra_images} for {train_conf.epochs} epochs in "
                f"{time.perf_counter() - started:.0f}s; best validation IB-mAP ({train_conf.select_view}) {best_map:.3f}; wrote {best}")
 
 
@@ -222,7 +228,7 @@ def evaluate(
     from spotmatch.data.splits import SplitConfig
     from spotmatch.data.tables import load_dataset
     from spotmatch.evaluation.protocol import compare_models, format_comparisons, format_table
-    from spotmatch.evaluation.run import EvaluatedModel, evaluate_models, split_for
+    from spotmatch.evaluation.run import EvaluatedModel, evaluate_models, refuse_extra_training_set, split_for
     from spotmatch.global_embed.checkpoint import read_checkpoint
     from spotmatch.global_embed.embed import Embedder
     from spotmatch.global_embed.model import EmbedderConfig
@@ -234,6 +240,8 @@ def evaluate(
     dataset = load_dataset(data, images, drop_ambiguous=not keep_ambiguous)
     split, used_split_by, origin = split_for(dataset, SplitConfig(by=split_by, val_fraction=val_fraction, seed=seed),
                                              checkpoint[0] if checkpoint else None)
+    for path in checkpoint[1:]:
+        refuse_extra_training_set(dataset, read_checkpoint(path), path)
     models = []
     if baseline:
         size = image_size or (read_checkpoint(checkpoint[0])["embedder_config"]["image_size"] if checkpoint else 384)

@@ -11,6 +11,7 @@ import pandas as pd
 from spotmatch.data.splits import SplitConfig, split_dataset
 from spotmatch.data.tables import Dataset
 from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol
+from spotmatch.errors import SpotmatchError
 from spotmatch.global_embed.checkpoint import read_checkpoint
 
 
@@ -18,6 +19,17 @@ from spotmatch.global_embed.checkpoint import read_checkpoint
 class EvaluatedModel:
     name: str
     embed: Callable[[list[Path]], np.ndarray]  # paths -> (n, d) L2-normalised
+
+
+def refuse_extra_training_set(dataset: Dataset, payload: dict, checkpoint: str | Path) -> None:
+    """Every image of a set given to `train --extra-train` was trained on, so no split of it is held out. Caught by
+    the CSV's path, or by its file names all being among that set's (a moved copy, or a part of it)."""
+    names = set(dataset.table["filename"])
+    for extra in payload.get("extra_training") or []:
+        same_path = dataset.csv_path is not None and Path(extra["dataset"]).resolve() == Path(dataset.csv_path).resolve()
+        if same_path or names <= set(extra["filenames"]):
+            raise SpotmatchError(f"{dataset.csv_path}: {checkpoint} was trained on all of {extra['dataset']} (--extra-train), "
+                                 f"so nothing here is held out; evaluate it on the set it was validated on")
 
 
 def split_for(dataset: Dataset, split_conf: SplitConfig, checkpoint: str | Path | None) -> tuple[pd.Series, str, str]:
@@ -29,6 +41,7 @@ def split_for(dataset: Dataset, split_conf: SplitConfig, checkpoint: str | Path 
     names, and a fresh split there could differ (near-duplicate grouping hashes the pixels)."""
     if checkpoint is not None:
         payload = read_checkpoint(checkpoint)
+        refuse_extra_training_set(dataset, payload, checkpoint)
         trained_on = payload.get("dataset")
         assignment = payload.get("split_assignment") or {}
         same_path = bool(trained_on and dataset.csv_path) and Path(trained_on).resolve() == Path(dataset.csv_path).resolve()

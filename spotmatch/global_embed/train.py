@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,9 @@ class TrainConfig:
     # Each flank of an animal its own ArcFace class (needs a `side` column): the two flanks carry different
     # patterns, and one class for both asks the network to tie them by something else.
     flank_classes: bool = False
+    # Share of each batch's identities drawn from the `--extra-train` sets; None draws every identity alike, and
+    # then a small main set (11 snow leopards beside 179 nyala) is seen in few batches.
+    extra_share: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -79,6 +83,35 @@ def training_classes(table: pd.DataFrame, flank_classes: bool) -> pd.Series:
     return identity.where(side == "", identity + "/" + side)
 
 
+def extra_training_tables(main: Dataset, extra_datasets: Sequence[Dataset]) -> list[pd.DataFrame]:
+    """Every row of each extra labelled set, its identities prefixed with the set's folder name, so that an extra
+    animal never shares a class with one of the main set."""
+    main_paths = set(main.table["path"])
+    tables, names = [], set()
+    for number, extra in enumerate(extra_datasets, start=1):
+        shared = main_paths.intersection(extra.table["path"])
+        if shared:
+            raise SpotmatchError(f"{extra.csv_path}: shares {len(shared)} images with {main.csv_path} (e.g. {min(shared)}); "
+                                 f"--extra-train takes another set, never the one validated on")
+        name = extra.csv_path.parent.name if extra.csv_path else "extra"
+        name = name if name not in names else f"{name}{number}"
+        names.add(name)
+        tables.append(extra.table.assign(identity=name + ":" + extra.table["identity"].astype(str)))
+    return tables
+
+
+def sampling_weights(classes: pd.Series, class_names: list[str], from_extra: np.ndarray, extra_share: float | None) -> dict[int, float] | None:
+    """Per class index, its weight in the PK sampler's draw: the main set's classes share `1 - extra_share`
+    equally, the extra sets' share `extra_share`."""
+    if extra_share is None or not from_extra.any():
+        return None
+    extra_classes = set(classes[from_extra])
+    n_extra = len(extra_classes)
+    n_main = len(class_names) - n_extra
+    return {index: extra_share / n_extra if name in extra_classes else (1 - extra_share) / n_main
+            for index, name in enumerate(class_names)}
+
+
 def validation_ib_map(model: ReIDNet, conf: EmbedderConfig, dataset: Dataset, split: pd.Series, split_by: str,
                       run: EmbedConfig, view: str) -> float:
     protocol = build_protocol(dataset.table, split, split_by)
@@ -94,26 +127,30 @@ def validation_ib_map(model: ReIDNet, conf: EmbedderConfig, dataset: Dataset, sp
 
 
 def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfig, split_conf: SplitConfig,
-         out_dir: str | Path, resume: bool = False) -> Path:
-    """Train on the split's training rows, validate on its validation rows; returns best.pt."""
+         out_dir: str | Path, resume: bool = False, extra_datasets: Sequence[Dataset] = ()) -> Path:
+    """Train on the split's training rows (and every row of `extra_datasets`), validate on the split's validation
+    rows; returns best.pt."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train_conf.seed)
     device = resolve_device(train_conf.device)
 
     if train_conf.flank_classes and "side" not in dataset.table.columns:
         raise SpotmatchError(f"{dataset.csv_path}: --flank-classes needs a side column (left/right); add it or drop the flag")
+    if train_conf.extra_share is not None and not (extra_datasets and 0 < train_conf.extra_share < 1):
+        raise SpotmatchError(f"--extra-share {train_conf.extra_share}: needs --extra-train and a share between 0 and 1 (exclusive)")
     split = split_dataset(dataset, split_conf) if split_conf.val_fraction > 0 else pd.Series("train", index=dataset.table.index)
     views = build_protocol(dataset.table, split, split_conf.by).views
     if train_conf.select_view not in views:
         raise SpotmatchError(f"--select-view {train_conf.select_view}: not a view of {dataset.csv_path}; use one of {', '.join(views)}")
-    write_csv_atomic(dataset.table[["filename", "identity"]].assign(split=split), out_dir / "split.csv")
     train_rows = split == "train"
-    train_table = dataset.table[train_rows].reset_index(drop=True)
+    train_table = pd.concat([dataset.table[train_rows], *extra_training_tables(dataset, extra_datasets)], ignore_index=True)
+    from_extra = np.arange(len(train_table)) >= int(train_rows.sum())
     classes = training_classes(train_table, train_conf.flank_classes)
     class_names = sorted(classes.unique())
     if len(class_names) < 2:
         raise SpotmatchError(f"{dataset.csv_path}: training needs at least 2 identities, found {len(class_names)}")
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the settings and data are known to be usable
+    write_csv_atomic(dataset.table[["filename", "identity"]].assign(split=split), out_dir / "split.csv")
     label_of = {name: i for i, name in enumerate(class_names)}
     labels = [label_of[name] for name in classes]
 
@@ -125,7 +162,8 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
           "lr": train_conf.lr * train_conf.head_lr_multiplier}],
         weight_decay=train_conf.weight_decay,
     )
-    sampler = PKBatchSampler(labels, train_conf.identities_per_batch, train_conf.images_per_identity, train_conf.seed)
+    sampler = PKBatchSampler(labels, train_conf.identities_per_batch, train_conf.images_per_identity, train_conf.seed,
+                             sampling_weights(classes, class_names, from_extra, train_conf.extra_share))
     total_steps = train_conf.epochs * len(sampler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, warmup_cosine(total_steps, int(train_conf.warmup_epochs * len(sampler))))
@@ -154,7 +192,9 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     use_amp = train_conf.amp and device.type == "cuda"
     checkpoint_extra = dict(train_config=config_to_dict(train_conf), split_config=config_to_dict(split_conf),
                             class_names=class_names, dataset=str(dataset.csv_path),
-                            split_assignment=dict(zip(dataset.table["filename"], split)))
+                            split_assignment=dict(zip(dataset.table["filename"], split)),
+                            extra_training=[{"dataset": str(extra.csv_path), "filenames": extra.table["filename"].tolist()}
+                                            for extra in extra_datasets])
     loader = make_loader(images, 0, train_conf.num_workers, batch_sampler=sampler, pin_memory=device.type == "cuda",
                          persistent=True)
     model.train()
