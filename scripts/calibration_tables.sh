@@ -58,6 +58,7 @@ nyala-20ep-searched-top100|$NYALA|runs/nyala-cpu-20ep/best.pt|runs/nyala-cpu-20e
 nyala-20ep-select-view|$NYALA|runs/nyala-cpu-20ep-select/best.pt|runs/nyala-cpu-20ep-select|
 nyala-20ep-select-view-top100|$NYALA|runs/nyala-cpu-20ep-select/best.pt|runs/nyala-cpu-20ep-select/top100|--top-k 100
 snow-extra-nyala-half|$SNOW|runs/snow-cpu-extra-nyala-half/best.pt|runs/snow-cpu-extra-nyala-half|
+nyala-extra-snow|$NYALA|runs/nyala-cpu-20ep-extra-snow/best.pt|runs/nyala-cpu-20ep-extra-snow|
 "
 wanted=" $* "
 while IFS='|' read -r name data checkpoint out_dir extra diagram; do
