@@ -121,6 +121,7 @@ def test_train_resume_and_evaluate(tmp_path, snow_subset_csv):
     assert "best validation IB-mAP (cross-station)" in first.stdout
     resumed = run_cli("train", *common, "--epochs", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    assert_one_line_error(run_cli("train", *common, "--epochs", "3", "--lr", "0.1", "--resume"), "other settings (lr)")
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == [1, 2]
 

@@ -63,6 +63,18 @@ def train_config_from_dict(values: dict) -> TrainConfig:
     return conf
 
 
+# Settings a resumed run may change: more epochs, another machine.
+RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "eval_every")
+
+
+def changed_settings(saved: dict, conf: TrainConfig) -> list[str]:
+    """The training settings of `conf` that differ from a checkpoint's, apart from RESUMABLE_CHANGES; settings the
+    checkpoint predates count as their defaults."""
+    saved = {**config_to_dict(TrainConfig()), **saved}
+    current = config_to_dict(conf)
+    return sorted(name for name, value in current.items() if name not in RESUMABLE_CHANGES and saved[name] != value)
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -182,6 +194,9 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
         state = read_checkpoint(last_path)
         if state["embedder_config"] != config_to_dict(embedder_conf) or state["class_names"] != class_names:
             raise SpotmatchError(f"{last_path}: was trained with another model config or data; resume with the same settings or use a new --out")
+        changed = changed_settings(state["train_config"], train_conf)
+        if changed:
+            raise SpotmatchError(f"{last_path}: was trained with other settings ({', '.join(changed)}); resume with the same settings or use a new --out")
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
         optimiser.load_state_dict(state["optimiser"])
