@@ -59,6 +59,11 @@ nyala-20ep-select-view|$NYALA|runs/nyala-cpu-20ep-select/best.pt|runs/nyala-cpu-
 nyala-20ep-select-view-top100|$NYALA|runs/nyala-cpu-20ep-select/best.pt|runs/nyala-cpu-20ep-select/top100|--top-k 100
 snow-extra-nyala-half|$SNOW|runs/snow-cpu-extra-nyala-half/best.pt|runs/snow-cpu-extra-nyala-half|
 nyala-extra-snow|$NYALA|runs/nyala-cpu-20ep-extra-snow/best.pt|runs/nyala-cpu-20ep-extra-snow|
+nyala-20ep-384|$NYALA|runs/nyala-cpu-20ep-384/best.pt|runs/nyala-cpu-20ep-384|
+nyala-20ep-384-kr|$NYALA|runs/nyala-cpu-20ep-384/best.pt|runs/nyala-cpu-20ep-384/kr|--rerank k-reciprocal
+nyala-20ep-384-top100|$NYALA|runs/nyala-cpu-20ep-384/best.pt|runs/nyala-cpu-20ep-384/top100|--top-k 100
+nyala-20ep-384-top100-kr|$NYALA|runs/nyala-cpu-20ep-384/best.pt|runs/nyala-cpu-20ep-384/top100-kr|--top-k 100 --rerank k-reciprocal
+snow-20ep-384|$SNOW|runs/snow-cpu-20ep-384/best.pt|runs/snow-cpu-20ep-384|
 "
 wanted=" $* "
 while IFS='|' read -r name data checkpoint out_dir extra diagram; do
