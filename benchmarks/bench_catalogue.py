@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=40)
     parser.add_argument("--queries", type=int, default=5)
     parser.add_argument("--side", type=int, default=512)
-    parser.add_argument("--shortlist-k", type=int, default=20)
+    parser.add_argument("--shortlist-k", type=int, default=None, help="default: the calibration file's")
     parser.add_argument("--work", default="/tmp/bench_catalogue")
     args = parser.parse_args()
 
@@ -137,7 +137,7 @@ def main() -> None:
     print(f"| FAISS index | {type(index).__name__} ({len(ids)} vectors, built from the DB blobs in {index_seconds:.2f} s) |")
     print(f"| add rate (hash + decode check + transaction; embeddings reused) | {args.size / add_seconds:.0f} images/s |")
     print(f"| model on the {args.sources} source frames (embed + RootSIFT) | {model_seconds / args.sources:.2f} s/image |")
-    print(f"| identify latency, {len(queries)} full-resolution queries, shortlist {args.shortlist_k} |"
+    print(f"| identify latency, {len(queries)} full-resolution queries, shortlist {engine.conf.shortlist_k} |"
           f" median {np.median(latencies):.2f} s, max {max(latencies):.2f} s |")
     print(f"| identify restricted to station {busiest} ({kept} images), query embeddings cached |"
           f" median {np.median(restricted):.2f} s, max {max(restricted):.2f} s |")

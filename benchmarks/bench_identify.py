@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--queries", required=True, help="labelled CSV of held-out photos (identity, station)")
     parser.add_argument("--images", required=True)
     parser.add_argument("--per-individual", nargs="+", default=["none", "2"], help="settings compared ('none': no limit)")
-    parser.add_argument("--shortlist-k", type=int, default=20)
+    parser.add_argument("--shortlist-k", type=int, default=None, help="default: the calibration file's")
     parser.add_argument("--work", default="/tmp/bench_identify")
     parser.add_argument("--out", help="also write the table to this Markdown file")
     args = parser.parse_args()
@@ -96,7 +96,7 @@ def main() -> None:
     text = "\n".join([
         f"catalogue: {report.added} photos of {store.stats()['individuals']} individuals from {args.gallery}; "
         f"held-out photos: {len(queries)} from {args.queries}",
-        f"model: {args.checkpoint}, fusion: {args.fusion} (threshold {engine.fusion.threshold:.3f}), shortlist {args.shortlist_k}; "
+        f"model: {args.checkpoint}, fusion: {args.fusion} (threshold {engine.fusion.threshold:.3f}), shortlist {engine.conf.shortlist_k}; "
         f"{platform.machine()}, {time.perf_counter() - started:.0f} s", "", table(results)])
     print(text)
     if args.out:

@@ -251,6 +251,18 @@ def test_review_decisions_are_recorded_with_who_and_when(catalogue, gallery_and_
     assert store.integrity_problems() == []
 
 
+def test_identify_rescores_as_many_images_as_the_calibration_was_fit_with(catalogue, gallery_and_queries):
+    """The probabilities and the "new individual" threshold hold for the shortlist length they were fit
+    on (5 here): identify takes it from the calibration file and refuses another."""
+    from spotmatch.catalogue.service import open_engine
+
+    store, _ = catalogue
+    assert open_engine(store).conf.shortlist_k == 5  # not the default 20
+    refused = run_cli("catalogue", "identify", store.folder, gallery_and_queries[1][0], "--shortlist-k", "20")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "re-scoring 5 images per query, not 20" in refused.stderr and "calibrate --top-k 20" in refused.stderr
+
+
 def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and_queries):
     from spotmatch.catalogue.service import add_images, init_catalogue, open_engine, sources_from_csv
     from spotmatch.errors import SpotmatchError

@@ -40,7 +40,7 @@ def test_missing_local_evidence_is_explicit():
 def test_fusion_is_calibrated_and_round_trips(tmp_path):
     table, labels = synthetic_pairs()
     fit_rows = np.arange(len(table)) < 3000
-    model = FusionModel.new(embedder_id="emb-1", extractor="rootsift-x").fit(pair_features(table[fit_rows]), labels[fit_rows])
+    model = FusionModel.new(embedder_id="emb-1", extractor="rootsift-x", shortlist_k=20).fit(pair_features(table[fit_rows]), labels[fit_rows])
     probability = model.predict_proba(pair_features(table[~fit_rows]))
     assert expected_calibration_error(probability, labels[~fit_rows]) < 0.05
     # More verified matches on the coat mean "same cat" (inliers and their summed confidence rise together).
@@ -54,11 +54,15 @@ def test_fusion_is_calibrated_and_round_trips(tmp_path):
     np.testing.assert_allclose(loaded.predict_proba(pair_features(table)), model.predict_proba(pair_features(table)))
     with pytest.raises(SpotmatchError, match="calibrated for embedder 'emb-1', not 'emb-2'"):
         FusionModel.load(path, embedder_id="emb-2")
+    assert FusionModel.load(path, shortlist_k=20).shortlist_k == 20
+    with pytest.raises(SpotmatchError, match="re-scoring 20 images per query, not 100"):
+        FusionModel.load(path, shortlist_k=100)
     payload = json.loads(path.read_text())
-    older = {key: value for key, value in payload.items() if key != "decision"} | {"version": 1}
+    older = {key: value for key, value in payload.items() if key not in ("decision", "shortlist_k")} | {"version": 1}
     (tmp_path / "older.json").write_text(json.dumps(older))
-    # version 1 had no rule: its threshold is on the best probability
+    # version 1 had no rule: its threshold is on the best probability; before version 4 no shortlist was recorded
     assert (FusionModel.load(path).decision, FusionModel.load(tmp_path / "older.json").decision) == ("margin", "best")
+    assert FusionModel.load(tmp_path / "older.json", shortlist_k=100).shortlist_k is None
     payload["version"] = 99
     (tmp_path / "future.json").write_text(json.dumps(payload))
     with pytest.raises(SpotmatchError, match="known version"):
@@ -317,6 +321,7 @@ def test_score_pairs_with_query_expansion_uses_a_calibration_fit_on_it(tmp_path,
     result = calibration.main(dataset, split, split_by, Embedder.from_checkpoint(tiny_checkpoint, run),
                               EngineConfig(shortlist_k=5, cache_dir=cache), calibration.CalibrateConfig(rerankers=(), rerank="qe"), tmp_path)
     fusion = FusionModel.load(result["fusion_path"])
+    assert fusion.shortlist_k == 5
     assert fusion.rerank == "qe" and "identify" not in fusion.quality  # the catalogue never uses such a file
     assert "`identify`: not measured" in calibration.format_quality(fusion.quality)
 
@@ -347,10 +352,16 @@ def test_score_pairs_with_query_expansion_uses_a_calibration_fit_on_it(tmp_path,
     (tmp_path / "images").symlink_to(snow_subset_csv.parent / "images")
     pairs.assign(query_image=[Path(p).name for p in pairs["query_image_path"]], gallery_image=[Path(p).name for p in pairs["gallery_image_path"]])[
         ["row_id", "query_image", "gallery_image"]].to_csv(tmp_path / "test.csv", index=False)
+    # No --top-k: the shortlist of 5 the file was fit with, as the engine above used.
     scored = run_cli("score-pairs", tmp_path / "test.csv", "--checkpoint", tiny_checkpoint, "--fusion", result["fusion_path"], "--rerank", "qe",
-                     "--top-k", "5", "--out", tmp_path / "submission.csv", "--cache-dir", cache)
+                     "--out", tmp_path / "submission.csv", "--cache-dir", cache)
     assert scored.returncode == 0, scored.stderr
+    assert "local top-5" in scored.stdout
     np.testing.assert_allclose(pd.read_csv(tmp_path / "submission.csv")["similarity"], whole["similarity"], rtol=1e-6)
+    longer = run_cli("score-pairs", tmp_path / "test.csv", "--checkpoint", tiny_checkpoint, "--fusion", result["fusion_path"], "--rerank", "qe",
+                     "--top-k", "6", "--out", tmp_path / "longer.csv", "--cache-dir", cache)
+    assert longer.returncode == 2 and longer.stderr.count("\n") == 1 and "re-scoring 5 images per query, not 6" in longer.stderr
+    assert not (tmp_path / "longer.csv").exists()
 
     with pytest.raises(SpotmatchError, match="re-ranked by 'qe', but this command re-ranks by 'none'"):
         Engine.from_files(tiny_checkpoint, result["fusion_path"], EngineConfig(shortlist_k=5, cache_dir=cache), run)

@@ -123,7 +123,7 @@ def init_catalogue(folder: Path, checkpoint: Path, fusion: Path | None, extracto
     return Catalogue.create(folder, settings)
 
 
-def open_engine(catalogue: Catalogue, shortlist_k: int = 20, workers: int = 2, progress: bool = False):
+def open_engine(catalogue: Catalogue, shortlist_k: int | None = None, workers: int = 2, progress: bool = False):
     """The catalogue's own model, with its caches inside the catalogue folder; local matching when calibrated."""
     from spotmatch.engine.engine import Engine, EngineConfig
     from spotmatch.global_embed.embed import EmbedConfig

@@ -84,7 +84,7 @@ def identify(
     images: Optional[Path] = typer.Option(None, help="Image folder of a round's CSV (default: images/ beside it, else its folder)."),
     out: Optional[Path] = typer.Option(None, help="Also write every photo's candidates and evidence to this CSV (atomically)."),
     top_k: int = typer.Option(5, help="Individuals listed per photo."),
-    shortlist_k: int = typer.Option(20, help="Catalogue images re-scored with keypoints per photo."),
+    shortlist_k: Optional[int] = typer.Option(None, help="Catalogue images re-scored with keypoints per photo (default: as many as the calibration file was fit with)."),
     per_individual: Optional[int] = typer.Option(None, help="At most this many images of one individual among them (default: no"
                                                             " limit; docs/catalogue.md measures both)."),
     explain_dir: Optional[Path] = typer.Option(None, help="Draw each candidate's keypoint matches into this folder."),
@@ -217,7 +217,7 @@ def serve(
     folder: Path = typer.Argument(..., help=FOLDER_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; the default is reachable from this machine only."),
     port: int = typer.Option(8765, help="Port."),
-    shortlist_k: int = typer.Option(20, help="Catalogue images re-scored with keypoints per photo."),
+    shortlist_k: Optional[int] = typer.Option(None, help="Catalogue images re-scored with keypoints per photo (default: as many as the calibration file was fit with)."),
     who: str = typer.Option(DEFAULT_WHO, help="Reviewer name recorded with confirmations (the page can override it)."),
 ) -> None:
     """Review web app: pick or upload a photo, compare candidates with their match drawings, confirm or mark as new."""

@@ -157,7 +157,7 @@ def score_pairs(
     checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
     fusion: Optional[Path] = typer.Option(None, help="Calibration file from `spotmatch calibrate`: similarity becomes a calibrated probability."),
     local: Optional[bool] = typer.Option(None, "--local/--no-local", help="Re-score each query's top-K pairs with keypoints (default: on when --fusion is given)."),
-    top_k: int = typer.Option(20, help="Pairs per query re-scored by the local stage."),
+    top_k: Optional[int] = typer.Option(None, help="Pairs per query re-scored by the local stage (default: as many as the calibration file was fit with, else 20)."),
     shortlist_first: bool = typer.Option(False, help="With fusion: scale each query's pairs outside its top-K below the ones inside "
                                                      "(ranks better across stations, calibrates worse: docs/fusion.md)."),
     extractor: str = typer.Option("rootsift", help="Local features (must match the calibration file)."),
@@ -176,15 +176,15 @@ def score_pairs(
 ) -> None:
     """Score every pair of a competition test file into submission.csv through the engine (each image embedded once)."""
     from spotmatch.data.tables import load_pairs
-    from spotmatch.engine.engine import Engine, EngineConfig
+    from spotmatch.engine.engine import Engine, EngineConfig, settle_config
     from spotmatch.engine.scoring import write_submission
     from spotmatch.io import write_csv_atomic
 
     pairs = load_pairs(pairs_csv, images)
     use_local = fusion is not None if local is None else local
-    engine_conf = EngineConfig(shortlist_k=top_k, use_local=use_local, extractor=extractor, local_workers=num_workers,
-                               cache_dir=cache_root(cache_dir), shortlist_first=shortlist_first,
-                               rerank=rerank)
+    # Settled before any work: a Ray job and the summary line need the shortlist length too.
+    engine_conf = settle_config(EngineConfig(shortlist_k=top_k, use_local=use_local, extractor=extractor, local_workers=num_workers,
+                                             cache_dir=cache_root(cache_dir), shortlist_first=shortlist_first, rerank=rerank), fusion)
     run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
     check_backend(backend)
     started = time.perf_counter()
@@ -201,7 +201,7 @@ def score_pairs(
         write_csv_atomic(scored, evidence_out)
     write_submission(scored["row_id"], scored["similarity"].to_numpy(), out)
     n_images = len(set(pairs["query_image_path"]) | set(pairs["gallery_image_path"]))
-    stages = "global" + (f" + {rerank}" if rerank != "none" else "") + (f" + local top-{top_k}" if use_local else "") + (" + fusion" if fusion else "")
+    stages = "global" + (f" + {rerank}" if rerank != "none" else "") + (f" + local top-{engine_conf.shortlist_k}" if use_local else "") + (" + fusion" if fusion else "")
     typer.echo(f"scored {len(pairs)} pairs over {n_images} distinct images ({stages}) in {time.perf_counter() - started:.1f}s; wrote {out}")
 
 

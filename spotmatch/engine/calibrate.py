@@ -27,7 +27,7 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import GroupKFold
 
 from spotmatch.data.tables import Dataset
-from spotmatch.engine.engine import EngineConfig, build_local
+from spotmatch.engine.engine import EngineConfig, build_local, shortlist_length
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.metrics import retrieval_metrics
 from spotmatch.evaluation.protocol import (Protocol, build_protocol, compare_models, evaluate_protocol, format_animal_differences,
@@ -262,7 +262,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
                       for view, (_, view_allowed) in restricted.items()} if measure_identify else {}
 
     scorer = build_local(engine_conf, embedder.conf.masks)
-    k = engine_conf.shortlist_k
+    k = shortlist_length(engine_conf.shortlist_k, None)
     shortlists = ([(r, allowed) for r in ranks.values()] + list(restricted.values()) + list(restricted_new.values())
                   + ([(ranks_new, allowed_new)] if measure_identify else []))
     needed = {(q, g) for r, a in shortlists for q, g in zip(*np.nonzero((r < k) & a))}
@@ -318,7 +318,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
 
     fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, extractor=scorer.conf_name,
                              threshold=identify_threshold, target_precision=conf.target_precision, quality=quality,
-                             decision=conf.decision, rerank=conf.rerank)
+                             decision=conf.decision, rerank=conf.rerank, shortlist_k=k)
     fusion.fit(pair_features(saved), labels, pair_weights(saved, conf.balance))
     fusion_path = fusion.save(out_dir / "fusion.json")
     diagram = reliability_diagram({"all pairs": (probability, labels),

@@ -11,7 +11,7 @@ re-running with a stage switched on or off recomputes only what changed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,14 @@ from spotmatch.fusion.rerank import check_reranker
 from spotmatch.global_embed.embed import EmbedConfig, Embedder, mask_provider
 
 
+DEFAULT_SHORTLIST_K = 20
+
+
 @dataclass
 class EngineConfig:
-    shortlist_k: int = 20  # local matching runs on each query's K best gallery images by cosine
+    # Local matching runs on each query's K best gallery images by cosine. None: the K the calibration file
+    # was fit with (its probabilities hold for that K only), else DEFAULT_SHORTLIST_K.
+    shortlist_k: int | None = None
     use_local: bool = True
     extractor: str = "rootsift"
     masks: str | None = None  # keypoints only inside these masks; None: the embedder's mask source
@@ -44,11 +49,30 @@ class EngineConfig:
 
     def __post_init__(self):
         check_reranker(self.rerank)
+        if self.shortlist_k is not None and self.shortlist_k < 1:
+            raise SpotmatchError(f"shortlist of {self.shortlist_k} images per query: pass a --top-k / --shortlist-k of 1 or more")
+
+
+def shortlist_length(requested: int | None, fusion: FusionModel | None) -> int:
+    """As requested, else the length the calibration was fit with, else the default."""
+    if requested is not None:
+        return requested
+    return fusion.shortlist_k if fusion is not None and fusion.shortlist_k else DEFAULT_SHORTLIST_K
+
+
+def settle_config(conf: EngineConfig, fusion_path: str | Path | None) -> EngineConfig:
+    """`conf` with its shortlist length settled against the calibration file (refused if it was fit for
+    another): for callers that must know it before an Engine exists, such as a Ray job."""
+    checked = conf.shortlist_k if conf.use_local else None
+    fusion = FusionModel.load(fusion_path, shortlist_k=checked) if fusion_path is not None else None
+    return replace(conf, shortlist_k=shortlist_length(conf.shortlist_k, fusion))
 
 
 class Engine:
     def __init__(self, embedder: Embedder, local=None, fusion: FusionModel | None = None, conf: EngineConfig | None = None):
-        self.embedder, self.local, self.fusion, self.conf = embedder, local, fusion, conf or EngineConfig()
+        conf = conf or EngineConfig()
+        self.embedder, self.local, self.fusion = embedder, local, fusion
+        self.conf = replace(conf, shortlist_k=shortlist_length(conf.shortlist_k, fusion))
         if self.local is not None and self.fusion is None:
             raise SpotmatchError("local evidence needs a calibration file to become a probability; pass --fusion FILE"
                                  " (made by `spotmatch calibrate`) or switch the local stage off with --no-local")
@@ -62,7 +86,8 @@ class Engine:
         fusion = None
         if fusion_path is not None:
             fusion = FusionModel.load(fusion_path, embedder_id=embedder.model_id,
-                                      extractor=local.conf_name if local is not None else None, rerank=conf.rerank)
+                                      extractor=local.conf_name if local is not None else None, rerank=conf.rerank,
+                                      shortlist_k=conf.shortlist_k if local is not None else None)
         return cls(embedder, local, fusion, conf)
 
     def pair_table(self, pairs: pd.DataFrame) -> pd.DataFrame:

@@ -17,8 +17,9 @@ from spotmatch.fusion.features import GLOBAL_FEATURES, LOCAL_FEATURES, MONOTONE
 from spotmatch.io import write_text_atomic
 
 FUSION_FORMAT = "spotmatch.fusion"
-# 2: `decision` (1 had none: its threshold is on the best probability); 3: `rerank` (before: plain cosines)
-FUSION_VERSION = 3
+# 2: `decision` (1 had none: its threshold is on the best probability); 3: `rerank` (before: plain cosines);
+# 4: `shortlist_k` (before: not recorded, and not checked)
+FUSION_VERSION = 4
 MIN_WEIGHT = 1e-3  # smallest magnitude of a sign-constrained weight (standardised feature)
 
 
@@ -149,6 +150,10 @@ class FusionModel:
     decision: str = "best"  # DECISIONS; "best" reads files of version 1 as they were calibrated
     # The global similarity the calibrators were fit on: plain cosine ("none") or re-ranked (fusion.rerank).
     rerank: str = "none"
+    # Images per query the local stage re-scored when the calibrators were fit. The probabilities, and the
+    # threshold set on them, hold for that shortlist only: a longer one puts pairs of other ranks in front of
+    # each calibrator. None: a file older than version 4, which did not record it.
+    shortlist_k: int | None = None
     quality: dict = field(default_factory=dict)
 
     @classmethod
@@ -186,7 +191,7 @@ class FusionModel:
     def save(self, path: str | Path) -> Path:
         payload = {"format": FUSION_FORMAT, "version": FUSION_VERSION, "embedder_id": self.embedder_id,
                    "extractor": self.extractor, "threshold": self.threshold, "target_precision": self.target_precision,
-                   "decision": self.decision, "rerank": self.rerank,
+                   "decision": self.decision, "rerank": self.rerank, "shortlist_k": self.shortlist_k,
                    "quality": self.quality, "with_local": self.with_local.to_dict(), "global_only": self.global_only.to_dict(),
                    "global_all": self.global_all.to_dict()}
         write_text_atomic(json.dumps(payload, indent=1), path)
@@ -194,9 +199,9 @@ class FusionModel:
 
     @classmethod
     def load(cls, path: str | Path, embedder_id: str | None = None, extractor: str | None = None,
-             rerank: str | None = None) -> "FusionModel":
-        """Refuse a file fit for another embedder, extractor or global re-ranking: its probabilities would
-        mean nothing. None: not checked."""
+             rerank: str | None = None, shortlist_k: int | None = None) -> "FusionModel":
+        """Refuse a file fit for another embedder, extractor, global re-ranking or shortlist length: its
+        probabilities would mean nothing. None: not checked."""
         path = Path(path)
         try:
             payload = json.loads(path.read_text())
@@ -217,7 +222,14 @@ class FusionModel:
                 f"{path}: calibrated on global similarities re-ranked by '{saved_rerank}', but this command re-ranks by '{rerank}'; pass --rerank "
                 f"{saved_rerank} to score-pairs, or make a file for this use with `spotmatch calibrate --rerank {rerank}`"
             )
+        saved_shortlist = payload.get("shortlist_k")
+        if shortlist_k is not None and saved_shortlist is not None and shortlist_k != saved_shortlist:
+            raise SpotmatchError(
+                f"{path}: calibrated with the local stage re-scoring {saved_shortlist} images per query, not {shortlist_k}; leave out "
+                f"--top-k / --shortlist-k (or pass {saved_shortlist}), or make a file for {shortlist_k} with `spotmatch calibrate --top-k {shortlist_k}`"
+            )
         return cls(Calibrator.from_dict(payload["with_local"]), Calibrator.from_dict(payload["global_only"]),
                    Calibrator.from_dict(payload["global_all"]), embedder_id=payload["embedder_id"], extractor=payload["extractor"],
                    threshold=payload["threshold"], target_precision=payload["target_precision"],
-                   decision=payload.get("decision", "best"), rerank=saved_rerank, quality=payload.get("quality", {}))
+                   decision=payload.get("decision", "best"), rerank=saved_rerank, shortlist_k=saved_shortlist,
+                   quality=payload.get("quality", {}))

@@ -24,7 +24,7 @@ MAX_UPLOAD_BYTES = 50 * 2**20
 @dataclass
 class ServeConfig:
     catalogue: Path
-    shortlist_k: int = 20
+    shortlist_k: int | None = None  # None: the calibration file's (engine.EngineConfig)
     top_k: int = 5
     default_who: str = "reviewer"
 
