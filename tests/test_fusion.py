@@ -435,3 +435,32 @@ def test_free_signs_fit_is_scikit_learns_logistic_regression():
     reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(standardised, labels, sample_weight=weights)
     assert ours.coef == pytest.approx(reference.coef_[0], abs=1e-3)
     assert ours.intercept == pytest.approx(reference.intercept_[0], abs=1e-3)
+
+
+def test_the_engine_matches_inside_the_masks_the_calibration_was_fit_with(tmp_path, snow_subset_csv, tiny_checkpoint):
+    """A calibration fit with `--local-masks teacher` records them: the engine (score-pairs, explain, the
+    catalogue) matches inside the same masks without being told, and refuses a file fit on other masks."""
+    from spotmatch.data.images import load_image
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.engine import calibrate as calibration
+    from spotmatch.engine.engine import Engine, EngineConfig
+    from spotmatch.evaluation.run import split_for
+    from spotmatch.global_embed.embed import EmbedConfig, Embedder
+
+    cache = str(tmp_path / "cache")
+    run = EmbedConfig(device="cpu", num_workers=0, cache_dir=cache, progress=False)
+    dataset = load_dataset(snow_subset_csv)
+    split, split_by, _ = split_for(dataset, SplitConfig(by="identity"), tiny_checkpoint)
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, run)
+    assert embedder.conf.masks != "teacher"
+    result = calibration.main(dataset, split, split_by, embedder, EngineConfig(shortlist_k=5, masks="teacher", cache_dir=cache),
+                              calibration.CalibrateConfig(rerankers=()), tmp_path)
+    fusion = FusionModel.load(result["fusion_path"])
+    assert fusion.local_masks == "teacher" and "+masks-teacher-" in fusion.extractor
+
+    engine = Engine.from_files(tiny_checkpoint, result["fusion_path"], EngineConfig(cache_dir=cache), run)
+    assert engine.conf.masks == "teacher" and engine.local.conf_name == fusion.extractor
+    assert any(engine.local.mask_source(load_image(path)) is not None for path in dataset.paths)  # the teacher's, on JPEG frames
+    with pytest.raises(SpotmatchError, match="calibrated for local stage .*masks-teacher.*, not 'rootsift-[^']*'; run `spotmatch calibrate`"):
+        Engine.from_files(tiny_checkpoint, result["fusion_path"], EngineConfig(masks="alpha", cache_dir=cache), run)

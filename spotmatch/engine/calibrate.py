@@ -37,6 +37,7 @@ from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import calibration_report, reliability_diagram, threshold_for_precision
 from spotmatch.fusion.rerank import check_reranker, rerank_similarity
 from spotmatch.global_embed.embed import Embedder
+from spotmatch.segmentation.provider import absolute_source
 
 
 @dataclass
@@ -318,7 +319,8 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
 
     fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, extractor=scorer.conf_name,
                              threshold=identify_threshold, target_precision=conf.target_precision, quality=quality,
-                             decision=conf.decision, rerank=conf.rerank, shortlist_k=k)
+                             decision=conf.decision, rerank=conf.rerank, shortlist_k=k,
+                             local_masks=absolute_source(engine_conf.masks or embedder.conf.masks))
     fusion.fit(pair_features(saved), labels, pair_weights(saved, conf.balance))
     fusion_path = fusion.save(out_dir / "fusion.json")
     diagram = reliability_diagram({"all pairs": (probability, labels),

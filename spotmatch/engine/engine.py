@@ -80,14 +80,21 @@ class Engine:
     @classmethod
     def from_files(cls, checkpoint: str | Path, fusion_path: str | Path | None = None, conf: EngineConfig | None = None,
                    run: EmbedConfig | None = None) -> "Engine":
+        """The local stage matches inside the masks `conf` names, else those the calibration file was fit
+        with, else the embedder's; a file fit for other local settings is refused."""
         conf = conf or EngineConfig()
         embedder = Embedder.from_checkpoint(checkpoint, run)
-        local = build_local(conf, embedder.conf.masks) if conf.use_local else None
         fusion = None
         if fusion_path is not None:
-            fusion = FusionModel.load(fusion_path, embedder_id=embedder.model_id,
-                                      extractor=local.conf_name if local is not None else None, rerank=conf.rerank,
-                                      shortlist_k=conf.shortlist_k if local is not None else None)
+            fusion = FusionModel.load(fusion_path, embedder_id=embedder.model_id, rerank=conf.rerank,
+                                      shortlist_k=conf.shortlist_k if conf.use_local else None)
+        local = None
+        if conf.use_local:
+            calibrated_masks = fusion.local_masks if fusion is not None else None
+            conf = replace(conf, masks=conf.masks or calibrated_masks or embedder.conf.masks)
+            local = build_local(conf, embedder.conf.masks)
+            if fusion is not None:
+                fusion.refuse_other_local_stage(local.conf_name, fusion_path)
         return cls(embedder, local, fusion, conf)
 
     def pair_table(self, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -121,7 +128,8 @@ def build_local(conf: EngineConfig, embedder_masks: str = "alpha"):
     cache = conf.cache_dir if conf.cache_dir else None
     masks = mask_provider(conf.masks or embedder_masks, cache)
     return LocalMatcher.from_name(conf.extractor, cache_dir=cache, workers=conf.local_workers,
-                                  mask_source=masks.mask_for if masks else None, cache_pairs=conf.cache_pairs)
+                                  mask_source=masks.mask_for if masks else None, mask_name=masks.name if masks else None,
+                                  cache_pairs=conf.cache_pairs)
 
 
 def explain(engine: Engine, query: str | Path, gallery: str | Path, out_png: str | Path):

@@ -18,7 +18,7 @@ from spotmatch.io import write_text_atomic
 
 FUSION_FORMAT = "spotmatch.fusion"
 # 2: `decision` (1 had none: its threshold is on the best probability); 3: `rerank` (before: plain cosines);
-# 4: `shortlist_k` (before: not recorded, and not checked)
+# 4: `shortlist_k` and `local_masks` (before: not recorded; any shortlist and the embedder's masks were used)
 FUSION_VERSION = 4
 MIN_WEIGHT = 1e-3  # smallest magnitude of a sign-constrained weight (standardised feature)
 
@@ -154,6 +154,9 @@ class FusionModel:
     # threshold set on them, hold for that shortlist only: a longer one puts pairs of other ranks in front of
     # each calibrator. None: a file older than version 4, which did not record it.
     shortlist_k: int | None = None
+    # The mask source the local stage matched inside (segmentation MaskConfig.source, a U-Net's path made
+    # absolute): the engine uses the same unless told otherwise. None: a file older than version 4.
+    local_masks: str | None = None
     quality: dict = field(default_factory=dict)
 
     @classmethod
@@ -192,7 +195,7 @@ class FusionModel:
         payload = {"format": FUSION_FORMAT, "version": FUSION_VERSION, "embedder_id": self.embedder_id,
                    "extractor": self.extractor, "threshold": self.threshold, "target_precision": self.target_precision,
                    "decision": self.decision, "rerank": self.rerank, "shortlist_k": self.shortlist_k,
-                   "quality": self.quality, "with_local": self.with_local.to_dict(), "global_only": self.global_only.to_dict(),
+                   "local_masks": self.local_masks, "quality": self.quality, "with_local": self.with_local.to_dict(), "global_only": self.global_only.to_dict(),
                    "global_all": self.global_all.to_dict()}
         write_text_atomic(json.dumps(payload, indent=1), path)
         return Path(path)
@@ -211,11 +214,10 @@ class FusionModel:
             raise SpotmatchError(f"{path}: not a readable calibration file; run `spotmatch calibrate` again") from None
         if payload.get("format") != FUSION_FORMAT or payload.get("version", 0) > FUSION_VERSION:
             raise SpotmatchError(f"{path}: not a spotmatch calibration file of a known version; run `spotmatch calibrate` again")
-        for what, expected, saved in (("embedder", embedder_id, payload["embedder_id"]), ("extractor", extractor, payload["extractor"])):
-            if expected is not None and expected != saved:
-                raise SpotmatchError(
-                    f"{path}: calibrated for {what} '{saved}', not '{expected}'; run `spotmatch calibrate` for this model"
-                )
+        if embedder_id is not None and embedder_id != payload["embedder_id"]:
+            raise SpotmatchError(
+                f"{path}: calibrated for embedder '{payload['embedder_id']}', not '{embedder_id}'; run `spotmatch calibrate` for this model"
+            )
         saved_rerank = payload.get("rerank", "none")
         if rerank is not None and rerank != saved_rerank:
             raise SpotmatchError(
@@ -228,8 +230,19 @@ class FusionModel:
                 f"{path}: calibrated with the local stage re-scoring {saved_shortlist} images per query, not {shortlist_k}; leave out "
                 f"--top-k / --shortlist-k (or pass {saved_shortlist}), or make a file for {shortlist_k} with `spotmatch calibrate --top-k {shortlist_k}`"
             )
-        return cls(Calibrator.from_dict(payload["with_local"]), Calibrator.from_dict(payload["global_only"]),
-                   Calibrator.from_dict(payload["global_all"]), embedder_id=payload["embedder_id"], extractor=payload["extractor"],
-                   threshold=payload["threshold"], target_precision=payload["target_precision"],
-                   decision=payload.get("decision", "best"), rerank=saved_rerank, shortlist_k=saved_shortlist,
-                   quality=payload.get("quality", {}))
+        model = cls(Calibrator.from_dict(payload["with_local"]), Calibrator.from_dict(payload["global_only"]),
+                    Calibrator.from_dict(payload["global_all"]), embedder_id=payload["embedder_id"], extractor=payload["extractor"],
+                    threshold=payload["threshold"], target_precision=payload["target_precision"],
+                    decision=payload.get("decision", "best"), rerank=saved_rerank, shortlist_k=saved_shortlist,
+                    local_masks=payload.get("local_masks"), quality=payload.get("quality", {}))
+        if extractor is not None:
+            model.refuse_other_local_stage(extractor, path)
+        return model
+
+    def refuse_other_local_stage(self, settings_name: str, path: str | Path) -> None:
+        """`settings_name`: the local stage's conf_name (extractor, matcher, verification, masks)."""
+        if settings_name != self.extractor:
+            raise SpotmatchError(
+                f"{path}: calibrated for local stage '{self.extractor}', not '{settings_name}'; run `spotmatch calibrate` with "
+                f"these local settings, or drop the option that changed them (--extractor, --local-masks)"
+            )

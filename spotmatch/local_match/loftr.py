@@ -31,7 +31,8 @@ class LoFTRConf:
 class LoFTRMatcher(PairScorer):
     default_conf = LoFTRConf()
 
-    def __init__(self, conf: LoFTRConf | None = None, mask_source: MaskSource | None = None, **overrides: Any):
+    def __init__(self, conf: LoFTRConf | None = None, mask_source: MaskSource | None = None, mask_name: str | None = None,
+                 **overrides: Any):
         self.conf = merge_config(conf if conf is not None else self.default_conf, **overrides)
         weights = resolve_weights(self.conf.weights, None, "LoFTR")  # before importing anything heavy
         from kornia.feature import LoFTR
@@ -41,13 +42,13 @@ class LoFTRMatcher(PairScorer):
         load_into(model, state_dict.get("state_dict", state_dict), str(weights))
         self.device = pick_device(self.conf.device)
         self.model = model.to(self.device).eval()
-        self.mask_source = mask_source
+        self.mask_source, self.mask_name = mask_source, mask_name
         self.region_conf = ExtractorConf(max_side=self.conf.max_side)
 
     @property
     def conf_name(self) -> str:
         values = {k: v for k, v in asdict(self.conf).items() if k not in ("device", "weights")}  # not what is found
-        return f"loftr-r{self.conf.max_side}-{config_hash(values, 6)}"
+        return self.with_masks(f"loftr-r{self.conf.max_side}-{config_hash(values, 6)}")
 
     def _grey_tensor(self, path: str):
         import torch

@@ -37,11 +37,17 @@ class PairScorer(ABC):
     """Anything that turns image pairs into PairEvidence; `score_pairs` streams a pairs table through it."""
 
     chunk_size: int = 256
+    # Names the mask source behind `mask_source` (segmentation MaskProvider.name); None: the images' own
+    # alpha masks only. Masks change the evidence, so they are part of `conf_name`.
+    mask_name: str | None = None
 
     @property
     def conf_name(self) -> str:
         """Names every setting that changes the evidence; a calibration file records it and refuses another."""
-        return type(self).__name__
+        return self.with_masks(type(self).__name__)
+
+    def with_masks(self, settings: str) -> str:
+        return f"{settings}+masks-{self.mask_name}" if self.mask_name else settings
 
     @abstractmethod
     def evidence_many(self, path_pairs: Sequence[tuple[str, str]]) -> list[PairEvidence]:
@@ -88,14 +94,15 @@ class LocalMatcher(PairScorer):
         max_in_memory: int = 256,
         mask_source: MaskSource | None = None,
         cache_pairs: bool = False,
+        mask_name: str | None = None,
     ):
         """`cache_pairs`: keep each pair's evidence under `cache_dir` too (the engine does; off here so that
-        a benchmark of matching measures matching)."""
+        a benchmark of matching measures matching). `mask_name`: see PairScorer."""
         self.extractor = extractor
         self.matcher = matcher
         self.cache = FeatureCache(extractor, cache_dir, max_in_memory=max_in_memory)
         self.workers = max(1, workers)
-        self.mask_source = mask_source
+        self.mask_source, self.mask_name = mask_source, mask_name
         self.pair_cache = PairEvidenceCache(cache_dir, self.conf_name) if cache_pairs and cache_dir is not None else None
 
     @classmethod
@@ -109,20 +116,21 @@ class LocalMatcher(PairScorer):
         matcher_conf: dict[str, Any] | None = None,
         mask_source: MaskSource | None = None,
         cache_pairs: bool = False,
+        mask_name: str | None = None,
     ) -> "LocalMatcher | PairScorer":
         """The extractor registered as `name` with its usual matcher; `loftr` gives the detector-free matcher."""
         if name in DENSE_MATCHERS:
             from spotmatch.local_match.loftr import LoFTRMatcher
 
-            return LoFTRMatcher(mask_source=mask_source, **(matcher_conf or {}))
+            return LoFTRMatcher(mask_source=mask_source, mask_name=mask_name, **(matcher_conf or {}))
         extractor = create_extractor(name, **(extractor_conf or {}))
         chosen = matcher or EXTRACTORS[name].matcher
         return cls(extractor, create_matcher(name, chosen, **(matcher_conf or {})), cache_dir, workers, mask_source=mask_source,
-                   cache_pairs=cache_pairs)
+                   cache_pairs=cache_pairs, mask_name=mask_name)
 
     @property
     def conf_name(self) -> str:
-        return f"{self.extractor.conf_name}+{self.matcher.conf_name}"
+        return self.with_masks(f"{self.extractor.conf_name}+{self.matcher.conf_name}")
 
     def record(self, path: str | Path) -> ImageRecord:
         return load_image(path)

@@ -47,6 +47,13 @@ class MaskConfig:
         return Path(self.source.split(":", 1)[1]) if self.kind == "unet" else None
 
 
+def absolute_source(source: str) -> str:
+    """`source` with a U-Net checkpoint's path made absolute, so that a file recording it (a calibration)
+    names the same masks from any working directory."""
+    conf = MaskConfig(source=source)
+    return f"unet:{conf.checkpoint.resolve()}" if conf.kind == "unet" else source
+
+
 class ProbabilityModel(Protocol):
     def probability(self, rgb: np.ndarray) -> np.ndarray: ...
 
@@ -172,6 +179,12 @@ class MaskProvider:
             return cls(conf, None, None)
         cache = MaskCache(Path(cache_dir) / "masks" / mask_cache_name(conf)) if cache_dir else None
         return cls(conf, ModelLoader(conf, device), cache)
+
+    @property
+    def name(self) -> str | None:
+        """What makes these masks, content-addressed (a U-Net by its file's digest); None when only the
+        images' own alpha masks are used."""
+        return mask_cache_name(self.conf) if self.load_model is not None else None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
