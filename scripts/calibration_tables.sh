@@ -67,6 +67,9 @@ snow-20ep-384|$SNOW|runs/snow-cpu-20ep-384/best.pt|runs/snow-cpu-20ep-384|
 nyala-20ep-512|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512|
 nyala-20ep-512-top100|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/top100|--top-k 100
 nyala-20ep-512-top100-kr|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/top100-kr|--top-k 100 --rerank k-reciprocal
+nyala-20ep-512-qe|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/qe|--rerank qe
+nyala-20ep-512-top100-qe|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/top100-qe|--top-k 100 --rerank qe
+nyala-20ep-512-top200|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/top200|--top-k 200
 "
 wanted=" $* "
 while IFS='|' read -r name data checkpoint out_dir extra diagram; do
