@@ -251,6 +251,15 @@ def test_review_decisions_are_recorded_with_who_and_when(catalogue, gallery_and_
     assert store.integrity_problems() == []
 
 
+def test_init_refuses_a_calibration_of_another_local_stage(tmp_path, tiny_checkpoint, fusion_file):
+    from spotmatch.catalogue.service import init_catalogue
+    from spotmatch.errors import SpotmatchError
+
+    with pytest.raises(SpotmatchError, match="calibrated for local stage 'rootsift-[^']*', not 'disk-"):
+        init_catalogue(tmp_path / "cat", tiny_checkpoint, fusion_file, extractor="disk")
+    assert not (tmp_path / "cat").exists()  # refused before anything was written
+
+
 def test_identify_rescores_as_many_images_as_the_calibration_was_fit_with(catalogue, gallery_and_queries):
     """The probabilities and the "new individual" threshold hold for the shortlist length they were fit
     on (5 here): identify takes it from the calibration file and refuses another."""

@@ -110,13 +110,14 @@ class QueryResult:
 
 # --- settings and the engine ----------------------------------------------------------------------------
 def init_catalogue(folder: Path, checkpoint: Path, fusion: Path | None, extractor: str = "rootsift") -> Catalogue:
-    from spotmatch.fusion.calibration import FusionModel
-    from spotmatch.global_embed.embed import EmbedConfig, Embedder
+    from spotmatch.engine.engine import Engine, EngineConfig
+    from spotmatch.global_embed.embed import EmbedConfig
 
-    embedder = Embedder.from_checkpoint(checkpoint, EmbedConfig(device="cpu", progress=False, cache_dir=None))
-    if fusion is not None:
-        # Refuse a calibration of another model now, not later; identify ranks plain cosines, never re-ranked ones.
-        FusionModel.load(fusion, embedder_id=embedder.model_id, rerank="none")
+    # The engine `open_engine` will build, built once now: a calibration of another model or local stage is
+    # refused before the catalogue exists, not at its first use. Identify ranks plain cosines (rerank none).
+    engine = Engine.from_files(checkpoint, fusion, EngineConfig(use_local=fusion is not None, extractor=extractor, cache_dir=None),
+                               EmbedConfig(device="cpu", progress=False, cache_dir=None))
+    embedder = engine.embedder
     settings = CatalogueSettings(checkpoint=str(Path(checkpoint).resolve()),
                                  fusion=str(Path(fusion).resolve()) if fusion else None,
                                  embedder_id=embedder.model_id, embedding_dim=embedder.dim, extractor=extractor)
