@@ -70,6 +70,7 @@ nyala-20ep-512-top100-kr|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-2
 nyala-20ep-512-qe|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/qe|--rerank qe
 nyala-20ep-512-top100-qe|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/top100-qe|--top-k 100 --rerank qe
 nyala-20ep-512-top200|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/top200|--top-k 200
+snow-20ep-top300|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/top300|--top-k 300
 "
 wanted=" $* "
 while IFS='|' read -r name data checkpoint out_dir extra diagram; do
