@@ -194,8 +194,8 @@ class FusionModel:
     def save(self, path: str | Path) -> Path:
         payload = {"format": FUSION_FORMAT, "version": FUSION_VERSION, "embedder_id": self.embedder_id,
                    "extractor": self.extractor, "threshold": self.threshold, "target_precision": self.target_precision,
-                   "decision": self.decision, "rerank": self.rerank, "shortlist_k": self.shortlist_k,
-                   "local_masks": self.local_masks, "quality": self.quality, "with_local": self.with_local.to_dict(), "global_only": self.global_only.to_dict(),
+                   "decision": self.decision, "rerank": self.rerank, "shortlist_k": self.shortlist_k, "local_masks": self.local_masks,
+                   "quality": self.quality, "with_local": self.with_local.to_dict(), "global_only": self.global_only.to_dict(),
                    "global_all": self.global_all.to_dict()}
         write_text_atomic(json.dumps(payload, indent=1), path)
         return Path(path)
