@@ -58,10 +58,12 @@ def test_fusion_is_calibrated_and_round_trips(tmp_path):
     with pytest.raises(SpotmatchError, match="re-scoring 20 images per query, not 100"):
         FusionModel.load(path, shortlist_k=100)
     payload = json.loads(path.read_text())
-    older = {key: value for key, value in payload.items() if key not in ("decision", "shortlist_k")} | {"version": 1}
+    older = {key: value for key, value in payload.items() if key not in ("decision", "shortlist_k")} | {"version": 1, "threshold": 1.0}
     (tmp_path / "older.json").write_text(json.dumps(older))
-    # version 1 had no rule: its threshold is on the best probability; before version 4 no shortlist was recorded
+    # version 1 had no rule: its threshold is on the best probability; before version 4 no shortlist was recorded;
+    # before version 5 a threshold of 1.0 meant "never name", which a probability of exactly 1.0 reached
     assert (FusionModel.load(path).decision, FusionModel.load(tmp_path / "older.json").decision) == ("margin", "best")
+    assert FusionModel.load(tmp_path / "older.json").threshold > 1.0
     assert FusionModel.load(tmp_path / "older.json", shortlist_k=100).shortlist_k is None
     payload["version"] = 99
     (tmp_path / "future.json").write_text(json.dumps(payload))
@@ -82,6 +84,13 @@ def test_identity_balance_weighs_every_animal_the_same():
     per_gallery_animal = weights[frame["q"] == 0].groupby(frame["gallery_identity"]).sum()
     assert per_gallery_animal["big"] == pytest.approx(per_gallery_animal["small"])
     assert weights.mean() == pytest.approx(1.0) and (pair_weights(frame, "none") == 1).all()
+    # Lists of unequal make-up, as in a view or a shortlist: "big" has two queries, one with a long list.
+    views = pd.DataFrame({"q": [0] * 10 + [1] * 2 + [2] * 4, "query_identity": ["big"] * 12 + ["small"] * 4,
+                          "gallery_identity": ["big"] * 8 + ["small"] * 2 + ["big", "small"] + ["big", "small", "other", "other"]})
+    view_weights = pd.Series(pair_weights(views, "identity"))
+    assert np.ptp(view_weights.groupby(views["query_identity"]).sum()) == pytest.approx(0)
+    assert view_weights[views["q"] == 0].sum() == pytest.approx(view_weights[views["q"] == 1].sum())
+    assert np.ptp(view_weights[views["q"] == 2].groupby(views["gallery_identity"]).sum()) == pytest.approx(0)
     with pytest.raises(SpotmatchError, match="--balance per-photo: unknown weighting"):
         CalibrateConfig(balance="per-photo")
 
@@ -97,6 +106,7 @@ def test_identity_balanced_ece_separates_calibration_from_photo_counts():
 
 
 def test_identify_threshold_counts_photos_of_missing_animals():
+    from spotmatch.catalogue.service import QueryResult
     from spotmatch.engine.calibrate import CalibrateConfig, identify_decision
 
     # best candidate per photo with its animal in the gallery (label: named right) and taken out (never right)
@@ -110,7 +120,11 @@ def test_identify_threshold_counts_photos_of_missing_animals():
     assert (decision["known_named_right"], decision["known_named_wrong"], decision["known_called_new"], decision["new_named"]) == \
         pytest.approx((0.5, 0.0, 0.5, 0.25))
     assert (decision["best"]["threshold"], decision["best"]["precision"]) == pytest.approx((0.8, 1.0))  # the lowest at the top
-    assert identify_decision(known.assign(label=0), new, 0.65, new_share=0.5)["threshold"] == 1.0  # never right: never name
+    # Never right: never name, not even a photo whose best individual leads by a whole 1.0 (isotonic reaches it).
+    never = identify_decision(known.assign(label=0, probability=[1.0, 0.8, 0.7, 0.3]), new, 0.65, new_share=0.5)
+    assert never["threshold"] > 1.0 and never["known_named_wrong"] == never["new_named"] == 0.0
+    result = QueryResult("q.jpg", "sha", [], never["threshold"], decision="margin", decision_score=1.0)
+    assert result.verdict == "new individual"
     with pytest.raises(SpotmatchError, match="--new-share 1.0: must be at least 0 and below 1"):
         CalibrateConfig(new_share=1.0)
 
@@ -229,6 +243,29 @@ def test_rerankers_put_same_cluster_first():
         assert (truth[top] == np.arange(6)[:, None]).mean() >= 0.8
 
 
+def test_k_reciprocal_keeps_each_querys_distance_order():
+    # With lambda 1 the re-ranked distance is the original one, scaled per query (Zhong et al. scale each
+    # row by its own largest distance): every query's order must stay the cosine's.
+    rng = np.random.default_rng(2)
+    queries, gallery = rng.normal(size=(8, 16)), rng.normal(size=(40, 16))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    reranked = k_reciprocal_rerank(queries, gallery, lambda_value=1.0)
+    np.testing.assert_array_equal(np.argsort(-reranked, axis=1), np.argsort(-(queries @ gallery.T), axis=1))
+
+
+def test_query_expansion_uses_only_allowed_neighbours():
+    # A query with one allowed gallery image is expanded by that image alone, as in a file of its own rows.
+    rng = np.random.default_rng(3)
+    photos = rng.normal(size=(6, 8))
+    photos /= np.linalg.norm(photos, axis=1, keepdims=True)
+    allowed = ~np.eye(6, dtype=bool)
+    allowed[0] = False
+    allowed[0, 3] = True
+    expanded = query_expansion(photos, photos, allowed=allowed)
+    np.testing.assert_allclose(expanded[0, 3], query_expansion(photos[:1], photos[3:4])[0, 0], rtol=1e-6)
+
+
 def test_query_expansion_leaves_the_query_out_of_its_own_neighbours():
     # Open set: the gallery is the queries themselves. Expanding a query with itself would only count it
     # twice; with the pair disallowed, its expansion is the one against the gallery without it.
@@ -281,6 +318,19 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
     checked = evidence["inliers"].notna().to_numpy()
     assert np.allclose(submission["similarity"], fusion.predict_proba(pair_features(evidence)))  # by default, the calibrated probability
 
+    # `explain` at a pair's global rank draws the probability score-pairs gave it, inside the shortlist and past it.
+    from spotmatch.engine.engine import Engine, EngineConfig, explain
+    from spotmatch.global_embed.embed import EmbedConfig
+
+    engine = Engine.from_files(tiny_checkpoint, out_dir / "fusion.json", EngineConfig(cache_dir=str(tmp_path / "cache")),
+                               EmbedConfig(device="cpu", num_workers=0, cache_dir=str(tmp_path / "cache"), progress=False))
+    images = snow_subset_csv.parent / "images"
+    for row in (np.flatnonzero(checked & (evidence["global_rank"] > 0))[0], np.flatnonzero(~checked)[0]):
+        drawn = explain(engine, images / pairs["query_image"].iloc[row], images / pairs["gallery_image"].iloc[row],
+                        tmp_path / f"explain-{row}.png", global_rank=int(evidence["global_rank"].iloc[row]))
+        assert drawn.scores.probability == pytest.approx(submission["similarity"].iloc[row], abs=1e-6)
+        assert f"at global rank {evidence['global_rank'].iloc[row]}" in drawn.scores.text()
+
     # A calibration whose pairs outside the shortlist all score above the shortlisted ones, as pooled fits
     # do on the snow leopards: --shortlist-first puts them back below, in their order.
     overtaking = json.loads((out_dir / "fusion.json").read_text())
@@ -300,6 +350,26 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
     refused = run_cli("score-pairs", tmp_path / "test.csv", "--checkpoint", tiny_checkpoint, "--local",
                       "--out", tmp_path / "other.csv")
     assert refused.returncode == 2 and "needs a calibration file" in refused.stderr
+
+
+def test_identify_threshold_is_set_on_photos_whose_animal_the_gallery_holds(tmp_path, snow_subset_csv, tiny_checkpoint):
+    """Open set: an animal with one held-out photo has no match in the gallery. Its photo cannot be named
+    right, so it must not count among the photos with their animal in the gallery."""
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.engine import calibrate as calibration
+    from spotmatch.engine.engine import EngineConfig
+    from spotmatch.global_embed.embed import EmbedConfig, Embedder
+
+    dataset = load_dataset(snow_subset_csv)
+    identity = dataset.table["identity"]
+    lone = identity.index[identity == "Cat21"][0]
+    split = pd.Series(np.where((identity != "Cat21") | (identity.index == lone), "val", "train"), index=identity.index)
+    cache = str(tmp_path / "cache")
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(device="cpu", num_workers=0, cache_dir=cache, progress=False))
+    result = calibration.main(dataset, split, "identity", embedder, EngineConfig(shortlist_k=3, cache_dir=cache),
+                              calibration.CalibrateConfig(rerankers=(), folds=2), tmp_path)
+    with_match = int((identity != "Cat21").sum())
+    assert result["quality"]["identify"]["known_photos"] == with_match == result["quality"]["identify"]["new_photos"]
 
 
 def test_score_pairs_with_query_expansion_uses_a_calibration_fit_on_it(tmp_path, snow_subset_csv, tiny_checkpoint):

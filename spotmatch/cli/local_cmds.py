@@ -101,6 +101,9 @@ def explain(
     fusion: Optional[Path] = typer.Option(None, "--fusion", help="calibration file (with --checkpoint): adds the fused probability"),
     cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="cache folder"),
     weights: Optional[str] = typer.Option(None, "--weights", help="weights file (LoFTR needs one)"),
+    global_rank: int = typer.Option(0, "--global-rank", help="with --fusion: the gallery photo's place in the query's global list "
+                                                              "(0: its best; the global_rank column of score-pairs --evidence-out), "
+                                                              "on which the fused probability depends"),
 ) -> None:
     """Draw the verified keypoint matches of one pair, with the scores, and save the keypoints as JSON."""
     from spotmatch.local_match.explain import explain_pair
@@ -113,7 +116,7 @@ def explain(
         from spotmatch.engine.engine import explain as explain_with_engine
 
         engine = Engine.from_files(checkpoint, fusion, EngineConfig(extractor=extractor, cache_dir=str(cache)))
-        result = explain_with_engine(engine, query, gallery, out)
+        result = explain_with_engine(engine, query, gallery, out, global_rank)
         typer.echo(f"wrote {result.png_path} and {result.json_path}: {result.scores.text()}")
         return
 

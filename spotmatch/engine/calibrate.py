@@ -34,7 +34,7 @@ from spotmatch.evaluation.protocol import (Protocol, build_protocol, compare_mod
                                           format_comparisons, format_table)
 from spotmatch.fusion.calibration import DECISIONS, FusionModel, decision_score, keep_shortlist_first, lowest_shortlisted
 from spotmatch.fusion.features import pair_features
-from spotmatch.fusion.quality import calibration_report, reliability_diagram, threshold_for_precision
+from spotmatch.fusion.quality import NEVER, calibration_report, reliability_diagram, threshold_for_precision
 from spotmatch.fusion.rerank import check_reranker, rerank_similarity
 from spotmatch.global_embed.embed import Embedder
 from spotmatch.segmentation.provider import absolute_source
@@ -88,14 +88,16 @@ DECISION_WORDS = {"margin": "best individual's lead over the next", "best": "bes
 
 
 def pair_weights(frame: pd.DataFrame, balance: str) -> np.ndarray:
-    """Sample weight per pair (mean 1): 1 each, or 1 / (pairs of its query identity) / (pairs of its
-    gallery identity in its query's list)."""
+    """Sample weight per pair (mean 1): 1 each, or IB-mAP's weighting of `frame`'s pairs: every query
+    animal the same, within it every query, and within a query every gallery animal (1 / its queries /
+    the animals in the query's list / that animal's pairs there). Lists of unequal make-up (a view, a
+    shortlist) keep the balance, so weights are made for the pairs they weigh, not taken from a larger set."""
     if balance == "none":
         return np.ones(len(frame))
-    query_identity = frame["query_identity"]
-    weight = 1.0 / query_identity.map(query_identity.value_counts()).to_numpy(dtype=float)
-    block = frame["q"].astype(str) + "\x1f" + frame["gallery_identity"].astype(str)
-    weight /= block.map(block.value_counts()).to_numpy(dtype=float)
+    queries_of_animal = frame.groupby("query_identity")["q"].transform("nunique")
+    animals_in_list = frame.groupby("q")["gallery_identity"].transform("nunique")
+    pairs_of_animal = frame.groupby(["q", "gallery_identity"])["q"].transform("size")
+    weight = 1.0 / (queries_of_animal * animals_in_list * pairs_of_animal).to_numpy(dtype=float)
     return weight * len(frame) / weight.sum()
 
 
@@ -211,7 +213,7 @@ def identify_decision(known: pd.DataFrame, new: pd.DataFrame, target_precision: 
     probability = np.concatenate([known["probability"], new["probability"]])
     correct = np.concatenate([known["label"], np.zeros(len(new), int)])
     weight = np.concatenate([np.full(len(known), (1 - new_share) / max(len(known), 1)), np.full(len(new), new_share / max(len(new), 1))])
-    threshold = threshold_for_precision(probability, correct, target_precision, weight) if correct.any() else 1.0
+    threshold = threshold_for_precision(probability, correct, target_precision, weight) if correct.any() else NEVER
     right = known["label"].to_numpy() == 1
 
     def outcome(at: float) -> dict:
@@ -303,19 +305,19 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     saved, probability = frames[conf.saved_variant], held_out_probability[conf.saved_variant]
     labels, saved_shortlisted = saved["label"].to_numpy(), (saved["global_rank"] < k).to_numpy()
     quality = pair_quality(saved, probability, k, conf.target_precision)
-    identify_threshold = 1.0  # a file fit on re-ranked similarities never names an animal
+    identify_threshold = NEVER  # a file fit on re-ranked similarities never names an animal
     if measure_identify:
         new_frame = source.frame(ranks_new, allowed_new)
         new_probability = cross_validated_probability(plain, conf, new_frame)
-        quality["identify by rule"] = {
-            rule: identify_decision(decision_per_query(plain, probability, k, rule), decision_per_query(new_frame, new_probability, k, rule),
-                                    conf.target_precision, conf.new_share)
-            for rule in DECISIONS}
+        decisions = {rule: (decision_per_query(plain, probability, k, rule), decision_per_query(new_frame, new_probability, k, rule))
+                     for rule in DECISIONS}
+        # Only a photo whose animal the gallery holds can be named right: in an open set, an animal with one
+        # held-out photo has none, and would count as a known photo that is always wrong.
+        quality["identify by rule"] = identify_within(decisions, plain.loc[plain["label"] == 1, "q"].unique(), conf)
         quality["identify"] = {**quality["identify by rule"][conf.decision], "decision": conf.decision}
         # The saved threshold serves `identify`, so it is the one set on identify's own decision.
         identify_threshold = quality["identify"]["threshold"]
-        whole = (decision_per_query(plain, probability, k, conf.decision), decision_per_query(new_frame, new_probability, k, conf.decision))
-        searched["identify"] = identify_in_views(plain, source, searched_frames, restricted_new, whole, conf)
+        searched["identify"] = identify_in_views(plain, source, searched_frames, restricted_new, decisions[conf.decision], conf)
 
     fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, extractor=scorer.conf_name,
                              threshold=identify_threshold, target_precision=conf.target_precision, quality=quality,
@@ -339,7 +341,7 @@ def pair_quality(saved: pd.DataFrame, probability: np.ndarray, k: int, target_pr
     threshold = threshold_for_precision(probability, labels, target_precision)
     calls = probability >= threshold
     return {"all pairs": calibration_report(probability, labels, balanced_weight),
-            f"top-{k} pairs": calibration_report(probability[shortlisted], labels[shortlisted], balanced_weight[shortlisted]),
+            f"top-{k} pairs": calibration_report(probability[shortlisted], labels[shortlisted], pair_weights(saved[shortlisted], "identity")),
             "all pairs, shortlist first": calibration_report(keep_shortlist_first(probability, shortlisted, query), labels, balanced_weight),
             "by query identity": calibration_by_identity(saved, probability),
             "overtaken": overtaken_shortlist(query, probability, shortlisted),
@@ -369,9 +371,8 @@ def searched_within_views(plain: pd.DataFrame, source: PairSource, restricted: d
         for model, values in orders.items():
             similarity = np.where(view_allowed, as_matrix(frame, values, view_allowed.shape), -np.inf)
             retrieval.setdefault(model, {})[name] = retrieval_metrics(similarity, source.query_ids, source.gallery_ids, view_allowed)
-        balanced_weight = pair_weights(frame, "identity")
-        calibration[f"{name}, all pairs"] = calibration_report(fused, labels, balanced_weight)
-        calibration[f"{name}, top-{k} pairs"] = calibration_report(fused[shortlisted], labels[shortlisted], balanced_weight[shortlisted])
+        calibration[f"{name}, all pairs"] = calibration_report(fused, labels, pair_weights(frame, "identity"))
+        calibration[f"{name}, top-{k} pairs"] = calibration_report(fused[shortlisted], labels[shortlisted], pair_weights(frame[shortlisted], "identity"))
         frames[view] = (frame, fused)
     comparisons = compare_models(retrieval, [("fused", "global only"), ("fused", local_name)]) if retrieval else {}
     return {"retrieval": retrieval, "comparisons": comparisons, "calibration": calibration, "frames": frames, "identify": {}}
@@ -531,9 +532,9 @@ def format_quality(quality: dict) -> str:
     lines.append(f"`identify` (the best individual per photo among its shortlisted pairs; {i['known_photos']} photos of animals in the "
                  f"gallery, and the same photos with their animal taken out, weighed {1 - i['new_share']:g} : {i['new_share']:g}; "
                  f"threshold on the {DECISION_WORDS[i['decision']]}):")
-    if i["threshold"] >= 1.0:
+    if i["threshold"] >= NEVER:
         b = i["best"]
-        lines.append(f"no threshold reaches precision {i['target_precision']}; the saved threshold (1.0) answers 'new individual' "
+        lines.append(f"no threshold reaches precision {i['target_precision']}; the saved threshold, above every score, answers 'new individual' "
                      f"to every photo. The best precision, {b['precision']:.3f}, comes at {b['threshold']:.3f} ({describe_outcome(b)}); "
                      f"--target-precision below it sets a threshold.")
     else:

@@ -132,17 +132,24 @@ def build_local(conf: EngineConfig, embedder_masks: str = "alpha"):
                                   cache_pairs=conf.cache_pairs)
 
 
-def explain(engine: Engine, query: str | Path, gallery: str | Path, out_png: str | Path):
-    """Draw why two photos match: inlier lines, mask outlines, cosine, inliers and the fused probability."""
+def explain(engine: Engine, query: str | Path, gallery: str | Path, out_png: str | Path, global_rank: int = 0):
+    """Draw why two photos match: inlier lines, mask outlines, cosine, inliers and the fused probability.
+    That probability depends on the gallery photo's place in the query's global list (`global_rank`, 0: its
+    best), which two photos alone do not give; past the shortlist it comes from global evidence only, as
+    `score-pairs` gives it."""
     from spotmatch.local_match.explain import explain_pair
     from spotmatch.local_match.pipeline import evidence_row
 
     if engine.local is None:
         raise SpotmatchError("explaining a match needs the local stage; drop --no-local")
+    if global_rank < 0:
+        raise SpotmatchError(f"--global-rank {global_rank}: a place in the query's list counts from 0 (its best candidate)")
     pair = pd.DataFrame({"row_id": [0], "query_image_path": [str(query)], "gallery_image_path": [str(gallery)]})
-    table = global_pair_scores(pair, engine.embedder)
+    table = global_pair_scores(pair, engine.embedder).assign(global_rank=global_rank)
     evidence = engine.local.evidence(query, gallery)
-    table[["matches", "inliers", "inlier_ratio", "local_score"]] = [evidence_row(evidence)]
+    shortlisted = global_rank < engine.conf.shortlist_k
+    table[["matches", "inliers", "inlier_ratio", "local_score"]] = [evidence_row(evidence) if shortlisted else [np.nan] * 4]
     probability = float(engine.similarity(table)[0]) if engine.fusion is not None else None
     return explain_pair(query, gallery, engine.local, out_png, cosine=float(table["cosine"].iloc[0]),
-                        probability=probability, settings=engine.local.conf_name, evidence=evidence)
+                        probability=probability, settings=engine.local.conf_name, evidence=evidence,
+                        probability_rank=global_rank if probability is not None else None)

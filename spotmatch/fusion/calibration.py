@@ -14,12 +14,14 @@ from sklearn.isotonic import IsotonicRegression
 
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.features import GLOBAL_FEATURES, LOCAL_FEATURES, MONOTONE
+from spotmatch.fusion.quality import NEVER
 from spotmatch.io import write_text_atomic
 
 FUSION_FORMAT = "spotmatch.fusion"
 # 2: `decision` (1 had none: its threshold is on the best probability); 3: `rerank` (before: plain cosines);
-# 4: `shortlist_k` and `local_masks` (before: not recorded; any shortlist and the embedder's masks were used)
-FUSION_VERSION = 4
+# 4: `shortlist_k` and `local_masks` (before: not recorded; any shortlist and the embedder's masks were used);
+# 5: a threshold that names nothing is quality.NEVER (before: 1.0, which a probability of exactly 1.0 reached)
+FUSION_VERSION = 5
 MIN_WEIGHT = 1e-3  # smallest magnitude of a sign-constrained weight (standardised feature)
 
 
@@ -230,9 +232,12 @@ class FusionModel:
                 f"{path}: calibrated with the local stage re-scoring {saved_shortlist} images per query, not {shortlist_k}; leave out "
                 f"--top-k / --shortlist-k (or pass {saved_shortlist}), or make a file for {shortlist_k} with `spotmatch calibrate --top-k {shortlist_k}`"
             )
+        threshold = payload["threshold"]
+        if payload.get("version", 0) < 5 and threshold >= 1.0:  # an older file's "never name"
+            threshold = NEVER
         model = cls(Calibrator.from_dict(payload["with_local"]), Calibrator.from_dict(payload["global_only"]),
                     Calibrator.from_dict(payload["global_all"]), embedder_id=payload["embedder_id"], extractor=payload["extractor"],
-                    threshold=payload["threshold"], target_precision=payload["target_precision"],
+                    threshold=threshold, target_precision=payload["target_precision"],
                     decision=payload.get("decision", "best"), rerank=saved_rerank, shortlist_k=saved_shortlist,
                     local_masks=payload.get("local_masks"), quality=payload.get("quality", {}))
         if extractor is not None:

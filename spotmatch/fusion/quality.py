@@ -8,6 +8,10 @@ from sklearn.metrics import brier_score_loss, log_loss, precision_recall_curve
 
 from spotmatch.io import atomic_path
 
+# The threshold of a decision that no threshold makes precise enough: just above 1, so that no probability
+# (isotonic and saturated logistic ones reach 1.0 exactly) nor lead over the next individual reaches it.
+NEVER = float(np.nextafter(1.0, 2.0))
+
 
 def expected_calibration_error(probability: np.ndarray, labels: np.ndarray, bins: int = 15,
                                weight: np.ndarray | None = None) -> float:
@@ -38,10 +42,10 @@ def calibration_report(probability: np.ndarray, labels: np.ndarray, balanced_wei
 
 def threshold_for_precision(probability: np.ndarray, labels: np.ndarray, precision: float,
                             sample_weight: np.ndarray | None = None) -> float:
-    """The lowest probability threshold whose "same individual" calls reach `precision` (1.0 if none)."""
+    """The lowest probability threshold whose "same individual" calls reach `precision` (NEVER if none)."""
     precisions, _, thresholds = precision_recall_curve(labels, probability, sample_weight=sample_weight)
     reaching = np.flatnonzero(precisions[:-1] >= precision)
-    return float(thresholds[reaching[0]]) if reaching.size else 1.0
+    return float(thresholds[reaching[0]]) if reaching.size else NEVER
 
 
 def reliability_diagram(curves: dict[str, tuple[np.ndarray, np.ndarray]], out_png: str | Path, bins: int = 10) -> Path:

@@ -26,6 +26,8 @@ def query_expansion(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray
     candidates = similarity if allowed is None else np.where(allowed, similarity, -np.inf)
     top = np.argsort(-candidates, axis=1)[:, :neighbours]
     weights = np.clip(np.take_along_axis(similarity, top, axis=1), 0, None) ** alpha
+    if allowed is not None:  # a query with fewer allowed images than `neighbours` is expanded by those only
+        weights *= np.take_along_axis(allowed, top, axis=1)
     expanded = query_embeddings + np.einsum("qn,qnd->qd", weights, gallery_embeddings[top])
     expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
     return expanded @ gallery_embeddings.T
@@ -43,7 +45,9 @@ def k_reciprocal_rerank(query_embeddings: np.ndarray, gallery_embeddings: np.nda
     everything = np.concatenate([query_embeddings, gallery_embeddings])
     n, n_queries = len(everything), len(query_embeddings)
     distance = np.clip(2 - 2 * everything @ everything.T, 0, None)
-    distance /= distance.max(axis=0, keepdims=True) + 1e-12
+    # Each row by its own largest distance (the reference code's column scaling, then transposed), which keeps
+    # every row's order: the neighbour sets below are the true nearest neighbours.
+    distance /= distance.max(axis=1, keepdims=True) + 1e-12
     ranks = np.argsort(distance, axis=1)
     k1, k2 = min(k1, n - 1), min(k2, n)
     weights = np.zeros((n, n))

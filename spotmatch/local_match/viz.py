@@ -28,6 +28,8 @@ class ScoreLine:
     cosine: float | None = None  # global embedding similarity, when a checkpoint was given
     probability: float | None = None  # fused same-individual probability: the fusion stage fills this in
     stationary: int = 0  # matches dropped as static scene; shown so a reader knows why a busy pair scored 0
+    # The global rank the probability assumed, for a pair scored outside a real list (explain): it changes the number.
+    probability_rank: int | None = None
 
     def text(self) -> str:
         parts = [f"inliers {self.inliers}", f"inlier ratio {self.inlier_ratio:.2f}", f"local score {self.score:.1f}"]
@@ -36,7 +38,8 @@ class ScoreLine:
         if self.cosine is not None:
             parts.append(f"global cosine {self.cosine:.3f}")
         if self.probability is not None:
-            parts.append(f"P(same) {self.probability:.2f}")
+            at_rank = f" at global rank {self.probability_rank}" if self.probability_rank is not None else ""
+            parts.append(f"P(same) {self.probability:.2f}{at_rank}")
         return "   ".join(parts)
 
 
