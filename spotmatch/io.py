@@ -5,10 +5,39 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
+
+
+def check_output(out: str | Path, inputs: Iterable[str | Path] = (), others: Iterable[str | Path] = (), option: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written or would destroy a file the command reads
+    (`inputs`) or writes besides (`others`): an existing folder, a path below a file or in a folder that
+    cannot be written, an input (the atomic rename would replace it), another output."""
+    from spotmatch.errors import SpotmatchError
+
+    out = Path(out)
+    if out.is_dir():
+        raise SpotmatchError(f"{option} {out}: is a folder; name a file, such as {out / 'out.csv'}")
+    existing = next(parent for parent in out.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise SpotmatchError(f"{option} {out}: {existing} is a file, not a folder; write somewhere else")
+    if not os.access(existing, os.W_OK):
+        raise SpotmatchError(f"{option} {out}: cannot write in {existing}; write somewhere else")
+    if out.exists():  # a file that does not exist yet cannot be one the command reads
+        target = out.stat()
+        for source in inputs:
+            try:
+                same = os.path.samestat(target, os.stat(source))
+            except OSError:
+                continue
+            if same:
+                raise SpotmatchError(f"{option} {out}: is also read by this command ({source}); write to another file, or it is lost")
+    for other in others:
+        if Path(other).resolve() == out.resolve():
+            raise SpotmatchError(f"{option} {out}: another output of this command goes there too; give each its own file")
+    return out
 
 
 @contextlib.contextmanager

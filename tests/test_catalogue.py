@@ -227,10 +227,13 @@ def test_index_is_persisted_and_rebuilt_from_the_database(catalogue):
     assert np.allclose(rebuilt.reconstruct(0), store.embeddings(ids[:1])[0])
     store.index_path.write_bytes(b"garbage")  # a damaged cache is rebuilt, not fatal
     assert store.search_index()[0].ntotal == 17
+    store.index_path.write_bytes(store.index_path.read_bytes()[:100])  # cut short, as by a full disk
+    assert store.search_index()[0].ntotal == 17
 
 
 def test_review_decisions_are_recorded_with_who_and_when(catalogue, gallery_and_queries):
     from spotmatch.catalogue.service import confirm_photo, export_table
+    from spotmatch.errors import SpotmatchError
 
     store, engine = catalogue
     query = gallery_and_queries[1][0]
@@ -241,7 +244,13 @@ def test_review_decisions_are_recorded_with_who_and_when(catalogue, gallery_and_
     with pytest.raises(Exception, match="no individual named"):
         store.individual_id(name)
     new_name = store.split("Cat1", [image_id], "Cat1b", who="ana")
-    store.rename(new_name, "Cat99", who="ana")
+    store.rename(new_name, " Cat99 ", who="ana")  # surrounding spaces are not part of a name
+    for blank in ("", "   "):
+        with pytest.raises(SpotmatchError, match="individual name .* is empty"):
+            store.rename("Cat99", blank, who="ana")
+    with pytest.raises(SpotmatchError, match="individual name .* is empty"):
+        store.confirm(image_id, " ", who="ana")
+    assert store.individual_id(" Cat99") == store.individual_id("Cat99")
     actions = store.db.execute("SELECT action, who, at FROM confirmations WHERE image_id = ? ORDER BY id", (image_id,)).fetchall()
     assert [(a["action"], a["who"]) for a in actions] == [("new", "ana"), ("merge", "ben"), ("split", "ana")]
     assert all(a["at"].startswith("20") for a in actions)
@@ -304,6 +313,16 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     exported = run_cli("catalogue", "export", folder, "--out", tmp_path / "all.csv")
     assert exported.returncode == 0
     assert len(pd.read_csv(tmp_path / "all.csv")) == 17
+    for own_file in (folder / "catalogue.db", folder / "index.faiss"):  # the catalogue itself is never an output
+        refused = run_cli("catalogue", "export", folder, "--out", own_file)
+        assert refused.returncode == 2 and "is also read by this command" in refused.stderr, refused.stderr
+    refused = run_cli("catalogue", "identify", folder, gallery_and_queries[1][0], "--out", gallery_and_queries[1][0])
+    assert refused.returncode == 2 and "is also read by this command" in refused.stderr
+    assert _image_count(folder / "catalogue.db") == 17 and store.integrity_problems() == []
+    conflicting = tmp_path / "conflicting.csv"
+    pd.DataFrame({"filename": [gallery_and_queries[1][0].name] * 2, "identity": ["Cat1", "Cat5"]}).to_csv(conflicting, index=False)
+    with pytest.raises(SpotmatchError, match="is listed under different individuals on lines 2, 3"):
+        sources_from_csv(conflicting, SNOW / "images")
     renamed = run_cli("catalogue", "rename", folder, "Cat5", "Cat1")
     assert renamed.returncode == 2 and "already exists; merge" in renamed.stderr
     with sqlite3.connect(folder / "catalogue.db") as db:  # as if the catalogue came from a model of another width
@@ -420,3 +439,12 @@ def test_two_processes_adding_at_once(tmp_path, snow_subset_csv):
     store = Catalogue.open(folder)
     assert store.stats()["images"] == 16 and store.integrity_problems() == []
     assert store.db.execute("SELECT COUNT(DISTINCT sha256) FROM images").fetchone()[0] == 16
+
+
+def test_a_damaged_database_is_one_line_not_a_traceback(tmp_path):
+    from spotmatch.catalogue.store import DB_NAME, Catalogue
+    from spotmatch.errors import SpotmatchError
+
+    (tmp_path / DB_NAME).write_bytes(b"not a database " * 200)
+    with pytest.raises(SpotmatchError, match=f"{DB_NAME}: not a readable catalogue database .*restore it from a backup"):
+        Catalogue.open(tmp_path)

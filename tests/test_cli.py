@@ -98,6 +98,19 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, pairs_csv, tiny
     assert out.read_text() == "previous,content\n"
     assert not list(tmp_path.glob(".submission.csv.*"))  # no temporary file left behind
 
+    # An output that would replace an input, or land where it cannot, is refused before any work.
+    before = pairs_csv.read_bytes()
+    assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", tiny_checkpoint, "--out", pairs_csv),
+                          f"--out {pairs_csv}: is also read by this command")
+    assert pairs_csv.read_bytes() == before
+    assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", tiny_checkpoint, "--out", out, "--evidence-out", out),
+                          "another output of this command goes there too")
+    assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", tiny_checkpoint, "--out", tmp_path),
+                          "is a folder; name a file")
+    assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", tiny_checkpoint, "--device", "bogus", "--out", out),
+                          "--device bogus: not a device torch knows")
+    assert out.read_text() == "previous,content\n"
+
 
 def test_empty_dataset_and_unknown_split_column(tmp_path, snow_subset_csv, tiny_checkpoint):
     (tmp_path / "labels.csv").write_text("filename,identity\n")

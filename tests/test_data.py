@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from conftest import NYALA, SNOW
-from spotmatch.data.images import load_image, mask_bbox
-from spotmatch.data.splits import SplitConfig, split_dataset
+from spotmatch.data.images import file_sha256, load_image, mask_bbox
+from spotmatch.data.splits import SplitConfig, perceptual_hashes, split_dataset
 from spotmatch.data.tables import load_dataset, load_pairs
 from spotmatch.errors import SpotmatchError
 
@@ -63,6 +63,15 @@ def test_truncated_image_names_the_file(tmp_path):
     assert "\n" not in str(error.value)
     with pytest.raises(SpotmatchError, match="missing.jpg: image file not found"):
         load_image(tmp_path / "missing.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(SpotmatchError, match="folder.jpg: is a folder, not an image file"):
+        file_sha256(tmp_path / "folder.jpg")
+    # The near-duplicate hashing of a split decodes too: the same one line, not PIL's exception.
+    with pytest.raises(SpotmatchError, match="broken.jpg: cannot decode image"):
+        perceptual_hashes([SNOW_IMAGE, broken])
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(SpotmatchError, match=r"text.jpg: cannot decode image \(not an image format PIL reads\)"):
+        load_image(tmp_path / "text.jpg")
 
 
 def test_kaggle_train_csv_and_bad_tables(tmp_path):
@@ -83,6 +92,10 @@ def test_kaggle_train_csv_and_bad_tables(tmp_path):
     with pytest.raises(SpotmatchError, match="nope.jpg not found"):
         load_dataset(tmp_path / "missing.csv")
 
+    pd.DataFrame({"filename": [SNOW_IMAGE.name] * 2, "identity": ["Cat21", "Cat2"]}).to_csv(tmp_path / "twice.csv", index=False)
+    with pytest.raises(SpotmatchError, match=f"twice.csv: {SNOW_IMAGE.name} is labelled as different individuals on lines 2, 3"):
+        load_dataset(tmp_path / "twice.csv")
+
 
 def test_pairs_csv_checks(tmp_path):
     (tmp_path / "images").symlink_to(SNOW / "images")
@@ -95,6 +108,11 @@ def test_pairs_csv_checks(tmp_path):
     good.drop(columns="gallery_image").to_csv(tmp_path / "cols.csv", index=False)
     with pytest.raises(SpotmatchError, match="missing column\\(s\\) gallery_image"):
         load_pairs(tmp_path / "cols.csv")
+    good.rename(columns={"row_id": "row_id ", "query_image": " query_image"}).to_csv(tmp_path / "spaces.csv", index=False)
+    assert len(load_pairs(tmp_path / "spaces.csv")) == 2  # header padding, as spreadsheets write it
+    good.assign(row_id=["", "1"]).to_csv(tmp_path / "norow.csv", index=False)
+    with pytest.raises(SpotmatchError, match="norow.csv: empty row_id on line 2"):
+        load_pairs(tmp_path / "norow.csv")
 
 
 def test_encounter_split_keeps_encounters_whole_and_is_deterministic():

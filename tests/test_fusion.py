@@ -69,6 +69,12 @@ def test_fusion_is_calibrated_and_round_trips(tmp_path):
     (tmp_path / "future.json").write_text(json.dumps(payload))
     with pytest.raises(SpotmatchError, match="known version"):
         FusionModel.load(tmp_path / "future.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(SpotmatchError, match="known version"):
+        FusionModel.load(tmp_path / "list.json")
+    (tmp_path / "best.pt").write_bytes(b"PK\x03\x04\x80\xff binary")  # a checkpoint passed as --fusion
+    with pytest.raises(SpotmatchError, match="best.pt: not a readable calibration file"):
+        FusionModel.load(tmp_path / "best.pt")
 
 
 def test_identity_balance_weighs_every_animal_the_same():

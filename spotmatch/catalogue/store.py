@@ -14,6 +14,7 @@ import contextlib
 import io
 import re
 import sqlite3
+import zipfile
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -70,6 +71,15 @@ def parse_side(value: str | None, where: str) -> str | None:
     if word not in _SIDE_WORDS:
         raise SpotmatchError(f"{where}: side {value!r} is not a flank; use left, right, or leave it empty")
     return _SIDE_WORDS[word]
+
+
+def individual_name(name: str) -> str:
+    """A name as stored and looked up: surrounding spaces dropped (" Cat21 " is Cat21), an empty one refused,
+    since a blank label would be exported as an animal without identity."""
+    cleaned = name.strip()
+    if not cleaned:
+        raise SpotmatchError(f"individual name {name!r} is empty; give the animal a name (or `confirm --new` for a fresh one)")
+    return cleaned
 
 
 def iso_capture_time(text: str | None) -> str | None:
@@ -193,8 +203,12 @@ class Catalogue:
         folder = Path(folder)
         if not (folder / DB_NAME).is_file():
             raise SpotmatchError(f"{folder}: no catalogue here; run `spotmatch catalogue init {folder} --checkpoint CKPT` first")
-        catalogue = cls(folder, connect(folder / DB_NAME))
-        migrate(catalogue.db)  # older catalogues upgrade on open
+        try:
+            catalogue = cls(folder, connect(folder / DB_NAME))
+            migrate(catalogue.db)  # older catalogues upgrade on open
+        except sqlite3.DatabaseError as exc:
+            raise SpotmatchError(f"{folder / DB_NAME}: not a readable catalogue database ({exc}); restore it from a backup"
+                                 f" (or `catalogue export` of a copy made before the damage)") from None
         return catalogue
 
     def close(self) -> None:
@@ -244,9 +258,9 @@ class Catalogue:
         return row
 
     def individual_id(self, name: str) -> int:
-        row = self.db.execute("SELECT id FROM individuals WHERE name = ?", (name,)).fetchone()
+        row = self.db.execute("SELECT id FROM individuals WHERE name = ?", (individual_name(name),)).fetchone()
         if row is None:
-            raise SpotmatchError(f"{self.folder}: no individual named {name!r}; check the name with `spotmatch catalogue stats`")
+            raise SpotmatchError(f"{self.folder}: no individual named {name!r}; the names are in `spotmatch catalogue export`")
         return int(row[0])
 
     def individual_names(self) -> dict[int, str]:
@@ -312,6 +326,7 @@ class Catalogue:
 
     # --- writes: each one transaction ------------------------------------------------------------------
     def _individual_id_creating(self, name: str) -> int:
+        name = individual_name(name)
         row = self.db.execute("SELECT id FROM individuals WHERE name = ?", (name,)).fetchone()
         if row is not None:
             return int(row[0])
@@ -352,7 +367,7 @@ class Catalogue:
                 individual = self._fresh_name()
                 action = "new"
             else:
-                action = "confirm"
+                individual, action = individual_name(individual), "confirm"
             individual_id = self._individual_id_creating(individual)
             self.db.execute("UPDATE images SET individual_id = ? WHERE id = ?", (individual_id, image_id))
             self._record(action, image_id, individual_id, who)
@@ -366,7 +381,7 @@ class Catalogue:
 
     def merge(self, keep: str, absorb: str, who: str) -> int:
         """Move every image of `absorb` to `keep` and delete `absorb`. Returns how many images moved."""
-        if keep == absorb:
+        if individual_name(keep) == individual_name(absorb):
             raise SpotmatchError(f"{self.folder}: cannot merge {keep!r} into itself; name two different individuals")
         with transaction(self.db):
             keep_id, absorb_id = self.individual_id(keep), self.individual_id(absorb)
@@ -387,7 +402,7 @@ class Catalogue:
             if strangers or not image_ids:
                 raise SpotmatchError(f"{self.folder}: image(s) {strangers or image_ids} are not images of {individual!r};"
                                      f" list its image ids with `spotmatch catalogue export`")
-            new_name = new_name or self._fresh_name()
+            new_name = individual_name(new_name) if new_name is not None else self._fresh_name()
             if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (new_name,)).fetchone():
                 raise SpotmatchError(f"{self.folder}: individual {new_name!r} already exists; split into a new name (or merge)")
             new_id = self._individual_id_creating(new_name)
@@ -397,8 +412,11 @@ class Catalogue:
         return new_name
 
     def rename(self, old: str, new: str, who: str) -> None:
+        new = individual_name(new)
         with transaction(self.db):
             individual_id = self.individual_id(old)
+            if individual_name(old) == new:
+                raise SpotmatchError(f"{self.folder}: {old!r} already has that name; nothing to rename")
             if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (new,)).fetchone():
                 raise SpotmatchError(f"{self.folder}: individual {new!r} already exists; merge the two instead")
             self.db.execute("UPDATE individuals SET name = ? WHERE id = ?", (new, individual_id))
@@ -437,7 +455,7 @@ class Catalogue:
         try:
             with np.load(self.index_path) as saved:
                 return faiss.deserialize_index(saved["index"]), saved["image_ids"]
-        except (OSError, ValueError, KeyError, RuntimeError):
+        except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile):
             return None  # unreadable: it is only a cache, rebuild it
 
     def _save_index(self, index, image_ids: np.ndarray) -> None:

@@ -25,6 +25,15 @@ def _open(folder: Path):
     return Catalogue.open(folder)
 
 
+def _check_out(out: Path, folder: Path, read: list[Path]) -> None:
+    """An --out that names the catalogue's own database or index (or a photo being read) is refused."""
+    from spotmatch.catalogue.store import DB_NAME, INDEX_NAME
+    from spotmatch.io import check_output
+
+    own = [folder / name for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", INDEX_NAME)]
+    check_output(out, [*own, *read], others=own)
+
+
 @catalogue_app.command("init")
 def init(
     folder: Path = typer.Argument(..., help=FOLDER_HELP),
@@ -48,7 +57,7 @@ def add(
     source: Path = typer.Argument(..., help="A folder of photos, or a CSV `filename[, identity, station, camera, date, time, side]`"
                                               " (side: left or right, the flank shown; empty when not known)."),
     images: Optional[Path] = typer.Option(None, help="Image folder of a CSV (default: images/ beside it, else its folder)."),
-    batch_size: int = typer.Option(16, help="Images per transaction."),
+    batch_size: int = typer.Option(16, min=1, help="Images per transaction."),
     local_features: bool = typer.Option(True, "--local-features/--no-local-features", help="Extract keypoints now (faster identify later)."),
     who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP),
     backend: str = typer.Option("local", help="local (this process, one transaction per --batch-size images) or ray (embeddings and"
@@ -83,9 +92,9 @@ def identify(
                                                   " photo's side (left/right) restricting its gallery to that flank."),
     images: Optional[Path] = typer.Option(None, help="Image folder of a round's CSV (default: images/ beside it, else its folder)."),
     out: Optional[Path] = typer.Option(None, help="Also write every photo's candidates and evidence to this CSV (atomically)."),
-    top_k: int = typer.Option(5, help="Individuals listed per photo."),
+    top_k: int = typer.Option(5, min=1, help="Individuals listed per photo."),
     shortlist_k: Optional[int] = typer.Option(None, help="Catalogue images re-scored with keypoints per photo (default: as many as the calibration file was fit with)."),
-    per_individual: Optional[int] = typer.Option(None, help="At most this many images of one individual among them (default: no"
+    per_individual: Optional[int] = typer.Option(None, min=1, help="At most this many images of one individual among them (default: no"
                                                             " limit; docs/catalogue.md measures both)."),
     explain_dir: Optional[Path] = typer.Option(None, help="Draw each candidate's keypoint matches into this folder."),
     station: List[str] = typer.Option([], help="Match only against catalogue photos from this station (repeat for several)."),
@@ -107,11 +116,13 @@ def identify(
     from spotmatch.io import write_csv_atomic
 
     restriction = GalleryRestriction.from_text(station, since, until, side, individual, include_retired)
-    sides = None
+    sides, read = None, list(photos)
     if len(photos) == 1 and photos[0].suffix.lower() == ".csv":
         round_sources = sources_from_csv(photos[0], images)
         photos, sides = [s.path for s in round_sources], [s.side for s in round_sources]
     catalogue = _open(folder)
+    if out is not None:
+        _check_out(out, folder, [*read, *photos])
     catalogue.search_index()  # an empty catalogue or restriction, and a missing photo, are reported before the model loads
     catalogue.restricted_image_ids(restriction)
     for photo in photos:
@@ -200,7 +211,9 @@ def export(folder: Path = typer.Argument(..., help=FOLDER_HELP), out: Path = typ
     from spotmatch.catalogue.service import export_table
     from spotmatch.io import write_csv_atomic
 
-    table = export_table(_open(folder), competition)
+    catalogue = _open(folder)
+    _check_out(out, folder, [])
+    table = export_table(catalogue, competition)
     write_csv_atomic(table, out)
     typer.echo(f"wrote {len(table)} rows to {out}")
 

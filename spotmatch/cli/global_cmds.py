@@ -109,7 +109,7 @@ def embed(
     out: Path = typer.Option(..., "--out", help="Output .npz with `paths`, `embeddings` (n, d) and `model_id`."),
     checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
-    batch_size: int = typer.Option(32, help="Images per forward pass (bounds GPU memory)."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass (bounds GPU memory)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, help="Image decoding processes."),
@@ -121,7 +121,7 @@ def embed(
     """Embed every image once (cached by content hash + model) into an .npz file."""
     from spotmatch.data.tables import IMAGE_SUFFIXES, load_dataset, load_pairs
     from spotmatch.global_embed.embed import Embedder
-    from spotmatch.io import atomic_path
+    from spotmatch.io import atomic_path, check_output
 
     if source.is_dir():
         paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -132,6 +132,7 @@ def embed(
         paths = [Path(p) for p in dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]])]
     else:
         paths = load_dataset(source, images, drop_ambiguous=False).paths
+    check_output(out, [source, checkpoint, *paths])
     run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
     embedder = Embedder.from_checkpoint(checkpoint, run)
     check_backend(backend)
@@ -165,7 +166,7 @@ def score_pairs(
                                             "k-reciprocal; a calibration file must be made with the same `calibrate --rerank`."),
     evidence_out: Optional[Path] = typer.Option(None, help="Also write every stage's columns (cosine, rank, inliers, ...) here."),
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
-    batch_size: int = typer.Option(32, help="Images per forward pass (bounds GPU memory)."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass (bounds GPU memory)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, help="Image decoding processes / local matching threads."),
@@ -178,9 +179,13 @@ def score_pairs(
     from spotmatch.data.tables import load_pairs
     from spotmatch.engine.engine import Engine, EngineConfig, settle_config
     from spotmatch.engine.scoring import write_submission
-    from spotmatch.io import write_csv_atomic
+    from spotmatch.io import check_output, write_csv_atomic
 
     pairs = load_pairs(pairs_csv, images)
+    read = [pairs_csv, checkpoint, *([fusion] if fusion else []), *dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]])]
+    check_output(out, read)
+    if evidence_out:
+        check_output(evidence_out, read, others=[out], option="--evidence-out")
     use_local = fusion is not None if local is None else local
     # Settled before any work: a Ray job and the summary line need the shortlist length too.
     engine_conf = settle_config(EngineConfig(shortlist_k=top_k, use_local=use_local, extractor=extractor, local_workers=num_workers,
@@ -217,7 +222,7 @@ def evaluate(
     val_fraction: float = typer.Option(0.3, help="Held-out share for a fresh split."),
     seed: int = typer.Option(0, help="Seed of a fresh split."),
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
-    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, help="Image decoding processes."),
@@ -232,10 +237,12 @@ def evaluate(
     from spotmatch.global_embed.checkpoint import read_checkpoint
     from spotmatch.global_embed.embed import Embedder
     from spotmatch.global_embed.model import EmbedderConfig
-    from spotmatch.io import write_text_atomic
+    from spotmatch.io import check_output, write_text_atomic
 
     if not checkpoint and not baseline:
         raise SpotmatchError("nothing to evaluate; pass --checkpoint and/or --baseline BACKBONE")
+    if out:
+        check_output(out, [data, *checkpoint])
     run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
     dataset = load_dataset(data, images, drop_ambiguous=not keep_ambiguous)
     split, used_split_by, origin = split_for(dataset, SplitConfig(by=split_by, val_fraction=val_fraction, seed=seed),

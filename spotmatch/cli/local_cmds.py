@@ -44,7 +44,7 @@ def match(
     images: Optional[Path] = typer.Option(None, "--images", help="folder holding the images (default: beside the CSV)"),
     out: Path = typer.Option(..., "--out", help="evidence CSV to write"),
     extractor: str = typer.Option("rootsift", "--extractor", help="rootsift, disk, aliked, xfeat or loftr"),
-    top_k: int = typer.Option(20, "--top-k", help="match only each query's K best pairs by global cosine; 0 = all"),
+    top_k: int = typer.Option(20, "--top-k", min=0, help="match only each query's K best pairs by global cosine; 0 = all"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="global model checkpoint, for --top-k"),
     cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="cache folder (features go to <cache>/local/...)"),
     workers: int = typer.Option(2, "--workers", help="CPU threads for SIFT extraction and matching"),
@@ -57,8 +57,12 @@ def match(
     from spotmatch.data.tables import load_pairs
     from spotmatch.local_match.pipeline import LocalMatcher
 
+    from spotmatch.io import check_output
+
     check_backend(backend)
     pairs = load_pairs(pairs_csv, images)
+    check_output(out, [pairs_csv, *([checkpoint] if checkpoint else []),
+                       *dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]])])
     matcher_settings = dict(name=extractor, cache_dir=str(cache), workers=workers, **_weights_kwargs(extractor, weights))
     if backend == "ray":
         from spotmatch.engine import ray_backend as rb
@@ -106,9 +110,13 @@ def explain(
                                                               "on which the fused probability depends"),
 ) -> None:
     """Draw the verified keypoint matches of one pair, with the scores, and save the keypoints as JSON."""
+    from spotmatch.io import check_output
     from spotmatch.local_match.explain import explain_pair
     from spotmatch.local_match.pipeline import LocalMatcher
 
+    read = [query, gallery, *([checkpoint] if checkpoint else []), *([fusion] if fusion else [])]
+    for drawing in (out.with_suffix(".png"), out.with_suffix(".json")):  # what explain_pair writes
+        check_output(drawing, read)
     if fusion is not None:
         if checkpoint is None:
             raise SpotmatchError("--fusion needs the global model it was calibrated for: pass --checkpoint too")

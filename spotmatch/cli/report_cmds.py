@@ -24,7 +24,7 @@ def report(
     fusion: Optional[Path] = typer.Option(None, help="fusion.json whose reliability.png to include (default: one beside the checkpoint)."),
     split_by: str = typer.Option("identity", help="When the checkpoint was not trained on this table: identity or a group column."),
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
-    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     num_workers: int = typer.Option(2, help="Image decoding processes."),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder."),
@@ -35,6 +35,9 @@ def report(
     from spotmatch.global_embed.embed import EmbedConfig
     from spotmatch.report import ReportConfig, build_report
 
+    from spotmatch.io import check_output
+
+    check_output(out, [data, checkpoint, *([fusion] if fusion else [])])
     started = time.perf_counter()
     conf = ReportConfig(
         data=data, checkpoint=checkpoint, out=out, images=images, top_k=top_k, max_images=max_images, fusion=fusion,

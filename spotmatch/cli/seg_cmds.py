@@ -30,7 +30,7 @@ def train_seg_command(
     encoder: str = typer.Option("efficientnet_lite0", help="timm encoder: efficientnet_lite0|1|2"),
     size: int = typer.Option(320, help="square training size in pixels"),
     epochs: int = typer.Option(6, help="Training epochs."),
-    batch_size: int = typer.Option(8, help="Images per step."),
+    batch_size: int = typer.Option(8, min=1, help="Images per step."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate."),
     split_by: str = typer.Option("encounter", help="held-out split: encounter (closed set) or identity"),
     max_steps: int = typer.Option(0, help="> 0: stop after this many steps (smoke runs)"),

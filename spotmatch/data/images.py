@@ -39,13 +39,29 @@ class ImageRecord:
         return self.rgb.shape[1], self.rgb.shape[0]
 
 
-def file_sha256(path: str | Path) -> str:
-    """Content hash of an image file: the cache key of every stage."""
+# What PIL raises for a file it cannot decode (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def read_image_bytes(path: str | Path) -> bytes:
     path = Path(path)
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return path.read_bytes()
     except FileNotFoundError:
         raise SpotmatchError(f"{path}: image file not found; check the path or the --images folder") from None
+    except IsADirectoryError:
+        raise SpotmatchError(f"{path}: is a folder, not an image file; name the image inside it") from None
+
+
+def undecodable(path: str | Path, exc: Exception) -> SpotmatchError:
+    """The one-line error for an image file PIL cannot decode."""
+    reason = "not an image format PIL reads" if isinstance(exc, UnidentifiedImageError) else (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return SpotmatchError(f"{path}: cannot decode image ({reason}); re-export the file or remove it from the input")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of an image file: the cache key of every stage."""
+    return hashlib.sha256(read_image_bytes(path)).hexdigest()
 
 
 def _capture_time(image: Image.Image) -> str | None:
@@ -83,12 +99,7 @@ def load_image(path: str | Path, draft_size: int | None = None) -> ImageRecord:
     smallest 1/2, 1/4 or 1/8 scale that keeps both sides at least that many pixels (2-4x faster).
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise SpotmatchError(f"{path}: image file not found; check the path or the --images folder") from None
-    except IsADirectoryError:
-        raise SpotmatchError(f"{path}: is a folder, not an image file") from None
+    data = read_image_bytes(path)
     try:
         image = Image.open(io.BytesIO(data))
         if draft_size is not None and image.format == "JPEG":
@@ -98,11 +109,8 @@ def load_image(path: str | Path, draft_size: int | None = None) -> ImageRecord:
         image = ImageOps.exif_transpose(image)
         colour, mask = _split_alpha(image)
         rgb = np.asarray(_to_rgb(colour))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpotmatchError(
-            f"{path}: cannot decode image ({reason}); re-export the file or remove it from the input"
-        ) from None
+    except DECODE_ERRORS as exc:
+        raise undecodable(path, exc) from None
     return ImageRecord(
         path=path,
         rgb=np.ascontiguousarray(rgb),

@@ -7,6 +7,7 @@ never sit on both sides of a split.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from spotmatch.data.images import DECODE_ERRORS, read_image_bytes, undecodable
 from spotmatch.data.tables import Dataset
 from spotmatch.errors import SpotmatchError
 
@@ -28,13 +30,20 @@ class SplitConfig:
     seed: int = 0
     near_duplicate_distance: int = 4  # perceptual-hash Hamming distance that ties frames; -1 disables
 
+    def __post_init__(self):
+        if not 0 <= self.val_fraction < 1:
+            raise SpotmatchError(f"--val-fraction {self.val_fraction}: the held-out share must be at least 0 and below 1")
+
 
 def perceptual_hashes(paths: list[Path]) -> np.ndarray:
     """64-bit pHash per image as uint64."""
     hashes = np.empty(len(paths), dtype=np.uint64)
     for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            bits = imagehash.phash(image).hash.flatten()
+        try:
+            with Image.open(io.BytesIO(read_image_bytes(path))) as image:
+                bits = imagehash.phash(image).hash.flatten()
+        except DECODE_ERRORS as exc:
+            raise undecodable(path, exc) from None
         hashes[i] = np.packbits(bits).view(">u8")[0]
     return hashes
 

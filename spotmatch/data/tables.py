@@ -90,6 +90,11 @@ def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop
     if (table["identity"].str.strip() == "").any():
         row = int((table["identity"].str.strip() == "").idxmax()) + 2
         raise SpotmatchError(f"{csv_path}: empty identity on line {row}; fill it in or remove the row")
+    names_per_file = table.groupby("filename")["identity"].nunique()
+    if (names_per_file > 1).any():
+        filename = names_per_file.index[names_per_file > 1][0]
+        lines = ", ".join(str(i + 2) for i in table.index[table["filename"] == filename])
+        raise SpotmatchError(f"{csv_path}: {filename} is labelled as different individuals on lines {lines}; keep one label for it")
     image_dir = Path(image_dir) if image_dir is not None else default_image_dir(csv_path)
     table = table.reset_index(drop=True)
     table["path"] = [str((image_dir / name).resolve()) for name in table["filename"]]
@@ -101,6 +106,7 @@ def load_pairs(csv_path: str | Path, image_dir: str | Path | None = None, check_
     """Kaggle `test.csv`: one row per (query, gallery) pair, `row_id` unique; adds absolute paths."""
     csv_path = Path(csv_path)
     table = _read_csv(csv_path)
+    table.columns = [c.strip() for c in table.columns]
     missing = [c for c in PAIR_COLUMNS if c not in table.columns]
     if missing:
         raise SpotmatchError(
@@ -108,6 +114,10 @@ def load_pairs(csv_path: str | Path, image_dir: str | Path | None = None, check_
         )
     if table.empty:
         raise SpotmatchError(f"{csv_path}: no pairs in the file; nothing to score")
+    for column in PAIR_COLUMNS:
+        empty = table[column].str.strip() == ""
+        if empty.any():
+            raise SpotmatchError(f"{csv_path}: empty {column} on line {int(empty.idxmax()) + 2}; fill it in or remove the row")
     duplicated = table["row_id"][table["row_id"].duplicated()]
     if not duplicated.empty:
         raise SpotmatchError(

@@ -54,6 +54,10 @@ def split_for(dataset: Dataset, split_conf: SplitConfig, checkpoint: str | Path 
 def evaluate_models(dataset: Dataset, split: pd.Series, split_by: str, models: list[EvaluatedModel]) -> dict[str, dict[str, dict]]:
     protocol = build_protocol(dataset.table, split, split_by)
     identities = dataset.table["identity"].to_numpy()
+    same = identities[protocol.query_rows][:, None] == identities[protocol.gallery_rows][None, :]
+    if not (protocol.views["all"] & same).any():
+        raise SpotmatchError(f"{dataset.csv_path}: no held-out photo has a match in the gallery, so nothing can be scored; use a"
+                             f" table with more photos per animal, or another --val-fraction / --split-by")
     rows = np.union1d(protocol.query_rows, protocol.gallery_rows)
     results = {}
     for model in models:

@@ -212,9 +212,9 @@ class FusionModel:
             payload = json.loads(path.read_text())
         except FileNotFoundError:
             raise SpotmatchError(f"{path}: calibration file not found; run `spotmatch calibrate` to make one") from None
-        except json.JSONDecodeError:
-            raise SpotmatchError(f"{path}: not a readable calibration file; run `spotmatch calibrate` again") from None
-        if payload.get("format") != FUSION_FORMAT or payload.get("version", 0) > FUSION_VERSION:
+        except (json.JSONDecodeError, UnicodeDecodeError):  # damaged, or another kind of file (a checkpoint)
+            raise SpotmatchError(f"{path}: not a readable calibration file; pass the fusion.json `spotmatch calibrate` wrote") from None
+        if not isinstance(payload, dict) or payload.get("format") != FUSION_FORMAT or payload.get("version", 0) > FUSION_VERSION:
             raise SpotmatchError(f"{path}: not a spotmatch calibration file of a known version; run `spotmatch calibrate` again")
         if embedder_id is not None and embedder_id != payload["embedder_id"]:
             raise SpotmatchError(

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from spotmatch.config import config_hash
+from spotmatch.device import resolve_device
 from spotmatch.data.images import file_sha256
 from spotmatch.global_embed.checkpoint import file_digest, load_model
 from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
@@ -42,12 +43,6 @@ def mask_provider(source: str, cache_dir: str | None, device: torch.device | str
     from spotmatch.segmentation import MaskConfig, MaskProvider
 
     return MaskProvider.from_config(MaskConfig(source=source), cache_dir, device=str(device))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Embedder:

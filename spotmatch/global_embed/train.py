@@ -20,7 +20,8 @@ from spotmatch.data.tables import Dataset
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol
 from spotmatch.global_embed.checkpoint import read_checkpoint, save_checkpoint
-from spotmatch.global_embed.embed import DEFAULT_CACHE, EmbedConfig, Embedder, mask_provider, resolve_device
+from spotmatch.device import resolve_device
+from spotmatch.global_embed.embed import DEFAULT_CACHE, EmbedConfig, Embedder, mask_provider
 from spotmatch.global_embed.loading import ImageTensorDataset, checked_batches, make_loader
 from spotmatch.global_embed.model import MEMORY_FORMAT, ArcFace, EmbedderConfig, ReIDNet
 from spotmatch.global_embed.sampler import PKBatchSampler

@@ -24,7 +24,8 @@ from spotmatch.data.images import ImageRecord, mask_bbox
 from spotmatch.errors import SpotmatchError
 from spotmatch.local_match.features import Features
 from spotmatch.segmentation.background import apply_background, check_fill
-from spotmatch.local_match.weights import PackagedWeights, load_into, load_state_dict, pick_device, resolve_weights
+from spotmatch.local_match.weights import PackagedWeights, load_into, load_state_dict, resolve_weights
+from spotmatch.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,7 @@ class LearnedExtractor(Extractor):
         super().__init__(conf, **overrides)
         import torch  # noqa: F401  (imported here so RootSIFT-only use never pays for torch)
 
-        self.device = pick_device(self.conf.device)
+        self.device = resolve_device(self.conf.device)
         weights = resolve_weights(self.conf.weights, self.packaged_weights, self.name)
         model = self._build()
         load_into(self._weights_target(model), self._unwrap(load_state_dict(weights)), str(weights))

@@ -16,7 +16,8 @@ from spotmatch.data.images import load_image
 from spotmatch.local_match.extractors import ExtractorConf, as_image_and_mask, inside_mask, keypoint_mask, working_region
 from spotmatch.local_match.matchers import PairEvidence, VerificationConf, verify
 from spotmatch.local_match.pipeline import MaskSource, PairScorer
-from spotmatch.local_match.weights import load_into, load_state_dict, pick_device, resolve_weights
+from spotmatch.local_match.weights import load_into, load_state_dict, resolve_weights
+from spotmatch.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class LoFTRMatcher(PairScorer):
         state_dict = load_state_dict(weights)
         model = LoFTR(pretrained=None)
         load_into(model, state_dict.get("state_dict", state_dict), str(weights))
-        self.device = pick_device(self.conf.device)
+        self.device = resolve_device(self.conf.device)
         self.model = model.to(self.device).eval()
         self.mask_source, self.mask_name = mask_source, mask_name
         self.region_conf = ExtractorConf(max_side=self.conf.max_side)

@@ -21,7 +21,8 @@ import numpy as np
 from spotmatch.config import config_hash, merge_config
 from spotmatch.errors import SpotmatchError
 from spotmatch.local_match.features import Features
-from spotmatch.local_match.weights import PackagedWeights, load_into, load_state_dict, pick_device, resolve_weights
+from spotmatch.local_match.weights import PackagedWeights, load_into, load_state_dict, resolve_weights
+from spotmatch.device import resolve_device
 
 GEOMETRIC_MODELS = {"homography": 4, "fundamental": 8}  # model -> fewest correspondences it can be fitted to
 # Where it runs, how many pairs at once and where a weights file lives: none changes what is found.
@@ -250,7 +251,7 @@ class LightGlueMatcher(Matcher):
         weights = resolve_weights(self.conf.weights, LIGHTGLUE_WEIGHTS[self.conf.features], f"LightGlue ({self.conf.features})")
         model = LightGlue(features=None, **head)  # features=None: build empty, kornia downloads nothing
         load_into(model, lightglue_state_dict(load_state_dict(weights), model.conf.n_layers), str(weights))
-        self.device = pick_device(self.conf.device)
+        self.device = resolve_device(self.conf.device)
         self.model = model.to(self.device).eval()
 
     def correspond(self, features0: Features, features1: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -65,13 +65,6 @@ def load_state_dict(path: Path) -> dict:
         raise SpotmatchError(f"{path}: cannot read weights ({reason}); replace the file") from None
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' means CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_into(module: "torch.nn.Module", state_dict: dict, source: str) -> "torch.nn.Module":
     """Load weights, allowing only derived buffers to be absent: a missing parameter means a wrong file."""
     result = module.load_state_dict(state_dict, strict=False)
