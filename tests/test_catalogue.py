@@ -321,7 +321,7 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     assert _image_count(folder / "catalogue.db") == 17 and store.integrity_problems() == []
     conflicting = tmp_path / "conflicting.csv"
     pd.DataFrame({"filename": [gallery_and_queries[1][0].name] * 2, "identity": ["Cat1", "Cat5"]}).to_csv(conflicting, index=False)
-    with pytest.raises(SpotmatchError, match="is listed under different individuals on lines 2, 3"):
+    with pytest.raises(SpotmatchError, match="is labelled as different individuals on lines 2, 3"):
         sources_from_csv(conflicting, SNOW / "images")
     renamed = run_cli("catalogue", "rename", folder, "Cat5", "Cat1")
     assert renamed.returncode == 2 and "already exists; merge" in renamed.stderr

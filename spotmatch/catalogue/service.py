@@ -16,7 +16,7 @@ import pandas as pd
 
 from spotmatch.catalogue.store import Catalogue, CatalogueSettings, GalleryRestriction, NewImage, parse_side
 from spotmatch.data.images import file_sha256, load_image
-from spotmatch.data.tables import FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir
+from spotmatch.data.tables import FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, refuse_conflicting_labels
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import decision_score
 
@@ -165,15 +165,7 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
     identity_col, side_col = _column(table, IDENTITY_ALIASES), _column(table, SIDE_ALIASES)
     image_dir = image_dir or default_image_dir(csv_path)
     if identity_col is not None:
-        # One photo under two names cannot be stored as both: which is right is the team's call, not ours.
-        names = table[identity_col].str.strip()
-        labelled = table[names != ""].assign(_name=names)
-        conflicting = labelled.groupby(filename_col)["_name"].nunique()
-        if (conflicting > 1).any():
-            filename = conflicting.index[conflicting > 1][0]
-            lines = [str(i + 2) for i in labelled.index[labelled[filename_col] == filename]]
-            raise SpotmatchError(f"{csv_path}: {filename} is listed under different individuals on lines {', '.join(lines)};"
-                                 f" keep one row for it")
+        refuse_conflicting_labels(table, filename_col, identity_col, csv_path)
     sources = []
     for line, row in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
         when = " ".join(v for v in (row.get("date", ""), row.get("time", "")) if v) or None

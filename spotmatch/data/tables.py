@@ -76,6 +76,18 @@ def check_files_exist(paths: list[Path], source: Path | None) -> None:
         raise SpotmatchError(f"{where}image {missing[0]} not found{more}; check --images or the CSV's file names")
 
 
+def refuse_conflicting_labels(table: pd.DataFrame, filename_col: str, identity_col: str, csv_path: Path) -> None:
+    """One photo under two names cannot be both animals: which is right is the team's call, not ours.
+    Blank names (unlabelled rows) are not a conflict."""
+    names = table[identity_col].str.strip()
+    labelled = table[names != ""].assign(_name=names)
+    names_per_file = labelled.groupby(filename_col)["_name"].nunique()
+    if (names_per_file > 1).any():
+        filename = names_per_file.index[names_per_file > 1][0]
+        lines = ", ".join(str(i + 2) for i in labelled.index[labelled[filename_col] == filename])
+        raise SpotmatchError(f"{csv_path}: {filename} is labelled as different individuals on lines {lines}; keep one label for it")
+
+
 def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop_ambiguous: bool = True) -> Dataset:
     """Read a labelled table; rows whose `unambiguous` column is false are dropped unless asked otherwise."""
     csv_path = Path(csv_path)
@@ -90,11 +102,7 @@ def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop
     if (table["identity"].str.strip() == "").any():
         row = int((table["identity"].str.strip() == "").idxmax()) + 2
         raise SpotmatchError(f"{csv_path}: empty identity on line {row}; fill it in or remove the row")
-    names_per_file = table.groupby("filename")["identity"].nunique()
-    if (names_per_file > 1).any():
-        filename = names_per_file.index[names_per_file > 1][0]
-        lines = ", ".join(str(i + 2) for i in table.index[table["filename"] == filename])
-        raise SpotmatchError(f"{csv_path}: {filename} is labelled as different individuals on lines {lines}; keep one label for it")
+    refuse_conflicting_labels(table, "filename", "identity", csv_path)
     image_dir = Path(image_dir) if image_dir is not None else default_image_dir(csv_path)
     table = table.reset_index(drop=True)
     table["path"] = [str((image_dir / name).resolve()) for name in table["filename"]]
