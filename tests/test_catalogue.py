@@ -332,6 +332,44 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     assert "\n" not in str(refused.value)
 
 
+def test_add_never_relabels_a_stored_photo_and_bad_catalogue_inputs_are_one_line(tmp_path, catalogue, gallery_and_queries,
+                                                                                  tiny_checkpoint):
+    import torch
+
+    from spotmatch.catalogue.service import init_catalogue, open_engine
+    from spotmatch.catalogue.store import Catalogue
+    from spotmatch.errors import SpotmatchError
+
+    store, _ = catalogue
+    labels = pd.read_csv(gallery_and_queries[0], dtype=str, keep_default_na=False).head(2)
+    stored = labels["identity"].iloc[0]
+    other = "Cat5" if stored != "Cat5" else "Cat1"
+    relabelled = tmp_path / "relabelled.csv"
+    labels.assign(identity=[other, labels["identity"].iloc[1]]).to_csv(relabelled, index=False)
+    result = run_cli("catalogue", "add", store.folder, relabelled, "--images", SNOW / "images")
+    assert result.returncode == 1 and "added 0, already there 1, skipped 1" in result.stdout  # the rest goes in; the exit says not all
+    assert re.search(f"already in the catalogue as image \\d+ of {stored}, but the CSV says {other}; fix the CSV", result.stderr)
+    assert store.images_table().set_index("filename").loc[labels["filename"].iloc[0], "individual"] == stored
+
+    header_only = tmp_path / "round.csv"
+    header_only.write_text("filename,side\n")
+    result = run_cli("catalogue", "identify", store.folder, header_only)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "round.csv: no photos under the header" in result.stderr
+    (tmp_path / "notes.txt").write_text("not a folder")
+    result = run_cli("catalogue", "init", tmp_path / "notes.txt", "--checkpoint", tiny_checkpoint)
+    assert result.returncode == 2 and "notes.txt: a file, not a folder" in result.stderr
+
+    # The catalogue's checkpoint file replaced by another model: named as such, not as "use the catalogue's checkpoint".
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(Path(tiny_checkpoint).read_bytes())
+    init_catalogue(tmp_path / "cat", checkpoint, None).close()
+    payload = torch.load(checkpoint, weights_only=False)
+    payload["model"] = {name: weight + 0.01 if weight.is_floating_point() else weight for name, weight in payload["model"].items()}
+    torch.save(payload, checkpoint)
+    with pytest.raises(SpotmatchError, match="best.pt: changed since catalogue .* put the original file back"):
+        open_engine(Catalogue.open(tmp_path / "cat"))
+
+
 def test_corrupt_image_is_reported_and_skipped(tmp_path, snow_subset_csv, tiny_checkpoint):
     from spotmatch.catalogue.service import add_images, init_catalogue, open_engine, sources_from_folder
 

@@ -94,6 +94,22 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, pairs_csv, tiny
     torch.save(timm.create_model("test_resnet").state_dict(), weights)
     assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", weights, "--out", out),
                           "not a spotmatch embedder checkpoint")
+    edited = torch.load(tiny_checkpoint, weights_only=False)
+    del edited["model"]
+    torch.save(edited, tmp_path / "edited.pt")
+    assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", tmp_path / "edited.pt", "--out", out),
+                          "edited.pt: an embedder checkpoint without its model")
+
+    folder_named = pairs.copy()
+    folder_named.loc[2, "query_image"] = "."  # the image folder itself, named as a photo
+    folder_named.to_csv(tmp_path / "folder.csv", index=False)
+    assert_one_line_error(run_cli("score-pairs", tmp_path / "folder.csv", "--checkpoint", tiny_checkpoint, "--out", out),
+                          "is a folder, not an image")
+    (tmp_path / "zero.csv").write_bytes(b"")
+    assert_one_line_error(run_cli("embed", tmp_path / "zero.csv", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "e.npz"),
+                          "zero.csv: not a readable CSV")
+    photo = SNOW / "images" / pairs["query_image"].iloc[0]
+    assert_one_line_error(run_cli("explain", photo, photo, "--out", tmp_path / "match.jpg"), "end --out in .png")
 
     assert out.read_text() == "previous,content\n"
     assert not list(tmp_path.glob(".submission.csv.*"))  # no temporary file left behind
@@ -110,6 +126,21 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, pairs_csv, tiny
     assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", tiny_checkpoint, "--device", "bogus", "--out", out),
                           "--device bogus: not a device torch knows")
     assert out.read_text() == "previous,content\n"
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130():
+    """The handler `main` installs, end to end in a real process (a stand-in command interrupts itself)."""
+    script = ("import os, signal, sys, time\n"
+              "from spotmatch.cli import app, main\n"
+              "@app.command('wait')\n"
+              "def wait():\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(30)\n"
+              "sys.argv = ['spotmatch', 'wait']\n"
+              "main()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 130
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("interrupted: output files")
 
 
 def test_empty_dataset_and_unknown_split_column(tmp_path, snow_subset_csv, tiny_checkpoint):

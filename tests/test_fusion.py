@@ -183,6 +183,11 @@ def test_unchecked_pairs_stay_below_their_querys_shortlist_in_order():
     assert kept[2:5].max() < 0.05 and kept[2] > kept[3] > kept[4]  # below query a's lowest checked pair, in order
     assert kept[6] == 0.30  # query b's unchecked pair was already below its shortlist
 
+    floored = probability.copy()
+    floored[1] = 0.0  # an isotonic calibrator's floor: the unchecked pairs keep their order, not one tie at 0
+    kept = keep_shortlist_first(floored, shortlisted, query)
+    assert kept[2] > kept[3] > kept[4] > 0 and kept[2:5].max() < 1e-8 and kept[0] == 0.50
+
 
 def headroom_on_synthetic_lists(cosine_signal: float, seed: int = 0) -> dict:
     """40 queries of 8 animals against 60 gallery photos. Each query's shortlist (its 20 best cosines) holds

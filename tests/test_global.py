@@ -129,7 +129,8 @@ def test_checkpoint_round_trip_and_cache(tmp_path, tiny_checkpoint, snow_subset_
 
 def test_a_moved_copy_of_the_table_keeps_the_checkpoints_split(tmp_path, tiny_checkpoint, snow_subset_csv):
     """A table staged elsewhere (a GPU machine's downsized copy) with the same file names evaluates on the
-    checkpoint's held-out rows; a table with other rows gets a fresh split instead."""
+    checkpoint's held-out rows, and so does a part of it (a fresh split would hold out trained photos);
+    a table of photos it never trained on gets a fresh split."""
     from spotmatch.data.splits import SplitConfig
     from spotmatch.data.tables import load_dataset
     from spotmatch.evaluation.run import split_for
@@ -147,7 +148,15 @@ def test_a_moved_copy_of_the_table_keeps_the_checkpoints_split(tmp_path, tiny_ch
 
     fewer = tmp_path / "fewer.csv"
     pd.read_csv(snow_subset_csv).iloc[1:].to_csv(fewer, index=False)
-    _, split_by, origin = split_for(load_dataset(fewer, images), SplitConfig(by="identity"), tiny_checkpoint)
+    part = load_dataset(fewer, images)
+    split, split_by, origin = split_for(part, SplitConfig(by="identity"), tiny_checkpoint)
+    assert split_by == "encounter" and "trained on, the rest held out" in origin
+    assert split.tolist() == [payload["split_assignment"][name] for name in part.table["filename"]]
+
+    unseen = tmp_path / "unseen.csv"
+    table = pd.read_csv(snow_subset_csv)
+    table[table["filename"].map(payload["split_assignment"]) == "val"].to_csv(unseen, index=False)
+    _, split_by, origin = split_for(load_dataset(unseen, images), SplitConfig(by="identity"), tiny_checkpoint)
     assert origin.startswith("split by identity") and split_by == "identity"
 
 

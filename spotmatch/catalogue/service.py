@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import numpy as np
 import pandas as pd
 
-from spotmatch.catalogue.store import Catalogue, CatalogueSettings, GalleryRestriction, NewImage, parse_side
+from spotmatch.catalogue.store import Catalogue, CatalogueSettings, GalleryRestriction, NewImage, parse_side, refuse_catalogue_folder
 from spotmatch.data.images import file_sha256, load_image
 from spotmatch.data.tables import FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, refuse_conflicting_labels
 from spotmatch.errors import SpotmatchError
@@ -113,6 +113,7 @@ def init_catalogue(folder: Path, checkpoint: Path, fusion: Path | None, extracto
     from spotmatch.engine.engine import Engine, EngineConfig
     from spotmatch.global_embed.embed import EmbedConfig
 
+    refuse_catalogue_folder(Path(folder))  # before the model loads
     # The engine `open_engine` will build, built once now: a calibration of another model or local stage is
     # refused before the catalogue exists, not at its first use. Identify ranks plain cosines (rerank none).
     engine = Engine.from_files(checkpoint, fusion, EngineConfig(use_local=fusion is not None, extractor=extractor, cache_dir=None),
@@ -134,7 +135,10 @@ def open_engine(catalogue: Catalogue, shortlist_k: int | None = None, workers: i
                         local_workers=workers, cache_dir=str(catalogue.cache_dir))
     run = EmbedConfig(device="cpu", num_workers=0, cache_dir=str(catalogue.cache_dir), progress=progress)
     engine = Engine.from_files(settings.checkpoint, settings.fusion, conf, run)
-    catalogue.check_embedder(engine.embedder.model_id, engine.embedder.dim)
+    if engine.embedder.model_id != settings.embedder_id:  # the file at the catalogue's checkpoint path was replaced
+        raise SpotmatchError(f"{settings.checkpoint}: changed since catalogue {catalogue.folder} was made (embedder"
+                             f" {settings.embedder_id}, now {engine.embedder.model_id}); put the original file back, or init"
+                             f" a new catalogue with this one and add the photos again")
     return engine
 
 
@@ -162,6 +166,8 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
     filename_col = _column(table, FILENAME_ALIASES)
     if filename_col is None:
         raise SpotmatchError(f"{csv_path}: no filename column (expected one of {', '.join(FILENAME_ALIASES)}); rename the column")
+    if table.empty:
+        raise SpotmatchError(f"{csv_path}: no photos under the header; list one photo per row")
     identity_col, side_col = _column(table, IDENTITY_ALIASES), _column(table, SIDE_ALIASES)
     image_dir = image_dir or default_image_dir(csv_path)
     if identity_col is not None:
@@ -191,12 +197,15 @@ def fresh_sources(catalogue: Catalogue, sources: list[ImageSource], report: AddR
             hashes[id(source)] = file_sha256(source.path)
         except SpotmatchError as exc:
             report.failed.append((str(source.path), str(exc)))
-    known = catalogue.known_hashes(list(hashes.values()))
+    known = catalogue.known_images(list(hashes.values()))
     fresh: list[tuple[ImageSource, str, str | None]] = []
     seen: set[str] = set()
     for source in sources:
         sha = hashes.get(id(source))
         if sha is None:
+            continue
+        if sha in known and source.identity is not None and source.identity != known[sha][1]:
+            report.failed.append((str(source.path), _relabel_refusal(catalogue.folder, source, *known[sha])))
             continue
         if sha in known or sha in seen:
             report.already_there += 1
@@ -209,6 +218,12 @@ def fresh_sources(catalogue: Catalogue, sources: list[ImageSource], report: AddR
         seen.add(sha)
         fresh.append((source, sha, captured_at))
     return fresh
+
+
+def _relabel_refusal(folder: Path, source: ImageSource, image_id: int, individual: str | None) -> str:
+    """Adding never changes a stored label: that is a reviewed decision, recorded by its own command."""
+    return (f"{source.path}: already in the catalogue as image {image_id} of {individual or 'no individual'}, but the CSV says"
+            f" {source.identity}; fix the CSV, or relabel it with `spotmatch catalogue confirm {folder} {image_id} --individual NAME`")
 
 
 def insert_fresh(catalogue: Catalogue, fresh: list[tuple[ImageSource, str, str | None]], embeddings: np.ndarray,
@@ -298,6 +313,8 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     each photo's flank where known (a round's CSV), which then replaces the restriction's side for it."""
     conf = conf or IdentifyConfig()
     query_paths = [Path(p) for p in query_paths]
+    if not query_paths:
+        raise SpotmatchError(f"{catalogue.folder}: no photos to identify; pass one or more")
     sides = [side or conf.restriction.side for side in (sides or [None] * len(query_paths))]
     query_hashes = [file_sha256(p) for p in query_paths]  # one-line error for a missing photo
     for path in query_paths:

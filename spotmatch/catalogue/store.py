@@ -30,6 +30,14 @@ INDEX_NAME = "index.faiss"
 BUSY_TIMEOUT_S = 60.0  # another process's write transaction is waited for, not reported as "locked"
 
 
+def refuse_catalogue_folder(folder: Path) -> None:
+    """A new catalogue never goes over an existing one, nor where a file is."""
+    if (folder / DB_NAME).exists():
+        raise SpotmatchError(f"{folder / DB_NAME}: a catalogue already exists here; use it, or init another folder")
+    if folder.exists() and not folder.is_dir():
+        raise SpotmatchError(f"{folder}: a file, not a folder; name a new or empty folder for the catalogue")
+
+
 @dataclass
 class CatalogueSettings:
     """What the catalogue was built with (set at init): its embeddings only mean something for this model."""
@@ -184,9 +192,11 @@ class Catalogue:
         from spotmatch.catalogue.migrations import migrate
 
         folder = Path(folder)
-        if (folder / DB_NAME).exists():
-            raise SpotmatchError(f"{folder / DB_NAME}: a catalogue already exists here; use it, or init another folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        refuse_catalogue_folder(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpotmatchError(f"{folder}: cannot make the catalogue folder ({exc.strerror}); choose a writable place") from None
         catalogue = cls(folder, connect(folder / DB_NAME))
         migrate(catalogue.db)
         with transaction(catalogue.db) as db:
@@ -240,12 +250,15 @@ class Catalogue:
                 f" use the catalogue's checkpoint {settings.checkpoint} or init a new catalogue")
 
     # --- reads ---------------------------------------------------------------------------------------
-    def known_hashes(self, hashes: list[str]) -> set[str]:
-        known: set[str] = set()
+    def known_images(self, hashes: list[str]) -> dict[str, tuple[int, str | None]]:
+        """sha256 → (image id, individual or None) of the hashes already in the catalogue."""
+        known: dict[str, tuple[int, str | None]] = {}
         for start in range(0, len(hashes), 500):  # SQLite caps the number of bound parameters
             chunk = hashes[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            known.update(r[0] for r in self.db.execute(f"SELECT sha256 FROM images WHERE sha256 IN ({marks})", chunk))
+            known.update((sha, (image_id, name)) for sha, image_id, name in self.db.execute(
+                "SELECT images.sha256, images.id, individuals.name FROM images LEFT JOIN individuals"
+                f" ON individuals.id = images.individual_id WHERE images.sha256 IN ({marks})", chunk))
         return known
 
     def image_by_sha(self, sha256: str) -> sqlite3.Row | None:

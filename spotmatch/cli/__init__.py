@@ -1,10 +1,12 @@
 """`spotmatch` command line: each verb is a thin function that builds a config and calls one `main`.
 
 Command modules register on the shared `app`; `main` turns a SpotmatchError into one line on stderr
-and exit status 2, never a traceback.
+and exit status 2, never a traceback, and Ctrl-C into one line and exit status 130.
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from spotmatch.cli.app import app
@@ -20,8 +22,21 @@ def _register_commands() -> None:
             importlib.import_module(f"{__name__}.{module.name}")
 
 
+INTERRUPTED = ("interrupted: output files are written whole or not at all, and catalogue batches already added stay;"
+               " run the same command again to go on")
+
+
+def _on_interrupt(main_pid: int):
+    def handler(signum, frame):
+        if os.getpid() == main_pid:  # image-decoding workers get the same Ctrl-C: one line, from the main process
+            print(INTERRUPTED, file=sys.stderr)
+        raise KeyboardInterrupt  # typer turns it into exit status 130
+    return handler
+
+
 def main() -> None:
     _register_commands()
+    signal.signal(signal.SIGINT, _on_interrupt(os.getpid()))
     try:
         app()
     except SpotmatchError as exc:

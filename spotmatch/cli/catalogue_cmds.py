@@ -83,6 +83,8 @@ def add(
         report = add_images(catalogue, engine.embedder, engine.local, sources, add_conf)
     print_failures(report)
     typer.echo(f"added {report.added}, already there {report.already_there}, skipped {len(report.failed)}")
+    if report.failed:  # the rest is added; a script must still learn that some photos are not
+        raise typer.Exit(1)
 
 
 @catalogue_app.command("identify")

@@ -119,7 +119,7 @@ def embed(
     ray_config: Optional[Path] = typer.Option(None, help=RAY_CONFIG_HELP),
 ) -> None:
     """Embed every image once (cached by content hash + model) into an .npz file."""
-    from spotmatch.data.tables import IMAGE_SUFFIXES, load_dataset, load_pairs
+    from spotmatch.data.tables import IMAGE_SUFFIXES, is_pairs_table, load_dataset, load_pairs
     from spotmatch.global_embed.embed import Embedder
     from spotmatch.io import atomic_path, check_output
 
@@ -127,7 +127,7 @@ def embed(
         paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise SpotmatchError(f"{source}: no JPEG/PNG images in the folder; point at the image folder")
-    elif source.suffix.lower() == ".csv" and "query_image" in source.read_text(errors="replace").splitlines()[0]:
+    elif source.suffix.lower() == ".csv" and is_pairs_table(source):
         pairs = load_pairs(source, images)
         paths = [Path(p) for p in dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]])]
     else:

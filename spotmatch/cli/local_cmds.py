@@ -15,26 +15,27 @@ from spotmatch.errors import SpotmatchError
 DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root the global embedder caches under
 
 
-def _global_scores(pairs: pd.DataFrame, checkpoint: Path, embedder=None) -> pd.DataFrame:
-    """`cosine` and `global_rank` per pair from the global-embedding stage (imported only when asked for);
-    `embedder`: anything with `embed(paths)` (the Ray backend's), default the checkpoint's own."""
+def _checkpoint_embedder(checkpoint: Path, cache: Path):
+    """The global-embedding stage (imported only when asked for), caching under the command's --cache."""
     try:
-        from spotmatch.engine.scoring import global_pair_scores
-        from spotmatch.global_embed.embed import Embedder
+        from spotmatch.global_embed.embed import EmbedConfig, Embedder
     except ImportError as exc:
         raise SpotmatchError(
             f"{checkpoint}: global scoring is not available in this install ({exc}); use --top-k 0 to match all pairs"
         ) from None
-    return global_pair_scores(pairs, embedder or Embedder.from_checkpoint(checkpoint))
+    return Embedder.from_checkpoint(checkpoint, EmbedConfig(cache_dir=str(cache)))
 
 
-def select_pairs(pairs: pd.DataFrame, top_k: int, checkpoint: Optional[Path], embedder=None) -> tuple[pd.DataFrame, pd.Series]:
-    """Global columns to carry into the output, and which rows to match (each query's top-K, or all)."""
+def select_pairs(pairs: pd.DataFrame, top_k: int, embedder) -> tuple[pd.DataFrame, pd.Series]:
+    """Global columns to carry into the output, and which rows to match (each query's top-K, or all).
+    `embedder`: anything with `embed(paths)` (the checkpoint's own, or the Ray backend's)."""
+    from spotmatch.engine.scoring import global_pair_scores
+
     if top_k <= 0:
         return pd.DataFrame(index=pairs.index), pd.Series(True, index=pairs.index)
-    if checkpoint is None:
+    if embedder is None:
         raise SpotmatchError("--top-k needs a global model to rank pairs: pass --checkpoint CKPT, or --top-k 0 for all pairs")
-    scores = _global_scores(pairs, checkpoint, embedder)
+    scores = global_pair_scores(pairs, embedder)
     return scores[["cosine", "global_rank"]], scores["global_rank"] < top_k
 
 
@@ -70,11 +71,12 @@ def match(
         ray_conf, job_dir = rb.load_ray_config(ray_config, address=ray_address), rb.default_job_dir(out)
         with rb.ray_session(ray_conf):
             embedder = rb.RayEmbedder(str(checkpoint), None, ray_conf, job_dir) if checkpoint and top_k > 0 else None
-            global_columns, selected = select_pairs(pairs, top_k, checkpoint, embedder)
+            global_columns, selected = select_pairs(pairs, top_k, embedder)
             todo = pairs[selected]
             evidence = rb.match_on_ray(todo, matcher_settings, ray_conf, job_dir).drop(columns="row_id").set_index(todo.index)
     else:
-        global_columns, selected = select_pairs(pairs, top_k, checkpoint)
+        embedder = _checkpoint_embedder(checkpoint, cache) if checkpoint and top_k > 0 else None
+        global_columns, selected = select_pairs(pairs, top_k, embedder)
         scorer = LocalMatcher.from_name(**matcher_settings)
         todo = pairs[selected]
         with typer.progressbar(length=len(todo), label=f"matching {len(todo)} pairs", file=None) as bar:
@@ -114,28 +116,34 @@ def explain(
     from spotmatch.local_match.explain import explain_pair
     from spotmatch.local_match.pipeline import LocalMatcher
 
+    if out.suffix.lower() != ".png":
+        raise SpotmatchError(f"{out}: explain draws a PNG (and writes its keypoints beside it as .json); end --out in .png")
     read = [query, gallery, *([checkpoint] if checkpoint else []), *([fusion] if fusion else [])]
-    for drawing in (out.with_suffix(".png"), out.with_suffix(".json")):  # what explain_pair writes
+    for drawing in (out, out.with_suffix(".json")):  # what explain_pair writes
         check_output(drawing, read)
     if fusion is not None:
         if checkpoint is None:
             raise SpotmatchError("--fusion needs the global model it was calibrated for: pass --checkpoint too")
         from spotmatch.engine.engine import Engine, EngineConfig
         from spotmatch.engine.engine import explain as explain_with_engine
+        from spotmatch.global_embed.embed import EmbedConfig
 
-        engine = Engine.from_files(checkpoint, fusion, EngineConfig(extractor=extractor, cache_dir=str(cache)))
+        engine = Engine.from_files(checkpoint, fusion, EngineConfig(extractor=extractor, cache_dir=str(cache)),
+                                   EmbedConfig(cache_dir=str(cache)))
         result = explain_with_engine(engine, query, gallery, out, global_rank)
         typer.echo(f"wrote {result.png_path} and {result.json_path}: {result.scores.text()}")
         return
 
     scorer = LocalMatcher.from_name(extractor, cache_dir=cache, **_weights_kwargs(extractor, weights))
-    cosine = _pair_cosine(query, gallery, checkpoint) if checkpoint is not None else None
+    cosine = _pair_cosine(query, gallery, _checkpoint_embedder(checkpoint, cache)) if checkpoint is not None else None
     settings = getattr(getattr(scorer, "extractor", None), "conf_name", extractor)
     result = explain_pair(query, gallery, scorer, out, cosine=cosine, probability=None, settings=settings)
     typer.echo(f"wrote {result.png_path} and {result.json_path}: {result.scores.text()}")
 
 
-def _pair_cosine(query: Path, gallery: Path, checkpoint: Path) -> float:
+def _pair_cosine(query: Path, gallery: Path, embedder) -> float:
+    from spotmatch.engine.scoring import global_pair_scores
+
     pair = pd.DataFrame(
         {
             "row_id": ["explain"],
@@ -145,4 +153,4 @@ def _pair_cosine(query: Path, gallery: Path, checkpoint: Path) -> float:
             "gallery_image_path": [str(gallery.resolve())],
         }
     )
-    return float(np.asarray(_global_scores(pair, checkpoint)["cosine"])[0])
+    return float(np.asarray(global_pair_scores(pair, embedder)["cosine"])[0])

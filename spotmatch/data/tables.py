@@ -42,13 +42,18 @@ class Dataset:
         return Dataset(self.table.loc[rows].reset_index(drop=True), self.image_dir, self.csv_path)
 
 
-def _read_csv(csv_path: Path) -> pd.DataFrame:
+def _read_csv(csv_path: Path, nrows: int | None = None) -> pd.DataFrame:
     if not csv_path.is_file():
         raise SpotmatchError(f"{csv_path}: CSV file not found; pass the labels/pairs CSV path")
     try:
-        return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, nrows=nrows)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); check the file") from None
+
+
+def is_pairs_table(csv_path: Path) -> bool:
+    """A pairs CSV (`row_id, query_image, gallery_image`) rather than a labels table, told by its header."""
+    return "query_image" in {c.strip() for c in _read_csv(csv_path, nrows=0).columns}
 
 
 def _pick_column(table: pd.DataFrame, aliases: tuple[str, ...], what: str, csv_path: Path) -> str:
@@ -72,8 +77,9 @@ def check_files_exist(paths: list[Path], source: Path | None) -> None:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         where = f"{source}: " if source else ""
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise SpotmatchError(f"{where}image {missing[0]} not found{more}; check --images or the CSV's file names")
+        what = "is a folder, not an image" if missing[0].is_dir() else "not found"
+        more = f" and {len(missing) - 1} more missing" if len(missing) > 1 else ""
+        raise SpotmatchError(f"{where}image {missing[0]} {what}{more}; check --images or the CSV's file names")
 
 
 def refuse_conflicting_labels(table: pd.DataFrame, filename_col: str, identity_col: str, csv_path: Path) -> None:

@@ -33,21 +33,27 @@ def refuse_extra_training_set(dataset: Dataset, payload: dict, checkpoint: str |
 
 
 def split_for(dataset: Dataset, split_conf: SplitConfig, checkpoint: str | Path | None) -> tuple[pd.Series, str, str]:
-    """The checkpoint's own split when it was trained on this very table (validation rows were never
-    trained on); otherwise a fresh split from `split_conf`. Returns (split, split_by, where it came from).
+    """The checkpoint's own split when it was trained on this table or on any of its photos (rows it trained
+    on are never held out; rows it never saw are); otherwise a fresh split from `split_conf`. Returns
+    (split, split_by, where it came from).
 
-    "This very table" is the same CSV path, or a table whose file names are exactly those the checkpoint
-    split: a copy moved elsewhere or downsized for a GPU machine (benchmarks/stage_for_gpu.py) keeps its
-    names, and a fresh split there could differ (near-duplicate grouping hashes the pixels)."""
+    Photos are known by file name, not path: a copy moved elsewhere or downsized for a GPU machine
+    (benchmarks/stage_for_gpu.py) keeps its names, and a fresh split there could differ (near-duplicate
+    grouping hashes the pixels). A part of the training table split afresh would hold out trained photos."""
     if checkpoint is not None:
         payload = read_checkpoint(checkpoint)
         refuse_extra_training_set(dataset, payload, checkpoint)
         trained_on = payload.get("dataset")
         assignment = payload.get("split_assignment") or {}
+        names = dataset.table["filename"]
         same_path = bool(trained_on and dataset.csv_path) and Path(trained_on).resolve() == Path(dataset.csv_path).resolve()
-        if same_path or (assignment and set(assignment) == set(dataset.table["filename"])):
-            split = dataset.table["filename"].map(assignment).fillna("val")
-            return split.rename("split"), payload["split_config"]["by"], f"the split stored in {checkpoint}"
+        trained_here = int((names.map(assignment) == "train").sum())
+        if same_path or trained_here:
+            split = names.map(assignment).fillna("val")
+            origin = f"the split stored in {checkpoint}"
+            if set(names) != set(assignment):
+                origin += f" ({trained_here} of these {len(names)} photos trained on, the rest held out)"
+            return split.rename("split"), payload["split_config"]["by"], origin
     return split_dataset(dataset, split_conf), split_conf.by, f"split by {split_conf.by}, seed {split_conf.seed}"
 
 

@@ -116,17 +116,24 @@ def decision_score(best: float, runner_up: float | None, decision: str) -> float
     return best - (runner_up or 0.0) if decision == "margin" else best
 
 
+UNCHECKED_FLOOR = 1e-9  # where `keep_shortlist_first` puts the unchecked pairs of a query with a checked pair at 0
+
+
 def keep_shortlist_first(probability: np.ndarray, shortlisted: np.ndarray, query: np.ndarray) -> np.ndarray:
     """Per query, scale the probabilities of its pairs outside the shortlist so that none reaches its
     lowest shortlisted one, keeping their order. The two calibrators are fit on pairs pooled over queries,
     and pooled, a pair that failed verification is rarer a match than an unchecked one further down (many
     of those belong to an animal that owns half the gallery); within one query that lets hundreds of
-    unchecked pairs overtake the checked ones (docs/fusion.md, "Shortlist first")."""
+    unchecked pairs overtake the checked ones (docs/fusion.md, "Shortlist first").
+
+    A checked pair at exactly 0 (an isotonic calibrator's floor) is the one exception: below it every
+    unchecked pair would be 0, one long tie, so they keep their order just above it instead."""
     shortlisted = np.asarray(shortlisted, bool)
     unchecked = pd.Series(np.where(shortlisted, np.nan, probability))
     highest_unchecked = unchecked.groupby(np.asarray(query)).transform("max").to_numpy()
     # Just below the lowest checked pair, so that no unchecked pair ties with it.
-    scale = np.nan_to_num(np.minimum(lowest_shortlisted(probability, shortlisted, query) * (1 - 1e-6) / highest_unchecked, 1.0), nan=1.0)
+    ceiling = np.maximum(lowest_shortlisted(probability, shortlisted, query), UNCHECKED_FLOOR) * (1 - 1e-6)
+    scale = np.nan_to_num(np.minimum(ceiling / highest_unchecked, 1.0), nan=1.0)
     return np.where(shortlisted, probability, probability * scale)
 
 

@@ -29,6 +29,10 @@ def read_checkpoint(path: str | Path) -> dict:
                                  hint=" (plain backbone weights go to --pretrained)")
     if payload.get("version", 0) > CHECKPOINT_VERSION:
         raise SpotmatchError(f"{path}: written by a newer spotmatch (format {payload['version']}); upgrade spotmatch")
+    missing = [key for key in ("embedder_config", "model") if not isinstance(payload.get(key), dict)]
+    if missing:
+        raise SpotmatchError(f"{path}: an embedder checkpoint without its {' and '.join(missing)}; the file is damaged or was"
+                             f" edited: use the best.pt that `spotmatch train` wrote")
     return payload
 
 
