@@ -1,7 +1,8 @@
 """Local matching benchmark: speed per extractor, RootSIFT throughput, local-only vs global-only ranking.
 
     .venv/bin/python benchmarks/bench_local.py [--dataset ../shared/datasets/snowleopard] [--device auto]
-        [--speed-images 6] [--skip-learned] [--skip-ranking] [--checkpoint CKPT] [--out docs/local_match.md]
+        [--speed-images 6] [--skip-learned] [--skip-ranking] [--checkpoint CKPT] [--masks teacher]
+        [--out docs/local_match.md]
 
 Prints a markdown report and writes it to --out. Runs on CPU, or CUDA when present (--device auto).
 """
@@ -94,19 +95,42 @@ def naive_match(features0: tuple[np.ndarray, np.ndarray], features1: tuple[np.nd
     return int(inliers.sum()) if inliers is not None else 0
 
 
-def throughput_table(table: pd.DataFrame, cache_dir: Path, n_pairs: int, n_naive: int) -> str:
+def rootsift_matcher(cache_dir: Path, masks: str | None) -> LocalMatcher:
+    """RootSIFT with its on-disk cache, keypoints inside `masks` (a mask source) when given, else whole-frame."""
+    from spotmatch.global_embed.embed import mask_provider
+
+    provider = mask_provider(masks, str(cache_dir)) if masks else None
+    return LocalMatcher.from_name("rootsift", cache_dir=cache_dir, workers=torch.get_num_threads(),
+                                  mask_source=provider.mask_for if provider else None, mask_name=provider.name if provider else None)
+
+
+def cached_rootsift_row(pairs: pd.DataFrame, cache_dir: Path, masks: str | None) -> tuple[str, str]:
+    """Table rows: verified pairs/s with every feature on disk (a fresh matcher: nothing in memory yet),
+    and the one-off extraction that filled the cache."""
+    images = pd.unique(pairs.values.ravel())
+    start = time.perf_counter()
+    rootsift_matcher(cache_dir, masks).features_many(images)
+    extract_s = time.perf_counter() - start
+    fresh = rootsift_matcher(cache_dir, masks)
+    start = time.perf_counter()
+    fresh.score_pairs(pairs)
+    rate = len(pairs) / (time.perf_counter() - start)
+    counter = rootsift_matcher(cache_dir, masks)  # after the timing, so that it measured reads from disk
+    keypoints = np.mean([len(counter.features(p).keypoints) for p in images])
+    where = f"inside {masks} masks" if masks else "whole frame"
+    return (f"| spotmatch rootsift, {where} ({keypoints:.0f} keypoints/image), features from disk cache, {fresh.workers} threads"
+            f" | {len(pairs)} | {rate:.1f} |",
+            f"| (one-off extraction of the {len(images)} images into the cache, {where}{', masks made too' if masks else ''})"
+            f" | | {len(images) / extract_s:.1f} images/s |")
+
+
+def throughput_table(table: pd.DataFrame, cache_dir: Path, n_pairs: int, n_naive: int, masks: str | None) -> str:
+    """Naive loops against spotmatch on cached features, whole-frame and (with `masks`) inside the animal."""
     rng = np.random.default_rng(0)
     paths = table["path"].to_numpy()
     picks = rng.integers(0, len(paths), size=(n_pairs, 2))
     pairs = pd.DataFrame({"query_image_path": paths[picks[:, 0]], "gallery_image_path": paths[picks[:, 1]]})
-    local = LocalMatcher.from_name("rootsift", cache_dir=cache_dir, workers=torch.get_num_threads())
-    start = time.perf_counter()
-    local.features_many(pd.unique(pairs.values.ravel()))
-    extract_s = time.perf_counter() - start
-    fresh = LocalMatcher.from_name("rootsift", cache_dir=cache_dir, workers=torch.get_num_threads())  # disk cache only
-    start = time.perf_counter()
-    fresh.score_pairs(pairs)
-    cached_rate = n_pairs / (time.perf_counter() - start)
+    spotmatch_rows = [row for source in (None, *([masks] if masks else [])) for row in cached_rootsift_row(pairs, cache_dir, source)]
     start = time.perf_counter()
     for a, b in pairs.values[:n_naive]:
         naive_pair(a, b)
@@ -117,15 +141,13 @@ def throughput_table(table: pd.DataFrame, cache_dir: Path, n_pairs: int, n_naive
         naive_match(naive_features[a], naive_features[b])
     naive_cached_rate = n_naive / (time.perf_counter() - start)
     whole_kp = np.mean([len(f[0]) for f in naive_features.values()])
-    n_images = len(pd.unique(pairs.values.ravel()))
     return "\n".join(
         [
             "| pipeline | pairs | verified pairs/s |",
             "|---|---:|---:|",
             f"| naive loop: decode + whole-frame full-size SIFT + ratio + MAGSAC per pair, 1 thread | {n_naive} | {naive_rate:.1f} |",
             f"| naive loop on precomputed whole-frame SIFT ({whole_kp:.0f} keypoints/image), BFMatcher, 1 thread | {n_naive} | {naive_cached_rate:.1f} |",
-            f"| spotmatch rootsift, features from disk cache, {fresh.workers} threads | {n_pairs} | {cached_rate:.1f} |",
-            f"| (one-off extraction of the {n_images} images into the cache) | | {n_images / extract_s:.1f} images/s |",
+            *spotmatch_rows,
         ]
     )
 
@@ -198,6 +220,8 @@ def main() -> None:
     parser.add_argument("--skip-ranking", action="store_true")
     parser.add_argument("--checkpoint", default=None, help="trained global model for the global-only rows")
     parser.add_argument("--cache", type=Path, default=None, help="feature cache (default: a fresh temporary folder)")
+    parser.add_argument("--masks", default=None, help="mask source for the throughput rows (teacher, unet:CKPT, alpha);"
+                                                      " default: whole-frame features")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for torch, OpenCV and the pools")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "local_match.md")
     args = parser.parse_args()
@@ -218,7 +242,7 @@ def main() -> None:
         f"## Speed per extractor ({args.speed_images} random images, {args.speed_images - 1} consecutive pairs)",
         speed_table(sample, args.device, names),
         "## RootSIFT throughput on random pairs",
-        throughput_table(table, cache, args.pairs, args.naive_pairs),
+        throughput_table(table, cache, args.pairs, args.naive_pairs, args.masks),
     ]
     if not args.skip_ranking:
         sections += ["## Ranking: local only vs global only (split by encounter)", ranking_section(args.dataset, cache, args.checkpoint, args.device)]

@@ -181,6 +181,29 @@ def test_feature_cache_reuses_files_without_recomputing(tmp_path):
     assert changed.extractor.conf_name != first.extractor.conf_name  # a changed setting never reads stale files
 
 
+def test_features_inside_named_masks_are_read_back_without_decoding(tmp_path, monkeypatch):
+    """Masks from a named source (a segmentation provider) key the cache by name: re-scoring cached pairs
+    neither decodes an image nor makes a mask, which would cost more than matching them."""
+    import spotmatch.local_match.pipeline as pipeline
+
+    masks_made = []
+
+    def centre_mask(record):
+        masks_made.append(record.sha256)
+        mask = np.zeros(record.rgb.shape[:2], bool)
+        mask[:, mask.shape[1] // 4: 3 * mask.shape[1] // 4] = True
+        return mask
+
+    first = LocalMatcher.from_name("rootsift", cache_dir=tmp_path, mask_source=centre_mask, mask_name="centre")
+    features = first.features(SAME_QUERY)
+    width = load_image(SAME_QUERY).rgb.shape[1]
+    assert masks_made and features.keypoints[:, 0].min() >= width / 4 - 1  # the mask was applied
+    masks_made.clear()
+    monkeypatch.setattr(pipeline, "load_image", lambda path: pytest.fail(f"decoded {path} to find cached features"))
+    again = LocalMatcher.from_name("rootsift", cache_dir=tmp_path, mask_source=centre_mask, mask_name="centre").features(SAME_QUERY)
+    assert not masks_made and np.array_equal(again.keypoints, features.keypoints)
+
+
 def test_pair_evidence_is_read_back_instead_of_matched_again(tmp_path, monkeypatch):
     pairs = pd.DataFrame({"query_image_path": [str(SAME_QUERY), str(SAME_QUERY), str(STATIC_CAMERA[0])],
                           "gallery_image_path": [str(SAME_GALLERY), str(OTHER_CATS[0]), str(STATIC_CAMERA[1])]})

@@ -97,8 +97,9 @@ class FeatureCache:
     def path_for(self, key: str) -> Path | None:
         return self.folder / f"{key}.npz" if self.folder is not None else None
 
-    def get(self, record: "ImageRecord", mask: np.ndarray | None = None) -> Features:
-        key = self.key(record, mask)
+    def get(self, record: "ImageRecord", mask: np.ndarray | None = None, key: str | None = None) -> Features:
+        """`key`: the caller's name for these features when it knows one without the mask (see `key`)."""
+        key = key or self.key(record, mask)
         cached = self.cached(key)
         if cached is not None:
             return cached

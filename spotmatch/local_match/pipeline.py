@@ -136,16 +136,19 @@ class LocalMatcher(PairScorer):
         return load_image(path)
 
     def feature_key(self, path: str | Path) -> str:
-        """The feature cache's key of one image file (content hash, plus the mask's when masks are on)."""
+        """The feature cache's key of one image file: its content hash, plus the mask source's name when
+        masks are on. A named source (a segmentation MaskProvider) gives each image one mask, so the name
+        stands for it and cached features are found without decoding the image; an unnamed one is keyed
+        by the mask's own hash, which needs the image decoded and its mask made."""
         if self.mask_source is None:
             return file_sha256(path)
+        if self.mask_name is not None:
+            return f"{file_sha256(path)}-{self.mask_name}"
         record = load_image(path)
         return self.cache.key(record, self.mask_source(record))
 
     def evidence_rows(self, path_pairs: Sequence[tuple[str, str]]) -> list[tuple]:
-        """Rows from the pair cache where it has them; the other pairs matched, then stored. With external
-        masks the key needs the decoded image and its mask, so an uncached pair decodes its images twice,
-        a small cost beside matching (alpha masks and no masks key by the file's hash alone)."""
+        """Rows from the pair cache where it has them; the other pairs matched, then stored."""
         if self.pair_cache is None:
             return super().evidence_rows(path_pairs)
         keys = {path: self.feature_key(path) for path in dict.fromkeys(p for pair in path_pairs for p in pair)}
@@ -157,14 +160,17 @@ class LocalMatcher(PairScorer):
         return [known[key] if key in known else computed[key] for key in pair_keys]
 
     def features(self, path: str | Path) -> Features:
-        """Cached features of one image file; decodes the image only when they must be computed."""
-        if self.mask_source is None:
-            cached = self.cache.cached(file_sha256(path))  # hashing bytes is far cheaper than decoding
-            if cached is not None:
-                return cached
-            return self.cache.get(load_image(path))
+        """Cached features of one image file; decodes the image only when they must be computed (or when
+        an unnamed mask source must make the mask to find them)."""
+        if self.mask_source is not None and self.mask_name is None:
+            record = load_image(path)
+            return self.cache.get(record, self.mask_source(record))
+        key = self.feature_key(path)  # hashing bytes is far cheaper than decoding
+        cached = self.cache.cached(key)
+        if cached is not None:
+            return cached
         record = load_image(path)
-        return self.cache.get(record, self.mask_source(record))
+        return self.cache.get(record, self.mask_source(record) if self.mask_source else None, key=key)
 
     def features_many(self, paths: Iterable[str]) -> dict[str, Features]:
         unique = list(dict.fromkeys(paths))
