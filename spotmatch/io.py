@@ -40,6 +40,22 @@ def check_output(out: str | Path, inputs: Iterable[str | Path] = (), others: Ite
     return out
 
 
+def check_output_dir(folder: str | Path, option: str = "--out-dir") -> Path:
+    """Refuse, before any work, a folder to write in (an output or cache folder) that is a file, lies below
+    a file, or cannot be made or written in."""
+    from spotmatch.errors import SpotmatchError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SpotmatchError(f"{option} {folder}: is a file, not a folder; name a folder")
+    existing = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise SpotmatchError(f"{option} {folder}: {existing} is a file, not a folder; write somewhere else")
+    if not os.access(existing, os.W_OK):
+        raise SpotmatchError(f"{option} {folder}: cannot write in {existing}; write somewhere else")
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `target` only on success."""
