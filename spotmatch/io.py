@@ -100,6 +100,8 @@ def read_torch_payload(path: str | Path, fmt: str, kind: str, producer: str, wei
     from spotmatch.errors import SpotmatchError
 
     path = Path(path)
+    if path.is_dir():
+        raise SpotmatchError(f"{path}: a folder, not a {kind} checkpoint; pass the file in it written by `{producer}`")
     if not path.is_file():
         raise SpotmatchError(f"{path}: {kind} checkpoint not found; pass a file written by `{producer}`")
     try:

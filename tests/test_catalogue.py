@@ -89,7 +89,7 @@ def test_add_is_idempotent_and_stores_embeddings_and_metadata(catalogue, gallery
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}", row["captured_at"])  # the CSV's "2012-7-22", "1-53-20", as ISO
     assert row["feature_key"] == engine.local.extractor.conf_name
     stats = store.stats()
-    assert (stats["individuals"], stats["images"], stats["confirmations"], stats["schema_version"]) == (3, 17, 17, 4)
+    assert (stats["individuals"], stats["images"], stats["confirmations"], stats["schema_version"]) == (3, 17, 17, 5)
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -113,7 +113,7 @@ def test_identify_ranks_individuals_with_calibrated_probability(catalogue, galle
         assert (result.verdict == "new individual") == (result.decision_score < result.threshold)
         assert any(c.inliers is not None for c in result.candidates)  # keypoint evidence on the shortlist
         assert Path(result.candidates[0].explanation_png).stat().st_size > 1000
-        assert result.known_image_id is None
+        assert result.known_image_id is None and result.calibrated
 
 
 def test_identify_restricted_to_a_station_a_season_a_flank_and_living_individuals(catalogue, gallery_and_queries):
@@ -295,7 +295,9 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     assert found.returncode == 2 and "missing.jpg: image file not found" in found.stderr
     found = run_cli("catalogue", "identify", folder, *gallery_and_queries[1], "--top-k", "2")
     assert found.returncode == 0, found.stderr
-    assert found.stdout.count("  1. ") == 2 and "p=" in found.stdout and "threshold 0.50" in found.stdout  # no fusion: cosine only
+    # no fusion: cosine only, a similarity that must not read as a probability
+    assert found.stdout.count("  1. ") == 2 and "p=" not in found.stdout and found.stdout.count("  similarity ") >= 2
+    assert found.stdout.count(", uncalibrated threshold 0.50; ") == 2
     assert "gallery: every individual not retired" in found.stdout and re.search(r"\.JPG \(S\d+, 20\d\d-\d\d-\d\dT", found.stdout)
     round_csv = tmp_path / "round.csv"
     pd.DataFrame({"filename": [p.name for p in gallery_and_queries[1]], "side": ["left", ""]}).to_csv(round_csv, index=False)
@@ -303,7 +305,7 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     assert found.returncode == 0, found.stderr
     results = pd.read_csv(tmp_path / "round-results.csv")
     assert list(results["photo"].drop_duplicates().map(lambda p: Path(p).name)) == [p.name for p in gallery_and_queries[1]]
-    assert set(results["rank"]) <= {1, 2} and results["gallery_filename"].str.endswith(".JPG").all()
+    assert set(results["rank"]) <= {1, 2} and results["gallery_filename"].str.endswith(".JPG").all() and not results["calibrated"].any()
     assert results.groupby("photo", sort=False)["gallery"].first().str.endswith("left flank or unknown").tolist() == [True, False]
     retired = run_cli("catalogue", "retire", folder, "Cat21")
     assert retired.returncode == 0 and "Cat21 is retired" in retired.stdout
@@ -396,9 +398,14 @@ def test_migrations_upgrade_an_older_catalogue(tmp_path):
     for n, written in enumerate(("2012:07:22 01:53:20", "2012-7-22 1-53-20", "at dawn")):  # EXIF, a CSV's, free text
         db.execute("INSERT INTO images(path, filename, sha256, captured_at, added_at, embedder_id, embedding)"
                    " VALUES ('p', 'f', ?, ?, 'now', 'm', x'00000000')", (str(n), written))
+    db.execute("INSERT INTO individuals(id, name, created_at) VALUES (7, 'Cat7', 'now')")
+    db.execute("INSERT INTO confirmations(action, image_id, individual_id, who, at) VALUES ('confirm', 1, 7, 'ana', 'now'),"
+               " ('merge', 2, NULL, 'ben', 'now')")
     db.close()
     store = Catalogue.open(tmp_path)
-    assert schema_version(store.db) == SCHEMA_VERSION == 4
+    assert schema_version(store.db) == SCHEMA_VERSION == 5
+    named = store.db.execute("SELECT individual_id, individual_name FROM confirmations ORDER BY id").fetchall()
+    assert [tuple(r) for r in named] == [(7, "Cat7"), (None, None)]  # history rows name their individual from now on
     assert store.db.execute("SELECT name FROM sqlite_master WHERE name = 'images_by_individual'").fetchone()
     captured = [r[0] for r in store.db.execute("SELECT captured_at FROM images ORDER BY id")]
     assert captured == ["2012-07-22T01:53:20", "2012-07-22T01:53:20", "at dawn"]  # read as ISO, or kept as written
@@ -486,3 +493,144 @@ def test_a_damaged_database_is_one_line_not_a_traceback(tmp_path):
     (tmp_path / DB_NAME).write_bytes(b"not a database " * 200)
     with pytest.raises(SpotmatchError, match=f"{DB_NAME}: not a readable catalogue database .*restore it from a backup"):
         Catalogue.open(tmp_path)
+
+
+def stand_in_catalogue(folder: Path, images_per_individual: dict[str, int]):
+    """A catalogue of made-up embeddings, no model: for the store's own rules, in milliseconds."""
+    from spotmatch.catalogue.store import Catalogue, CatalogueSettings, NewImage
+
+    store = Catalogue.create(folder, CatalogueSettings(checkpoint="none", fusion=None, embedder_id="stand-in", embedding_dim=4))
+    rng = np.random.default_rng(0)
+    store.insert_images([NewImage(path=f"{name}-{n}.jpg", sha256=f"{name}-{n}", embedding=rng.normal(size=4).astype(np.float32),
+                                  embedder_id="stand-in", identity=name)
+                         for name, count in images_per_individual.items() for n in range(count)], who="ana")
+    return store
+
+
+def _snapshot(store) -> dict[str, list[tuple]]:
+    return {table: [tuple(r) for r in store.db.execute(f"SELECT * FROM {table} ORDER BY id")]
+            for table in ("individuals", "images", "confirmations")}
+
+
+HISTORY = "SELECT id, action, image_id, individual_id, individual_name, detail, who FROM confirmations ORDER BY id"
+
+
+def test_merge_keeps_each_history_row_about_its_individual_and_never_mixes_retired_with_living(tmp_path):
+    from spotmatch.errors import SpotmatchError
+
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2, "Cat2": 3, "Cat3": 3})
+    store.retire("Cat3", who="ana")
+    before = _snapshot(store)
+    for keep, absorb in (("Cat2", "Cat3"), ("Cat3", "Cat2")):  # Cat3 proposed again, or Cat2 hidden: both refused
+        with pytest.raises(SpotmatchError, match=r"'Cat3' is retired and 'Cat2' is not; run `spotmatch catalogue retire \S+ Cat3"
+                                                 r" --undo` first") as refused:
+            store.merge(keep, absorb, who="ben")
+        assert "\n" not in str(refused.value)
+    assert _snapshot(store) == before
+
+    store.retire("Cat3", who="ana", undo=True)
+    cat2, cat3 = store.individual_id("Cat2"), store.individual_id("Cat3")
+    history = [tuple(r) for r in store.db.execute(HISTORY)]
+    moved = [r[0] for r in store.db.execute("SELECT id FROM images WHERE individual_id = ? ORDER BY id", (cat3,))]
+    assert store.merge("Cat2", "Cat3", who="ben") == 3
+    after = [tuple(r) for r in store.db.execute(HISTORY)]
+    # Every earlier row says what it said about whom it said it; only the merged-away individual's id is gone.
+    assert after[:len(history)] == [(*row[:3], None if row[3] == cat3 else row[3], *row[4:]) for row in history]
+    assert after[len(history):] == [(row_id, "merge", image, cat2, "Cat2", "merged Cat3 into Cat2", "ben")
+                                    for row_id, image in zip(range(history[-1][0] + 1, history[-1][0] + 4), moved)]
+    about = lambda name: [r[0] for r in store.db.execute("SELECT action FROM confirmations WHERE individual_name = ? ORDER BY id",  # noqa: E731
+                                                         (name,))]
+    assert about("Cat3") == ["import"] * 3 + ["retire", "unretire"] and "retire" not in about("Cat2")
+
+    store.retire("Cat1", who="ana")
+    store.retire("Cat2", who="ana")
+    assert store.merge("Cat1", "Cat2", who="ben") == 6  # both retired: nothing changes for identify
+    stats = store.stats()
+    assert (stats["individuals"], stats["retired_individuals"], stats["identified_images"]) == (1, 1, 8)
+    assert store.integrity_problems() == []
+
+
+def test_review_commands_refuse_what_would_record_something_untrue(tmp_path):
+    from spotmatch.catalogue.service import AddConfig, init_catalogue
+    from spotmatch.errors import SpotmatchError
+
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 3, "Cat2": 1})
+    ids = [r[0] for r in store.db.execute("SELECT id FROM images WHERE individual_id = ? ORDER BY id", (store.individual_id("Cat1"),))]
+    store.retire("Cat2", who="ana")
+    before = _snapshot(store)
+    refusals = [
+        (lambda: store.split("Cat1", [ids[1], ids[1]], None, who="ana"), rf"image id\(s\) \[{ids[1]}\] listed more than once"),
+        (lambda: store.split("Cat1", ids, None, who="ana"), "all the images of 'Cat1'; to give it another name use `spotmatch catalogue rename`"),
+        (lambda: store.retire("Cat2", who="ana"), "'Cat2' is already retired; nothing to do"),
+        (lambda: store.retire("Cat1", who="ana", undo=True), "'Cat1' is not retired; nothing to undo"),
+        (lambda: store.confirm(ids[0], "Cat2", who=""), "--who '' is blank; give the name"),
+        (lambda: store.merge("Cat2", "Cat1", who=" "), "--who ' ' is blank"),
+        (lambda: store.split("Cat1", ids[:1], None, who=""), "--who '' is blank"),
+        (lambda: store.rename("Cat1", "Cat9", who=""), "--who '' is blank"),
+        (lambda: store.retire("Cat2", who="", undo=True), "--who '' is blank"),
+        (lambda: AddConfig(who="\t"), "--who '\\\\t' is blank"),  # add, and confirm of a new photo, before it is added
+        (lambda: init_catalogue(tmp_path / "c3", tmp_path / "best.pt", None, extractor="foo"),
+         "--extractor 'foo': unknown local features; choose one of rootsift, .*, loftr"),
+    ]
+    for call, message in refusals:
+        with pytest.raises(SpotmatchError, match=message) as refused:
+            call()
+        assert "\n" not in str(refused.value)
+    assert _snapshot(store) == before and not (tmp_path / "c3").exists()
+    assert store.split("Cat1", ids[1:], "Cat1b", who="ana") == "Cat1b"
+    assert [tuple(r) for r in store.db.execute("SELECT image_id, individual_name FROM confirmations WHERE action = 'split'")] == \
+        [(ids[1], "Cat1b"), (ids[2], "Cat1b")]
+
+
+def test_confirm_refuses_a_number_that_is_also_a_file_here(tmp_path, monkeypatch, snow_subset_csv):
+    from spotmatch.cli.catalogue_cmds import confirm_target
+    from spotmatch.errors import SpotmatchError
+
+    monkeypatch.chdir(tmp_path)
+    assert confirm_target("7", None) == 7
+    (tmp_path / "7").symlink_to(SNOW / "images" / pd.read_csv(snow_subset_csv)["filename"].iloc[0])
+    with pytest.raises(SpotmatchError, match=r"^7: both a file here and a catalogue image id; write \./7 for the file, or --image-id 7"):
+        confirm_target("7", None)
+    assert confirm_target("./7", None) == Path("7") and confirm_target(None, 7) == 7
+    with pytest.raises(SpotmatchError, match="not both or neither"):
+        confirm_target("7", 7)
+
+
+def test_a_catalogue_this_user_cannot_write_is_read_and_a_write_is_one_line(tmp_path, monkeypatch):
+    from spotmatch.catalogue.service import export_table
+    from spotmatch.catalogue.store import Catalogue
+    from spotmatch.errors import SpotmatchError
+
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2, "Cat2": 2})
+    before = _snapshot(store)
+    store.close()
+    monkeypatch.setattr(os, "access", lambda path, mode, **_: mode != os.W_OK)  # as for a user without write permission
+    read_only = Catalogue.open(tmp_path / "cat")
+    assert not read_only.writable and read_only.stats()["images"] == 4 and len(export_table(read_only, competition=False)) == 4
+    assert len(read_only.search_index()[1]) == 4 and not read_only.index_path.exists()  # searched, the cache not written
+    for write in (lambda: read_only.merge("Cat1", "Cat2", who="ana"), lambda: read_only.retire("Cat1", who="ana")):
+        with pytest.raises(SpotmatchError, match=r"catalogue.db: the catalogue cannot be written by this user \(permissions:"
+                                                 r" attempt to write a readonly database\); run the command as a user who can write"):
+            write()
+    assert _snapshot(read_only) == before
+    read_only.close()
+    monkeypatch.undo()
+    with sqlite3.connect(tmp_path / "cat" / "catalogue.db") as db:  # as if made by an older version
+        db.execute("PRAGMA user_version = 4")
+    monkeypatch.setattr(os, "access", lambda path, mode, **_: mode != os.W_OK)
+    with pytest.raises(SpotmatchError, match=r"made by an older spotmatch \(schema version 4, now 5\); open it once as a user who can write"):
+        Catalogue.open(tmp_path / "cat")
+
+
+def test_add_and_stats_say_what_they_were_given(tmp_path, snow_subset_csv):
+    from spotmatch.catalogue.service import sources_from_path
+    from spotmatch.catalogue.store import Catalogue
+    from spotmatch.errors import SpotmatchError
+
+    photo = next(small_folder(tmp_path, snow_subset_csv, 1).iterdir())
+    assert [s.path for s in sources_from_path(photo)] == [photo.resolve()]  # one photo, as identify takes them
+    (tmp_path / "notes.dat").write_bytes(b"\xff\xd8\xff\xe0 neither text nor a photo")
+    with pytest.raises(SpotmatchError, match=r"notes.dat: not a readable CSV \(.*\); pass a CSV of photos, a folder of photos, or one photo"):
+        sources_from_path(tmp_path / "notes.dat")
+    with pytest.raises(SpotmatchError, match=r"labels.csv: a file, not a catalogue folder; name the folder that holds catalogue.db"):
+        Catalogue.open(snow_subset_csv)

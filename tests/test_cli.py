@@ -153,6 +153,11 @@ def test_empty_dataset_and_unknown_split_column(tmp_path, snow_subset_csv, tiny_
                                   "--flank-classes"), "--flank-classes needs a side column")
     assert_one_line_error(run_cli("train", "--data", snow_subset_csv, "--out", tmp_path / "run", "--preset", "tiny",
                                   "--split-by", "encounter", "--select-view", "same flank"), "--select-view same flank: not a view")
+    # Three cats split by identity hold one out: ranked against itself alone, every ranking is perfect (IB-mAP 1.000).
+    assert_one_line_error(run_cli("train", "--data", snow_subset_csv, "--out", tmp_path / "run", "--preset", "tiny"),
+                          "ranked against one animal only")
+    assert_one_line_error(run_cli("train", "--data", snow_subset_csv, "--out", snow_subset_csv, "--preset", "tiny"),
+                          f"--out {snow_subset_csv}: is a file, not a folder")
     assert not (tmp_path / "run" / "best.pt").exists()
 
 
@@ -160,9 +165,18 @@ def test_train_resume_and_evaluate(tmp_path, snow_subset_csv):
     run = tmp_path / "run"
     common = ["--data", snow_subset_csv, "--out", run, "--preset", "tiny", "--split-by", "encounter", "--num-workers", "0",
               "--select-view", "cross-station"]
+    assert_one_line_error(run_cli("train", *common, "--epochs", "1", "--resume"), "last.pt: no run to resume here")
+    assert_one_line_error(run_cli("train", *common, "--epochs", "1", "--lr", "nan"), "--lr nan: must be a number above 0")
+    assert not run.exists()  # refused before the run folder is made
     first = run_cli("train", *common, "--epochs", "1")
     assert first.returncode == 0, first.stderr
     assert "best validation IB-mAP (cross-station)" in first.stdout
+    trained = (run / "best.pt").read_bytes()
+    assert_one_line_error(run_cli("train", *common, "--epochs", "1"), "already holds a training run (best.pt, last.pt)")
+    assert (run / "best.pt").read_bytes() == trained  # a run is never replaced unasked
+    diverged = run_cli("train", *common[:2], "--out", tmp_path / "diverged", *common[4:], "--epochs", "1", "--lr", "1e30")
+    assert_one_line_error(diverged, "training diverged in epoch 1", "lower --lr (now 1e+30)")
+    assert not (tmp_path / "diverged" / "best.pt").exists()  # no NaN model saved as the best
     resumed = run_cli("train", *common, "--epochs", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_one_line_error(run_cli("train", *common, "--epochs", "3", "--lr", "0.1", "--resume"), "other settings (lr)")

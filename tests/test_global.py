@@ -331,6 +331,8 @@ def test_flank_classes_give_each_flank_of_an_animal_its_own_class():
     table = pd.DataFrame({"identity": ["a", "a", "a", "b"], "side": ["left", "right", None, "Left"]})
     assert training_classes(table, flank_classes=True).tolist() == ["a/left", "a/right", "a", "b/left"]  # unknown flank: the animal
     assert training_classes(table, flank_classes=False).tolist() == ["a", "a", "a", "b"]
+    with pytest.raises(SpotmatchError, match="the side column holds 'front'; use left, right or leave it empty"):
+        training_classes(table.assign(side=["left", "front", None, "right"]), flank_classes=True)
 
 
 def test_an_extra_training_set_adds_classes_and_is_never_held_out(tmp_path, snow_subset_csv):

@@ -80,15 +80,26 @@ def test_tsne_perplexity_fits_small_sets():
     assert tsne_2d(points[:3], seed=0) is None
 
 
-def test_fusion_reliability_png_is_included(tmp_path, built_report):
+def test_fusion_reliability_png_is_included_only_for_this_model(tmp_path, built_report):
+    from test_fusion import synthetic_pairs
+
+    from spotmatch.errors import SpotmatchError
+    from spotmatch.fusion.calibration import FusionModel
+    from spotmatch.fusion.features import pair_features
     from spotmatch.report.build import reliability_png
 
     conf, _ = built_report
-    (tmp_path / "fusion.json").write_text("{}")
+    table, labels = synthetic_pairs(400)
+    FusionModel.new(embedder_id="this-model").fit(pair_features(table), labels).save(tmp_path / "fusion.json")
     (tmp_path / "reliability.png").write_bytes(b"\x89PNG")
-    assert reliability_png(conf) is None  # nothing beside the tiny checkpoint
+    assert reliability_png(conf, "this-model") is None  # nothing beside the tiny checkpoint
     conf_with_fusion = dataclasses.replace(conf, fusion=tmp_path / "fusion.json")
-    assert reliability_png(conf_with_fusion) == tmp_path / "reliability.png"
+    assert reliability_png(conf_with_fusion, "this-model") == tmp_path / "reliability.png"
+    with pytest.raises(SpotmatchError, match="calibrated for embedder 'this-model', not 'another-model'"):
+        reliability_png(conf_with_fusion, "another-model")
+    (tmp_path / "labels.csv").write_text("filename,identity\n")
+    with pytest.raises(SpotmatchError, match="labels.csv: not a readable calibration file"):
+        reliability_png(dataclasses.replace(conf, fusion=tmp_path / "labels.csv"), "this-model")
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -16,6 +17,9 @@ from spotmatch.data.images import load_image, mask_bbox
 from spotmatch.errors import SpotmatchError
 from spotmatch.segmentation.background import FILLS, apply_background, masked_crop, replace_background
 from spotmatch.segmentation.provider import MaskCache, MaskConfig, MaskProvider, mask_cache_name
+
+if TYPE_CHECKING:
+    from spotmatch.segmentation.train import TrainSegConfig
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 SNOW = DATA / "snowleopard" / "images"
@@ -159,25 +163,35 @@ def test_masked_crop_and_random_background_replacement():
     assert not np.array_equal(outputs[0], outputs[1])  # random: a new background each call
 
 
-def test_tiny_train_seg_writes_a_checkpoint_that_reloads_and_predicts(tmp_path):
-    from spotmatch.data.splits import SplitConfig
-    from spotmatch.segmentation.train import TrainSegConfig, train_seg
-    from spotmatch.segmentation.unet import UNetConfig, UNetSegmenter
-
-    # 8 RGBA cut-outs from real frames: 2 cats x 2 encounters x 2 frames; labels come from alpha.
+def cutout_csv(folder: Path) -> Path:
+    """8 RGBA cut-outs from real frames: 2 cats x 2 encounters x 2 frames; training labels come from alpha."""
     rows = []
     sources = [DAY_CAT, *OTHER_FRAMES]
     for index in range(8):
         rgb = cv2.resize(load_image(sources[index % 3]).rgb, (160, 96), interpolation=cv2.INTER_AREA)
         name = f"cut{index}.png"
-        write_rgba(rgb, np.roll(drawn_mask(rgb.shape[:2]), index * 5, axis=1), tmp_path / name)
+        write_rgba(rgb, np.roll(drawn_mask(rgb.shape[:2]), index * 5, axis=1), folder / name)
         rows.append({"filename": name, "identity": f"cat{index // 4}", "encounter": f"e{index // 2}"})
-    csv = tmp_path / "labels.csv"
+    csv = folder / "labels.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
+    return csv
 
-    conf = TrainSegConfig(unet=UNetConfig(image_size=64), split=SplitConfig(by="encounter", near_duplicate_distance=-1),
-                          epochs=1, batch_size=4, max_steps=2)
-    checkpoint = train_seg(conf, csv, tmp_path, tmp_path / "run", cache_dir=tmp_path / "cache")
+
+def tiny_train_config(**changes) -> TrainSegConfig:
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.segmentation.train import TrainSegConfig
+    from spotmatch.segmentation.unet import UNetConfig
+
+    values = {"epochs": 1, "batch_size": 4, "max_steps": 2, **changes}
+    return TrainSegConfig(unet=UNetConfig(image_size=64), split=SplitConfig(by="encounter", near_duplicate_distance=-1), **values)
+
+
+def test_tiny_train_seg_writes_a_checkpoint_that_reloads_and_predicts(tmp_path):
+    from spotmatch.segmentation.train import train_seg
+    from spotmatch.segmentation.unet import UNetSegmenter
+
+    csv = cutout_csv(tmp_path)
+    checkpoint = train_seg(tiny_train_config(), csv, tmp_path, tmp_path / "run", cache_dir=tmp_path / "cache")
     assert checkpoint.is_file() and (tmp_path / "run" / "metrics.json").is_file()
 
     segmenter = UNetSegmenter.from_checkpoint(checkpoint)
@@ -258,3 +272,159 @@ def test_shortcut_diagnostic_tells_a_site_embedding_from_an_identity_embedding()
     x0, y0, x1, y1 = mask_bbox(mask, 0.1)
     assert render_view(rgb, mask, "crop+grey", 0.1).shape == (y1 - y0, x1 - x0, 3)
     assert np.array_equal(render_view(rgb, mask, "full", 0.1), rgb)
+
+
+def run_main(monkeypatch, capsys, *args: object) -> tuple[int, str, str]:
+    """`spotmatch ARGS` in this process (a subprocess would import torch again): exit code, stdout, stderr."""
+    from spotmatch.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["spotmatch", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def assert_one_line_error(result: tuple[int, str, str], *expected: str) -> None:
+    code, _, err = result
+    error = err.strip()
+    assert code == 2 and error.startswith("error:") and "\n" not in error, err
+    for text in expected:
+        assert text in error, error
+
+
+def assert_usage_error(result: tuple[int, str, str], option: str) -> None:
+    """typer's own refusal of a value outside the option's min/max: exit 2, before the command runs."""
+    code, _, err = result
+    assert code == 2 and f"Invalid value for '{option}'" in err, err
+
+
+def test_seg_commands_refuse_an_out_that_would_replace_an_input(tmp_path, monkeypatch, capsys, snow_table):
+    rows = snow_table[snow_table["unambiguous"] == "True"].head(4)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in rows["filename"]:
+        (folder / name).symlink_to(SNOW / name)
+    csv = folder / "labels.csv"
+    rows.to_csv(csv, index=False)
+    labels = csv.read_bytes()
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"weights")  # only its identity matters: the command must stop before reading it
+    run = ("--csv", csv, "--cache", tmp_path / "cache", "--subset", "all")
+
+    for command in (["seg-eval", "--predicted", "teacher"], ["seg-diagnostic", "--embedder", f"checkpoint:{checkpoint}"]):
+        assert_one_line_error(run_main(monkeypatch, capsys, *command, *run, "--out", csv), "is also read")
+    assert_one_line_error(run_main(monkeypatch, capsys, "seg-diagnostic", *run, "--embedder", f"checkpoint:{checkpoint}",
+                                   "--out", checkpoint), "is also read")
+    assert_one_line_error(run_main(monkeypatch, capsys, "seg-eval", *run, "--predicted", f"unet:{checkpoint}",
+                                   "--out", checkpoint), "is also read")
+    photo = folder / rows["filename"].iloc[0]
+    assert_one_line_error(run_main(monkeypatch, capsys, "seg-sheet", *run, "--out", photo), "is also read")
+    assert csv.read_bytes() == labels and checkpoint.read_bytes() == b"weights"
+    assert photo.is_symlink() and photo.resolve() == SNOW / photo.name
+    assert not (tmp_path / "cache").exists()  # refused before any mask was computed
+
+
+def test_seg_commands_turn_bad_options_into_one_line_errors(tmp_path, monkeypatch, capsys, snow_subset_csv, snow_table):
+    one_row, one_cat = tmp_path / "one_row.csv", tmp_path / "one_cat.csv"
+    snow_table.head(1).to_csv(one_row, index=False)
+    snow_table[snow_table["identity"] == "Cat1"].head(4).to_csv(one_cat, index=False)
+    cache = tmp_path / "cache"
+    run = ("--csv", snow_subset_csv, "--cache", cache)
+    images = ("--images", SNOW)
+
+    def error(*args: object) -> tuple[int, str, str]:
+        return run_main(monkeypatch, capsys, *args)
+
+    seg_eval = ("seg-eval", *run, "--predicted", "teacher")
+    assert_one_line_error(error(*seg_eval, "--subset", "nosuch"), "--subset nosuch", "val, train, all")
+    assert_one_line_error(error("seg-eval", "--csv", one_row, *images, "--cache", cache, "--predicted", "teacher"),
+                          "one_row.csv", "no images in the val subset")
+    assert_one_line_error(error(*seg_eval, "--out", tmp_path), "is a folder")
+    assert_one_line_error(error(*seg_eval, "--out", snow_subset_csv / "x.csv"), "is a file, not a folder")
+
+    sheet = ("seg-sheet", *run, "--out", tmp_path / "sheet.jpg")
+    for width in ("0", "-5"):
+        assert_usage_error(error(*sheet, "--tile-width", width), "--tile-width")
+    assert_usage_error(error(*sheet, "--day", "-3"), "--day")
+    for name in ("sheet.txt", "sheet.csv"):
+        assert_one_line_error(error(*sheet, "--out", tmp_path / name), name, ".jpg", ".png")
+    assert_one_line_error(error(*sheet, "--out", tmp_path), "is a folder")
+    assert_one_line_error(error(*sheet, "--subset", "nosuch"), "--subset nosuch", "val, train, all")
+
+    diagnostic = ("seg-diagnostic", *run)
+    assert_one_line_error(error(*diagnostic, "--subset", "nosuch"), "--subset nosuch")
+    for csv in (one_row, one_cat):
+        assert_one_line_error(error("seg-diagnostic", "--csv", csv, *images, "--cache", cache), csv.name, "at least two")
+    assert_one_line_error(error(*diagnostic, "--out", tmp_path), "is a folder")
+    # JPEGs carry no alpha: no image is masked, so no pair is left to score
+    assert_one_line_error(error(*diagnostic, "--source", "alpha"), "masked by alpha", "--source teacher")
+
+    masks = ("masks", DAY_CAT, "--cache", cache)
+    assert_one_line_error(error("masks", DAY_CAT, "--cache", snow_subset_csv), "--cache", "is a file, not a folder")
+    for threshold in ("2", "-1", "nan"):
+        assert_usage_error(error(*masks, "--threshold", threshold), "--threshold")
+    assert_one_line_error(error(*masks, "--device", "nosuch"), "--device nosuch")
+    assert_one_line_error(error(*masks, "--source", "unet:"), "missing after 'unet:'")
+
+    train = ("train-seg", *run, "--out", tmp_path / "run")
+    for option, value in (("--epochs", "0"), ("--epochs", "-2"), ("--size", "0")):
+        assert_usage_error(error(*train, option, value), option)
+    assert_one_line_error(error(*train, "--encoder", "nosuch"), "--encoder nosuch", "efficientnet_lite0")
+    assert_one_line_error(error(*train, "--device", "nosuch"), "--device nosuch")
+    assert_one_line_error(error(*train, "--out", snow_subset_csv), "--out", "is a file, not a folder")
+    for lr in ("nan", "inf", "0", "-1"):
+        assert_one_line_error(error(*train, "--lr", lr), "--lr", "finite number above 0")
+    assert not (tmp_path / "run").exists() and not cache.exists()  # every refusal came before any work
+
+
+def test_masks_prints_no_mask_rather_than_an_empty_area(tmp_path, monkeypatch, capsys):
+    for source in ("none", "alpha"):  # a plain JPEG: neither gives a mask
+        code, out, _ = run_main(monkeypatch, capsys, "masks", DAY_CAT, "--source", source, "--cache", tmp_path)
+        assert code == 0 and out.strip().split("\t")[2] == f"no mask (source {source})"
+
+
+def test_mask_and_training_configs_refuse_non_finite_values():
+    with pytest.raises(SpotmatchError, match="--threshold"):
+        MaskConfig(threshold=float("nan"))
+    with pytest.raises(SpotmatchError, match="--lr nan"):
+        tiny_train_config(learning_rate=float("nan"))
+
+
+def test_train_seg_stops_on_divergence_and_keeps_the_old_checkpoint(tmp_path):
+    from spotmatch.segmentation.train import train_seg
+
+    csv = cutout_csv(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "unet.pt").write_bytes(b"the previous model")
+    with pytest.raises(SpotmatchError, match=r"training diverged .*lower --lr"):
+        train_seg(tiny_train_config(learning_rate=1e9, epochs=3, max_steps=3), csv, tmp_path, run, cache_dir=tmp_path / "cache")
+    assert (run / "unet.pt").read_bytes() == b"the previous model"
+    assert not (run / "metrics.json").exists()
+
+
+def test_train_seg_names_its_own_options_when_no_image_has_a_mask(snow_subset_csv):
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.segmentation.train import build_training_set
+
+    provider = MaskProvider.from_config(MaskConfig(source="none"))  # JPEGs without alpha: no mask at all
+    with pytest.raises(SpotmatchError, match="--max-images") as error:
+        build_training_set(load_dataset(snow_subset_csv).paths[:1], provider, 64)
+    assert "--mask-source" not in str(error.value)
+
+
+def test_shortcut_diagnostic_refuses_a_selection_without_two_masked_animals(snow_subset_csv):
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.segmentation.diagnostic import shortcut_diagnostic
+
+    dataset = load_dataset(snow_subset_csv)
+    with pytest.raises(SpotmatchError, match="at least two"):
+        shortcut_diagnostic(dataset, MaskProvider.from_config(MaskConfig(source="alpha")), _unreachable_embedder)
+    one_cat = dataset.subset(dataset.table["identity"] == dataset.table["identity"].iloc[0])
+    with pytest.raises(SpotmatchError, match="1 animal"):
+        shortcut_diagnostic(one_cat, MaskProvider.from_config(MaskConfig(source="alpha")), _unreachable_embedder)
+
+
+def _unreachable_embedder(images: list[np.ndarray]) -> np.ndarray:
+    raise AssertionError("the selection should have been refused before embedding")

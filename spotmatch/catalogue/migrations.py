@@ -80,8 +80,19 @@ def _normalise_capture_times(db: sqlite3.Connection) -> None:
             db.execute("UPDATE images SET captured_at = ? WHERE id = ?", (normalised, image_id))
 
 
+def _name_history_rows(db: sqlite3.Connection) -> None:
+    # A history row names its individual, so it still says whom it was about after a merge deletes that
+    # individual (its id then becomes NULL). Older rows get the name their individual has now; rows of
+    # individuals merged away before this version were re-pointed to the one they were merged into, and
+    # what they said first cannot be recovered.
+    _run_statements(db, """
+        ALTER TABLE confirmations ADD COLUMN individual_name TEXT;
+        UPDATE confirmations SET individual_name = (SELECT name FROM individuals WHERE individuals.id = confirmations.individual_id)
+    """)
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_tables, _add_lookup_indexes, _add_flank_and_retirement,
-                                                          _normalise_capture_times]
+                                                          _normalise_capture_times, _name_history_rows]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

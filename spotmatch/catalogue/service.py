@@ -14,7 +14,8 @@ from typing import Callable, Protocol
 import numpy as np
 import pandas as pd
 
-from spotmatch.catalogue.store import Catalogue, CatalogueSettings, GalleryRestriction, NewImage, parse_side, refuse_catalogue_folder
+from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, GalleryRestriction, NewImage, parse_side, refuse_catalogue_folder,
+                                      reviewer)
 from spotmatch.data.images import file_sha256, load_image
 from spotmatch.data.tables import FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, refuse_conflicting_labels
 from spotmatch.errors import SpotmatchError
@@ -50,6 +51,9 @@ class AddConfig:
     batch_size: int = 16  # images per transaction: a kill loses at most this much work, never consistency
     who: str = "cli"
     local_features: bool = True  # extract keypoints at add time, so identify only extracts the query's
+
+    def __post_init__(self):
+        self.who = reviewer(self.who)  # before anything is added: a confirm adds its photo first
 
 
 @dataclass
@@ -100,6 +104,9 @@ class QueryResult:
     gallery: str = ""  # what it was matched against (GalleryRestriction.describe)
     decision: str = "best"  # what the threshold applies to (fusion.calibration.DECISIONS)
     decision_score: float | None = None  # that number: None without candidates
+    # False without a calibration file: each candidate's `probability` is then its cosine mapped to [0, 1], a
+    # similarity, and the threshold 0.5 (cosine 0) says nothing about how often a match is right.
+    calibrated: bool = True
 
     @property
     def verdict(self) -> str:
@@ -114,6 +121,7 @@ def init_catalogue(folder: Path, checkpoint: Path, fusion: Path | None, extracto
     from spotmatch.global_embed.embed import EmbedConfig
 
     refuse_catalogue_folder(Path(folder))  # before the model loads
+    check_extractor(extractor)
     # The engine `open_engine` will build, built once now: a calibration of another model or local stage is
     # refused before the catalogue exists, not at its first use. Identify ranks plain cosines (rerank none).
     engine = Engine.from_files(checkpoint, fusion, EngineConfig(use_local=fusion is not None, extractor=extractor, cache_dir=None),
@@ -125,15 +133,27 @@ def init_catalogue(folder: Path, checkpoint: Path, fusion: Path | None, extracto
     return Catalogue.create(folder, settings)
 
 
+def check_extractor(name: str) -> None:
+    """Unknown names are refused at init: without a calibration file nothing would use the extractor until
+    one is added, and the catalogue would be stored with a name no engine can build."""
+    from spotmatch.local_match import EXTRACTORS
+    from spotmatch.local_match.pipeline import DENSE_MATCHERS
+
+    known = (*EXTRACTORS, *DENSE_MATCHERS)
+    if name not in known:
+        raise SpotmatchError(f"--extractor {name!r}: unknown local features; choose one of {', '.join(known)}")
+
+
 def open_engine(catalogue: Catalogue, shortlist_k: int | None = None, workers: int = 2, progress: bool = False):
     """The catalogue's own model, with its caches inside the catalogue folder; local matching when calibrated."""
     from spotmatch.engine.engine import Engine, EngineConfig
     from spotmatch.global_embed.embed import EmbedConfig
 
     settings = catalogue.settings()
+    cache_dir = str(catalogue.cache_dir) if catalogue.writable else None  # a read-only catalogue's caches cannot grow
     conf = EngineConfig(shortlist_k=shortlist_k, use_local=settings.fusion is not None, extractor=settings.extractor,
-                        local_workers=workers, cache_dir=str(catalogue.cache_dir))
-    run = EmbedConfig(device="cpu", num_workers=0, cache_dir=str(catalogue.cache_dir), progress=progress)
+                        local_workers=workers, cache_dir=cache_dir)
+    run = EmbedConfig(device="cpu", num_workers=0, cache_dir=cache_dir, progress=progress)
     engine = Engine.from_files(settings.checkpoint, settings.fusion, conf, run)
     if engine.embedder.model_id != settings.embedder_id:  # the file at the catalogue's checkpoint path was replaced
         raise SpotmatchError(f"{settings.checkpoint}: changed since catalogue {catalogue.folder} was made (embedder"
@@ -143,6 +163,15 @@ def open_engine(catalogue: Catalogue, shortlist_k: int | None = None, workers: i
 
 
 # --- add ------------------------------------------------------------------------------------------------
+def sources_from_path(source: Path, image_dir: Path | None = None) -> list[ImageSource]:
+    """What `add` was given: a folder of photos, one photo, or a CSV."""
+    if source.is_dir():
+        return sources_from_folder(source)
+    if source.suffix.lower() in IMAGE_SUFFIXES:
+        return [ImageSource(path=source.resolve())]
+    return sources_from_csv(source, image_dir)
+
+
 def sources_from_folder(folder: Path) -> list[ImageSource]:
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
@@ -162,7 +191,8 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
     except FileNotFoundError:
         raise SpotmatchError(f"{csv_path}: CSV file not found; pass the labels CSV path") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); check the file") from None
+        raise SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); pass a CSV of photos, a folder of"
+                             f" photos, or one photo (jpg, png, ...)") from None
     filename_col = _column(table, FILENAME_ALIASES)
     if filename_col is None:
         raise SpotmatchError(f"{csv_path}: no filename column (expected one of {', '.join(FILENAME_ALIASES)}); rename the column")
@@ -223,7 +253,7 @@ def fresh_sources(catalogue: Catalogue, sources: list[ImageSource], report: AddR
 def _relabel_refusal(folder: Path, source: ImageSource, image_id: int, individual: str | None) -> str:
     """Adding never changes a stored label: that is a reviewed decision, recorded by its own command."""
     return (f"{source.path}: already in the catalogue as image {image_id} of {individual or 'no individual'}, but the CSV says"
-            f" {source.identity}; fix the CSV, or relabel it with `spotmatch catalogue confirm {folder} {image_id} --individual NAME`")
+            f" {source.identity}; fix the CSV, or relabel it with `spotmatch catalogue confirm {folder} --image-id {image_id} --individual NAME`")
 
 
 def insert_fresh(catalogue: Catalogue, fresh: list[tuple[ImageSource, str, str | None]], embeddings: np.ndarray,
@@ -332,7 +362,8 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
         score = decision_score(probabilities[0], probabilities[1] if len(probabilities) > 1 else None, decision) if probabilities else None
         known = catalogue.image_by_sha(sha)
         result = QueryResult(str(path), sha, [_candidate(row) for row in ranked.head(conf.top_k).to_dict("records")], threshold,
-                             int(known["id"]) if known is not None else None, restrictions[side].describe(), decision, score)
+                             int(known["id"]) if known is not None else None, restrictions[side].describe(), decision, score,
+                             engine.fusion is not None)
         if conf.explain_dir is not None and engine.local is not None:
             for candidate in result.candidates:
                 candidate.explanation_png = str(explain_candidate(engine, path, sha, candidate, conf.explain_dir))
@@ -410,7 +441,7 @@ def results_table(results: list[QueryResult]) -> pd.DataFrame:
     rows = []
     for result in results:
         photo = {"photo": result.query, "verdict": result.verdict, "threshold": result.threshold,
-                 "known_image_id": result.known_image_id, "gallery": result.gallery}
+                 "known_image_id": result.known_image_id, "gallery": result.gallery, "calibrated": result.calibrated}
         rows += [{**photo, "rank": rank, **asdict(c)} for rank, c in enumerate(result.candidates, 1)] or [photo]
     return pd.DataFrame(rows)
 

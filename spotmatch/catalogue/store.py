@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import sqlite3
 import zipfile
@@ -90,6 +91,15 @@ def individual_name(name: str) -> str:
     return cleaned
 
 
+def reviewer(who: str) -> str:
+    """Who made a decision, as recorded in the history: a blank one is refused, since a decision nobody
+    made cannot be asked about later."""
+    cleaned = who.strip()
+    if not cleaned:
+        raise SpotmatchError(f"--who {who!r} is blank; give the name of the person making this decision")
+    return cleaned
+
+
 def iso_capture_time(text: str | None) -> str | None:
     """ISO 8601 ("2012-07-22T01:53:20", or "2012-07-22" for a date alone) when `text` reads as year, month,
     day[, time]; otherwise `text` unchanged, so nothing a user wrote is lost (date restrictions skip it)."""
@@ -149,27 +159,61 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def connect(db_path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+def connect(db_path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S, read_only: bool = False) -> sqlite3.Connection:
+    """A connection in WAL mode; `read_only` for a catalogue this user cannot write (see `_read_only_uri`)."""
     # isolation_level=None: no implicit transactions; `transaction` below opens and closes each one.
-    db = sqlite3.connect(db_path, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False)
+    target = _read_only_uri(db_path, busy_timeout_s) if read_only else db_path
+    db = sqlite3.connect(target, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False, uri=read_only)
     db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
+    if not read_only:  # switching to WAL is a write; a read-only catalogue is read in the mode it was left in
+        db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
     db.execute("PRAGMA foreign_keys=ON")
     return db
+
+
+def _read_only_uri(db_path: Path, busy_timeout_s: float) -> str:
+    """SQLite's read-only mode, which still needs to create catalogue.db-shm beside the database; where the
+    folder cannot be written either, the file is read as it is on disk (immutable), unless a -wal file holds
+    changes not yet in it, which only a process that can write the folder may read."""
+    uri = f"{db_path.resolve().as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=busy_timeout_s)) as probe:
+            probe.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opening is lazy: read to find out
+        return uri
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorname not in ("SQLITE_CANTOPEN", "SQLITE_READONLY_DIRECTORY"):
+            raise
+    wal = db_path.with_name(f"{db_path.name}-wal")
+    if wal.is_file() and wal.stat().st_size > 0:
+        raise SpotmatchError(f"{db_path}: recent changes are in {wal.name}, which only a user who can write {db_path.parent}"
+                             f" can read; run this as such a user (or ask the catalogue's owner to open it once)")
+    return f"{uri}&immutable=1"
+
+
+def _cannot_write(db: sqlite3.Connection, exc: sqlite3.OperationalError) -> SpotmatchError:
+    path = db.execute("PRAGMA database_list").fetchone()[2]
+    return SpotmatchError(f"{path}: the catalogue cannot be written by this user (permissions: {exc}); run the command as"
+                          f" a user who can write the file and its folder, or ask the catalogue's owner to")
 
 
 @contextlib.contextmanager
 def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """One atomic write. IMMEDIATE takes the write lock up front, so two writers queue (busy timeout)
     instead of one failing half-way on a lock upgrade."""
-    db.execute("BEGIN IMMEDIATE")
     try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            if db.in_transaction:  # SQLite has already rolled back after some errors
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    except sqlite3.OperationalError as exc:
+        if not (exc.sqlite_errorname or "").startswith("SQLITE_READONLY"):
+            raise
+        raise _cannot_write(db, exc) from None
 
 
 def embedding_to_blob(embedding: np.ndarray) -> bytes:
@@ -183,8 +227,9 @@ def blob_to_embedding(blob: bytes) -> np.ndarray:
 class Catalogue:
     """A catalogue folder: open with `Catalogue.open(folder)`, make with `Catalogue.create(folder, settings)`."""
 
-    def __init__(self, folder: Path, db: sqlite3.Connection):
+    def __init__(self, folder: Path, db: sqlite3.Connection, writable: bool = True):
         self.folder, self.db = folder, db
+        self.writable = writable  # False: opened read-only, because this user cannot write the database or its folder
 
     # --- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -208,17 +253,29 @@ class Catalogue:
 
     @classmethod
     def open(cls, folder: str | Path) -> "Catalogue":
-        from spotmatch.catalogue.migrations import migrate
+        from spotmatch.catalogue.migrations import SCHEMA_VERSION, migrate, schema_version
 
         folder = Path(folder)
-        if not (folder / DB_NAME).is_file():
+        db_path = folder / DB_NAME
+        if folder.is_file():
+            raise SpotmatchError(f"{folder}: a file, not a catalogue folder; name the folder that holds {DB_NAME}")
+        if not db_path.is_file():
             raise SpotmatchError(f"{folder}: no catalogue here; run `spotmatch catalogue init {folder} --checkpoint CKPT` first")
+        # Opening read-write as a user who cannot write would fail even to read (WAL setup is a write).
+        writable = os.access(db_path, os.W_OK) and os.access(folder, os.W_OK)
         try:
-            catalogue = cls(folder, connect(folder / DB_NAME))
-            migrate(catalogue.db)  # older catalogues upgrade on open
+            catalogue = cls(folder, connect(db_path, read_only=not writable), writable)
+            if writable:
+                migrate(catalogue.db)  # older catalogues upgrade on open
+            elif schema_version(catalogue.db) < SCHEMA_VERSION:
+                raise SpotmatchError(f"{db_path}: made by an older spotmatch (schema version {schema_version(catalogue.db)},"
+                                     f" now {SCHEMA_VERSION}); open it once as a user who can write it, so it is upgraded")
         except sqlite3.DatabaseError as exc:
-            raise SpotmatchError(f"{folder / DB_NAME}: not a readable catalogue database ({exc}); restore it from a backup"
-                                 f" (or `catalogue export` of a copy made before the damage)") from None
+            if exc.sqlite_errorname in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+                raise SpotmatchError(f"{db_path}: not a readable catalogue database ({exc}); restore it from a backup"
+                                     f" (or `catalogue export` of a copy made before the damage)") from None
+            raise SpotmatchError(f"{db_path}: cannot open the catalogue ({exc}); check that this user can read the file"
+                                 f" and write its folder") from None
         return catalogue
 
     def close(self) -> None:
@@ -346,8 +403,13 @@ class Catalogue:
         return int(self.db.execute("INSERT INTO individuals(name, created_at) VALUES (?, ?)", (name, now_utc())).lastrowid)
 
     def _record(self, action: str, image_id: int | None, individual_id: int | None, who: str, detail: str = "") -> None:
-        self.db.execute("INSERT INTO confirmations(action, image_id, individual_id, detail, who, at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (action, image_id, individual_id, detail, who, now_utc()))
+        # The name is kept with the row: it still says whom it was about once the individual is merged away.
+        self.db.execute("INSERT INTO confirmations(action, image_id, individual_id, individual_name, detail, who, at)"
+                        " VALUES (?, ?, ?, (SELECT name FROM individuals WHERE id = ?), ?, ?, ?)",
+                        (action, image_id, individual_id, individual_id, detail, reviewer(who), now_utc()))
+
+    def _retired(self, individual_id: int) -> bool:
+        return self.db.execute("SELECT retired_at FROM individuals WHERE id = ?", (individual_id,)).fetchone()[0] is not None
 
     def insert_images(self, images: list[NewImage], who: str) -> list[int]:
         """Insert a batch in one transaction; an image whose hash is already there (another process added it
@@ -393,17 +455,24 @@ class Catalogue:
         return f"individual-{number:04d}"
 
     def merge(self, keep: str, absorb: str, who: str) -> int:
-        """Move every image of `absorb` to `keep` and delete `absorb`. Returns how many images moved."""
-        if individual_name(keep) == individual_name(absorb):
+        """Move every image of `absorb` to `keep` and delete `absorb`. Returns how many images moved.
+        `absorb`'s history stays as it was, naming it (`confirmations.individual_name`), its id cleared."""
+        keep, absorb = individual_name(keep), individual_name(absorb)
+        who = reviewer(who)  # checked here too: an individual without images is merged without a history row
+        if keep == absorb:
             raise SpotmatchError(f"{self.folder}: cannot merge {keep!r} into itself; name two different individuals")
         with transaction(self.db):
             keep_id, absorb_id = self.individual_id(keep), self.individual_id(absorb)
+            # One of them retired: the merged animal would silently be looked for again, or hidden; the user decides.
+            if self._retired(keep_id) != self._retired(absorb_id):
+                retired, living = (keep, absorb) if self._retired(keep_id) else (absorb, keep)
+                raise SpotmatchError(f"{self.folder}: {retired!r} is retired and {living!r} is not; run `spotmatch catalogue"
+                                     f" retire {self.folder} {retired} --undo` first (or retire {living}), then merge")
             moved = [r[0] for r in self.db.execute("SELECT id FROM images WHERE individual_id = ?", (absorb_id,))]
             self.db.execute("UPDATE images SET individual_id = ? WHERE individual_id = ?", (keep_id, absorb_id))
             for image_id in moved:
                 self._record("merge", image_id, keep_id, who, f"merged {absorb} into {keep}")
-            self.db.execute("UPDATE confirmations SET individual_id = ? WHERE individual_id = ?", (keep_id, absorb_id))
-            self.db.execute("DELETE FROM individuals WHERE id = ?", (absorb_id,))
+            self.db.execute("DELETE FROM individuals WHERE id = ?", (absorb_id,))  # its history rows: id NULL, name kept
         return len(moved)
 
     def split(self, individual: str, image_ids: list[int], new_name: str | None, who: str) -> str:
@@ -415,6 +484,12 @@ class Catalogue:
             if strangers or not image_ids:
                 raise SpotmatchError(f"{self.folder}: image(s) {strangers or image_ids} are not images of {individual!r};"
                                      f" list its image ids with `spotmatch catalogue export`")
+            repeated = sorted({i for i in image_ids if image_ids.count(i) > 1})
+            if repeated:
+                raise SpotmatchError(f"{self.folder}: image id(s) {repeated} listed more than once; list each image once")
+            if set(image_ids) == owned:  # an individual without images would still be counted and listed
+                raise SpotmatchError(f"{self.folder}: these are all the images of {individual!r}; to give it another name use"
+                                     f" `spotmatch catalogue rename`")
             new_name = individual_name(new_name) if new_name is not None else self._fresh_name()
             if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (new_name,)).fetchone():
                 raise SpotmatchError(f"{self.folder}: individual {new_name!r} already exists; split into a new name (or merge)")
@@ -440,6 +515,9 @@ class Catalogue:
         and history stay; identify leaves it out unless asked to include retired individuals."""
         with transaction(self.db):
             individual_id = self.individual_id(name)
+            if self._retired(individual_id) != undo:  # a second row would record a decision that changed nothing
+                raise SpotmatchError(f"{self.folder}: {individual_name(name)!r} is {'not' if undo else 'already'} retired;"
+                                     f" nothing to {'undo' if undo else 'do'}")
             self.db.execute("UPDATE individuals SET retired_at = ? WHERE id = ?", (None if undo else now_utc(), individual_id))
             self._record("unretire" if undo else "retire", None, individual_id, who)
 
@@ -457,7 +535,8 @@ class Catalogue:
         if saved is not None and np.array_equal(saved[1], image_ids):
             return saved
         index = build_index(self.embeddings(image_ids), index_conf or IndexConfig(kind="auto"))
-        self._save_index(index, image_ids)
+        if self.writable:  # a read-only catalogue is searched all the same, with the index built for this call
+            self._save_index(index, image_ids)
         return index, image_ids
 
     def _load_index(self):

@@ -54,8 +54,8 @@ def init(
 @catalogue_app.command("add")
 def add(
     folder: Path = typer.Argument(..., help=FOLDER_HELP),
-    source: Path = typer.Argument(..., help="A folder of photos, or a CSV `filename[, identity, station, camera, date, time, side]`"
-                                              " (side: left or right, the flank shown; empty when not known)."),
+    source: Path = typer.Argument(..., help="A folder of photos, one photo, or a CSV `filename[, identity, station, camera, date,"
+                                              " time, side]` (side: left or right, the flank shown; empty when not known)."),
     images: Optional[Path] = typer.Option(None, help="Image folder of a CSV (default: images/ beside it, else its folder)."),
     batch_size: int = typer.Option(16, min=1, help="Images per transaction."),
     local_features: bool = typer.Option(True, "--local-features/--no-local-features", help="Extract keypoints now (faster identify later)."),
@@ -66,12 +66,12 @@ def add(
     ray_config: Optional[Path] = typer.Option(None, help=RAY_CONFIG_HELP),
 ) -> None:
     """Add photos; ones already in the catalogue (same file content) are skipped, corrupt ones reported."""
-    from spotmatch.catalogue.service import AddConfig, add_images, open_engine, print_failures, sources_from_csv, sources_from_folder
+    from spotmatch.catalogue.service import AddConfig, add_images, open_engine, print_failures, sources_from_path
 
     check_backend(backend)
-    catalogue = _open(folder)
-    sources = sources_from_folder(source) if source.is_dir() else sources_from_csv(source, images)
     add_conf = AddConfig(batch_size, who, local_features)
+    catalogue = _open(folder)
+    sources = sources_from_path(source, images)
     if backend == "ray":
         from spotmatch.engine import ray_backend as rb
 
@@ -138,36 +138,60 @@ def identify(
         return
     for result in results:
         known = f" (already in the catalogue as image {result.known_image_id})" if result.known_image_id else ""
-        score = "no candidates" if result.decision_score is None else f"{result.decision} {result.decision_score:.3f}"
-        typer.echo(f"{result.query}: {result.verdict} ({score}, threshold {result.threshold:.2f}; gallery: {result.gallery}){known}")
+        # Without a calibration file the number is a similarity, not a probability: it must not read as one.
+        label, threshold = ("p=", "threshold") if result.calibrated else ("similarity ", "uncalibrated threshold")
+        decision = result.decision if result.calibrated else "similarity"
+        score = "no candidates" if result.decision_score is None else f"{decision} {result.decision_score:.3f}"
+        typer.echo(f"{result.query}: {result.verdict} ({score}, {threshold} {result.threshold:.2f}; gallery: {result.gallery}){known}")
         for rank, c in enumerate(result.candidates, 1):
             local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
             drawing = f", {c.explanation_png}" if c.explanation_png else ""
             where = ", ".join(value for value in (c.station, c.captured_at, c.side and f"{c.side} flank") if value)
-            typer.echo(f"  {rank}. {c.individual}  p={c.probability:.3f}  cosine {c.cosine:.3f}{local}"
+            typer.echo(f"  {rank}. {c.individual}  {label}{c.probability:.3f}  cosine {c.cosine:.3f}{local}"
                        f"  via image {c.gallery_image_id} {c.gallery_filename}{f' ({where})' if where else ''}{drawing}")
 
 
 @catalogue_app.command("confirm")
 def confirm(
     folder: Path = typer.Argument(..., help=FOLDER_HELP),
-    photo: str = typer.Argument(..., help="A photo file (added if new) or a catalogue image id."),
+    photo: Optional[str] = typer.Argument(None, help="A photo file (added if new) or a catalogue image id."),
+    image_id: Optional[int] = typer.Option(None, "--image-id", help="The catalogue image id (instead of PHOTO)."),
     individual: Optional[str] = typer.Option(None, help="The individual it shows (made if it does not exist)."),
     new: bool = typer.Option(False, "--new", help="It shows an individual not in the catalogue: make a new one."),
     who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP),
 ) -> None:
     """Record who decided which individual a photo shows."""
     from spotmatch.catalogue.service import confirm_photo, open_engine
+    from spotmatch.catalogue.store import reviewer
     from spotmatch.errors import SpotmatchError
 
+    target = confirm_target(photo, image_id)
     if (individual is None) == (not new):
-        raise SpotmatchError(f"{photo}: say either --individual NAME or --new, not both or neither")
+        raise SpotmatchError(f"{photo or image_id}: say either --individual NAME or --new, not both or neither")
+    who = reviewer(who)
     catalogue = _open(folder)
-    if photo.isdigit():
-        image_id, name = int(photo), catalogue.confirm(int(photo), individual, who)
+    if isinstance(target, int):
+        image_id, name = target, catalogue.confirm(target, individual, who)
     else:
-        image_id, name = confirm_photo(catalogue, open_engine(catalogue), Path(photo), individual, who)
+        image_id, name = confirm_photo(catalogue, open_engine(catalogue), target, individual, who)
     typer.echo(f"image {image_id} is {name} (confirmed by {who})")
+
+
+def confirm_target(photo: str | None, image_id: int | None) -> int | Path:
+    """The catalogue image id or the photo file `confirm` is about. A number that is also a file here is
+    refused: relabelling the wrong image would go unnoticed."""
+    from spotmatch.errors import SpotmatchError
+
+    if (photo is None) == (image_id is None):
+        raise SpotmatchError(f"{photo or image_id}: name either a photo (or image id) or --image-id, not both or neither")
+    if image_id is not None:
+        return image_id
+    if not photo.isdigit():
+        return Path(photo)
+    if Path(photo).exists():
+        raise SpotmatchError(f"{photo}: both a file here and a catalogue image id; write ./{photo} for the file,"
+                             f" or --image-id {photo} for the catalogue image")
+    return int(photo)
 
 
 @catalogue_app.command("merge")
@@ -185,7 +209,7 @@ def split(folder: Path = typer.Argument(..., help=FOLDER_HELP), individual: str 
           into: Optional[str] = typer.Option(None, help="Name of the new individual (default: a fresh one)."),
           who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP)) -> None:
     """Some images of INDIVIDUAL show another animal: move them to a new individual."""
-    name = _open(folder).split(individual, list(image_ids), into, who)
+    name = _open(folder).split(individual, list(image_ids), into, who)  # refuses an id listed twice: the count is true
     typer.echo(f"moved {len(image_ids)} image(s) of {individual} to {name}")
 
 

@@ -17,7 +17,7 @@ def calibrate(
     checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP + " Its stored split picks the held-out queries."),
     out_dir: Optional[Path] = typer.Option(None, help="Where fusion.json, reliability.png and calibration.md go (default: beside the checkpoint)."),
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
-    top_k: int = typer.Option(20, help="Local matching re-scores each query's K best gallery images."),
+    top_k: int = typer.Option(20, min=1, help="Local matching re-scores each query's K best gallery images."),
     extractor: str = typer.Option("rootsift", help="Local features: rootsift, disk, aliked, xfeat."),
     local_masks: Optional[str] = typer.Option(None, help="Keypoints only inside masks from: alpha, teacher, unet:CKPT, none (default: the checkpoint's mask source)."),
     method: str = typer.Option("logistic", help="logistic or isotonic."),
@@ -44,10 +44,10 @@ def calibrate(
     from spotmatch.evaluation.protocol import format_animal_differences, format_comparisons, format_table
     from spotmatch.evaluation.run import split_for
     from spotmatch.global_embed.embed import Embedder
-    from spotmatch.io import write_text_atomic
+    from spotmatch.io import check_output_dir, write_text_atomic
 
     started = time.perf_counter()
-    out_dir = out_dir or checkpoint.parent
+    out_dir = check_output_dir(out_dir or checkpoint.parent, "--out-dir")
     dataset = load_dataset(data, images, drop_ambiguous=not keep_ambiguous)
     split, used_split_by, origin = split_for(dataset, SplitConfig(by=split_by), checkpoint)
     run = _embed_config(32, device, False, num_workers, cache_dir)

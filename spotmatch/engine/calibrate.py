@@ -66,6 +66,8 @@ class CalibrateConfig:
     def __post_init__(self):  # checked before any image is embedded
         if self.balance not in BALANCES:
             raise SpotmatchError(f"--balance {self.balance}: unknown weighting; use {' or '.join(BALANCES)}")
+        if not 0 < self.target_precision <= 1:
+            raise SpotmatchError(f"--target-precision {self.target_precision}: must be above 0 and at most 1")
         if not 0 <= self.new_share < 1:
             raise SpotmatchError(f"--new-share {self.new_share}: must be at least 0 and below 1")
         if self.decision not in DECISIONS:
@@ -241,7 +243,8 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     out_dir = Path(out_dir)
     protocol = build_protocol(dataset.table, split, split_by)
     if len(protocol.query_rows) == 0:
-        raise SpotmatchError(f"{dataset.csv_path}: the split has no validation queries to calibrate on; train with --val-fraction > 0")
+        raise SpotmatchError(f"{dataset.csv_path}: its split holds no photo out to calibrate on; calibrate on the table the"
+                             f" checkpoint was trained with (trained with --val-fraction > 0), or on a larger one")
     identities, paths = dataset.table["identity"].to_numpy(), np.array([str(p) for p in dataset.paths])
     query_ids, gallery_ids = identities[protocol.query_rows], identities[protocol.gallery_rows]
     rows = np.union1d(protocol.query_rows, protocol.gallery_rows)

@@ -42,7 +42,8 @@ def main(data_csv: Path, out_dir: Path, preset: str = "demo", device: str = "aut
     chosen = PRESETS[preset]
     split_conf = SplitConfig(by="encounter" if "encounter" in dataset.table.columns else "identity")
     train_conf = dataclasses.replace(chosen.train, device=device)
-    checkpoint = training.main(dataset, chosen.embedder, train_conf, split_conf, out_dir)
+    # The demo's folder is its own: running it again trains again.
+    checkpoint = training.main(dataset, chosen.embedder, train_conf, split_conf, out_dir, overwrite=True)
 
     split = pd.read_csv(out_dir / "split.csv")["split"]
     # The same split as labelled tables, e.g. to start a catalogue with the known photos (README).

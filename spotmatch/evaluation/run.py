@@ -10,7 +10,7 @@ import pandas as pd
 
 from spotmatch.data.splits import SplitConfig, split_dataset
 from spotmatch.data.tables import Dataset
-from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol
+from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol, refuse_trivial_protocol
 from spotmatch.errors import SpotmatchError
 from spotmatch.global_embed.checkpoint import read_checkpoint
 
@@ -60,6 +60,7 @@ def split_for(dataset: Dataset, split_conf: SplitConfig, checkpoint: str | Path 
 def evaluate_models(dataset: Dataset, split: pd.Series, split_by: str, models: list[EvaluatedModel]) -> dict[str, dict[str, dict]]:
     protocol = build_protocol(dataset.table, split, split_by)
     identities = dataset.table["identity"].to_numpy()
+    refuse_trivial_protocol(protocol, identities, dataset.csv_path)
     same = identities[protocol.query_rows][:, None] == identities[protocol.gallery_rows][None, :]
     if not (protocol.views["all"] & same).any():
         raise SpotmatchError(f"{dataset.csv_path}: no held-out photo has a match in the gallery, so nothing can be scored; use a"

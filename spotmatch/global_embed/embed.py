@@ -11,6 +11,7 @@ from tqdm import tqdm
 from spotmatch.config import config_hash
 from spotmatch.device import resolve_device
 from spotmatch.data.images import file_sha256
+from spotmatch.errors import SpotmatchError
 from spotmatch.global_embed.checkpoint import file_digest, load_model
 from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
 from spotmatch.global_embed.model import MEMORY_FORMAT, EmbedderConfig, ReIDNet
@@ -43,6 +44,10 @@ def mask_provider(source: str, cache_dir: str | None, device: torch.device | str
     from spotmatch.segmentation import MaskConfig, MaskProvider
 
     return MaskProvider.from_config(MaskConfig(source=source), cache_dir, device=str(device))
+
+
+class NonFiniteEmbeddings(SpotmatchError):
+    """The network's output holds NaN or infinity: its weights overflow (a training run that diverged)."""
 
 
 class Embedder:
@@ -113,6 +118,9 @@ class Embedder:
         with tqdm(total=len(paths), desc="embed", unit="img", disable=not self.run.progress or None) as bar:
             for batch in batches:
                 embeddings = self._forward(batch.images).cpu().numpy()
+                if not np.isfinite(embeddings).all():  # never cached, never ranked: NaN sorts anywhere
+                    raise NonFiniteEmbeddings(f"{self.model_id}: gives NaN or infinite embeddings (weights from a diverged"
+                                         f" training run); retrain with a lower --lr")
                 for index, embedding in zip(batch.indices, embeddings):
                     results[hashes[index]] = embedding
                     cache_path = self._cache_path(hashes[index])

@@ -18,15 +18,15 @@ from spotmatch.config import config_from_dict, config_to_dict
 from spotmatch.data.splits import SplitConfig, split_dataset
 from spotmatch.data.tables import Dataset
 from spotmatch.errors import SpotmatchError
-from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol
+from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol, refuse_trivial_protocol
 from spotmatch.global_embed.checkpoint import read_checkpoint, save_checkpoint
 from spotmatch.device import resolve_device
-from spotmatch.global_embed.embed import DEFAULT_CACHE, EmbedConfig, Embedder, mask_provider
+from spotmatch.global_embed.embed import DEFAULT_CACHE, EmbedConfig, Embedder, NonFiniteEmbeddings, mask_provider
 from spotmatch.global_embed.loading import ImageTensorDataset, checked_batches, make_loader
 from spotmatch.global_embed.model import MEMORY_FORMAT, ArcFace, EmbedderConfig, ReIDNet
 from spotmatch.global_embed.sampler import PKBatchSampler
 from spotmatch.global_embed.transforms import AugmentConfig, build_train_augment, normalise
-from spotmatch.io import write_csv_atomic
+from spotmatch.io import check_output_dir, write_csv_atomic
 
 
 @dataclass
@@ -86,13 +86,51 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+def refuse_unusable_settings(embedder_conf: EmbedderConfig, train_conf: TrainConfig) -> None:
+    """Settings that cannot train (or would train into NaN weights and report success), named by their
+    `spotmatch train` option, before any file is written."""
+    checks = [("--epochs", train_conf.epochs, train_conf.epochs >= 1, "at least 1"),
+              ("--batch-identities", train_conf.identities_per_batch, train_conf.identities_per_batch >= 1, "at least 1"),
+              ("--images-per-identity", train_conf.images_per_identity, train_conf.images_per_identity >= 1, "at least 1"),
+              ("--lr", train_conf.lr, math.isfinite(train_conf.lr) and train_conf.lr > 0, "a number above 0"),
+              ("--num-workers", train_conf.num_workers, train_conf.num_workers >= 0, "0 or more"),
+              ("--eval-every", train_conf.eval_every, train_conf.eval_every >= 0, "0 (only at the end) or more"),
+              ("--random-background", train_conf.augment.random_background, 0 <= train_conf.augment.random_background <= 1,
+               "a probability from 0 to 1"),
+              ("--image-size", embedder_conf.image_size, embedder_conf.image_size >= 32, "at least 32 pixels"),
+              ("--embedding-dim", embedder_conf.embedding_dim, embedder_conf.embedding_dim >= 2, "at least 2")]
+    for option, value, usable, wanted in checks:
+        if not usable:
+            raise SpotmatchError(f"{option} {value}: must be {wanted}")
+
+
+def refuse_unusable_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A run folder's checkpoints are never replaced unasked: a calibration beside them is only valid for them."""
+    check_output_dir(out_dir, "--out")
+    if resume and not (out_dir / "last.pt").is_file():
+        raise SpotmatchError(f"{out_dir / 'last.pt'}: no run to resume here; drop --resume to start one")
+    held = [name for name in ("best.pt", "last.pt") if (out_dir / name).exists()]
+    if held and not resume and not overwrite:
+        raise SpotmatchError(f"{out_dir}: already holds a training run ({', '.join(held)}); pass --resume to continue it,"
+                             f" --overwrite to replace it, or another --out")
+
+
+def diverged(out_dir: Path, epoch: int, symptom: str, lr: float, best_path: Path) -> SpotmatchError:
+    kept = f"; {best_path} holds the best epoch before it" if best_path.exists() else ""
+    return SpotmatchError(f"{out_dir}: training diverged in epoch {epoch + 1} ({symptom}); lower --lr (now {lr:g}){kept}")
+
+
 def training_classes(table: pd.DataFrame, flank_classes: bool) -> pd.Series:
     """The ArcFace class of each row: its identity, or with `flank_classes` its identity and flank where the
     flank is known."""
     identity = table["identity"].astype(str)
     if not flank_classes:
         return identity
-    side = table["side"].fillna("").astype(str).str.lower()
+    side = table["side"].fillna("").astype(str).str.strip().str.lower()
+    unknown = sorted(set(side) - {"", "left", "right"})
+    if unknown:  # another word for a flank would become a class of its own
+        raise SpotmatchError(f"--flank-classes: the side column holds {', '.join(map(repr, unknown))}; use left, right or"
+                             f" leave it empty")
     return identity.where(side == "", identity + "/" + side)
 
 
@@ -140,10 +178,13 @@ def validation_ib_map(model: ReIDNet, conf: EmbedderConfig, dataset: Dataset, sp
 
 
 def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfig, split_conf: SplitConfig,
-         out_dir: str | Path, resume: bool = False, extra_datasets: Sequence[Dataset] = ()) -> Path:
+         out_dir: str | Path, resume: bool = False, extra_datasets: Sequence[Dataset] = (), overwrite: bool = False) -> Path:
     """Train on the split's training rows (and every row of `extra_datasets`), validate on the split's validation
-    rows; returns best.pt."""
+    rows; returns best.pt. An earlier run in `out_dir` is continued with `resume`, replaced with `overwrite`,
+    and otherwise refused."""
     out_dir = Path(out_dir)
+    refuse_unusable_settings(embedder_conf, train_conf)
+    refuse_unusable_run_folder(out_dir, resume, overwrite)
     torch.manual_seed(train_conf.seed)
     device = resolve_device(train_conf.device)
 
@@ -152,7 +193,9 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     if train_conf.extra_share is not None and not (extra_datasets and 0 < train_conf.extra_share < 1):
         raise SpotmatchError(f"--extra-share {train_conf.extra_share}: needs --extra-train and a share between 0 and 1 (exclusive)")
     split = split_dataset(dataset, split_conf) if split_conf.val_fraction > 0 else pd.Series("train", index=dataset.table.index)
-    views = build_protocol(dataset.table, split, split_conf.by).views
+    protocol = build_protocol(dataset.table, split, split_conf.by)
+    refuse_trivial_protocol(protocol, dataset.table["identity"].to_numpy(), dataset.csv_path)
+    views = protocol.views
     if train_conf.select_view not in views:
         raise SpotmatchError(f"--select-view {train_conf.select_view}: not a view of {dataset.csv_path}; use one of {', '.join(views)}")
     train_rows = split == "train"
@@ -191,7 +234,7 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     history: list[dict] = []
     start_epoch, best_map = 0, -1.0
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if resume and last_path.is_file():
+    if resume:
         state = read_checkpoint(last_path)
         if state["embedder_config"] != config_to_dict(embedder_conf) or state["class_names"] != class_names:
             raise SpotmatchError(f"{last_path}: was trained with another model config or data; resume with the same settings or use a new --out")
@@ -222,16 +265,21 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 features = model(inputs)
             loss = torch.nn.functional.cross_entropy(head(features.float(), targets), targets)
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):  # stop before NaN weights are stepped into, saved and validated as "best"
+                raise diverged(out_dir, epoch, f"loss {losses[-1]}", train_conf.lr, best_path)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             scheduler.step()
-            losses.append(loss.item())
         epoch_seconds = time.perf_counter() - started
         is_last = epoch + 1 == train_conf.epochs
         evaluate_now = is_last or (train_conf.eval_every > 0 and (epoch + 1) % train_conf.eval_every == 0)
-        val_map = (validation_ib_map(model, embedder_conf, dataset, split, split_conf.by, run, train_conf.select_view)
-                   if evaluate_now else float("nan"))
+        try:
+            val_map = (validation_ib_map(model, embedder_conf, dataset, split, split_conf.by, run, train_conf.select_view)
+                       if evaluate_now else float("nan"))
+        except NonFiniteEmbeddings:
+            raise diverged(out_dir, epoch, "embeddings not finite", train_conf.lr, best_path) from None
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
                         "val_ib_map": val_map, "epoch_seconds": epoch_seconds})
         print(json.dumps(history[-1]), flush=True)

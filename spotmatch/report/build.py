@@ -12,6 +12,7 @@ from spotmatch.data.tables import Dataset, load_dataset
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.run import split_for
 from spotmatch.global_embed.checkpoint import read_checkpoint
+from spotmatch.fusion.calibration import FusionModel
 from spotmatch.global_embed.embed import EmbedConfig, Embedder
 from spotmatch.io import atomic_path, write_text_atomic
 from spotmatch.report import figures
@@ -61,24 +62,23 @@ def check_config(conf: ReportConfig) -> None:
         raise SpotmatchError(f"{conf.out}: the report is an HTML file; give --out a name ending in .html")
 
 
-def reliability_png(conf: ReportConfig) -> Path | None:
-    """The fusion stage's reliability diagram: beside the given fusion.json, or beside the checkpoint."""
+def reliability_png(conf: ReportConfig, embedder_id: str) -> Path | None:
+    """The fusion stage's reliability diagram: beside the given fusion.json (refused when it calibrates
+    another model), or beside the checkpoint when the fusion.json there calibrates this one."""
     if conf.fusion is not None:
-        if not conf.fusion.is_file():
-            raise SpotmatchError(f"{conf.fusion}: fusion file not found; pass the fusion.json written by calibration or drop --fusion")
+        FusionModel.load(conf.fusion, embedder_id=embedder_id)  # one line: missing, not a calibration, another model's
         png = conf.fusion.parent / "reliability.png"
         if not png.is_file():
             raise SpotmatchError(f"{png}: no reliability diagram beside {conf.fusion}; re-run the calibration that writes it")
         return png
     beside = conf.checkpoint.parent
-    if (beside / "fusion.json").is_file() and (beside / "reliability.png").is_file():
-        return beside / "reliability.png"
-    return None
-
-
-def embed_all(dataset: Dataset, conf: ReportConfig) -> np.ndarray:
-    embedder = Embedder.from_checkpoint(conf.checkpoint, conf.embed)
-    return embedder.embed(dataset.paths)
+    if not (beside / "fusion.json").is_file() or not (beside / "reliability.png").is_file():
+        return None
+    try:  # a run trained again (train --overwrite) leaves the old model's calibration beside the new one
+        FusionModel.load(beside / "fusion.json", embedder_id=embedder_id)
+    except SpotmatchError:
+        return None
+    return beside / "reliability.png"
 
 
 def neighbour_rows(dataset: Dataset, analysis: RetrievalAnalysis, conf: ReportConfig) -> list[dict]:
@@ -97,7 +97,7 @@ def neighbour_rows(dataset: Dataset, analysis: RetrievalAnalysis, conf: ReportCo
 
 
 def draw_pngs(dataset: Dataset, analysis: RetrievalAnalysis, history: list[dict], shown: np.ndarray,
-              conf: ReportConfig, folder: Path) -> dict[str, Path]:
+              conf: ReportConfig, folder: Path, fusion_png: Path | None) -> dict[str, Path]:
     identities = dataset.table["identity"].to_numpy()
     same, different = pair_similarities(analysis, identities)
     pngs = {
@@ -106,7 +106,6 @@ def draw_pngs(dataset: Dataset, analysis: RetrievalAnalysis, history: list[dict]
         "heatmap": figures.similarity_heatmap(analysis.embeddings[shown], identities[shown], folder / "similarity_heatmap.png"),
         "neighbours": figures.neighbour_grid(neighbour_rows(dataset, analysis, conf), conf.top_k, folder / "neighbours.png"),
     }
-    fusion_png = reliability_png(conf)
     if fusion_png is not None:
         copied = folder / "reliability.png"
         with atomic_path(copied) as tmp:
@@ -136,11 +135,13 @@ def build_report(conf: ReportConfig) -> ReportSummary:
     payload = read_checkpoint(conf.checkpoint)  # fails first, in one line, before any work
     dataset = load_dataset(conf.data, conf.images, drop_ambiguous=conf.drop_ambiguous)
     split, split_by, origin = split_for(dataset, conf.split or SplitConfig(by="identity"), conf.checkpoint)
-    analysis = analyse(dataset, embed_all(dataset, conf), split, split_by, origin)
+    embedder = Embedder.from_checkpoint(conf.checkpoint, conf.embed)
+    fusion_png = reliability_png(conf, embedder.model_id)  # a wrong --fusion is refused before the embedding
+    analysis = analyse(dataset, embedder.embed(dataset.paths), split, split_by, origin)
     shown = sample_rows(split, conf.max_images, conf.seed)
 
     folder = conf.out.parent / f"{conf.out.stem}_files"
-    pngs = draw_pngs(dataset, analysis, payload.get("history", []), shown, conf, folder)
+    pngs = draw_pngs(dataset, analysis, payload.get("history", []), shown, conf, folder, fusion_png)
     divs, tsne_note = scatter_divs(dataset, analysis, shown, conf.seed)
     n_val = int((split == "val").sum())
     overall = analysis.metrics_by_view["all"]

@@ -87,14 +87,24 @@ def embed_in_batches(embed: EmbedFn, images: Sequence[np.ndarray], batch_size: i
     return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-12)
 
 
+def check_diagnostic_table(table: pd.DataFrame, where: str, fix: str = "use a CSV (or --subset) with more animals") -> None:
+    """Refuse a table with a missing column, or of fewer than two animals: every pair category but
+    "same cat" would be empty and the whole table NaN."""
+    missing = {"identity", "station", "encounter"} - set(table.columns)
+    if missing:
+        raise SpotmatchError(f"{where}: the diagnostic needs column(s) {', '.join(sorted(missing))}")
+    animals = table["identity"].nunique()
+    if animals < 2:
+        raise SpotmatchError(f"{where}: {len(table)} image(s) of {animals} animal(s), and the diagnostic compares"
+                             f" animals, so it needs at least two; {fix}")
+
+
 def shortcut_diagnostic(
     dataset: Dataset, provider: MaskProvider, embed: EmbedFn, conf: DiagnosticConfig = DiagnosticConfig()
 ) -> tuple[pd.DataFrame, dict]:
     """One row per view. Only images that have a mask take part, so every view is scored on the same
     pairs (an image without a mask would show its full frame in every view and blur the comparison)."""
-    missing = {"identity", "station", "encounter"} - set(dataset.table.columns)
-    if missing:
-        raise SpotmatchError(f"{dataset.csv_path}: the diagnostic needs column(s) {', '.join(sorted(missing))}")
+    check_diagnostic_table(dataset.table, str(dataset.csv_path))
     records, masks, rows = [], [], []
     for row, path in enumerate(dataset.paths):
         record = load_image(path)
@@ -104,6 +114,8 @@ def shortcut_diagnostic(
             masks.append(mask)
             rows.append(row)
     table = dataset.table.iloc[rows].reset_index(drop=True)
+    check_diagnostic_table(table, f"{dataset.csv_path}, masked by {provider.conf.source}",
+                           "only images with a mask take part: use --source teacher or unet:<checkpoint>")
     pairs = categorise_pairs(table)
     results = []
     for view in conf.views:

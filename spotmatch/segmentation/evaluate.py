@@ -16,6 +16,7 @@ from spotmatch.segmentation.provider import MaskProvider
 # JPEG chroma noise leaves infrared frames a little off-grey, so `ImageRecord.greyscale` (exact equality)
 # misses them; a mean channel difference this small (out of 255) is no colour to a viewer either.
 OVERLAY_COLOUR = np.array([40, 220, 60], dtype=np.float32)  # RGB green: visible on rock, snow and IR grey
+SHEET_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def is_infrared(record: ImageRecord) -> bool:
@@ -81,6 +82,14 @@ def overlay_tile(rgb: np.ndarray, mask: np.ndarray | None, width: int, caption: 
     return np.vstack([strip, thumb])
 
 
+def check_sheet_path(output: Path) -> None:
+    """Refuse, before any mask is computed, a sheet name that OpenCV cannot encode as an image."""
+    if output.is_dir():  # io.check_output would suggest a .csv name in it
+        raise SpotmatchError(f"--out {output}: is a folder; name an image file, such as {output / 'contact_sheet.jpg'}")
+    if output.suffix.lower() not in SHEET_SUFFIXES:
+        raise SpotmatchError(f"--out {output}: the contact sheet is an image; end the name in {', '.join(SHEET_SUFFIXES)}")
+
+
 def _pad_to(tile: np.ndarray, height: int) -> np.ndarray:
     return np.pad(tile, ((0, height - tile.shape[0]), (0, 0), (0, 0)), constant_values=255)
 
@@ -93,6 +102,7 @@ def contact_sheet(
     images_per_row: int = 2,
 ) -> Path:
     """One group of tiles per image (one tile per mask source, side by side), `images_per_row` groups a row."""
+    check_sheet_path(output)
     if not paths:
         raise SpotmatchError(f"{output}: no images for the contact sheet; check the dataset and the selection")
     groups = []
@@ -112,7 +122,7 @@ def contact_sheet(
         groups.append(np.full_like(groups[0], 255))
     rows = [np.hstack(groups[i : i + images_per_row]) for i in range(0, len(groups), images_per_row)]
     sheet = np.vstack(rows)
-    suffix = output.suffix.lower() or ".jpg"
+    suffix = output.suffix.lower()
     params = [cv2.IMWRITE_JPEG_QUALITY, 85] if suffix in (".jpg", ".jpeg") else []
     ok, encoded = cv2.imencode(suffix, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), params)
     if not ok:

@@ -38,13 +38,17 @@ class MaskConfig:
     min_area_fraction: float = 0.002  # a mask smaller than this share of the frame means "no animal found"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold <= 1:  # written this way round so that NaN fails too
+            raise SpotmatchError(f"--threshold {self.threshold}: a foreground probability must lie in [0, 1], such as 0.5")
+
     @property
     def kind(self) -> str:
         return self.source.split(":", 1)[0]
 
     @property
     def checkpoint(self) -> Path | None:
-        return Path(self.source.split(":", 1)[1]) if self.kind == "unet" else None
+        return Path(self.source.partition(":")[2]) if self.kind == "unet" else None
 
 
 def absolute_source(source: str) -> str:
@@ -134,6 +138,8 @@ def check_model_available(conf: MaskConfig) -> None:
             importlib.import_module("onnxruntime")
         except ImportError:
             raise SpotmatchError(f"teacher model {conf.teacher.model}: onnxruntime is not installed; {TEACHER_SETUP}") from None
+    elif conf.kind == "unet" and not conf.source.partition(":")[2]:  # Path("") would read as "." below
+        raise SpotmatchError(f"mask source {conf.source!r}: the checkpoint path is missing after 'unet:'; use unet:runs/seg-lite0/unet.pt")
     elif conf.kind == "unet" and not conf.checkpoint.is_file():
         raise SpotmatchError(f"{conf.checkpoint}: U-Net checkpoint not found; train one with `spotmatch train-seg`")
     elif conf.kind not in ("teacher", "unet", "alpha", "none"):

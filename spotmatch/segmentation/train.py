@@ -24,7 +24,9 @@ from spotmatch.config import config_hash
 from spotmatch.data.images import load_image
 from spotmatch.data.splits import SplitConfig, split_dataset
 from spotmatch.data.tables import Dataset, load_dataset
+from spotmatch.device import resolve_device
 from spotmatch.errors import SpotmatchError
+from spotmatch.global_embed.backbones import PYPI_WEIGHTS
 from spotmatch.io import write_csv_atomic, write_text_atomic
 from spotmatch.segmentation.evaluate import compare_masks, summarise_iou
 from spotmatch.segmentation.provider import MaskConfig, MaskProvider
@@ -49,6 +51,12 @@ class TrainSegConfig:
     include_ambiguous: bool = True  # rows with ambiguous identity still show a cat: train on them
     imagenet_encoder: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise SpotmatchError(f"--lr {self.learning_rate}: the learning rate must be a finite number above 0, such as 1e-3")
+        if self.imagenet_encoder and self.unet.encoder not in PYPI_WEIGHTS:  # only these have offline ImageNet weights
+            raise SpotmatchError(f"--encoder {self.unet.encoder}: unknown; use one of {', '.join(PYPI_WEIGHTS)}")
 
 
 @dataclass
@@ -80,7 +88,8 @@ def build_training_set(paths: list[Path], labels: MaskProvider, size: int) -> Tr
         images.append(cv2.resize(record.rgb, (size, size), interpolation=cv2.INTER_AREA))
         masks.append(cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST))
     if not images:
-        raise SpotmatchError("no training image has a mask (alpha or teacher); check the images and --mask-source")
+        raise SpotmatchError(f"none of the {len(paths)} training image(s) has a mask (alpha channel or {labels.conf.source}):"
+                             " train on more images (raise --max-images, or 0 for all) or check --csv")
     return TrainingSet(np.stack(images), np.stack(masks))
 
 
@@ -124,6 +133,10 @@ def make_optimizer(model: torch.nn.Module, conf: TrainSegConfig) -> torch.optim.
     )
 
 
+def diverged(what: str, conf: TrainSegConfig) -> SpotmatchError:
+    return SpotmatchError(f"training diverged ({what}); lower --lr (now {conf.learning_rate:g}); no checkpoint written")
+
+
 def fit(model: torch.nn.Module, data: TrainingSet, conf: TrainSegConfig, device: torch.device) -> list[dict]:
     """Dice + BCE on the pseudo-masks, cosine-decayed AdamW; returns one log row per epoch."""
     import segmentation_models_pytorch as smp
@@ -147,11 +160,14 @@ def fit(model: torch.nn.Module, data: TrainingSet, conf: TrainSegConfig, device:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(images).float()
             loss = dice(logits, masks) + bce(logits, masks)
+            value = loss.item()
+            if not math.isfinite(value):  # one NaN step poisons every weight: stop before it is taken
+                raise diverged(f"loss {value} at step {step + 1}", conf)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(loss.item())
+            losses.append(value)
             step += 1
             if step >= total_steps:
                 break
@@ -159,6 +175,8 @@ def fit(model: torch.nn.Module, data: TrainingSet, conf: TrainSegConfig, device:
         log.info("epoch %d/%d loss %.4f (%.0f s)", epoch + 1, conf.epochs, history[-1]["loss"], history[-1]["seconds"])
         if step >= total_steps:
             break
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # the last step has no loss after it
+        raise diverged(f"non-finite weights after step {step}", conf)
     return history
 
 
@@ -176,8 +194,7 @@ def train_seg(
 ) -> Path:
     """Train, evaluate on the held-out split against the label masks, write `unet.pt`, `metrics.json`,
     `val_iou.csv` into `output_dir`; returns the checkpoint path."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpotmatchError(f"--device {device}: no CUDA GPU visible to torch; use --device cpu")
+    torch_device = resolve_device(device)
     torch.manual_seed(conf.seed)
     dataset = load_dataset(csv_path, image_dir)
     split = split_dataset(dataset, conf.split)
@@ -192,9 +209,9 @@ def train_seg(
     log.info("%d of %d training images have a mask", len(data.images), len(train_paths))
 
     model = build_unet(conf.unet, imagenet_encoder=conf.imagenet_encoder)
-    history = fit(model, data, conf, torch.device(device))
+    history = fit(model, data, conf, torch_device)
 
-    segmenter = UNetSegmenter(model, conf.unet, device)
+    segmenter = UNetSegmenter(model, conf.unet, str(torch_device))
     predicted = MaskProvider(dataclasses.replace(conf.labels, source="unet:in-memory"), lambda: segmenter, cache=None)
     per_image = compare_masks(val_paths, predicted, labels)
     metrics = {
