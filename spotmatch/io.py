@@ -20,11 +20,7 @@ def check_output(out: str | Path, inputs: Iterable[str | Path] = (), others: Ite
     out = Path(out)
     if out.is_dir():
         raise SpotmatchError(f"{option} {out}: is a folder; name a file, such as {out / 'out.csv'}")
-    existing = next(parent for parent in out.absolute().parents if parent.exists())
-    if not existing.is_dir():
-        raise SpotmatchError(f"{option} {out}: {existing} is a file, not a folder; write somewhere else")
-    if not os.access(existing, os.W_OK):
-        raise SpotmatchError(f"{option} {out}: cannot write in {existing}; write somewhere else")
+    _refuse_unwritable(out, out.absolute().parent, option)
     if out.exists():  # a file that does not exist yet cannot be one the command reads
         target = out.stat()
         for source in inputs:
@@ -48,12 +44,19 @@ def check_output_dir(folder: str | Path, option: str = "--out-dir") -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise SpotmatchError(f"{option} {folder}: is a file, not a folder; name a folder")
-    existing = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
-    if not existing.is_dir():
-        raise SpotmatchError(f"{option} {folder}: {existing} is a file, not a folder; write somewhere else")
-    if not os.access(existing, os.W_OK):
-        raise SpotmatchError(f"{option} {folder}: cannot write in {existing}; write somewhere else")
+    _refuse_unwritable(folder, folder.absolute(), option)
     return folder
+
+
+def _refuse_unwritable(target: Path, folder: Path, option: str) -> None:
+    """`folder` (where `target` goes) or its nearest existing ancestor must be a folder this user can write in."""
+    from spotmatch.errors import SpotmatchError
+
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise SpotmatchError(f"{option} {target}: {existing} is a file, not a folder; write somewhere else")
+    if not os.access(existing, os.W_OK):
+        raise SpotmatchError(f"{option} {target}: cannot write in {existing}; write somewhere else")
 
 
 @contextlib.contextmanager

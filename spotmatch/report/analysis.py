@@ -10,7 +10,7 @@ import pandas as pd
 from spotmatch.data.tables import Dataset
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.metrics import retrieval_metrics
-from spotmatch.evaluation.protocol import Protocol, build_protocol, evaluate_protocol
+from spotmatch.evaluation.protocol import Protocol, build_protocol, evaluate_protocol, refuse_trivial_protocol
 
 
 @dataclass
@@ -50,11 +50,19 @@ def per_identity_metrics(similarity: np.ndarray, identities: np.ndarray, protoco
     return frame.sort_values(["ap", "identity"], na_position="last", kind="stable").reset_index(drop=True)
 
 
-def analyse(dataset: Dataset, embeddings: np.ndarray, split: pd.Series, split_by: str, split_origin: str) -> RetrievalAnalysis:
+def report_protocol(dataset: Dataset, split: pd.Series, split_by: str) -> Protocol:
+    """The held-out queries and gallery the report ranks, refused before anything is embedded when they
+    cannot say anything (no query, or a gallery of one animal)."""
     protocol = build_protocol(dataset.table, split, split_by)
     if len(protocol.query_rows) == 0:
         raise SpotmatchError(f"{dataset.csv_path}: the split holds no validation images to query with; "
                              f"report on the table the checkpoint was trained on, or one with several images per identity")
+    refuse_trivial_protocol(protocol, dataset.table["identity"].to_numpy(), dataset.csv_path)
+    return protocol
+
+
+def analyse(dataset: Dataset, embeddings: np.ndarray, protocol: Protocol, split: pd.Series, split_by: str,
+            split_origin: str) -> RetrievalAnalysis:
     identities = dataset.table["identity"].to_numpy()
     similarity = protocol_similarity(embeddings, protocol)
     return RetrievalAnalysis(

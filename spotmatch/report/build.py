@@ -17,7 +17,7 @@ from spotmatch.global_embed.embed import EmbedConfig, Embedder
 from spotmatch.io import atomic_path, write_text_atomic
 from spotmatch.report import figures
 from spotmatch.report.analysis import (RetrievalAnalysis, analyse, neighbour_queries, pair_similarities,
-                                       ranked_neighbours, sample_rows)
+                                       ranked_neighbours, report_protocol, sample_rows)
 from spotmatch.report.interactive import pca_2d, scatter_div, tsne_2d, tsne_perplexity
 from spotmatch.report.page import PageContent, render_page
 from spotmatch.report.thumbnails import jpeg_data_uri, png_data_uri, thumbnail
@@ -135,9 +135,10 @@ def build_report(conf: ReportConfig) -> ReportSummary:
     payload = read_checkpoint(conf.checkpoint)  # fails first, in one line, before any work
     dataset = load_dataset(conf.data, conf.images, drop_ambiguous=conf.drop_ambiguous)
     split, split_by, origin = split_for(dataset, conf.split or SplitConfig(by="identity"), conf.checkpoint)
+    protocol = report_protocol(dataset, split, split_by)
     embedder = Embedder.from_checkpoint(conf.checkpoint, conf.embed)
     fusion_png = reliability_png(conf, embedder.model_id)  # a wrong --fusion is refused before the embedding
-    analysis = analyse(dataset, embedder.embed(dataset.paths), split, split_by, origin)
+    analysis = analyse(dataset, embedder.embed(dataset.paths), protocol, split, split_by, origin)
     shown = sample_rows(split, conf.max_images, conf.seed)
 
     folder = conf.out.parent / f"{conf.out.stem}_files"
