@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, SNOW
+from spotmatch.global_embed.checkpoint import read_checkpoint
 
 CLI = [sys.executable, "-c", "from spotmatch.cli import main; main()"]
 
@@ -189,6 +190,13 @@ def test_train_resume_and_evaluate(tmp_path, snow_subset_csv):
     assert "the split stored in" in evaluation.stdout and "| all |" in evaluation.stdout
     table = (tmp_path / "table.md").read_text()
     assert "cross-station" in table and f"| {run / 'last.pt'} | {run / 'best.pt'} | all |" in table  # last.pt minus best.pt
+
+    # --overwrite replaces the whole run: with nothing held out no epoch "improves", and the earlier run's
+    # best.pt must not stay behind as the new run's.
+    replaced = run_cli("train", *common[:6], "--epochs", "1", "--val-fraction", "0", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert read_checkpoint(run / "best.pt")["split_config"]["val_fraction"] == 0
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1]
 
 
 def test_competition_cut_outs_train_and_score_from_the_animal_alone(tmp_path, snow_subset_csv):

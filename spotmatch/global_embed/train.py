@@ -115,6 +115,16 @@ def refuse_unusable_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> 
                              f" --overwrite to replace it, or another --out")
 
 
+REPLACED_RUN_FILES = ("best.pt", "last.pt", "history.csv")
+
+
+def clear_replaced_run(out_dir: Path) -> None:
+    """`--overwrite`: the earlier run's files go before the new run writes any, so that no file of it (a
+    best.pt no epoch of the new run beat, say) passes for the new run's."""
+    for name in REPLACED_RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def diverged(out_dir: Path, epoch: int, symptom: str, lr: float, best_path: Path) -> SpotmatchError:
     kept = f"; {best_path} holds the best epoch before it" if best_path.exists() else ""
     return SpotmatchError(f"{out_dir}: training diverged in epoch {epoch + 1} ({symptom}); lower --lr (now {lr:g}){kept}")
@@ -206,6 +216,8 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     if len(class_names) < 2:
         raise SpotmatchError(f"{dataset.csv_path}: training needs at least 2 identities, found {len(class_names)}")
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the settings and data are known to be usable
+    if overwrite and not resume:
+        clear_replaced_run(out_dir)
     write_csv_atomic(dataset.table[["filename", "identity"]].assign(split=split), out_dir / "split.csv")
     label_of = {name: i for i, name in enumerate(class_names)}
     labels = [label_of[name] for name in classes]
