@@ -75,6 +75,8 @@ def test_fusion_is_calibrated_and_round_trips(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"PK\x03\x04\x80\xff binary")  # a checkpoint passed as --fusion
     with pytest.raises(SpotmatchError, match="best.pt: not a readable calibration file"):
         FusionModel.load(tmp_path / "best.pt")
+    with pytest.raises(SpotmatchError, match="is a folder; pass the fusion.json inside it"):
+        FusionModel.load(tmp_path)
 
 
 def test_identity_balance_weighs_every_animal_the_same():
@@ -187,6 +189,11 @@ def test_unchecked_pairs_stay_below_their_querys_shortlist_in_order():
     floored[1] = 0.0  # an isotonic calibrator's floor: the unchecked pairs keep their order, not one tie at 0
     kept = keep_shortlist_first(floored, shortlisted, query)
     assert kept[2] > kept[3] > kept[4] > 0 and kept[2:5].max() < 1e-8 and kept[0] == 0.50
+    floored[1] = 1e-12  # tiny but not 0 (a saturated logistic): still nothing unchecked above it
+    kept = keep_shortlist_first(floored, shortlisted, query)
+    assert kept[2:5].max() < 1e-12 and kept[2] > kept[3] > kept[4]
+    alone = keep_shortlist_first(np.array([0.3, 0.2]), np.array([False, False]), np.array(["c", "c"]))
+    assert alone.tolist() == [0.3, 0.2]  # a query with no checked pair keeps its probabilities
 
 
 def headroom_on_synthetic_lists(cosine_signal: float, seed: int = 0) -> dict:

@@ -131,8 +131,9 @@ def keep_shortlist_first(probability: np.ndarray, shortlisted: np.ndarray, query
     shortlisted = np.asarray(shortlisted, bool)
     unchecked = pd.Series(np.where(shortlisted, np.nan, probability))
     highest_unchecked = unchecked.groupby(np.asarray(query)).transform("max").to_numpy()
-    # Just below the lowest checked pair, so that no unchecked pair ties with it.
-    ceiling = np.maximum(lowest_shortlisted(probability, shortlisted, query), UNCHECKED_FLOOR) * (1 - 1e-6)
+    # Just below the lowest checked pair, so that no unchecked pair ties with it (NaN: no checked pair).
+    lowest = lowest_shortlisted(probability, shortlisted, query)
+    ceiling = np.where(lowest == 0, UNCHECKED_FLOOR, lowest) * (1 - 1e-6)
     scale = np.nan_to_num(np.minimum(ceiling / highest_unchecked, 1.0), nan=1.0)
     return np.where(shortlisted, probability, probability * scale)
 
@@ -219,6 +220,10 @@ class FusionModel:
             payload = json.loads(path.read_text())
         except FileNotFoundError:
             raise SpotmatchError(f"{path}: calibration file not found; run `spotmatch calibrate` to make one") from None
+        except IsADirectoryError:
+            raise SpotmatchError(f"{path}: is a folder; pass the fusion.json inside it that `spotmatch calibrate` wrote") from None
+        except PermissionError:
+            raise SpotmatchError(f"{path}: cannot be read by this user; fix its permissions or pass a copy") from None
         except (json.JSONDecodeError, UnicodeDecodeError):  # damaged, or another kind of file (a checkpoint)
             raise SpotmatchError(f"{path}: not a readable calibration file; pass the fusion.json `spotmatch calibrate` wrote") from None
         if not isinstance(payload, dict) or payload.get("format") != FUSION_FORMAT or payload.get("version", 0) > FUSION_VERSION:
