@@ -372,6 +372,25 @@ def test_add_never_relabels_a_stored_photo_and_bad_catalogue_inputs_are_one_line
         open_engine(Catalogue.open(tmp_path / "cat"))
 
 
+def test_the_adding_table_added_again_after_a_rename_finds_its_photos_there(tmp_path, tiny_checkpoint, gallery_and_queries):
+    """A reviewer's rename changes a photo's individual, not what its adding table said: that table added
+    again (a run interrupted and re-run) finds the photos already there; another label is still refused."""
+    from spotmatch.catalogue.service import add_images, init_catalogue, open_engine, sources_from_csv
+
+    labels = pd.read_csv(gallery_and_queries[0], dtype=str, keep_default_na=False).head(2)
+    table = tmp_path / "two.csv"
+    labels.to_csv(table, index=False)
+    store = init_catalogue(tmp_path / "cat", tiny_checkpoint, None)
+    engine = open_engine(store)
+    assert add_images(store, engine.embedder, engine.local, sources_from_csv(table, SNOW / "images")).added == 2
+    store.rename(labels["identity"].iloc[0], "Leo", who="test")
+    again = add_images(store, engine.embedder, engine.local, sources_from_csv(table, SNOW / "images"))
+    assert (again.added, again.already_there, again.failed) == (0, 2, [])
+    labels.assign(identity=["Cat99", labels["identity"].iloc[1]]).to_csv(table, index=False)
+    relabelled = add_images(store, engine.embedder, engine.local, sources_from_csv(table, SNOW / "images"))
+    assert relabelled.already_there == 1 and len(relabelled.failed) == 1 and "image 1 of Leo, but the CSV says Cat99" in relabelled.failed[0][1]
+
+
 def test_corrupt_image_is_reported_and_skipped(tmp_path, snow_subset_csv, tiny_checkpoint):
     from spotmatch.catalogue.service import add_images, init_catalogue, open_engine, sources_from_folder
 

@@ -234,8 +234,9 @@ def fresh_sources(catalogue: Catalogue, sources: list[ImageSource], report: AddR
         sha = hashes.get(id(source))
         if sha is None:
             continue
-        if sha in known and source.identity is not None and source.identity != known[sha][1]:
-            report.failed.append((str(source.path), _relabel_refusal(catalogue.folder, source, *known[sha])))
+        # The table it was first added with, added again after a reviewer's rename or merge, is no relabelling.
+        if sha in known and source.identity is not None and source.identity not in known[sha][1:]:
+            report.failed.append((str(source.path), _relabel_refusal(catalogue.folder, source, *known[sha][:2])))
             continue
         if sha in known or sha in seen:
             report.already_there += 1

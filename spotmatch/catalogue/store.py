@@ -307,15 +307,18 @@ class Catalogue:
                 f" use the catalogue's checkpoint {settings.checkpoint} or init a new catalogue")
 
     # --- reads ---------------------------------------------------------------------------------------
-    def known_images(self, hashes: list[str]) -> dict[str, tuple[int, str | None]]:
-        """sha256 → (image id, individual or None) of the hashes already in the catalogue."""
-        known: dict[str, tuple[int, str | None]] = {}
+    def known_images(self, hashes: list[str]) -> dict[str, tuple[int, str | None, str | None]]:
+        """sha256 → (image id, individual or None, the identity its adding table gave or None) of the hashes
+        already in the catalogue. The two names differ once a reviewer renamed, merged or relabelled it."""
+        known: dict[str, tuple[int, str | None, str | None]] = {}
         for start in range(0, len(hashes), 500):  # SQLite caps the number of bound parameters
             chunk = hashes[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            known.update((sha, (image_id, name)) for sha, image_id, name in self.db.execute(
-                "SELECT images.sha256, images.id, individuals.name FROM images LEFT JOIN individuals"
-                f" ON individuals.id = images.individual_id WHERE images.sha256 IN ({marks})", chunk))
+            known.update((sha, (image_id, name, imported_as)) for sha, image_id, name, imported_as in self.db.execute(
+                "SELECT images.sha256, images.id, individuals.name, imports.individual_name FROM images"
+                " LEFT JOIN individuals ON individuals.id = images.individual_id"
+                " LEFT JOIN confirmations AS imports ON imports.image_id = images.id AND imports.action = 'import'"
+                f" WHERE images.sha256 IN ({marks})", chunk))
         return known
 
     def image_by_sha(self, sha256: str) -> sqlite3.Row | None:
