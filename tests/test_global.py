@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import ExifTags, Image
 
 from conftest import NYALA, SNOW
 from spotmatch.data.images import load_image
@@ -17,7 +18,7 @@ from spotmatch.global_embed.backbones import create_backbone
 from spotmatch.global_embed.checkpoint import load_model
 from spotmatch.global_embed.embed import EmbedConfig, Embedder
 from spotmatch.global_embed.index import IndexConfig, build_index, search
-from spotmatch.global_embed.model import EmbedderConfig
+from spotmatch.global_embed.model import EmbedderConfig, ReIDNet
 from spotmatch.global_embed.transforms import letterbox, normalise, to_tensor
 
 SNOW_LEOPARD_IMAGENET_CLASS = 289
@@ -203,6 +204,81 @@ def test_corrupt_image_fails_the_batch_with_its_name(tmp_path, tiny_checkpoint, 
     with pytest.raises(SpotmatchError, match="half.jpg: cannot decode image") as error:
         embedder.embed([DAY_FRAME, broken])
     assert "\n" not in str(error.value)
+
+
+def _exif_oriented_jpegs(folder: Path) -> list[Path]:
+    """A real frame saved once per EXIF orientation (1 to 8), each turned differently when displayed."""
+    rgb = cv2.resize(load_image(DAY_FRAME).rgb, (300, 200), interpolation=cv2.INTER_AREA)
+    paths = []
+    for orientation in range(1, 9):
+        image = Image.fromarray(rgb)
+        exif = image.getexif()
+        exif[ExifTags.Base.Orientation] = orientation
+        paths.append(folder / f"orientation{orientation}.jpg")
+        image.save(paths[-1], quality=92, exif=exif)
+    return paths
+
+
+def test_device_decoding_gives_the_cpu_paths_pixels(tmp_path):
+    """JPEGs decoded by the device (here the CPU stands in for nvJPEG: same call) are turned upright as PIL
+    turns them and letterboxed with OpenCV's INTER_AREA: the network sees the CPU path's pixels."""
+    from spotmatch.global_embed.device_decode import decode_jpegs, encoded_jpeg, letterbox_tensor, upright
+    from spotmatch.global_embed.transforms import PAD_RGB
+
+    paths = [DAY_FRAME, NYALA / "images" / sorted(p.name for p in (NYALA / "images").iterdir())[0], *_exif_oriented_jpegs(tmp_path)]
+    for path in paths:
+        record = load_image(path)
+        encoded = encoded_jpeg(path)
+        decoded = upright(decode_jpegs([encoded], torch.device("cpu"))[0], encoded.orientation)
+        assert decoded.shape[1:] == record.rgb.shape[:2], path.name  # portrait orientations swap the sides
+        # Shrinking (area averaging) matches to rounding; enlarging differs by OpenCV's fixed-point bilinear
+        # weights, at most 1 grey level.
+        for size, mean_difference in ((96, 0.01), (1200, 0.2)):
+            on_device = letterbox_tensor(decoded, size, PAD_RGB).permute(1, 2, 0).numpy().astype(int)
+            difference = np.abs(on_device - letterbox(record.rgb, size).astype(int))
+            assert difference.max() <= 1 and difference.mean() < mean_difference, (path.name, size)
+
+
+def test_device_decoding_embeds_like_the_cpu_path_and_names_a_bad_file(tmp_path, tiny_checkpoint):
+    """A batch mixing device-decoded JPEGs with a cut-out PNG (CPU: its alpha is the mask) gives the CPU
+    path's embeddings in the same order (to the CPU's draft decoding of large JPEGs at a reduced scale);
+    a truncated JPEG, which nvJPEG refuses without naming it, is named by the CPU path in one line."""
+    cutout = tmp_path / "cutout.png"
+    rgb = load_image(DAY_FRAME).rgb
+    alpha = np.zeros(rgb.shape[:2], np.uint8)
+    alpha[200:600, 100:900] = 255
+    Image.fromarray(np.dstack([rgb, alpha])).save(cutout)
+    paths = [*_exif_oriented_jpegs(tmp_path)[4:], cutout, DAY_FRAME]
+    run = dict(cache_dir=None, progress=False, batch_size=3, num_workers=1)
+    on_cpu = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(**run)).embed(paths)
+    on_device = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(**run, decode_on_device=True))
+    assert ((on_device.embed(paths) * on_cpu).sum(axis=1) > 0.9995).all()
+
+    broken = tmp_path / "half.jpg"
+    broken.write_bytes(DAY_FRAME.read_bytes()[:5000])
+    with pytest.raises(SpotmatchError, match="half.jpg: cannot decode image") as error:
+        on_device.embed([DAY_FRAME, broken])
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA GPU (benchmarks/gpu_decode_check.sh runs this on one)")
+def test_nvjpeg_decoding_matches_the_cpu_path(tmp_path):
+    """nvJPEG's inverse DCT and colour upsampling are its own: the pixels may differ by a grey level or two
+    from libjpeg's, the embeddings must not move."""
+    from spotmatch.global_embed.device_decode import decode_jpegs, encoded_jpeg, letterbox_tensor, upright
+    from spotmatch.global_embed.transforms import PAD_RGB
+
+    paths = [DAY_FRAME, *sorted((NYALA / "images").iterdir())[:8], *_exif_oriented_jpegs(tmp_path)]
+    encoded = [encoded_jpeg(path) for path in paths]
+    decoded = decode_jpegs(encoded, torch.device("cuda"))
+    for path, item, image in zip(paths, encoded, decoded):
+        on_gpu = letterbox_tensor(upright(image, item.orientation), 224, PAD_RGB).permute(1, 2, 0).cpu().numpy().astype(int)
+        assert np.abs(on_gpu - letterbox(load_image(path).rgb, 224).astype(int)).mean() < 2.0, path.name
+    conf = EmbedderConfig(backbone="efficientnet_lite0", pretrained="none", image_size=224)
+    model, run = ReIDNet(conf), dict(cache_dir=None, progress=False, device="cuda", num_workers=2)  # one model, two decoders
+    on_cpu = Embedder(model, conf, "nvjpeg-test", EmbedConfig(**run)).embed(paths)
+    on_device = Embedder(model, conf, "nvjpeg-test", EmbedConfig(**run, decode_on_device=True)).embed(paths)
+    assert ((on_cpu * on_device).sum(axis=1) > 0.999).all()
 
 
 def test_persistent_loader_follows_the_samplers_epoch(snow_subset_csv):

@@ -36,11 +36,16 @@ def cache_root(cache_dir: Optional[Path]) -> Optional[str]:
     return str(check_output_dir(cache_dir, "--cache-dir"))
 
 
-def _embed_config(batch_size: int, device: str, flip_tta: bool, num_workers: int, cache_dir: Optional[Path]):
+DECODE_ON_DEVICE_HELP = ("Decode JPEGs on the GPU (nvJPEG) instead of in the decoding processes, for when those cannot feed it;"
+                         " same embeddings, speed-up not yet measured (docs/training.md).")
+
+
+def _embed_config(batch_size: int, device: str, flip_tta: bool, num_workers: int, cache_dir: Optional[Path],
+                  decode_on_device: bool = False):
     from spotmatch.global_embed.embed import EmbedConfig
 
     return EmbedConfig(batch_size=batch_size, num_workers=num_workers, device=device, flip_tta=flip_tta,
-                       cache_dir=cache_root(cache_dir))
+                       cache_dir=cache_root(cache_dir), decode_on_device=decode_on_device)
 
 
 @app.command()
@@ -119,6 +124,7 @@ def embed(
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, help="Image decoding processes."),
+    decode_on_device: bool = typer.Option(False, help=DECODE_ON_DEVICE_HELP),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder ('' disables)."),
     backend: str = typer.Option("local", help=BACKEND_HELP),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
@@ -139,7 +145,7 @@ def embed(
     else:
         paths = load_dataset(source, images, drop_ambiguous=False).paths
     check_output(out, [source, checkpoint, *paths])
-    run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
+    run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir, decode_on_device)
     embedder = Embedder.from_checkpoint(checkpoint, run)
     check_backend(backend)
     started = time.perf_counter()
@@ -176,6 +182,7 @@ def score_pairs(
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, help="Image decoding processes / local matching threads."),
+    decode_on_device: bool = typer.Option(False, help=DECODE_ON_DEVICE_HELP),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Cache folder for embeddings and local features."),
     backend: str = typer.Option("local", help=BACKEND_HELP),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
@@ -196,7 +203,7 @@ def score_pairs(
     # Settled before any work: a Ray job and the summary line need the shortlist length too.
     engine_conf = settle_config(EngineConfig(shortlist_k=top_k, use_local=use_local, extractor=extractor, local_workers=num_workers,
                                              cache_dir=cache_root(cache_dir), shortlist_first=shortlist_first, rerank=rerank), fusion)
-    run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
+    run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir, decode_on_device)
     check_backend(backend)
     started = time.perf_counter()
     if backend == "ray":

@@ -13,6 +13,7 @@ from spotmatch.device import resolve_device
 from spotmatch.data.images import file_sha256
 from spotmatch.errors import SpotmatchError
 from spotmatch.global_embed.checkpoint import file_digest, load_model
+from spotmatch.global_embed.device_decode import decoded_on_device
 from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
 from spotmatch.global_embed.model import MEMORY_FORMAT, EmbedderConfig, ReIDNet
 from spotmatch.global_embed.transforms import normalise
@@ -31,6 +32,10 @@ class EmbedConfig:
     decode_threads: int = 0  # with num_workers=0: decode in this many threads instead (a Ray actor's CPUs)
     device: str = "auto"  # "auto" picks CUDA when present
     flip_tta: bool = False  # average with the mirrored image; off by default (flanks differ)
+    # Decode plain JPEGs on the device (nvJPEG on a GPU; global_embed.device_decode) instead of in the
+    # workers. The network sees the same pixels but for the CPU's draft decoding of large JPEGs (embeddings
+    # within 0.1 % in cosine), so both share one cache. Off by default: its speed on a GPU is not measured yet.
+    decode_on_device: bool = False
     cache_dir: str | None = DEFAULT_CACHE  # None: no disk cache (masks included)
     cache_embeddings: bool = True  # False while the model is still changing (validation in training)
     progress: bool = True
@@ -111,16 +116,19 @@ class Embedder:
     def _embed_uncached(self, paths: list[Path], hashes: list[str]) -> dict[str, np.ndarray]:
         if self.masks is not None:
             self.masks.fill_cache(paths)  # predict masks here once; workers then only read the cache
-        dataset = ImageTensorDataset(paths, self.conf, mask_fn=self.masks.mask_for if self.masks else None)
+        dataset = ImageTensorDataset(paths, self.conf, mask_fn=self.masks.mask_for if self.masks else None,
+                                     decode_on_device=self.run.decode_on_device)
         results: dict[str, np.ndarray] = {}
         batches = iterate_batches(dataset, self.run.batch_size, self.run.num_workers, pin_memory=self.device.type == "cuda",
                                   threads=self.run.decode_threads)
+        if dataset.decode_on_device:
+            batches = decoded_on_device(batches, dataset, self.device)
         with tqdm(total=len(paths), desc="embed", unit="img", disable=not self.run.progress or None) as bar:
             for batch in batches:
                 embeddings = self._forward(batch.images).cpu().numpy()
                 if not np.isfinite(embeddings).all():  # never cached, never ranked: NaN sorts anywhere
                     raise NonFiniteEmbeddings(f"{self.model_id}: gives NaN or infinite embeddings (weights from a diverged"
-                                         f" training run); retrain with a lower --lr")
+                                              f" training run); retrain with a lower --lr")
                 for index, embedding in zip(batch.indices, embeddings):
                     results[hashes[index]] = embedding
                     cache_path = self._cache_path(hashes[index])

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spotmatch.data.images import ImageRecord, load_image
 from spotmatch.errors import SpotmatchError
+from spotmatch.global_embed.device_decode import EncodedJpeg, encoded_jpeg
 from spotmatch.global_embed.model import EmbedderConfig
 from spotmatch.global_embed.transforms import prepare_pixels, stack_images, to_tensor
 from spotmatch.segmentation.background import RandomBackground
@@ -34,20 +35,41 @@ class Batch:
     labels: torch.Tensor
     indices: list[int]
     errors: list[str] = field(default_factory=list)
+    # JPEGs left for the device to decode (device_decode.decoded_on_device), and their dataset indices.
+    encoded: list[EncodedJpeg] = field(default_factory=list)
+    encoded_indices: list[int] = field(default_factory=list)
+
+    def pin_memory(self) -> "Batch":
+        """The DataLoader's pinning thread (pin_memory=True) calls this; without it a dataclass stays in
+        pageable memory, and the non-blocking copy to the GPU blocks."""
+        return dataclasses.replace(self, images=self.images.pin_memory())
 
 
 class ImageTensorDataset(Dataset):
     def __init__(self, paths: list[Path], conf: EmbedderConfig, labels: list[int] | None = None,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None, mask_fn: MaskFn | None = None,
-                 random_background: float = 0.0):
+                 random_background: float = 0.0, decode_on_device: bool = False):
         self.paths, self.conf, self.augment, self.mask_fn = list(paths), conf, augment, mask_fn
         self.labels = labels if labels is not None else [-1] * len(self.paths)
         self.random_background = RandomBackground(p=random_background) if random_background > 0 else None
+        # Plain JPEGs travel encoded, for device_decode.decoded_on_device; masks and augmentation need the CPU.
+        self.decode_on_device = decode_on_device and mask_fn is None and augment is None and self.random_background is None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        if self.decode_on_device:
+            try:
+                encoded = encoded_jpeg(self.paths[index])
+            except SpotmatchError as exc:
+                return index, None, str(exc)
+            if encoded is not None:
+                return index, encoded, None
+        return self.prepare(index)
+
+    def prepare(self, index: int):
+        """(index, (3, S, S) uint8 tensor, None), or (index, None, the one-line error) for a bad file."""
         try:
             # The input is at most image_size pixels a side; a masked crop keeps at least half of it.
             record = load_image(self.paths[index], draft_size=self.conf.image_size * 2)
@@ -70,10 +92,12 @@ class _Collate:
         self.labels = labels
 
     def __call__(self, items) -> Batch:
-        good = [(i, t) for i, t, e in items if e is None]
+        good = [(i, t) for i, t, e in items if e is None and not isinstance(t, EncodedJpeg)]
+        encoded = [(i, t) for i, t, e in items if isinstance(t, EncodedJpeg)]
         errors = [e for _, _, e in items if e is not None]
         images = stack_images([t for _, t in good]) if good else torch.empty(0)
-        return Batch(images, torch.tensor([self.labels[i] for i, _ in good], dtype=torch.long), [i for i, _ in good], errors)
+        return Batch(images, torch.tensor([self.labels[i] for i, _ in good], dtype=torch.long), [i for i, _ in good], errors,
+                     [t for _, t in encoded], [i for i, _ in encoded])
 
 
 def _single_threaded_worker(worker_id: int) -> None:

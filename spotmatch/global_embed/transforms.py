@@ -18,7 +18,7 @@ from spotmatch.segmentation.background import masked_crop
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN_RGB = np.array(IMAGENET_MEAN) * 255
-_PAD_RGB = tuple(int(c) for c in _MEAN_RGB)
+PAD_RGB = tuple(int(c) for c in _MEAN_RGB)
 
 
 @dataclass
@@ -45,7 +45,7 @@ def letterbox(rgb: np.ndarray, size: int) -> np.ndarray:
     top, left = (size - new_h) // 2, (size - new_w) // 2
     # OpenCV pads in one pass, faster than filling a numpy canvas with a 3-value colour.
     return cv2.copyMakeBorder(resized, top, size - new_h - top, left, size - new_w - left, cv2.BORDER_CONSTANT,
-                              value=_PAD_RGB)
+                              value=PAD_RGB)
 
 
 def prepare_pixels(record: ImageRecord, conf: EmbedderConfig, mask: np.ndarray | None = None) -> np.ndarray:
