@@ -401,14 +401,26 @@ def test_pair_scores_are_the_same_in_small_chunks(monkeypatch):
         assert mine.sort_values("global_rank")["cosine"].is_monotonic_decreasing
 
 
-def test_flank_classes_give_each_flank_of_an_animal_its_own_class():
+def test_flanks_are_read_once_and_give_each_flank_of_an_animal_its_own_class(tmp_path):
+    """load_dataset spells every flank one way (left, right, missing where unknown); flank classes and the
+    same-flank view read that, and another word is refused with its line."""
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.evaluation.protocol import build_protocol
     from spotmatch.global_embed.train import training_classes
 
-    table = pd.DataFrame({"identity": ["a", "a", "a", "b"], "side": ["left", "right", None, "Left"]})
-    assert training_classes(table, flank_classes=True).tolist() == ["a/left", "a/right", "a", "b/left"]  # unknown flank: the animal
-    assert training_classes(table, flank_classes=False).tolist() == ["a", "a", "a", "b"]
-    with pytest.raises(SpotmatchError, match="the side column holds 'front'; use left, right or leave it empty"):
-        training_classes(table.assign(side=["left", "front", None, "right"]), flank_classes=True)
+    csv = tmp_path / "labels.csv"
+    table = pd.DataFrame({"filename": sorted(p.name for p in (NYALA / "images").iterdir())[:4],
+                          "identity": ["a", "a", "a", "b"], "side": [" Left", "r", "unknown", ""]})
+    table.to_csv(csv, index=False)
+    dataset = load_dataset(csv, NYALA / "images")
+    assert dataset.table["side"].fillna("unknown").tolist() == ["left", "right", "unknown", "unknown"]
+    assert training_classes(dataset.table, flank_classes=True).tolist() == ["a/left", "a/right", "a", "b"]  # unknown flank: the animal
+    assert training_classes(dataset.table, flank_classes=False).tolist() == ["a", "a", "a", "b"]
+    same_flank = build_protocol(dataset.table, pd.Series("val", index=dataset.table.index), "identity").views["same flank"]
+    assert not same_flank.any()  # left, right and two unknown flanks: no pair is known to show one flank
+    table.assign(side=["left", "front", "", "right"]).to_csv(csv, index=False)
+    with pytest.raises(SpotmatchError, match="labels.csv line 3: side 'front' is not a flank; use left, right, or leave it empty"):
+        load_dataset(csv, NYALA / "images")
 
 
 def test_an_extra_training_set_adds_classes_and_is_never_held_out(tmp_path, snow_subset_csv):

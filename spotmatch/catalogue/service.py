@@ -14,10 +14,11 @@ from typing import Callable, Protocol
 import numpy as np
 import pandas as pd
 
-from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, GalleryRestriction, NewImage, parse_side, refuse_catalogue_folder,
+from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, GalleryRestriction, NewImage, refuse_catalogue_folder,
                                       reviewer)
 from spotmatch.data.images import file_sha256, load_image
-from spotmatch.data.tables import FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, refuse_conflicting_labels
+from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, parse_side,
+                                   refuse_conflicting_labels)
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import decision_score
 

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
+from spotmatch.data.tables import SIDES
 from spotmatch.errors import SpotmatchError
 from spotmatch.io import atomic_path
 
@@ -66,20 +67,9 @@ class NewImage:
     side: str | None = None  # the flank shown: "left", "right", or None (not known)
 
 
-SIDES = ("left", "right")
-_SIDE_WORDS = {"left": "left", "l": "left", "right": "right", "r": "right", "": None, "unknown": None, "na": None, "both": None}
 # Year, month, day and optionally hour, minute, second, with any of the separators that EXIF
 # ("2012:07:22 01:53:20"), ISO and camera-trap CSVs ("2012-7-22 1-53-20") use.
 _CAPTURE_TIME = re.compile(r"(\d{4})[-:/.](\d{1,2})[-:/.](\d{1,2})(?:[ T_](\d{1,2})[-:.](\d{1,2})(?:[-:.](\d{1,2}))?)?")
-
-
-def parse_side(value: str | None, where: str) -> str | None:
-    """"left"/"right" (or l/r, any case); empty, "unknown", "na", "both": not known. Anything else is an error
-    naming `where`, since a wrong flank would hide the right animal from identify."""
-    word = (value or "").strip().lower()
-    if word not in _SIDE_WORDS:
-        raise SpotmatchError(f"{where}: side {value!r} is not a flank; use left, right, or leave it empty")
-    return _SIDE_WORDS[word]
 
 
 def individual_name(name: str) -> str:

@@ -17,6 +17,18 @@ IDENTITY_ALIASES = ("identity", "ground_truth", "individual", "label", "id")
 FILENAME_ALIASES = ("filename", "file", "image", "path")
 PAIR_COLUMNS = ("row_id", "query_image", "gallery_image")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+SIDES = ("left", "right")
+_SIDE_WORDS = {"left": "left", "l": "left", "right": "right", "r": "right", "": None, "unknown": None, "na": None, "both": None}
+
+
+def parse_side(value: str | None, where: str) -> str | None:
+    """"left"/"right" (or l/r, any case); empty, "unknown", "na", "both": not known (None). Anything else is
+    an error naming `where`: a wrong flank would hide the right animal (identify --side), make a class of
+    its own (train --flank-classes) or leave a pair out of the same-flank view."""
+    word = (value or "").strip().lower()
+    if word not in _SIDE_WORDS:
+        raise SpotmatchError(f"{where}: side {value!r} is not a flank; use left, right, or leave it empty")
+    return _SIDE_WORDS[word]
 
 
 @dataclass
@@ -109,6 +121,8 @@ def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop
         row = int((table["identity"].str.strip() == "").idxmax()) + 2
         raise SpotmatchError(f"{csv_path}: empty identity on line {row}; fill it in or remove the row")
     refuse_conflicting_labels(table, "filename", "identity", csv_path)
+    if "side" in table.columns:  # one spelling everywhere: left, right, or missing where not known
+        table["side"] = [parse_side(value, f"{csv_path} line {row + 2}") for row, value in zip(table.index, table["side"])]
     image_dir = Path(image_dir) if image_dir is not None else default_image_dir(csv_path)
     table = table.reset_index(drop=True)
     table["path"] = [str((image_dir / name).resolve()) for name in table["filename"]]

@@ -40,6 +40,9 @@ def build_protocol(table: pd.DataFrame, split: pd.Series, split_by: str) -> Prot
         if column in table.columns:
             values = table[column].to_numpy()
             equal = values[query_rows][:, None] == values[gallery_rows][None, :]
+            if same:  # an unknown flank (missing: load_dataset) is the same as no other
+                known = pd.notna(values)
+                equal &= known[query_rows][:, None] & known[gallery_rows][None, :]
             views[name] = not_self & (equal if same else ~equal)
     return Protocol(query_rows, gallery_rows, views, kind)
 

@@ -136,12 +136,8 @@ def training_classes(table: pd.DataFrame, flank_classes: bool) -> pd.Series:
     identity = table["identity"].astype(str)
     if not flank_classes:
         return identity
-    side = table["side"].fillna("").astype(str).str.strip().str.lower()
-    unknown = sorted(set(side) - {"", "left", "right"})
-    if unknown:  # another word for a flank would become a class of its own
-        raise SpotmatchError(f"--flank-classes: the side column holds {', '.join(map(repr, unknown))}; use left, right or"
-                             f" leave it empty")
-    return identity.where(side == "", identity + "/" + side)
+    side = table["side"]  # left, right or missing: load_dataset refused any other word
+    return identity.where(side.isna(), identity + "/" + side)
 
 
 def extra_training_tables(main: Dataset, extra_datasets: Sequence[Dataset]) -> list[pd.DataFrame]:
