@@ -33,7 +33,9 @@ DEVICE_MODES = ("RGB", "L")
 
 @dataclass
 class EncodedJpeg:
-    data: torch.Tensor  # the file's bytes, 1-D uint8 on the CPU (what decode_jpeg takes)
+    # The file's bytes. Plain bytes travel from a worker process pickled through its pipe; a tensor each would
+    # cost a shared-memory file descriptor per image, which a long pass of small files runs out of.
+    data: bytes
     orientation: int  # EXIF orientation, 1 (upright) to 8
 
 
@@ -50,7 +52,7 @@ def encoded_jpeg(path: str | Path) -> EncodedJpeg | None:
         orientation = int(image.getexif().get(ExifTags.Base.Orientation, 1))
     except DECODE_ERRORS:
         return None
-    return EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation if 1 <= orientation <= 8 else 1)
+    return EncodedJpeg(data, orientation if 1 <= orientation <= 8 else 1)
 
 
 def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -95,7 +97,8 @@ def decode_jpegs(encoded: list[EncodedJpeg], device: torch.device) -> list[torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # see the module docstring
-        return decode_jpeg([item.data for item in encoded], mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg([torch.frombuffer(bytearray(item.data), dtype=torch.uint8) for item in encoded], mode=ImageReadMode.RGB,
+                           device=device)
 
 
 def decoded_on_device(batches: Iterable, dataset, device: torch.device) -> Iterator:
