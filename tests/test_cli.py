@@ -144,6 +144,36 @@ def test_ctrl_c_is_one_line_and_exit_status_130():
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("interrupted: output files")
 
 
+def test_ctrl_c_while_decoding_workers_start_is_still_one_line():
+    """A terminal's Ctrl-C reaches the whole process group: here it arrives while a real loader starts its
+    fork server (which imports torch for seconds first) and its worker processes. Neither may print a
+    traceback of its own (the server used to, while importing, and so did a worker started as the main
+    process exited)."""
+    script = ("import os, signal, sys\n"
+              "from pathlib import Path\n"
+              "from spotmatch.cli import app, main\n"
+              "from spotmatch.global_embed import loading\n"
+              "from spotmatch.global_embed.model import EmbedderConfig\n"
+              "import multiprocessing.process, threading\n"
+              "start = multiprocessing.process.BaseProcess.start\n"
+              "def interrupted_start(process):\n"  # the first worker's start also starts the fork server
+              "    threading.Timer(0.3, os.killpg, (os.getpgrp(), signal.SIGINT)).start()\n"
+              "    multiprocessing.process.BaseProcess.start = start\n"
+              "    start(process)\n"
+              "multiprocessing.process.BaseProcess.start = interrupted_start\n"
+              "@app.command('decode')\n"
+              "def decode():\n"
+              f"    paths = sorted(Path({str(SNOW / 'images')!r}).iterdir())[:8]\n"
+              "    for batch in loading.iterate_batches(loading.ImageTensorDataset(paths, EmbedderConfig(image_size=64)), 2, 2):\n"
+              "        pass\n"
+              "sys.argv = ['spotmatch', 'decode']\n"
+              "main()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120,
+                            start_new_session=True)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("interrupted: output files")
+
+
 def test_empty_dataset_and_unknown_split_column(tmp_path, snow_subset_csv, tiny_checkpoint):
     (tmp_path / "labels.csv").write_text("filename,identity\n")
     assert_one_line_error(run_cli("train", "--data", tmp_path / "labels.csv", "--out", tmp_path / "run", "--preset", "tiny"),

@@ -6,9 +6,12 @@ raised by `checked_batches`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import multiprocessing
+import signal
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -115,7 +118,26 @@ def _forkserver() -> multiprocessing.context.BaseContext:
     (4 s for two workers on 2 cores, against 0.3 s preloaded: benchmarks/bench_loader.py)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "cv2", __name__])  # takes effect when the server starts
+    _start_forkserver_deaf_to_ctrl_c()
     return context
+
+
+def _start_forkserver_deaf_to_ctrl_c() -> None:
+    """Start the fork server (if it is not running) ignoring SIGINT. A terminal's Ctrl-C goes to the whole
+    process group: the server, still importing its preloads, and the workers it forks would each print a
+    KeyboardInterrupt traceback under the command's one-line message. An ignored signal stays ignored
+    through exec and fork (a blocked one does not: the server starts with an empty mask), so this process
+    alone handles Ctrl-C; the DataLoader then ends its workers, and the server ends with this process."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        forkserver.ensure_running()
+        return
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()  # milliseconds: a Ctrl-C inside them is lost, not half-handled
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def make_loader(dataset: ImageTensorDataset, batch_size: int, num_workers: int, batch_sampler: Sampler | None = None,
@@ -129,8 +151,28 @@ def make_loader(dataset: ImageTensorDataset, batch_size: int, num_workers: int, 
                       pin_memory=pin_memory, **workers)
 
 
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold a Ctrl-C until the block ends, then deliver it to the handler that was there. Interrupted half-way
+    through starting its worker processes, this process would exit while a child is still unpickling queues
+    whose semaphores that exit removes, and the child prints a FileNotFoundError traceback."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
+
+
 def checked_batches(batches: Iterable[Batch]) -> Iterator[Batch]:
     """One pass over `batches` (a loader's); raises the first decode error as is."""
+    with _ctrl_c_held():  # a loader starts its worker processes here (seconds while the fork server preloads)
+        batches = iter(batches)
     for batch in batches:
         if batch.errors:
             raise SpotmatchError(batch.errors[0])
