@@ -1,6 +1,7 @@
 """The command line end to end: outputs, and one-line errors with no partial output files."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,14 @@ def test_embed_writes_npz(tmp_path, snow_subset_csv, tiny_checkpoint):
     saved = np.load(out)
     n_images = len(pd.read_csv(snow_subset_csv))
     assert saved["embeddings"].shape == (n_images, 64) and len(saved["paths"]) == n_images
+
+    photos = tmp_path / "photos"  # a folder named relative to the working directory: stored absolute, as a CSV's rows
+    photos.mkdir()
+    for name in pd.read_csv(snow_subset_csv)["filename"].head(3):
+        (photos / name).symlink_to(SNOW / "images" / name)
+    result = run_cli("embed", "photos", "--checkpoint", tiny_checkpoint, "--out", "folder.npz", "--num-workers", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [Path(p).is_absolute() and Path(p).is_file() for p in np.load(tmp_path / "folder.npz")["paths"]] == [True] * 3
 
 
 def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, pairs_csv, tiny_checkpoint):
@@ -225,6 +234,8 @@ def test_train_resume_and_evaluate(tmp_path, snow_subset_csv):
     # best.pt must not stay behind as the new run's.
     replaced = run_cli("train", *common[:6], "--epochs", "1", "--val-fraction", "0", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
+    epochs = [json.loads(line) for line in replaced.stdout.splitlines() if line.startswith("{")]  # strict JSON: NaN is null
+    assert [epoch["val_ib_map"] for epoch in epochs] == [None]
     assert read_checkpoint(run / "best.pt")["split_config"]["val_fraction"] == 0
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1]
 

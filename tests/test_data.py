@@ -44,6 +44,17 @@ def test_opaque_alpha_is_not_a_mask(tmp_path):
     assert load_image(path).mask is None
 
 
+def test_an_alpha_that_hides_everything_is_refused_in_one_line(tmp_path):
+    """A cut-out of nothing: the embedder would see the hidden frame and the keypoint stage nothing."""
+    path = tmp_path / "empty cutout.png"
+    rgba = np.asarray(Image.open(SNOW_IMAGE).convert("RGBA").resize((64, 48))).copy()
+    rgba[..., 3] = 0
+    Image.fromarray(rgba, "RGBA").save(path)
+    with pytest.raises(SpotmatchError, match="empty cutout.png: its alpha channel hides every pixel") as error:
+        load_image(path)
+    assert "\n" not in str(error.value)
+
+
 def test_greyscale_and_16_bit_infrared_become_rgb(tmp_path):
     grey = np.asarray(Image.open(SNOW_IMAGE).convert("L").resize((120, 90)))
     Image.fromarray(grey).save(tmp_path / "grey.png")
@@ -95,13 +106,31 @@ def test_kaggle_train_csv_and_bad_tables(tmp_path):
     pd.DataFrame({"filename": [SNOW_IMAGE.name] * 2, "identity": ["Cat21", "Cat2"]}).to_csv(tmp_path / "twice.csv", index=False)
     with pytest.raises(SpotmatchError, match=f"twice.csv: {SNOW_IMAGE.name} is labelled as different individuals on lines 2, 3"):
         load_dataset(tmp_path / "twice.csv")
+    pd.DataFrame({"filename": [SNOW_IMAGE.name] * 2, "identity": ["Cat21", " Cat21"]}).to_csv(tmp_path / "twice.csv", index=False)
+    with pytest.raises(SpotmatchError, match=f"twice.csv: {SNOW_IMAGE.name} is listed more than once \\(lines 2, 3\\)"):
+        load_dataset(tmp_path / "twice.csv")
+
+    # Kaggle's spelling, cells padded after the comma, a blank label named by its own column
+    (tmp_path / "train.csv").write_text(f"filename, ground_truth\n {SNOW_IMAGE.name}, Cat21\n")
+    assert load_dataset(tmp_path / "train.csv").table[["filename", "identity"]].values.tolist() == [[SNOW_IMAGE.name, "Cat21"]]
+    (tmp_path / "train.csv").write_text(f"filename,ground_truth\n{SNOW_IMAGE.name},\n")
+    with pytest.raises(SpotmatchError, match="train.csv: empty ground_truth on line 2"):
+        load_dataset(tmp_path / "train.csv")
+    (tmp_path / "semicolons.csv").write_text(f"filename;identity\n{SNOW_IMAGE.name};Cat21\n")
+    with pytest.raises(SpotmatchError, match="semicolons.csv: its columns are separated by semicolons"):
+        load_dataset(tmp_path / "semicolons.csv")
 
 
 def test_pairs_csv_checks(tmp_path):
-    (tmp_path / "images").symlink_to(SNOW / "images")
+    (tmp_path / "test").symlink_to(SNOW / "images")  # Kaggle's layout: test.csv beside test/
     good = pd.DataFrame({"row_id": [0, 1], "query_image": [SNOW_IMAGE.name] * 2, "gallery_image": [SNOW_IMAGE.name] * 2})
     good.to_csv(tmp_path / "test.csv", index=False)
+    with pytest.raises(SpotmatchError, match=f"test.csv: image .* not found; it is in {tmp_path / 'test'}: pass --images"):
+        load_pairs(tmp_path / "test.csv")
+    (tmp_path / "test").rename(tmp_path / "images")
     assert len(load_pairs(tmp_path / "test.csv")) == 2
+    (tmp_path / "padded.csv").write_text(f"row_id, query_image, gallery_image\n7, {SNOW_IMAGE.name}, {SNOW_IMAGE.name}\n")
+    assert load_pairs(tmp_path / "padded.csv")[["row_id", "query_image"]].values.tolist() == [["7", SNOW_IMAGE.name]]
     good.assign(row_id=[7, 7]).to_csv(tmp_path / "dup.csv", index=False)
     with pytest.raises(SpotmatchError, match="row_id '7' appears more than once"):
         load_pairs(tmp_path / "dup.csv")

@@ -136,7 +136,7 @@ def embed(
     from spotmatch.io import atomic_path, check_output
 
     if source.is_dir():
-        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = [p.resolve() for p in sorted(source.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]  # absolute, as from a CSV
         if not paths:
             raise SpotmatchError(f"{source}: no JPEG/PNG images in the folder; point at the image folder")
     elif source.suffix.lower() == ".csv" and is_pairs_table(source):

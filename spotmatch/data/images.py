@@ -111,6 +111,9 @@ def load_image(path: str | Path, draft_size: int | None = None) -> ImageRecord:
         rgb = np.asarray(_to_rgb(colour))
     except DECODE_ERRORS as exc:
         raise undecodable(path, exc) from None
+    if mask is not None and not mask.any():  # a cut-out of nothing: the embedder would see the hidden frame, keypoints nothing
+        raise SpotmatchError(f"{path}: its alpha channel hides every pixel, so no animal is left to match; re-export the cut-out,"
+                             f" or save it without alpha to use the whole picture")
     return ImageRecord(
         path=path,
         rgb=np.ascontiguousarray(rgb),

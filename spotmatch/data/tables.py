@@ -58,9 +58,12 @@ def _read_csv(csv_path: Path, nrows: int | None = None) -> pd.DataFrame:
     if not csv_path.is_file():
         raise SpotmatchError(f"{csv_path}: CSV file not found; pass the labels/pairs CSV path")
     try:
-        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, nrows=nrows)
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, nrows=nrows)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); check the file") from None
+    if len(table.columns) == 1 and ";" in table.columns[0]:  # a spreadsheet's export in a comma-decimal locale
+        raise SpotmatchError(f"{csv_path}: its columns are separated by semicolons ({table.columns[0]}); save it comma-separated")
+    return table
 
 
 def is_pairs_table(csv_path: Path) -> bool:
@@ -91,7 +94,15 @@ def check_files_exist(paths: list[Path], source: Path | None) -> None:
         where = f"{source}: " if source else ""
         what = "is a folder, not an image" if missing[0].is_dir() else "not found"
         more = f" and {len(missing) - 1} more missing" if len(missing) > 1 else ""
-        raise SpotmatchError(f"{where}image {missing[0]} {what}{more}; check --images or the CSV's file names")
+        holder = _folder_beside(source, missing[0].name) if source else None
+        fix = f"it is in {holder}: pass --images {holder}" if holder else "check --images or the CSV's file names"
+        raise SpotmatchError(f"{where}image {missing[0]} {what}{more}; {fix}")
+
+
+def _folder_beside(csv_path: Path, name: str) -> Path | None:
+    """A folder next to the CSV that holds `name` (Kaggle puts test.csv beside test/, train.csv beside train/)."""
+    folders = sorted(p for p in csv_path.parent.iterdir() if p.is_dir()) if csv_path.parent.is_dir() else []
+    return next((folder for folder in folders if (folder / name).is_file()), None)
 
 
 def refuse_conflicting_labels(table: pd.DataFrame, filename_col: str, identity_col: str, csv_path: Path) -> None:
@@ -106,6 +117,15 @@ def refuse_conflicting_labels(table: pd.DataFrame, filename_col: str, identity_c
         raise SpotmatchError(f"{csv_path}: {filename} is labelled as different individuals on lines {lines}; keep one label for it")
 
 
+def refuse_repeated_rows(table: pd.DataFrame, csv_path: Path) -> None:
+    """A photo listed twice would be its own match in every evaluation (and weigh twice in training)."""
+    repeated = table["filename"][table["filename"].duplicated()]
+    if not repeated.empty:
+        filename = repeated.iloc[0]
+        lines = ", ".join(str(i + 2) for i in table.index[table["filename"] == filename])
+        raise SpotmatchError(f"{csv_path}: {filename} is listed more than once (lines {lines}); keep one row for it")
+
+
 def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop_ambiguous: bool = True) -> Dataset:
     """Read a labelled table; rows whose `unambiguous` column is false are dropped unless asked otherwise."""
     csv_path = Path(csv_path)
@@ -113,14 +133,17 @@ def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop
     filename_col = _pick_column(table, FILENAME_ALIASES, "filename", csv_path)
     identity_col = _pick_column(table, IDENTITY_ALIASES, "identity", csv_path)
     table = table.rename(columns={filename_col: "filename", identity_col: "identity"})
+    # Spaces around a cell (a "name, label" file) would name another file and make " Cat1" another animal.
+    table["filename"], table["identity"] = table["filename"].str.strip(), table["identity"].str.strip()
     if "unambiguous" in table.columns and drop_ambiguous:
         table = table[table["unambiguous"].str.lower().isin(("true", "1", "yes"))]
     if table.empty:
         raise SpotmatchError(f"{csv_path}: no labelled images in the table; add rows or check the filters")
-    if (table["identity"].str.strip() == "").any():
-        row = int((table["identity"].str.strip() == "").idxmax()) + 2
-        raise SpotmatchError(f"{csv_path}: empty identity on line {row}; fill it in or remove the row")
+    if (table["identity"] == "").any():
+        row = int((table["identity"] == "").idxmax()) + 2
+        raise SpotmatchError(f"{csv_path}: empty {identity_col.strip()} on line {row}; fill it in or remove the row")
     refuse_conflicting_labels(table, "filename", "identity", csv_path)
+    refuse_repeated_rows(table, csv_path)
     if "side" in table.columns:  # one spelling everywhere: left, right, or missing where not known
         table["side"] = [parse_side(value, f"{csv_path} line {row + 2}") for row, value in zip(table.index, table["side"])]
     image_dir = Path(image_dir) if image_dir is not None else default_image_dir(csv_path)
@@ -143,7 +166,8 @@ def load_pairs(csv_path: str | Path, image_dir: str | Path | None = None, check_
     if table.empty:
         raise SpotmatchError(f"{csv_path}: no pairs in the file; nothing to score")
     for column in PAIR_COLUMNS:
-        empty = table[column].str.strip() == ""
+        table[column] = table[column].str.strip()  # "row_id, query_image, gallery_image" files put a space before each
+        empty = table[column] == ""
         if empty.any():
             raise SpotmatchError(f"{csv_path}: empty {column} on line {int(empty.idxmax()) + 2}; fill it in or remove the row")
     duplicated = table["row_id"][table["row_id"].duplicated()]

@@ -290,7 +290,9 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
             raise diverged(out_dir, epoch, "embeddings not finite", train_conf.lr, best_path) from None
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
                         "val_ib_map": val_map, "epoch_seconds": epoch_seconds})
-        print(json.dumps(history[-1]), flush=True)
+        # JSON has no NaN: an epoch without validation says null, so that a log reader's parser accepts the line
+        print(json.dumps({key: None if isinstance(value, float) and math.isnan(value) else value
+                          for key, value in history[-1].items()}), flush=True)
         improved = not math.isnan(val_map) and val_map > best_map
         if improved:
             best_map = val_map
