@@ -163,6 +163,11 @@ def test_identity_split_is_disjoint():
     train = set(dataset.table.loc[split == "train", "identity"])
     assert not val & train and abs(len(val) - 0.3 * 179) <= 1
 
+    # 1: every photo queried against every other, the open-set evaluation of a table the model never saw
+    assert (split_dataset(dataset, SplitConfig(by="identity", val_fraction=1)) == "val").all()
+    with pytest.raises(SpotmatchError, match="--val-fraction 1: .* with --split-by identity only"):
+        SplitConfig(by="encounter", val_fraction=1)
+
 
 def test_nyala_views_leave_out_each_photos_partner():
     """Nyala's photo_ids each hold a left and a right photo of one animal: the "other photo_id" view drops a query's

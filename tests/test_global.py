@@ -423,6 +423,18 @@ def test_flanks_are_read_once_and_give_each_flank_of_an_animal_its_own_class(tmp
         load_dataset(csv, NYALA / "images")
 
 
+def test_training_refuses_to_hold_every_photo_out(tmp_path, snow_subset_csv):
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.global_embed import train as training
+    from spotmatch.global_embed.presets import PRESETS
+
+    with pytest.raises(SpotmatchError, match="--val-fraction 1: holds every photo out and leaves nothing to train on"):
+        training.main(load_dataset(snow_subset_csv), PRESETS["tiny"].embedder, PRESETS["tiny"].train, SplitConfig(val_fraction=1),
+                      tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_extra_training_set_adds_classes_and_is_never_held_out(tmp_path, snow_subset_csv):
     from spotmatch.config import merge_config
     from spotmatch.data.splits import SplitConfig

@@ -232,7 +232,8 @@ def evaluate(
     image_size: Optional[int] = typer.Option(None, min=32, help="Input size for --baseline (default: the first checkpoint's, else 384)."),
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     split_by: str = typer.Option("identity", help="When the checkpoint was not trained on this table: identity (open set) or a group column (closed set)."),
-    val_fraction: float = typer.Option(0.3, help="Held-out share for a fresh split."),
+    val_fraction: float = typer.Option(0.3, help="Held-out share for a fresh split; 1 with --split-by identity holds out every photo"
+                                                 " (a table the model never saw, all of it queried)."),
     seed: int = typer.Option(0, help="Seed of a fresh split."),
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),

@@ -31,8 +31,15 @@ class SplitConfig:
     near_duplicate_distance: int = 4  # perceptual-hash Hamming distance that ties frames; -1 disables
 
     def __post_init__(self):
-        if not 0 <= self.val_fraction < 1:
-            raise SpotmatchError(f"--val-fraction {self.val_fraction}: the held-out share must be at least 0 and below 1")
+        # 1 holds every identity out: an open-set evaluation of a table the model never saw. A closed set needs
+        # training photos of every held-out animal, so it keeps some.
+        if not (0 <= self.val_fraction < 1 or (self.val_fraction == 1 and self.by == "identity")):
+            raise SpotmatchError(f"--val-fraction {self.val_fraction}: the held-out share must be at least 0 and below 1"
+                                 f" (1, every photo held out, with --split-by identity only)")
+
+    @property
+    def holds_out_everything(self) -> bool:
+        return self.val_fraction == 1
 
 
 def perceptual_hashes(paths: list[Path]) -> np.ndarray:
@@ -103,6 +110,8 @@ def split_dataset(dataset: Dataset, conf: SplitConfig) -> pd.Series:
         raise SpotmatchError(
             f"{dataset.csv_path}: cannot split by '{conf.by}', no such column; use --split-by identity or add it"
         )
+    if conf.holds_out_everything:
+        return pd.Series("val", index=table.index, name="split")
     tie_pairs = (
         near_duplicate_pairs(perceptual_hashes(dataset.paths), conf.near_duplicate_distance)
         if conf.near_duplicate_distance >= 0

@@ -190,6 +190,9 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     and otherwise refused."""
     out_dir = Path(out_dir)
     refuse_unusable_settings(embedder_conf, train_conf)
+    if split_conf.holds_out_everything:
+        raise SpotmatchError("--val-fraction 1: holds every photo out and leaves nothing to train on; hold out a share below 1"
+                             " (evaluate takes 1)")
     refuse_unusable_run_folder(out_dir, resume, overwrite)
     torch.manual_seed(train_conf.seed)
     device = resolve_device(train_conf.device)
