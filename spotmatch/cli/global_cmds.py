@@ -188,7 +188,9 @@ def score_pairs(
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
     ray_config: Optional[Path] = typer.Option(None, help=RAY_CONFIG_HELP),
 ) -> None:
-    """Score every pair of a competition test file into submission.csv through the engine (each image embedded once)."""
+    """Score every pair of a competition test file into submission.csv through the engine (each image embedded once).
+
+    With the local stage, a pair's similarity depends on which photo is the query: the gallery photo's place in the query's list decides whether keypoints check it, so (A, B) and (B, A) can score differently."""  # noqa: E501 (one paragraph in --help)
     from spotmatch.data.tables import load_pairs
     from spotmatch.engine.engine import Engine, EngineConfig, settle_config
     from spotmatch.engine.scoring import write_submission
