@@ -641,6 +641,45 @@ def test_a_catalogue_this_user_cannot_write_is_read_and_a_write_is_one_line(tmp_
         Catalogue.open(tmp_path / "cat")
 
 
+@pytest.fixture
+def folder_every_user_reaches():
+    """A folder under /tmp that other users can enter, unlike pytest's own (0700 below the root's)."""
+    import shutil
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))
+    shared.chmod(0o777)
+    yield shared
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="plays two users: needs root to switch uid")
+def test_the_owner_is_told_whose_sqlite_files_block_a_write(folder_every_user_reaches):
+    """A teammate without write access reads the catalogue: SQLite makes its -wal and -shm files as that user,
+    with the database's mode. The owner's next write fails on them; the error names them and their owner,
+    not "this user cannot write the catalogue", and what it says to do works."""
+    folder = folder_every_user_reaches / "cat"
+
+    def as_user(uid: int, body: str) -> subprocess.CompletedProcess:
+        script = ("import os, sys\nsys.path.insert(0, 'tests')\nfrom pathlib import Path\nfrom test_catalogue import stand_in_catalogue\n"
+                  "from spotmatch.catalogue.store import Catalogue\nfrom spotmatch.errors import SpotmatchError\n"
+                  f"os.setgid({uid}); os.setuid({uid})\nfolder = Path({str(folder)!r})\n{body}")  # imports first: root's Python
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    owner, teammate = 1000, 65534
+    made = as_user(owner, "stand_in_catalogue(folder, {'Cat1': 2}).close()\nfolder.chmod(0o777)\n")
+    assert made.returncode == 0, made.stderr
+    read = as_user(teammate, "store = Catalogue.open(folder)\nprint(store.writable, store.stats()['images'])\n")
+    assert read.stdout.split() == ["False", "2"], read.stderr
+    rename = "try:\n    Catalogue.open(folder).rename('Cat1', 'Leo', who='ana')\n    print('renamed')\nexcept SpotmatchError as e:\n    print(e)\n"
+    refused = as_user(owner, rename).stdout
+    assert re.search(r"catalogue.db-(wal|shm): made by \S+ .* cannot write it; ask .* to make catalogue.db-wal and catalogue.db-shm"
+                     r" writable for this user", refused), refused
+    for companion in ("catalogue.db-wal", "catalogue.db-shm"):
+        (folder / companion).chmod(0o666)  # what the message asks of the teammate or root
+    assert as_user(owner, rename).stdout.strip() == "renamed"
+
+
 def test_add_and_stats_say_what_they_were_given(tmp_path, snow_subset_csv):
     from spotmatch.catalogue.service import sources_from_path
     from spotmatch.catalogue.store import Catalogue

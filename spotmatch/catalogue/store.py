@@ -182,9 +182,28 @@ def _read_only_uri(db_path: Path, busy_timeout_s: float) -> str:
 
 
 def _cannot_write(db: sqlite3.Connection, exc: sqlite3.OperationalError) -> SpotmatchError:
-    path = db.execute("PRAGMA database_list").fetchone()[2]
+    path = Path(db.execute("PRAGMA database_list").fetchone()[2])
+    # SQLite's -wal and -shm files belong to whoever opened the catalogue first, with the database's mode: after a
+    # teammate without write access read it, the owner of a catalogue.db that is not group-writable cannot write them.
+    companions = [path.with_name(f"{path.name}-{suffix}") for suffix in ("wal", "shm")]
+    blocking = [companion for companion in companions if companion.exists() and not os.access(companion, os.W_OK)]
+    if blocking and os.access(path, os.W_OK):
+        owner = _owner_name(blocking[0])
+        return SpotmatchError(f"{blocking[0]}: made by {owner} (SQLite's file beside the catalogue) and this user cannot write it;"
+                              f" ask {owner} or root to make {' and '.join(c.name for c in blocking)} writable for this user"
+                              f" (chmod g+w, or chown), and make {path.name} group-writable so that such files are")
     return SpotmatchError(f"{path}: the catalogue cannot be written by this user (permissions: {exc}); run the command as"
                           f" a user who can write the file and its folder, or ask the catalogue's owner to")
+
+
+def _owner_name(path: Path) -> str:
+    import pwd
+
+    uid = path.stat().st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid with no name on this machine (a container, a shared disk)
+        return f"user {uid}"
 
 
 @contextlib.contextmanager
