@@ -160,6 +160,13 @@ def test_a_moved_copy_of_the_table_keeps_the_checkpoints_split(tmp_path, tiny_ch
     _, split_by, origin = split_for(load_dataset(unseen, images), SplitConfig(by="identity"), tiny_checkpoint)
     assert origin.startswith("split by identity") and split_by == "identity"
 
+    # Another table's photos that only share names with trained ones (0001.jpg in two data sets): their labels
+    # differ, so they are not the trained photos and the table is split afresh.
+    namesakes = tmp_path / "namesakes.csv"
+    table.assign(identity=[f"Jaguar{i % 3}" for i in range(len(table))]).to_csv(namesakes, index=False)
+    _, split_by, origin = split_for(load_dataset(namesakes, images), SplitConfig(by="identity"), tiny_checkpoint)
+    assert origin.startswith("split by identity") and split_by == "identity"
+
 
 def test_flip_tta_changes_the_cache_identity(tiny_checkpoint):
     plain = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=0))

@@ -37,21 +37,27 @@ def split_for(dataset: Dataset, split_conf: SplitConfig, checkpoint: str | Path 
     on are never held out; rows it never saw are); otherwise a fresh split from `split_conf`. Returns
     (split, split_by, where it came from).
 
-    Photos are known by file name, not path: a copy moved elsewhere or downsized for a GPU machine
-    (benchmarks/stage_for_gpu.py) keeps its names, and a fresh split there could differ (near-duplicate
-    grouping hashes the pixels). A part of the training table split afresh would hold out trained photos."""
+    Photos are known by file name and label, not path: a copy moved elsewhere or downsized for a GPU machine
+    (benchmarks/stage_for_gpu.py) keeps both, and a fresh split there could differ (near-duplicate grouping
+    hashes the pixels). A part of the training table split afresh would hold out trained photos. A photo of
+    another table that only shares a name (0001.jpg) with a trained one is not it: its label differs
+    (checkpoints older than 2026-12-07 store no labels, and match by name alone)."""
     if checkpoint is not None:
         payload = read_checkpoint(checkpoint)
         refuse_extra_training_set(dataset, payload, checkpoint)
         trained_on = payload.get("dataset")
-        assignment = payload.get("split_assignment") or {}
+        stored = assignment = payload.get("split_assignment") or {}
         names = dataset.table["filename"]
         same_path = bool(trained_on and dataset.csv_path) and Path(trained_on).resolve() == Path(dataset.csv_path).resolve()
+        identity_of = payload.get("identity_of")
+        if identity_of is not None and not same_path:  # the training table itself keeps its photos through a label fix
+            labels = dict(zip(names, dataset.table["identity"]))
+            assignment = {name: part for name, part in assignment.items() if labels.get(name) == identity_of.get(name)}
         trained_here = int((names.map(assignment) == "train").sum())
         if same_path or trained_here:
             split = names.map(assignment).fillna("val")
             origin = f"the split stored in {checkpoint}"
-            if set(names) != set(assignment):
+            if set(names) != set(stored):
                 origin += f" ({trained_here} of these {len(names)} photos trained on, the rest held out)"
             return split.rename("split"), payload["split_config"]["by"], origin
     return split_dataset(dataset, split_conf), split_conf.by, f"split by {split_conf.by}, seed {split_conf.seed}"

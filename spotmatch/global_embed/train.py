@@ -263,6 +263,7 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     checkpoint_extra = dict(train_config=config_to_dict(train_conf), split_config=config_to_dict(split_conf),
                             class_names=class_names, dataset=str(dataset.csv_path),
                             split_assignment=dict(zip(dataset.table["filename"], split)),
+                            identity_of=dict(zip(dataset.table["filename"], dataset.table["identity"])),
                             extra_training=[{"dataset": str(extra.csv_path), "filenames": extra.table["filename"].tolist()}
                                             for extra in extra_datasets])
     loader = make_loader(images, 0, train_conf.num_workers, batch_sampler=sampler, pin_memory=device.type == "cuda",
