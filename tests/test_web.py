@@ -9,8 +9,10 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from conftest import SNOW
 from test_catalogue import fusion_file, gallery_and_queries  # noqa: F401  (shared fixtures)
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -70,6 +72,30 @@ def test_upload_names_cannot_escape_the_catalogue(server, gallery_and_queries): 
     for probe in ("..%2F..%2Fcatalogue.db", "catalogue.db", "..%2F..%2F..%2Fetc%2Fpasswd"):
         escaped = urllib3.PoolManager().request("GET", f"{base}/files/upload/{probe}")
         assert escaped.status in (400, 404) and b"SQLite" not in escaped.data and b"root:" not in escaped.data
+
+
+def test_an_upload_never_replaces_another_photo_of_the_same_name(server, gallery_and_queries):  # noqa: F811
+    """Camera traps reuse names (IMG_0001.JPG): once confirmed, an upload is the catalogue's only copy of its
+    photo, so a different photo of that name is kept beside it, never over it."""
+    import urllib3
+
+    base, folder = server
+    known = set(pd.read_csv(gallery_and_queries[0])["filename"]) | {path.name for path in gallery_and_queries[1]}
+    first, second = (path.read_bytes() for path in [p for p in sorted((SNOW / "images").iterdir()) if p.name not in known][-2:])
+    assert json.loads(post_file(f"{base}/api/upload", "IMG_0001.JPG", first).data)["photo"] == "IMG_0001.JPG"
+    http = urllib3.PoolManager()
+    blank = http.request("POST", f"{base}/api/confirm", body=json.dumps({"photo": "IMG_0001.JPG", "who": ""}),
+                         headers={"Content-Type": "application/json"})
+    assert blank.status == 400 and "blank" in json.loads(blank.data)["error"]  # refused, not recorded as the default reviewer
+    # confirmed as a cat already there: a new individual could outrank the browser test's expected candidates
+    confirmed = http.request("POST", f"{base}/api/confirm", body=json.dumps({"photo": "IMG_0001.JPG", "individual": "Cat1", "who": "ana"}),
+                             headers={"Content-Type": "application/json"})
+    image_id = json.loads(confirmed.data)["image_id"]
+    twin = json.loads(post_file(f"{base}/api/upload", "IMG_0001.JPG", second).data)["photo"]
+    assert twin != "IMG_0001.JPG" and (folder / "uploads" / twin).read_bytes() == second
+    assert http.request("GET", f"{base}/files/image/{image_id}").data == first  # the confirmed photo is still itself
+    assert json.loads(post_file(f"{base}/api/upload", "IMG_0001.JPG", first).data)["photo"] == "IMG_0001.JPG"  # same photo, same file
+    assert http.request("GET", f"{base}/files/upload/not_there.jpg").status == 404
 
 
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,

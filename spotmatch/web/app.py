@@ -5,6 +5,7 @@ name inside the catalogue's uploads/ and explain/ folders: no request path reach
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from dataclasses import dataclass
@@ -53,6 +54,17 @@ def inside(folder: Path, name: str) -> Path:
     return path
 
 
+def free_upload_path(uploads: Path, name: str, data: bytes) -> Path:
+    """Where an upload goes: its own name, unless a different photo holds it (camera traps reuse IMG_0001.JPG),
+    then the name with its content hash added. A confirmed upload is the catalogue's only copy of the photo:
+    overwriting it would give its image row another animal's pixels. The same photo again keeps its file."""
+    path = inside(uploads, name)
+    if not path.exists() or path.read_bytes() == data:
+        return path
+    stem, suffix = Path(name).stem, Path(name).suffix
+    return inside(uploads, f"{stem}-{hashlib.sha256(data).hexdigest()[:12]}{suffix}")
+
+
 def create_app(conf: ServeConfig):
     from spotmatch.catalogue.service import IdentifyConfig, confirm_photo, identify, open_engine
     from spotmatch.catalogue.store import Catalogue, GalleryRestriction
@@ -86,9 +98,11 @@ def create_app(conf: ServeConfig):
             raise SpotmatchError(f"{name}: larger than {MAX_UPLOAD_BYTES >> 20} MiB; upload a smaller photo")
         from spotmatch.io import atomic_path
 
-        with atomic_path(inside(uploads, name)) as tmp:
-            tmp.write_bytes(data)
-        return {"photo": name}
+        path = free_upload_path(uploads, name, data)
+        if not path.exists():
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+        return {"photo": path.name}
 
     @app.post("/api/identify/{photo}")
     def identify_photo(photo: str, station: str = "", since: str = "", until: str = "", side: str = ""):
@@ -106,12 +120,16 @@ def create_app(conf: ServeConfig):
     def confirm(decision: Decision):
         path = inside(uploads, safe_upload_name(decision.photo))
         with lock:
-            image_id, name = confirm_photo(store, engine, path, decision.individual, decision.who or conf.default_who)
+            who = conf.default_who if decision.who is None else decision.who  # a blank name is refused, not replaced
+            image_id, name = confirm_photo(store, engine, path, decision.individual, who)
         return {"image_id": image_id, "individual": name}
 
     @app.get("/files/upload/{name}")
     def upload_file(name: str):
-        return FileResponse(inside(uploads, safe_upload_name(name)))
+        path = inside(uploads, safe_upload_name(name))
+        if not path.is_file():
+            raise HTTPException(404)
+        return FileResponse(path)
 
     @app.get("/files/explain/{name}")
     def explain_file(name: str):
