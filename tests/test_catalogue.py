@@ -206,6 +206,32 @@ def test_capture_times_become_iso_and_sides_flanks(tmp_path, snow_subset_csv):
     with pytest.raises(SpotmatchError, match=r"sides.csv line 3: side 'up' is not a flank; use left, right"):
         sources_from_csv(tmp_path / "sides.csv", SNOW / "images")
 
+    # Column names in any case, as for filename and identity: a "Station" column is the station
+    capitalised = table.drop(columns=["side"]).rename(columns=str.capitalize)
+    capitalised.to_csv(tmp_path / "caps.csv", index=False)
+    source = sources_from_csv(tmp_path / "caps.csv", SNOW / "images")[0]
+    first = table.iloc[0]
+    assert (source.station, source.captured_at) == (first["station"], f"{first['date']} {first['time']}")
+    capitalised.assign(Date=["2012-7-22", "22/07/2012", "2012-7-23"]).to_csv(tmp_path / "caps.csv", index=False)
+    with pytest.raises(SpotmatchError, match=r"caps.csv line 3: date '22/07/2012' does not read as year-month-day"):
+        sources_from_csv(tmp_path / "caps.csv", SNOW / "images")
+
+
+def test_links_that_lead_nowhere_are_skipped_by_their_own_name(tmp_path, catalogue):
+    """A dangling or looping link in a folder is reported as skipped, under the name the folder gives it, and
+    the rest is added; never a traceback, never silently passed over."""
+    from spotmatch.catalogue.service import add_images, sources_from_path
+
+    store, engine = catalogue
+    folder = tmp_path / "links"
+    folder.mkdir()
+    (folder / "loop1.jpg").symlink_to("loop2.jpg")
+    (folder / "loop2.jpg").symlink_to("loop1.jpg")
+    (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    report = add_images(store, engine.embedder, engine.local, sources_from_path(folder))
+    assert report.added == 0 and sorted(Path(path).name for path, _ in report.failed) == ["gone.jpg", "loop1.jpg", "loop2.jpg"]
+    assert all("\n" not in reason and str(folder) in reason for _, reason in report.failed)
+
 
 def test_identify_a_catalogue_photo_never_matches_itself(catalogue):
     from spotmatch.catalogue.service import identify

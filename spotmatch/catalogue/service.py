@@ -14,8 +14,8 @@ from typing import Callable, Protocol
 import numpy as np
 import pandas as pd
 
-from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, GalleryRestriction, NewImage, refuse_catalogue_folder,
-                                      reviewer)
+from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, GalleryRestriction, NewImage, reads_as_date,
+                                      refuse_catalogue_folder, reviewer)
 from spotmatch.data.images import file_sha256, load_image
 from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, parse_side,
                                    refuse_conflicting_labels)
@@ -169,15 +169,22 @@ def sources_from_path(source: Path, image_dir: Path | None = None) -> list[Image
     if source.is_dir():
         return sources_from_folder(source)
     if source.suffix.lower() in IMAGE_SUFFIXES:
-        return [ImageSource(path=source.resolve())]
+        return [ImageSource(path=photo_path(source))]
     return sources_from_csv(source, image_dir)
 
 
+def photo_path(path: Path) -> Path:
+    """Absolute, through its links where they lead to a file; a dangling or looping link keeps its own name,
+    so that the error `add` reports for it names the file the user gave."""
+    return path.resolve() if path.exists() else path.absolute()
+
+
 def sources_from_folder(folder: Path) -> list[ImageSource]:
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    # Links that lead nowhere are listed too: add reports them as skipped rather than passing over them.
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
     if not paths:
         raise SpotmatchError(f"{folder}: no images (jpg, png, ...) in this folder; check the path")
-    return [ImageSource(path=p.resolve()) for p in paths]
+    return [ImageSource(path=photo_path(p)) for p in paths]
 
 
 def _column(table: pd.DataFrame, aliases: tuple[str, ...]) -> str | None:
@@ -203,14 +210,28 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
     image_dir = image_dir or default_image_dir(csv_path)
     if identity_col is not None:
         refuse_conflicting_labels(table, filename_col, identity_col, csv_path)
+    # Any case, as the filename and identity columns: a "Station" column read as no station would leave its photos
+    # out of every --station search without a word.
+    station_col, camera_col, date_col, time_col = (_column(table, (name,)) for name in ("station", "camera", "date", "time"))
     sources = []
     for line, row in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
-        when = " ".join(v for v in (row.get("date", ""), row.get("time", "")) if v) or None
-        sources.append(ImageSource(path=(image_dir / row[filename_col]).resolve(),
+        sources.append(ImageSource(path=photo_path(image_dir / row[filename_col]),
                                    identity=(row[identity_col].strip() or None) if identity_col else None,
-                                   station=row.get("station") or None, camera=row.get("camera") or None, captured_at=when,
+                                   station=(row[station_col].strip() or None) if station_col else None,
+                                   camera=(row[camera_col].strip() or None) if camera_col else None,
+                                   captured_at=_capture_time(row, date_col, time_col, f"{csv_path} line {line}"),
                                    side=parse_side(row[side_col], f"{csv_path} line {line}") if side_col else None))
     return sources
+
+
+def _capture_time(row: dict, date_col: str | None, time_col: str | None, where: str) -> str | None:
+    """The row's date and time as written; a date that does not read as year, month, day is refused, since it
+    would keep its photo out of every --since/--until search."""
+    date = row[date_col].strip() if date_col else ""
+    when = " ".join(v for v in (date, row[time_col].strip() if time_col else "") if v) or None
+    if date and not reads_as_date(date):
+        raise SpotmatchError(f"{where}: date {date!r} does not read as year-month-day; write it as 2012-07-22")
+    return when
 
 
 def _decodable(source: ImageSource) -> tuple[str, str | None]:
@@ -428,7 +449,7 @@ def confirm_photo(catalogue: Catalogue, engine, photo: Path, individual: str | N
     sha = file_sha256(photo)
     known = catalogue.image_by_sha(sha)
     if known is None:
-        report = add_images(catalogue, engine.embedder, engine.local, [ImageSource(Path(photo).resolve())], AddConfig(who=who))
+        report = add_images(catalogue, engine.embedder, engine.local, [ImageSource(photo_path(Path(photo)))], AddConfig(who=who))
         if report.failed:
             raise SpotmatchError(report.failed[0][1])
         known = catalogue.image_by_sha(sha)

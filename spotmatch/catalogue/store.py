@@ -95,15 +95,27 @@ def iso_capture_time(text: str | None) -> str | None:
     day[, time]; otherwise `text` unchanged, so nothing a user wrote is lost (date restrictions skip it)."""
     if text is None:
         return None
+    read = _read_capture_time(text)
+    if read is None:
+        return text
+    moment, with_time = read
+    return moment.isoformat() if with_time else moment.date().isoformat()
+
+
+def reads_as_date(text: str) -> bool:
+    """Whether `text` is year, month, day[, time] in a form `iso_capture_time` reads."""
+    return _read_capture_time(text) is not None
+
+
+def _read_capture_time(text: str) -> tuple[datetime, bool] | None:
     found = _CAPTURE_TIME.fullmatch(text.strip())
     if found is None:
-        return text
+        return None
     numbers = [int(part) for part in found.groups() if part is not None]
     try:
-        moment = datetime(*numbers)
+        return datetime(*numbers), len(numbers) > 3
     except ValueError:  # month 13, 30 February, ...
-        return text
-    return moment.isoformat() if len(numbers) > 3 else moment.date().isoformat()
+        return None
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ def read_image_bytes(path: str | Path) -> bytes:
         raise SpotmatchError(f"{path}: image file not found; check the path or the --images folder") from None
     except IsADirectoryError:
         raise SpotmatchError(f"{path}: is a folder, not an image file; name the image inside it") from None
+    except OSError as exc:  # a link that loops, no permission, a device that failed
+        raise SpotmatchError(f"{path}: cannot be read ({exc.strerror or exc}); check the file, or the link it is") from None
 
 
 def undecodable(path: str | Path, exc: Exception) -> SpotmatchError:
