@@ -560,6 +560,23 @@ def _snapshot(store) -> dict[str, list[tuple]]:
 HISTORY = "SELECT id, action, image_id, individual_id, individual_name, detail, who FROM confirmations ORDER BY id"
 
 
+def test_an_add_that_loses_a_race_to_another_label_reports_it_and_makes_no_empty_individual(tmp_path):
+    """Two adds at once: the other process stored these photos first, under other labels. The loser reports
+    each as a relabelling (exit 1), not as "already there", and no individual is made for its labels."""
+    from spotmatch.catalogue.service import AddReport, ImageSource, insert_fresh
+    from spotmatch.catalogue.store import NewImage
+
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 1})
+    store.insert_images([NewImage(path=f"p{i}.jpg", sha256=f"sha{i}", embedding=np.ones(4, np.float32), embedder_id="stand-in",
+                                  identity="Cat2") for i in range(2)], who="bo")
+    fresh = [(ImageSource(path=Path(f"p{i}.jpg"), identity=label), f"sha{i}", None) for i, label in enumerate(["WrongCat", "Cat2"])]
+    report = AddReport()
+    insert_fresh(store, fresh, np.ones((2, 4), np.float32), "stand-in", None, "ana", report)
+    assert (report.added, report.already_there, len(report.failed)) == (0, 1, 1)
+    assert "of Cat2, but the CSV says WrongCat" in report.failed[0][1]
+    assert "WrongCat" not in store.individual_names().values()
+
+
 def test_merge_keeps_each_history_row_about_its_individual_and_never_mixes_retired_with_living(tmp_path):
     from spotmatch.errors import SpotmatchError
 

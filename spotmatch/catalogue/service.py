@@ -287,7 +287,18 @@ def insert_fresh(catalogue: Catalogue, fresh: list[tuple[ImageSource, str, str |
             for (s, sha, exif_time), e in zip(fresh, embeddings)]
     new_ids = catalogue.insert_images(rows, who)
     report.added += len(new_ids)
-    report.already_there += len(rows) - len(new_ids)  # another process added them meanwhile
+    if len(new_ids) == len(rows):
+        return
+    # Another process added some meanwhile, perhaps under another label: checked as `fresh_sources` checks.
+    known = catalogue.known_images([sha for _, sha, _ in fresh])
+    for source, sha, _ in fresh:
+        image_id, *names = known[sha]
+        if image_id in new_ids:
+            continue
+        if source.identity is not None and source.identity not in names:
+            report.failed.append((str(source.path), _relabel_refusal(catalogue.folder, source, image_id, names[0])))
+        else:
+            report.already_there += 1
 
 
 def add_images(catalogue: Catalogue, embedder: EmbedsImages, local, sources: list[ImageSource],

@@ -445,6 +445,8 @@ class Catalogue:
                 if image.embedding.shape != (expected_dim,):
                     raise SpotmatchError(f"{image.path}: embedding has shape {image.embedding.shape}, the catalogue stores"
                                          f" {expected_dim} dimensions; use the catalogue's checkpoint")
+                if db.execute("SELECT 1 FROM images WHERE sha256 = ?", (image.sha256,)).fetchone():
+                    continue  # another process added it meanwhile: no individual made for a label it never gets
                 individual = self._individual_id_creating(image.identity) if image.identity else None
                 cursor = db.execute(
                     "INSERT OR IGNORE INTO images(path, filename, sha256, individual_id, station, camera, captured_at, side, added_at,"
