@@ -539,6 +539,18 @@ def test_a_damaged_database_is_one_line_not_a_traceback(tmp_path):
     with pytest.raises(SpotmatchError, match=f"{DB_NAME}: not a readable catalogue database .*restore it from a backup"):
         Catalogue.open(tmp_path)
 
+    # Damage past the pages opening reads: SQLite meets it only where a command reads. `stats` checks every page,
+    # and a command that meets it says so in one line.
+    stand_in_catalogue(tmp_path / "cat", {f"Cat{i}": 30 for i in range(20)}).close()
+    with open(tmp_path / "cat" / DB_NAME, "r+b") as db:
+        db.seek(5 * 4096)
+        db.write(np.random.default_rng(0).bytes(30 * 4096))
+    stats = run_cli("catalogue", "stats", tmp_path / "cat")
+    assert stats.returncode == 2 and stats.stderr.count("\n") == 1 and f"{DB_NAME}: damaged (" in stats.stderr, stats.stderr
+    export = run_cli("catalogue", "export", tmp_path / "cat", "--out", tmp_path / "all.csv")
+    assert export.returncode == 2 and export.stderr.count("\n") == 1 and "database is damaged" in export.stderr, export.stderr
+    assert not (tmp_path / "all.csv").exists()
+
 
 def stand_in_catalogue(folder: Path, images_per_individual: dict[str, int]):
     """A catalogue of made-up embeddings, no model: for the store's own rules, in milliseconds."""

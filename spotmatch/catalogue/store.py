@@ -587,7 +587,10 @@ class Catalogue:
 
     def integrity_problems(self) -> list[str]:
         """What `PRAGMA integrity_check` and the catalogue's own invariants say; empty when all is well."""
-        problems = [r[0] for r in self.db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        try:
+            problems = [r[0] for r in self.db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        except sqlite3.DatabaseError as exc:  # damage deep enough that the check itself stops on it
+            return [str(exc)]
         dim_bytes = self.settings().embedding_dim * 4
         bad = self.db.execute("SELECT COUNT(*) FROM images WHERE embedding IS NULL OR length(embedding) != ?", (dim_bytes,)).fetchone()[0]
         if bad:

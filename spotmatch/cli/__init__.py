@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import sys
 
 from spotmatch.cli.app import app
@@ -42,6 +43,23 @@ def main() -> None:
     except SpotmatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:
+        damage = _database_damage(exc)
+        if damage is None:
+            raise
+        print(f"error: the catalogue database is damaged ({damage}); restore catalogue.db from a backup (or `catalogue export`"
+              f" of a copy made before the damage)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _database_damage(exc: BaseException | None) -> sqlite3.DatabaseError | None:
+    """The SQLite damage behind `exc` (pandas wraps it in its own DatabaseError), if any: met on a page a command
+    reads, past the checks made on opening (`catalogue stats` checks every page)."""
+    while exc is not None:
+        if isinstance(exc, sqlite3.DatabaseError) and exc.sqlite_errorname in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 __all__ = ["app", "main"]

@@ -246,9 +246,17 @@ def export(folder: Path = typer.Argument(..., help=FOLDER_HELP), out: Path = typ
 
 @catalogue_app.command("stats")
 def stats(folder: Path = typer.Argument(..., help=FOLDER_HELP)) -> None:
-    """Counts, schema version and the model the catalogue is bound to."""
-    for key, value in _open(folder).stats().items():
+    """Counts, schema version and the model the catalogue is bound to, after a check of the whole database."""
+    from spotmatch.errors import SpotmatchError
+
+    catalogue = _open(folder)
+    problems = catalogue.integrity_problems()  # reads every page: SQLite itself only notices damage where a command reads
+    if problems:
+        raise SpotmatchError(f"{catalogue.folder / 'catalogue.db'}: damaged ({problems[0]}{f'; {len(problems) - 1} more' if len(problems) > 1 else ''});"
+                             f" restore it from a backup (or `catalogue export` of a copy made before the damage)")
+    for key, value in catalogue.stats().items():
         typer.echo(f"{key}: {value}")
+    typer.echo("integrity: ok")
 
 
 @app.command()
