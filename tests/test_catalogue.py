@@ -160,9 +160,13 @@ def test_identify_restricted_to_a_station_a_season_a_flank_and_living_individual
         assert best not in {c.individual for c in candidates()}
         assert best in {c.individual for c in candidates(include_retired=True)}
         assert store.stats()["retired_individuals"] == 1
-        with pytest.raises(SpotmatchError, match="no identified image matches the restriction") as nothing:
+        with pytest.raises(SpotmatchError, match=f"'{best}' retired; add --include-retired to search them") as nothing:
             candidates(individuals=[best])
         assert "\n" not in str(nothing.value)
+        for typo, message in (({"individuals": [best, "Catt21"]}, "no individual named 'Catt21' in the catalogue; check the spelling"),
+                              ({"stations": ["S99"]}, "no station named 'S99' in the catalogue")):
+            with pytest.raises(SpotmatchError, match=message):  # a typo never narrows the search unseen
+                candidates(**typo)
     finally:
         store.db.execute("UPDATE images SET side = NULL")
         store.retire(best, who="ana", undo=True)
@@ -337,7 +341,7 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     assert retired.returncode == 0 and "Cat21 is retired" in retired.stdout
     nothing = run_cli("catalogue", "identify", folder, gallery_and_queries[1][0], "--individual", "Cat21")
     assert nothing.returncode == 2 and nothing.stderr.count("\n") == 1 and "every individual" not in nothing.stderr
-    assert "no identified image matches the restriction (individual Cat21 not retired)" in nothing.stderr
+    assert "'Cat21' retired; add --include-retired" in nothing.stderr
     exported = run_cli("catalogue", "export", folder, "--out", tmp_path / "all.csv")
     assert exported.returncode == 0
     assert len(pd.read_csv(tmp_path / "all.csv")) == 17

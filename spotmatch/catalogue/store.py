@@ -366,7 +366,9 @@ class Catalogue:
         return np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64)
 
     def restricted_image_ids(self, restriction: GalleryRestriction) -> np.ndarray:
-        """Ids, ascending, of the identified images that `restriction` keeps; none is an error naming it."""
+        """Ids, ascending, of the identified images that `restriction` keeps; none is an error naming it, and so
+        is a station or individual the catalogue does not have (a typo would otherwise narrow the search unseen)."""
+        self._refuse_unknown(restriction)
         clauses, values = ["images.individual_id IS NOT NULL"], []
         if not restriction.include_retired:
             clauses.append("individuals.retired_at IS NULL")
@@ -388,6 +390,19 @@ class Catalogue:
             raise SpotmatchError(f"{self.folder}: no identified image matches the restriction ({restriction.describe()});"
                                  f" widen it (`spotmatch catalogue export` lists stations, dates and sides)")
         return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def _refuse_unknown(self, restriction: GalleryRestriction) -> None:
+        for what, wanted, query, hint in (
+                ("station", restriction.stations, "SELECT DISTINCT station FROM images", "`spotmatch catalogue export` lists them"),
+                ("individual", restriction.individuals, "SELECT name FROM individuals", "`spotmatch catalogue export` lists them")):
+            known = {row[0] for row in self.db.execute(query)}
+            unknown = [name for name in wanted if name not in known]
+            if unknown:
+                raise SpotmatchError(f"{self.folder}: no {what} named {', '.join(map(repr, unknown))} in the catalogue; check the"
+                                     f" spelling ({hint})")
+        retired = [name for name in restriction.individuals if not restriction.include_retired and self._retired(self.individual_id(name))]
+        if retired and len(retired) == len(restriction.individuals):
+            raise SpotmatchError(f"{self.folder}: {', '.join(map(repr, retired))} retired; add --include-retired to search them")
 
     def embeddings(self, image_ids: np.ndarray) -> np.ndarray:
         dim = self.settings().embedding_dim
