@@ -391,10 +391,11 @@ def test_add_never_relabels_a_stored_photo_and_bad_catalogue_inputs_are_one_line
     result = run_cli("catalogue", "init", tmp_path / "notes.txt", "--checkpoint", tiny_checkpoint)
     assert result.returncode == 2 and "notes.txt: a file, not a folder" in result.stderr
 
-    # The catalogue's checkpoint file replaced by another model: named as such, not as "use the catalogue's checkpoint".
+    # The catalogue's checkpoint file replaced by another model: named as such, not as "use the catalogue's checkpoint",
+    # nor as "the calibration file is for another embedder" (calibrating again would not fix the catalogue).
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(Path(tiny_checkpoint).read_bytes())
-    init_catalogue(tmp_path / "cat", checkpoint, None).close()
+    init_catalogue(tmp_path / "cat", checkpoint, store.settings().fusion).close()
     payload = torch.load(checkpoint, weights_only=False)
     payload["model"] = {name: weight + 0.01 if weight.is_floating_point() else weight for name, weight in payload["model"].items()}
     torch.save(payload, checkpoint)

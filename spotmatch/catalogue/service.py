@@ -148,19 +148,20 @@ def check_extractor(name: str) -> None:
 def open_engine(catalogue: Catalogue, shortlist_k: int | None = None, workers: int = 2, progress: bool = False):
     """The catalogue's own model, with its caches inside the catalogue folder; local matching when calibrated."""
     from spotmatch.engine.engine import Engine, EngineConfig
-    from spotmatch.global_embed.embed import EmbedConfig
+    from spotmatch.global_embed.embed import EmbedConfig, Embedder
 
     settings = catalogue.settings()
     cache_dir = str(catalogue.cache_dir) if catalogue.writable else None  # a read-only catalogue's caches cannot grow
     conf = EngineConfig(shortlist_k=shortlist_k, use_local=settings.fusion is not None, extractor=settings.extractor,
                         local_workers=workers, cache_dir=cache_dir)
-    run = EmbedConfig(device="cpu", num_workers=0, cache_dir=cache_dir, progress=progress)
-    engine = Engine.from_files(settings.checkpoint, settings.fusion, conf, run)
-    if engine.embedder.model_id != settings.embedder_id:  # the file at the catalogue's checkpoint path was replaced
+    embedder = Embedder.from_checkpoint(settings.checkpoint, EmbedConfig(device="cpu", num_workers=0, cache_dir=cache_dir, progress=progress))
+    # Before the calibration file is read: it would refuse the replaced model as "not calibrated for it", and
+    # calibrating again would not fix the catalogue.
+    if embedder.model_id != settings.embedder_id:  # the file at the catalogue's checkpoint path was replaced
         raise SpotmatchError(f"{settings.checkpoint}: changed since catalogue {catalogue.folder} was made (embedder"
-                             f" {settings.embedder_id}, now {engine.embedder.model_id}); put the original file back, or init"
+                             f" {settings.embedder_id}, now {embedder.model_id}); put the original file back, or init"
                              f" a new catalogue with this one and add the photos again")
-    return engine
+    return Engine.from_embedder(embedder, settings.fusion, conf)
 
 
 # --- add ------------------------------------------------------------------------------------------------

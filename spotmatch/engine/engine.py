@@ -82,8 +82,12 @@ class Engine:
                    run: EmbedConfig | None = None) -> "Engine":
         """The local stage matches inside the masks `conf` names, else those the calibration file was fit
         with, else the embedder's; a file fit for other local settings is refused."""
+        return cls.from_embedder(Embedder.from_checkpoint(checkpoint, run), fusion_path, conf)
+
+    @classmethod
+    def from_embedder(cls, embedder: Embedder, fusion_path: str | Path | None = None, conf: EngineConfig | None = None) -> "Engine":
+        """`from_files` for an embedder already loaded (and checked by its caller)."""
         conf = conf or EngineConfig()
-        embedder = Embedder.from_checkpoint(checkpoint, run)
         fusion = None
         if fusion_path is not None:
             fusion = FusionModel.load(fusion_path, embedder_id=embedder.model_id, rerank=conf.rerank,
