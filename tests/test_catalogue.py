@@ -261,6 +261,21 @@ def test_index_is_persisted_and_rebuilt_from_the_database(catalogue):
     assert store.search_index()[0].ntotal == 17
 
 
+def test_an_index_from_other_photos_with_the_same_ids_is_rebuilt(tmp_path):
+    """Another catalogue's index (or a backup's) holds the same image ids over other photos: used, it would
+    answer with their embeddings. Its key (ids, content hashes, model) does not match, so it is rebuilt."""
+    mine = stand_in_catalogue(tmp_path / "mine", {"Cat1": 3})
+    other = stand_in_catalogue(tmp_path / "other", {"Dog1": 3})
+    other.search_index()
+    mine.index_path.write_bytes(other.index_path.read_bytes())
+    index, ids = mine.search_index()
+    assert mine.index_path.read_bytes() != other.index_path.read_bytes()  # rebuilt and saved with its own key
+    assert np.allclose(index.reconstruct(0), mine.embeddings(ids[:1])[0])
+    again = mine.index_path.read_bytes()
+    mine.search_index()
+    assert mine.index_path.read_bytes() == again  # its own index is kept, not rebuilt on every search
+
+
 def test_review_decisions_are_recorded_with_who_and_when(catalogue, gallery_and_queries):
     from spotmatch.catalogue.service import confirm_photo, export_table
     from spotmatch.errors import SpotmatchError

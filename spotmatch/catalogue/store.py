@@ -11,6 +11,7 @@ are one INSERT: there is no image without its embedding.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -572,31 +573,43 @@ class Catalogue:
         if len(image_ids) == 0:
             raise SpotmatchError(f"{self.folder}: the catalogue has no identified images yet; add a labelled CSV"
                                  f" (`catalogue add CSV`) or confirm photos first")
-        saved = self._load_index()
-        if saved is not None and np.array_equal(saved[1], image_ids):
+        key = self._index_key(image_ids)
+        saved = self._load_index(key)
+        if saved is not None:
             return saved
         index = build_index(self.embeddings(image_ids), index_conf or IndexConfig(kind="auto"))
         if self.writable:  # a read-only catalogue is searched all the same, with the index built for this call
-            self._save_index(index, image_ids)
+            self._save_index(index, image_ids, key)
         return index, image_ids
 
-    def _load_index(self):
+    def _index_key(self, image_ids: np.ndarray) -> str:
+        """What a saved index must have been built from: these image ids with these photos (content hashes),
+        embedded by this model. Ids alone match another catalogue's index, or one copied from a backup."""
+        sha_of = dict(self.db.execute("SELECT id, sha256 FROM images WHERE individual_id IS NOT NULL"))
+        digest = hashlib.sha256(self.settings().embedder_id.encode())
+        for image_id in image_ids.tolist():
+            digest.update(f"{image_id}:{sha_of[image_id]};".encode())
+        return digest.hexdigest()
+
+    def _load_index(self, key: str):
         import faiss
 
         if not self.index_path.is_file():
             return None
         try:
             with np.load(self.index_path) as saved:
+                if str(saved["key"]) != key:
+                    return None  # built from other photos: rebuild it
                 return faiss.deserialize_index(saved["index"]), saved["image_ids"]
         except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile):
-            return None  # unreadable: it is only a cache, rebuild it
+            return None  # unreadable, or saved before it carried a key: it is only a cache, rebuild it
 
-    def _save_index(self, index, image_ids: np.ndarray) -> None:
+    def _save_index(self, index, image_ids: np.ndarray, key: str) -> None:
         import faiss
 
-        # Index and its id list in one file, renamed into place: they can never disagree.
+        # Index, its id list and what it was built from in one file, renamed into place: they can never disagree.
         buffer = io.BytesIO()
-        np.savez(buffer, index=faiss.serialize_index(index), image_ids=image_ids)
+        np.savez(buffer, index=faiss.serialize_index(index), image_ids=image_ids, key=np.array(key))
         with atomic_path(self.index_path) as tmp:
             tmp.write_bytes(buffer.getvalue())
 
