@@ -658,6 +658,8 @@ def test_review_commands_refuse_what_would_record_something_untrue(tmp_path):
         (lambda: store.retire("Cat2", who="ana"), "'Cat2' is already retired; nothing to do"),
         (lambda: store.retire("Cat1", who="ana", undo=True), "'Cat1' is not retired; nothing to undo"),
         (lambda: store.confirm(ids[0], "Cat2", who=""), "--who '' is blank; give the name"),
+        (lambda: store.confirm(ids[0], "cat2", who="ana"), "no individual named 'cat2'; did you mean 'Cat2'"),  # a typo, not a new animal
+        (lambda: store.confirm(ids[0], "Cat 1", who="ana"), "no individual named 'Cat 1'; did you mean 'Cat1'"),
         (lambda: store.merge("Cat2", "Cat1", who=" "), "--who ' ' is blank"),
         (lambda: store.split("Cat1", ids[:1], None, who=""), "--who '' is blank"),
         (lambda: store.rename("Cat1", "Cat9", who=""), "--who '' is blank"),

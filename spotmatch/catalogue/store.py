@@ -485,10 +485,25 @@ class Catalogue:
                 action = "new"
             else:
                 individual, action = individual_name(individual), "confirm"
+                self._refuse_near_namesake(individual)
             individual_id = self._individual_id_creating(individual)
             self.db.execute("UPDATE images SET individual_id = ? WHERE id = ?", (individual_id, image_id))
             self._record(action, image_id, individual_id, who)
         return individual
+
+    def _refuse_near_namesake(self, name: str) -> None:
+        """A new name that differs from an existing one only in case, spaces or punctuation ("cat21", "Cat 21" beside
+        Cat21) is a typo far more often than a new animal: refused, so that it does not quietly split one animal in two."""
+        def folded(text: str) -> str:
+            return re.sub(r"[^0-9a-z]", "", text.lower())
+
+        existing = [row[0] for row in self.db.execute("SELECT name FROM individuals")]
+        if name in existing:
+            return
+        twins = [other for other in existing if folded(other) == folded(name)]
+        if twins:
+            raise SpotmatchError(f"{self.folder}: no individual named {name!r}; did you mean {twins[0]!r}? (for a new animal"
+                                 f" of a name like that, `confirm --new`, then `rename` it)")
 
     def _fresh_name(self) -> str:
         number = int(self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM individuals").fetchone()[0])
