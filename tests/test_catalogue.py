@@ -688,8 +688,10 @@ def test_confirm_refuses_a_number_that_is_also_a_file_here(tmp_path, monkeypatch
     with pytest.raises(SpotmatchError, match=r"^7: both a file here and a catalogue image id; write \./7 for the file, or --image-id 7"):
         confirm_target("7", None)
     assert confirm_target("./7", None) == Path("7") and confirm_target(None, 7) == 7
-    with pytest.raises(SpotmatchError, match="not both or neither"):
+    with pytest.raises(SpotmatchError, match="^confirm: 7 and --image-id 7; name either .* not both or neither"):
         confirm_target("7", 7)
+    with pytest.raises(SpotmatchError, match="^confirm: no photo; name either"):
+        confirm_target(None, None)
 
 
 def test_a_catalogue_this_user_cannot_write_is_read_and_a_write_is_one_line(tmp_path, monkeypatch):

@@ -183,7 +183,8 @@ def confirm_target(photo: str | None, image_id: int | None) -> int | Path:
     from spotmatch.errors import SpotmatchError
 
     if (photo is None) == (image_id is None):
-        raise SpotmatchError(f"{photo or image_id}: name either a photo (or image id) or --image-id, not both or neither")
+        said = f"{photo} and --image-id {image_id}" if photo is not None else "no photo"
+        raise SpotmatchError(f"confirm: {said}; name either a photo (or image id) or --image-id, not both or neither")
     if image_id is not None:
         return image_id
     if not photo.isdigit():
