@@ -437,6 +437,27 @@ def test_the_adding_table_added_again_after_a_rename_finds_its_photos_there(tmp_
     assert relabelled.already_there == 1 and len(relabelled.failed) == 1 and "image 1 of Leo, but the CSV says Cat99" in relabelled.failed[0][1]
 
 
+def test_identify_after_the_catalogues_photos_were_archived_elsewhere(tmp_path, tiny_checkpoint, fusion_file, gallery_and_queries):
+    """A team moves last season's photos to an archive: their keypoints are cached by content, so identify
+    still re-scores its shortlist with them instead of failing on the first photo it cannot find."""
+    import shutil
+
+    from spotmatch.catalogue.service import add_images, identify, init_catalogue, open_engine, sources_from_csv
+
+    labels = pd.read_csv(gallery_and_queries[0], dtype=str, keep_default_na=False).groupby("identity").head(3)
+    photos = tmp_path / "season1"
+    photos.mkdir()
+    for name in labels["filename"]:  # copies, not links: a link would be followed to the data set, which stays put
+        shutil.copyfile(SNOW / "images" / name, photos / name)
+    labels.to_csv(photos / "labels.csv", index=False)
+    store = init_catalogue(tmp_path / "cat", tiny_checkpoint, fusion_file)
+    engine = open_engine(store, shortlist_k=5)
+    assert add_images(store, engine.embedder, engine.local, sources_from_csv(photos / "labels.csv", photos)).added == len(labels)
+    photos.rename(tmp_path / "archive")
+    result = identify(store, open_engine(store, shortlist_k=5), [gallery_and_queries[1][0]])[0]
+    assert result.candidates and all(c.inliers is not None for c in result.candidates)
+
+
 def test_corrupt_image_is_reported_and_skipped(tmp_path, snow_subset_csv, tiny_checkpoint):
     from spotmatch.catalogue.service import add_images, init_catalogue, open_engine, sources_from_folder
 

@@ -428,6 +428,8 @@ def _scored_candidates(catalogue: Catalogue, engine, query_paths: list[Path], qu
     candidates = pd.concat(shortlists, ignore_index=True)
     candidates.insert(0, "row_id", np.arange(len(candidates)))
     if engine.local is not None and len(candidates):
+        if hasattr(engine.local, "known_hashes"):  # catalogue photos moved since they were added keep their cached features
+            engine.local.known_hashes.update(zip(gallery["path"], gallery["sha256"]))
         candidates = candidates.join(engine.local.score_pairs(candidates))
     if len(candidates):
         candidates["probability"] = engine.similarity(candidates)

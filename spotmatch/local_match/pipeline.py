@@ -104,6 +104,9 @@ class LocalMatcher(PairScorer):
         self.workers = max(1, workers)
         self.mask_source, self.mask_name = mask_source, mask_name
         self.pair_cache = PairEvidenceCache(cache_dir, self.conf_name) if cache_pairs and cache_dir is not None else None
+        # Content hashes known without reading the file (path -> sha256): a catalogue's photos, which may have been
+        # archived or moved since they were added; their cached features are found all the same.
+        self.known_hashes: dict[str, str] = {}
 
     @classmethod
     def from_name(
@@ -140,10 +143,11 @@ class LocalMatcher(PairScorer):
         masks are on. A named source (a segmentation MaskProvider) gives each image one mask, so the name
         stands for it and cached features are found without decoding the image; an unnamed one is keyed
         by the mask's own hash, which needs the image decoded and its mask made."""
+        sha = self.known_hashes.get(str(path)) or file_sha256(path)
         if self.mask_source is None:
-            return file_sha256(path)
+            return sha
         if self.mask_name is not None:
-            return f"{file_sha256(path)}-{self.mask_name}"
+            return f"{sha}-{self.mask_name}"
         record = load_image(path)
         return self.cache.key(record, self.mask_source(record))
 
