@@ -343,7 +343,11 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     # no fusion: cosine only, a similarity that must not read as a probability
     assert found.stdout.count("  1. ") == 2 and "p=" not in found.stdout and found.stdout.count("  similarity ") >= 2
     assert found.stdout.count(", uncalibrated threshold 0.50; ") == 2
-    assert "gallery: every individual not retired" in found.stdout and re.search(r"\.JPG \(S\d+, 20\d\d-\d\d-\d\dT", found.stdout)
+    assert "gallery: every individual not retired" in found.stdout
+    assert re.search(r"\.JPG \(S\d+ camera \d+, 20\d\d-\d\d-\d\dT[\d:]+, flank unknown\)", found.stdout)  # unknown, not left out
+    stored = pd.read_csv(gallery_and_queries[0]).iloc[0]
+    known = run_cli("catalogue", "identify", folder, SNOW / "images" / stored["filename"], "--top-k", "1")
+    assert re.search(rf"already in the catalogue as image \d+, {stored['identity']}\)", known.stdout), known.stdout
     round_csv = tmp_path / "round.csv"
     pd.DataFrame({"filename": [p.name for p in gallery_and_queries[1]], "side": ["left", ""]}).to_csv(round_csv, index=False)
     found = run_cli("catalogue", "identify", folder, round_csv, "--images", SNOW / "images", "--top-k", "2", "--out", tmp_path / "round-results.csv")

@@ -132,7 +132,8 @@ def test_review_page_upload_identify_confirm(server, gallery_and_queries):  # no
         assert first in {"Cat1", "Cat5", "Cat21"} and 0 <= probability <= 1
         assert "threshold" in browser.find_element(By.ID, "verdict").text
         # each candidate names its catalogue photo, station and capture date
-        assert re.fullmatch(r"\S+\.JPG · S\d+ · 20\d\d-\d\d-\d\dT[\d:]+", cards[0].find_element(By.CSS_SELECTOR, ".metadata").text)
+        assert re.fullmatch(r"\S+\.JPG · S\d+ camera \d+ · 20\d\d-\d\d-\d\dT[\d:]+ · flank unknown",
+                            cards[0].find_element(By.CSS_SELECTOR, ".metadata").text)
         explanation = cards[0].find_element(By.CSS_SELECTOR, "img.explanation")
         wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", explanation) > 0)
         cards[0].find_element(By.CSS_SELECTOR, "button.confirm").click()

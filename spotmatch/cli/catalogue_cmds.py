@@ -137,7 +137,10 @@ def identify(
         typer.echo(json.dumps([{**asdict(r), "verdict": r.verdict} for r in results], indent=1))
         return
     for result in results:
-        known = f" (already in the catalogue as image {result.known_image_id})" if result.known_image_id else ""
+        known = ""
+        if result.known_image_id:
+            individual = catalogue.individual_names().get(catalogue.image(result.known_image_id)["individual_id"], "no individual yet")
+            known = f" (already in the catalogue as image {result.known_image_id}, {individual})"
         # Without a calibration file the number is a similarity, not a probability: it must not read as one.
         label, threshold = ("p=", "threshold") if result.calibrated else ("similarity ", "uncalibrated threshold")
         decision = result.decision if result.calibrated else "similarity"
@@ -146,9 +149,16 @@ def identify(
         for rank, c in enumerate(result.candidates, 1):
             local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
             drawing = f", {c.explanation_png}" if c.explanation_png else ""
-            where = ", ".join(value for value in (c.station, c.captured_at, c.side and f"{c.side} flank") if value)
             typer.echo(f"  {rank}. {c.individual}  {label}{c.probability:.3f}  cosine {c.cosine:.3f}{local}"
-                       f"  via image {c.gallery_image_id} {c.gallery_filename}{f' ({where})' if where else ''}{drawing}")
+                       f"  via image {c.gallery_image_id} {c.gallery_filename} ({candidate_place(c)}){drawing}")
+
+
+def candidate_place(candidate) -> str:
+    """Where, when and which flank, each said as unknown rather than left out: a reviewer reads a missing
+    station as "not recorded", never as "same as the others"."""
+    station = candidate.station or "station unknown"
+    camera = f" camera {candidate.camera}" if candidate.camera else ""
+    return f"{station}{camera}, {candidate.captured_at or 'date unknown'}, {f'{candidate.side} flank' if candidate.side else 'flank unknown'}"
 
 
 @catalogue_app.command("confirm")
