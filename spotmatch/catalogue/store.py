@@ -393,14 +393,13 @@ class Catalogue:
         return np.array([r[0] for r in rows], dtype=np.int64)
 
     def _refuse_unknown(self, restriction: GalleryRestriction) -> None:
-        for what, wanted, query, hint in (
-                ("station", restriction.stations, "SELECT DISTINCT station FROM images", "`spotmatch catalogue export` lists them"),
-                ("individual", restriction.individuals, "SELECT name FROM individuals", "`spotmatch catalogue export` lists them")):
+        for what, wanted, query in (("station", restriction.stations, "SELECT DISTINCT station FROM images"),
+                                    ("individual", restriction.individuals, "SELECT name FROM individuals")):
             known = {row[0] for row in self.db.execute(query)}
             unknown = [name for name in wanted if name not in known]
             if unknown:
                 raise SpotmatchError(f"{self.folder}: no {what} named {', '.join(map(repr, unknown))} in the catalogue; check the"
-                                     f" spelling ({hint})")
+                                     f" spelling (`spotmatch catalogue export` lists them)")
         retired = [name for name in restriction.individuals if not restriction.include_retired and self._retired(self.individual_id(name))]
         if retired and len(retired) == len(restriction.individuals):
             raise SpotmatchError(f"{self.folder}: {', '.join(map(repr, retired))} retired; add --include-retired to search them")
