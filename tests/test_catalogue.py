@@ -462,6 +462,49 @@ def test_identify_after_the_catalogues_photos_were_archived_elsewhere(tmp_path, 
     assert result.candidates and all(c.inliers is not None for c in result.candidates)
 
 
+def test_relink_points_a_moved_catalogue_at_its_files_and_refuses_other_ones(tmp_path, tiny_checkpoint, fusion_file,
+                                                                            gallery_and_queries):
+    """A team moves its model and its photos (another disk): `relink` takes the same files at their new
+    places, refuses another model, and the catalogue identifies with drawings again."""
+    import shutil
+
+    import torch
+
+    from spotmatch.catalogue.service import IdentifyConfig, add_images, identify, init_catalogue, open_engine, sources_from_csv
+    from spotmatch.catalogue.store import Catalogue
+
+    labels = pd.read_csv(gallery_and_queries[0], dtype=str, keep_default_na=False).groupby("identity").head(2)
+    models, photos = tmp_path / "models", tmp_path / "photos"
+    models.mkdir()
+    photos.mkdir()
+    shutil.copyfile(tiny_checkpoint, models / "best.pt")
+    shutil.copyfile(fusion_file, models / "fusion.json")
+    for name in labels["filename"]:
+        shutil.copyfile(SNOW / "images" / name, photos / name)
+    labels.to_csv(photos / "labels.csv", index=False)
+    store = init_catalogue(tmp_path / "cat", models / "best.pt", models / "fusion.json")
+    add_images(store, *(lambda engine: (engine.embedder, engine.local))(open_engine(store, shortlist_k=5)),
+               sources_from_csv(photos / "labels.csv", photos))
+    store.close()
+    models.rename(tmp_path / "models2")
+    photos.rename(tmp_path / "archive")
+    folder = tmp_path / "cat"
+    other = tmp_path / "other.pt"
+    payload = torch.load(tiny_checkpoint, weights_only=False)
+    payload["model"] = {name: weight + 0.01 if weight.is_floating_point() else weight for name, weight in payload["model"].items()}
+    torch.save(payload, other)
+    refused = run_cli("catalogue", "relink", folder, "--checkpoint", other)
+    assert refused.returncode == 2 and "other.pt: another model than the catalogue's" in refused.stderr, refused.stderr
+    relinked = run_cli("catalogue", "relink", folder, "--checkpoint", tmp_path / "models2" / "best.pt", "--fusion",
+                       tmp_path / "models2" / "fusion.json", "--photos", f"{photos}={tmp_path / 'archive'}")
+    assert relinked.returncode == 0 and f"{len(labels)} photo paths now under {tmp_path / 'archive'}" in relinked.stdout, relinked.stderr
+    store = Catalogue.open(folder)
+    assert all(Path(path).is_file() for path in store.images_table()["path"])
+    result = identify(store, open_engine(store, shortlist_k=5), [gallery_and_queries[1][0]], IdentifyConfig(explain_dir=tmp_path / "why"))[0]
+    assert result.candidates and result.candidates[0].explanation_png  # drawn from the photo at its new place
+    assert [row[0] for row in store.db.execute("SELECT action FROM confirmations WHERE action = 'relink'")] == ["relink"] * 3
+
+
 def test_corrupt_image_is_reported_and_skipped(tmp_path, snow_subset_csv, tiny_checkpoint):
     from spotmatch.catalogue.service import add_images, init_catalogue, open_engine, sources_from_folder
 

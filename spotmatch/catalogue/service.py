@@ -164,6 +164,27 @@ def open_engine(catalogue: Catalogue, shortlist_k: int | None = None, workers: i
     return Engine.from_embedder(embedder, settings.fusion, conf)
 
 
+def relink_model(catalogue: Catalogue, checkpoint: Path | None, fusion: Path | None, who: str) -> None:
+    """The catalogue's checkpoint and calibration file moved: accepted at their new places only when they are the
+    files it was made with (the same embedder id, a calibration fit for it and its local stage), so no photo is
+    compared with embeddings of another model."""
+    from spotmatch.engine.engine import Engine, EngineConfig
+    from spotmatch.global_embed.embed import EmbedConfig, Embedder
+
+    settings = catalogue.settings()
+    if fusion is not None and settings.fusion is None:
+        raise SpotmatchError(f"{catalogue.folder}: was made without a calibration file, so {fusion} is no moved one of it; init a"
+                             f" catalogue with it to re-score with keypoints")
+    embedder = Embedder.from_checkpoint(checkpoint or settings.checkpoint, EmbedConfig(device="cpu", num_workers=0, cache_dir=None,
+                                                                                       progress=False))
+    if embedder.model_id != settings.embedder_id:
+        raise SpotmatchError(f"{checkpoint or settings.checkpoint}: another model than the catalogue's (embedder {embedder.model_id},"
+                             f" the catalogue's {settings.embedder_id}); name the file the catalogue was made with, as moved")
+    if settings.fusion is not None:  # the calibration, moved or not, must still be the one for this model and local stage
+        Engine.from_embedder(embedder, fusion or settings.fusion, EngineConfig(extractor=settings.extractor, cache_dir=None))
+    catalogue.relink_files(str(checkpoint.resolve()) if checkpoint else None, str(fusion.resolve()) if fusion else None, who)
+
+
 # --- add ------------------------------------------------------------------------------------------------
 def sources_from_path(source: Path, image_dir: Path | None = None) -> list[ImageSource]:
     """What `add` was given: a folder of photos, one photo, or a CSV."""

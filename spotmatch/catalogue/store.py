@@ -490,6 +490,34 @@ class Catalogue:
             self._record(action, image_id, individual_id, who)
         return individual
 
+    def relink_files(self, checkpoint: str | None, fusion: str | None, who: str) -> None:
+        """Point the catalogue at its model files' new places (the caller checked they are the same model and
+        calibration); recorded in the history like a reviewer's decision."""
+        who = reviewer(who)
+        with transaction(self.db) as db:
+            for key, value in (("checkpoint", checkpoint), ("fusion", fusion)):
+                if value is not None:
+                    db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+                    self._record("relink", None, None, who, f"{key} -> {value}")
+
+    def relink_photos(self, old: Path, new: Path, who: str) -> int:
+        """Photos stored under folder `old` are now under `new` (archived, moved to another disk): their paths are
+        rewritten in one transaction, once at least one is found at its new place. Returns how many moved."""
+        who = reviewer(who)
+        moved = []
+        for image_id, path in self.db.execute("SELECT id, path FROM images ORDER BY id"):
+            if Path(path).is_relative_to(old):
+                moved.append((str(new / Path(path).relative_to(old)), image_id))
+        if not moved:
+            raise SpotmatchError(f"{self.folder}: no catalogue photo is stored under {old}; `spotmatch catalogue export` lists their paths")
+        found = sum(Path(path).is_file() for path, _ in moved)
+        if found == 0:
+            raise SpotmatchError(f"{new}: none of the {len(moved)} photos stored under {old} is here; name the folder they were moved to")
+        with transaction(self.db) as db:
+            db.executemany("UPDATE images SET path = ? WHERE id = ?", moved)
+            self._record("relink", None, None, who, f"photos {old} -> {new} ({len(moved)}, {found} found there)")
+        return len(moved)
+
     def _refuse_near_namesake(self, name: str) -> None:
         """A new name that differs from an existing one only in case, spaces or punctuation ("cat21", "Cat 21" beside
         Cat21) is a typo far more often than a new animal: refused, so that it does not quietly split one animal in two."""

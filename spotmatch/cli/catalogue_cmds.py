@@ -232,6 +232,29 @@ def rename(folder: Path = typer.Argument(..., help=FOLDER_HELP), old: str = type
     typer.echo(f"renamed {old} to {new}")
 
 
+@catalogue_app.command("relink")
+def relink(folder: Path = typer.Argument(..., help=FOLDER_HELP),
+           checkpoint: Optional[Path] = typer.Option(None, help="The catalogue's checkpoint at its new place (the same file, moved)."),
+           fusion: Optional[Path] = typer.Option(None, help="Its calibration file at its new place."),
+           photos: Optional[str] = typer.Option(None, help="OLD=NEW: the photos stored under folder OLD are now under NEW."),
+           who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP)) -> None:
+    """Files moved (an archive, another disk or machine): point the catalogue at their new places."""
+    from spotmatch.catalogue.service import relink_model
+    from spotmatch.errors import SpotmatchError
+
+    if checkpoint is None and fusion is None and photos is None:
+        raise SpotmatchError("relink: nothing to do; name --checkpoint, --fusion and/or --photos OLD=NEW")
+    if photos is not None and photos.count("=") != 1:
+        raise SpotmatchError(f"--photos {photos!r}: write the two folders as OLD=NEW")
+    catalogue = _open(folder)
+    if checkpoint is not None or fusion is not None:
+        relink_model(catalogue, checkpoint, fusion, who)
+        typer.echo(f"the catalogue now reads {', '.join(str(p) for p in (checkpoint, fusion) if p is not None)}")
+    if photos is not None:
+        old, new = (Path(part).absolute() for part in photos.split("="))
+        typer.echo(f"{catalogue.relink_photos(old, new, who)} photo paths now under {new}")
+
+
 @catalogue_app.command("retire")
 def retire(folder: Path = typer.Argument(..., help=FOLDER_HELP), individual: str = typer.Argument(...),
            undo: bool = typer.Option(False, "--undo", help="Look for it again."),
