@@ -37,7 +37,7 @@ def cache_root(cache_dir: Optional[Path]) -> Optional[str]:
 
 
 DECODE_ON_DEVICE_HELP = ("Decode JPEGs on the GPU (nvJPEG) instead of in the decoding processes, for when those cannot feed it;"
-                         " same embeddings, speed-up not yet measured (docs/training.md).")
+                         " the same pixels, speed-up not yet measured (docs/training.md).")
 
 
 def _embed_config(batch_size: int, device: str, flip_tta: bool, num_workers: int, cache_dir: Optional[Path],

@@ -77,8 +77,8 @@ def area_weights(in_len: int, out_len: int, device: torch.device) -> torch.Tenso
 
 def letterbox_tensor(image: torch.Tensor, size: int, pad_rgb: tuple[int, int, int]) -> torch.Tensor:
     """(3, H, W) uint8 → (3, size, size) uint8: the long side resized to `size`, centred on the pad colour;
-    the geometry and filters of `transforms.letterbox` (INTER_AREA shrinking, bilinear enlarging). A
-    shrink by plain area pooling or antialiased bilinear moved embeddings 2-4 % in cosine from the CPU path's."""
+    the geometry and filters of `transforms.letterbox` (INTER_AREA shrinking, bilinear enlarging), so that
+    the network sees the CPU path's pixels (tests/test_global.py); an antialiased bilinear shrink did not."""
     height, width = image.shape[-2:]
     scale = size / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
