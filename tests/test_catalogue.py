@@ -282,8 +282,14 @@ def test_review_decisions_are_recorded_with_who_and_when(catalogue, gallery_and_
 
     store, engine = catalogue
     query = gallery_and_queries[1][0]
-    image_id, name = confirm_photo(store, engine, query, None, who="ana")
-    assert name.startswith("individual-")
+    confirmed = confirm_photo(store, engine, query, None, who="ana")
+    image_id, name = confirmed.image_id, confirmed.individual
+    assert name.startswith("individual-") and confirmed.previous is None  # added by confirm: never identified
+    # Re-filing says what it undid, so that a mistaken confirm can be seen and reverted.
+    refiled = store.confirm(image_id, "Cat2", who="ana")
+    assert (refiled.previous, refiled.individual) == (name, "Cat2")
+    assert "was " + name in refiled.text("ana")
+    assert store.confirm(image_id, name, who="ana").previous == "Cat2"
     assert store.image(image_id)["individual_id"] == store.individual_id(name)
     assert store.merge("Cat1", name, who="ben") == 1
     with pytest.raises(Exception, match="no individual named"):
@@ -297,7 +303,8 @@ def test_review_decisions_are_recorded_with_who_and_when(catalogue, gallery_and_
         store.confirm(image_id, " ", who="ana")
     assert store.individual_id(" Cat99") == store.individual_id("Cat99")
     actions = store.db.execute("SELECT action, who, at FROM confirmations WHERE image_id = ? ORDER BY id", (image_id,)).fetchall()
-    assert [(a["action"], a["who"]) for a in actions] == [("new", "ana"), ("merge", "ben"), ("split", "ana")]
+    assert [(a["action"], a["who"]) for a in actions] == [("new", "ana"), ("confirm", "ana"), ("confirm", "ana"), ("merge", "ben"),
+                                                     ("split", "ana")]
     assert all(a["at"].startswith("20") for a in actions)
     exported = export_table(store, competition=True)
     assert list(exported.columns) == ["filename", "ground_truth"]

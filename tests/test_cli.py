@@ -120,6 +120,8 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, pairs_csv, tiny
                           "zero.csv: not a readable CSV")
     photo = SNOW / "images" / pairs["query_image"].iloc[0]
     assert_one_line_error(run_cli("explain", photo, photo, "--out", tmp_path / "match.jpg"), "end --out in .png")
+    assert_one_line_error(run_cli("explain", photo, photo, "--out", tmp_path / "match.png", "--global-rank", "3"),
+                          "--global-rank sets the place the fused probability is computed at: pass --fusion")
 
     assert out.read_text() == "previous,content\n"
     assert not list(tmp_path.glob(".submission.csv.*"))  # no temporary file left behind

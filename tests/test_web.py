@@ -91,6 +91,7 @@ def test_an_upload_never_replaces_another_photo_of_the_same_name(server, gallery
     confirmed = http.request("POST", f"{base}/api/confirm", body=json.dumps({"photo": "IMG_0001.JPG", "individual": "Cat1", "who": "ana"}),
                              headers={"Content-Type": "application/json"})
     image_id = json.loads(confirmed.data)["image_id"]
+    assert json.loads(confirmed.data)["previous"] is None  # a new upload was unidentified until now
     twin = json.loads(post_file(f"{base}/api/upload", "IMG_0001.JPG", second).data)["photo"]
     assert twin != "IMG_0001.JPG" and (folder / "uploads" / twin).read_bytes() == second
     assert http.request("GET", f"{base}/files/image/{image_id}").data == first  # the confirmed photo is still itself

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import numpy as np
 import pandas as pd
 
-from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, GalleryRestriction, NewImage, reads_as_date,
+from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, GalleryRestriction, NewImage, reads_as_date,
                                       refuse_catalogue_folder, reviewer)
 from spotmatch.data.images import file_sha256, load_image
 from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, parse_side,
@@ -478,9 +478,8 @@ def explain_candidate(engine, query: Path, query_sha: str, candidate: Candidate,
     return out_png
 
 
-def confirm_photo(catalogue: Catalogue, engine, photo: Path, individual: str | None, who: str) -> tuple[int, str]:
-    """Add the photo if it is not in the catalogue yet, then assign it (None: a new individual).
-    Returns (image id, individual name)."""
+def confirm_photo(catalogue: Catalogue, engine, photo: Path, individual: str | None, who: str) -> Confirmed:
+    """Add the photo if it is not in the catalogue yet, then assign it (None: a new individual)."""
     sha = file_sha256(photo)
     known = catalogue.image_by_sha(sha)
     if known is None:
@@ -488,7 +487,7 @@ def confirm_photo(catalogue: Catalogue, engine, photo: Path, individual: str | N
         if report.failed:
             raise SpotmatchError(report.failed[0][1])
         known = catalogue.image_by_sha(sha)
-    return int(known["id"]), catalogue.confirm(int(known["id"]), individual, who)
+    return catalogue.confirm(int(known["id"]), individual, who)
 
 
 def results_table(results: list[QueryResult]) -> pd.DataFrame:

@@ -52,6 +52,21 @@ class CatalogueSettings:
     extractor: str = "rootsift"
 
 
+@dataclass(frozen=True)
+class Confirmed:
+    """A reviewer's decision as carried out: which individual the image is now filed under, and which one it
+    was filed under before (None: it was unidentified), so that a mistaken confirm can be seen and undone."""
+
+    image_id: int
+    individual: str
+    previous: str | None
+
+    def text(self, who: str) -> str:
+        was = "unidentified" if self.previous is None else self.previous
+        change = f"was {was}" if self.previous != self.individual else "unchanged"
+        return f"image {self.image_id} is {self.individual} ({change}; confirmed by {who})"
+
+
 @dataclass
 class NewImage:
     """One image ready to insert: decoded and embedded already, outside any transaction."""
@@ -475,10 +490,11 @@ class Catalogue:
                         self._record("import", cursor.lastrowid, individual, who, "identity from the added table")
         return new_ids
 
-    def confirm(self, image_id: int, individual: str | None, who: str) -> str:
-        """Assign an image to `individual` (made if new), or to a fresh individual when None. Returns its name."""
+    def confirm(self, image_id: int, individual: str | None, who: str) -> Confirmed:
+        """Assign an image to `individual` (made if new), or to a fresh individual when None."""
         with transaction(self.db):
-            self.image(image_id)
+            previous_id = self.image(image_id)["individual_id"]
+            previous = None if previous_id is None else self.individual_names()[int(previous_id)]
             if individual is None:
                 individual = self._fresh_name()
                 action = "new"
@@ -488,7 +504,7 @@ class Catalogue:
             individual_id = self._individual_id_creating(individual)
             self.db.execute("UPDATE images SET individual_id = ? WHERE id = ?", (individual_id, image_id))
             self._record(action, image_id, individual_id, who)
-        return individual
+        return Confirmed(image_id, individual, previous)
 
     def relink_files(self, checkpoint: str | None, fusion: str | None, who: str) -> None:
         """Point the catalogue at its model files' new places (the caller checked they are the same model and

@@ -181,10 +181,10 @@ def confirm(
     who = reviewer(who)
     catalogue = _open(folder)
     if isinstance(target, int):
-        image_id, name = target, catalogue.confirm(target, individual, who)
+        confirmed = catalogue.confirm(target, individual, who)
     else:
-        image_id, name = confirm_photo(catalogue, open_engine(catalogue), target, individual, who)
-    typer.echo(f"image {image_id} is {name} (confirmed by {who})")
+        confirmed = confirm_photo(catalogue, open_engine(catalogue), target, individual, who)
+    typer.echo(confirmed.text(who))
 
 
 def confirm_target(photo: str | None, image_id: int | None) -> int | Path:

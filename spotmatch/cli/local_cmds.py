@@ -107,7 +107,7 @@ def explain(
     fusion: Optional[Path] = typer.Option(None, "--fusion", help="calibration file (with --checkpoint): adds the fused probability"),
     cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="cache folder"),
     weights: Optional[str] = typer.Option(None, "--weights", help="weights file (LoFTR needs one)"),
-    global_rank: int = typer.Option(0, "--global-rank", help="with --fusion: the gallery photo's place in the query's global list "
+    global_rank: int = typer.Option(0, "--global-rank", min=0, help="with --fusion: the gallery photo's place in the query's global list "
                                                               "(0: its best; the global_rank column of score-pairs --evidence-out), "
                                                               "on which the fused probability depends"),
 ) -> None:
@@ -121,6 +121,9 @@ def explain(
     read = [query, gallery, *([checkpoint] if checkpoint else []), *([fusion] if fusion else [])]
     for drawing in (out, out.with_suffix(".json")):  # what explain_pair writes
         check_output(drawing, read)
+    if global_rank and fusion is None:
+        # Only the fused probability depends on the rank; silently ignoring it would suggest it was used.
+        raise SpotmatchError("--global-rank sets the place the fused probability is computed at: pass --fusion (and --checkpoint) too")
     if fusion is not None:
         if checkpoint is None:
             raise SpotmatchError("--fusion needs the global model it was calibrated for: pass --checkpoint too")

@@ -121,8 +121,8 @@ def create_app(conf: ServeConfig):
         path = inside(uploads, safe_upload_name(decision.photo))
         with lock:
             who = conf.default_who if decision.who is None else decision.who  # a blank name is refused, not replaced
-            image_id, name = confirm_photo(store, engine, path, decision.individual, who)
-        return {"image_id": image_id, "individual": name}
+            confirmed = confirm_photo(store, engine, path, decision.individual, who)
+        return {"image_id": confirmed.image_id, "individual": confirmed.individual, "previous": confirmed.previous}
 
     @app.get("/files/upload/{name}")
     def upload_file(name: str):
