@@ -306,6 +306,13 @@ def test_review_decisions_are_recorded_with_who_and_when(catalogue, gallery_and_
     assert [(a["action"], a["who"]) for a in actions] == [("new", "ana"), ("confirm", "ana"), ("confirm", "ana"), ("merge", "ben"),
                                                      ("split", "ana")]
     assert all(a["at"].startswith("20") for a in actions)
+    # The history a reviewer reads back: by image, and by individual under every name it had.
+    assert store.history(image_id=image_id)["action"].tolist() == ["new", "confirm", "confirm", "merge", "split"]
+    assert store.history(individual="Cat99")["action"].tolist() == ["split", "rename"]  # split as Cat1b, renamed since
+    merged_away = store.history(individual=name)
+    assert merged_away["action"].tolist() == ["new", "confirm"] and (merged_away["photo"] == str(query)).all()
+    with pytest.raises(SpotmatchError, match="no individual named 'Cat404' now or in the history"):
+        store.history(individual="Cat404")
     exported = export_table(store, competition=True)
     assert list(exported.columns) == ["filename", "ground_truth"]
     assert exported.loc[exported["filename"] == query.name, "ground_truth"].item() == "Cat99"
@@ -365,6 +372,14 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     assert results.groupby("photo", sort=False)["gallery"].first().str.endswith("left flank or unknown").tolist() == [True, False]
     retired = run_cli("catalogue", "retire", folder, "Cat21")
     assert retired.returncode == 0 and "Cat21 is retired" in retired.stdout
+    history = run_cli("catalogue", "history", folder, "--individual", "Cat21")
+    assert history.returncode == 0, history.stderr
+    assert history.stdout.splitlines()[-1].split()[2:3] == ["retire"] and " import " in history.stdout
+    of_photo = run_cli("catalogue", "history", folder, "--photo", SNOW / "images" / stored["filename"], "--out", tmp_path / "h.csv")
+    assert of_photo.returncode == 0, of_photo.stderr
+    assert pd.read_csv(tmp_path / "h.csv")[["action", "individual"]].values.tolist() == [["import", stored["identity"]]]
+    not_there = run_cli("catalogue", "history", folder, "--photo", gallery_and_queries[1][0])
+    assert not_there.returncode == 2 and "is not in the catalogue" in not_there.stderr and not_there.stderr.count("\n") == 1
     nothing = run_cli("catalogue", "identify", folder, gallery_and_queries[1][0], "--individual", "Cat21")
     assert nothing.returncode == 2 and nothing.stderr.count("\n") == 1 and "every individual" not in nothing.stderr
     assert "'Cat21' retired; add --include-retired" in nothing.stderr

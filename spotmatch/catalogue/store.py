@@ -436,6 +436,35 @@ class Catalogue:
             " images.station, images.camera, images.captured_at, images.side, images.added_at"
             " FROM images LEFT JOIN individuals ON individuals.id = images.individual_id ORDER BY images.id", self.db)
 
+    def history(self, image_id: int | None = None, individual: str | None = None):
+        """The decisions recorded about one image and/or one individual (every one when neither), oldest first.
+        An individual's rows include those recorded under a name it had before a rename, and those of an
+        individual merged into another under its own name."""
+        import pandas as pd
+
+        where, values = [], []
+        if image_id is not None:
+            self.image(image_id)
+            where.append("confirmations.image_id = ?")
+            values.append(image_id)
+        if individual is not None:
+            name = individual_name(individual)
+            current = self.db.execute("SELECT id FROM individuals WHERE name = ?", (name,)).fetchone()
+            known = current is not None or self.db.execute(
+                "SELECT 1 FROM confirmations WHERE individual_name = ? LIMIT 1", (name,)).fetchone() is not None
+            if not known:
+                raise SpotmatchError(f"{self.folder}: no individual named {individual!r} now or in the history;"
+                                     " the names are in `spotmatch catalogue export`")
+            where.append("(confirmations.individual_name = ? OR confirmations.individual_id = ?)")
+            values += [name, current[0] if current is not None else None]
+        sql = ("SELECT confirmations.at, confirmations.who, confirmations.action, confirmations.image_id,"
+               " images.path AS photo, confirmations.individual_name AS individual, confirmations.detail"
+               " FROM confirmations LEFT JOIN images ON images.id = confirmations.image_id"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY confirmations.id")
+        table = pd.read_sql_query(sql, self.db, params=values)
+        table["image_id"] = table["image_id"].astype("Int64")
+        return table
+
     def stats(self) -> dict:
         count = lambda sql: int(self.db.execute(sql).fetchone()[0])  # noqa: E731
         from spotmatch.catalogue.migrations import schema_version

@@ -278,6 +278,40 @@ def export(folder: Path = typer.Argument(..., help=FOLDER_HELP), out: Path = typ
     typer.echo(f"wrote {len(table)} rows to {out}")
 
 
+@catalogue_app.command("history")
+def history(
+    folder: Path = typer.Argument(..., help=FOLDER_HELP),
+    image_id: Optional[int] = typer.Option(None, "--image-id", help="Only the decisions about this catalogue image."),
+    photo: Optional[Path] = typer.Option(None, "--photo", help="Only the decisions about this photo file (found by its content)."),
+    individual: Optional[str] = typer.Option(None, "--individual", help="Only the decisions about this individual (under any name it had)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the rows as CSV instead of printing them."),
+) -> None:
+    """Who decided what, and when: imports, confirmations, merges, splits, renames, retirements, relinks."""
+    from spotmatch.data.images import file_sha256
+    from spotmatch.errors import SpotmatchError
+    from spotmatch.io import write_csv_atomic
+
+    catalogue = _open(folder)
+    if photo is not None:
+        if image_id is not None:
+            raise SpotmatchError(f"{photo}: name either --photo or --image-id, not both")
+        known = catalogue.image_by_sha(file_sha256(photo))
+        if known is None:
+            raise SpotmatchError(f"{photo}: this photo is not in the catalogue (`spotmatch catalogue add` it first)")
+        image_id = int(known["id"])
+    table = catalogue.history(image_id, individual)
+    if out is not None:
+        _check_out(out, folder, [photo] if photo else [])
+        write_csv_atomic(table, out)
+        typer.echo(f"wrote {len(table)} rows to {out}")
+        return
+    if table.empty:
+        typer.echo("no decisions recorded")
+        return
+    table["photo"] = table["photo"].map(lambda path: Path(path).name if isinstance(path, str) else "-")
+    typer.echo(table.astype(object).fillna("-").to_string(index=False))
+
+
 @catalogue_app.command("stats")
 def stats(folder: Path = typer.Argument(..., help=FOLDER_HELP)) -> None:
     """Counts, schema version and the model the catalogue is bound to, after a check of the whole database."""
