@@ -522,8 +522,9 @@ class Catalogue:
     def confirm(self, image_id: int, individual: str | None, who: str) -> Confirmed:
         """Assign an image to `individual` (made if new), or to a fresh individual when None."""
         with transaction(self.db):
-            previous_id = self.image(image_id)["individual_id"]
-            previous = None if previous_id is None else self.individual_names()[int(previous_id)]
+            self.image(image_id)
+            previous = self.db.execute("SELECT individuals.name FROM images JOIN individuals ON individuals.id = images.individual_id"
+                                       " WHERE images.id = ?", (image_id,)).fetchone()
             if individual is None:
                 individual = self._fresh_name()
                 action = "new"
@@ -533,7 +534,7 @@ class Catalogue:
             individual_id = self._individual_id_creating(individual)
             self.db.execute("UPDATE images SET individual_id = ? WHERE id = ?", (individual_id, image_id))
             self._record(action, image_id, individual_id, who)
-        return Confirmed(image_id, individual, previous)
+        return Confirmed(image_id, individual, previous[0] if previous else None)
 
     def relink_files(self, checkpoint: str | None, fusion: str | None, who: str) -> None:
         """Point the catalogue at its model files' new places (the caller checked they are the same model and

@@ -292,6 +292,8 @@ def history(
     from spotmatch.io import write_csv_atomic
 
     catalogue = _open(folder)
+    if out is not None:
+        _check_out(out, folder, [photo] if photo else [])
     if photo is not None:
         if image_id is not None:
             raise SpotmatchError(f"{photo}: name either --photo or --image-id, not both")
@@ -301,7 +303,6 @@ def history(
         image_id = int(known["id"])
     table = catalogue.history(image_id, individual)
     if out is not None:
-        _check_out(out, folder, [photo] if photo else [])
         write_csv_atomic(table, out)
         typer.echo(f"wrote {len(table)} rows to {out}")
         return
