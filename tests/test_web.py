@@ -92,6 +92,10 @@ def test_an_upload_never_replaces_another_photo_of_the_same_name(server, gallery
                              headers={"Content-Type": "application/json"})
     image_id = json.loads(confirmed.data)["image_id"]
     assert json.loads(confirmed.data)["previous"] is None  # a new upload was unidentified until now
+    history = json.loads(http.request("GET", f"{base}/api/history/IMG_0001.JPG").data)
+    assert history["image_id"] == image_id
+    assert [(r["action"], r["who"], r["individual"]) for r in history["history"]] == [("confirm", "ana", "Cat1")]
+    assert http.request("GET", f"{base}/api/history/IMG_0404.JPG").status == 404
     twin = json.loads(post_file(f"{base}/api/upload", "IMG_0001.JPG", second).data)["photo"]
     assert twin != "IMG_0001.JPG" and (folder / "uploads" / twin).read_bytes() == second
     assert http.request("GET", f"{base}/files/image/{image_id}").data == first  # the confirmed photo is still itself
@@ -139,6 +143,7 @@ def test_review_page_upload_identify_confirm(server, gallery_and_queries):  # no
         wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", explanation) > 0)
         cards[0].find_element(By.CSS_SELECTOR, "button.confirm").click()
         wait.until(seen.text_to_be_present_in_element((By.ID, "message"), f"is {first}"))
+        wait.until(seen.text_to_be_present_in_element((By.ID, "history"), f"confirm · {first}"))  # the page's own history
     finally:
         browser.quit()
     store = Catalogue.open(folder)

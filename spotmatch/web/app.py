@@ -124,6 +124,20 @@ def create_app(conf: ServeConfig):
             confirmed = confirm_photo(store, engine, path, decision.individual, who)
         return {"image_id": confirmed.image_id, "individual": confirmed.individual, "previous": confirmed.previous}
 
+    @app.get("/api/history/{photo}")
+    def photo_history(photo: str):
+        """The decisions recorded about an uploaded photo (none until it is confirmed into the catalogue)."""
+        from spotmatch.data.images import file_sha256
+
+        path = inside(uploads, safe_upload_name(photo))
+        if not path.is_file():
+            raise HTTPException(404)
+        with lock:
+            known = store.image_by_sha(file_sha256(path))
+            rows = [] if known is None else store.history(image_id=int(known["id"])).drop(columns="photo")
+        records = [] if known is None else rows.astype(object).where(rows.notna(), None).to_dict("records")
+        return {"photo": photo, "image_id": None if known is None else int(known["id"]), "history": records}
+
     @app.get("/files/upload/{name}")
     def upload_file(name: str):
         path = inside(uploads, safe_upload_name(name))
