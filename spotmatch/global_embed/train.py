@@ -104,6 +104,18 @@ def refuse_unusable_settings(embedder_conf: EmbedderConfig, train_conf: TrainCon
             raise SpotmatchError(f"{option} {value}: must be {wanted}")
 
 
+def refuse_unusable_data(dataset: Dataset, extra_datasets: Sequence[Dataset], train_conf: TrainConfig,
+                         split_conf: SplitConfig) -> None:
+    """Settings that this data cannot serve, named by their option, before any file is written."""
+    if split_conf.holds_out_everything:
+        raise SpotmatchError("--val-fraction 1: holds every photo out and leaves nothing to train on; hold out a share below 1"
+                             " (evaluate takes 1)")
+    if train_conf.flank_classes and "side" not in dataset.table.columns:
+        raise SpotmatchError(f"{dataset.csv_path}: --flank-classes needs a side column (left/right); add it or drop the flag")
+    if train_conf.extra_share is not None and not (extra_datasets and 0 < train_conf.extra_share < 1):
+        raise SpotmatchError(f"--extra-share {train_conf.extra_share}: needs --extra-train and a share between 0 and 1 (exclusive)")
+
+
 def refuse_unusable_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """A run folder's checkpoints are never replaced unasked: a calibration beside them is only valid for them."""
     check_output_dir(out_dir, "--out")
@@ -183,6 +195,77 @@ def validation_ib_map(model: ReIDNet, conf: EmbedderConfig, dataset: Dataset, sp
     return result
 
 
+def run_record(dataset: Dataset, split: pd.Series, extra_datasets: Sequence[Dataset], train_conf: TrainConfig,
+               split_conf: SplitConfig, class_names: list[str]) -> dict:
+    """What every checkpoint of a run holds besides weights: its settings and classes (checked by `--resume`)
+    and each photo's split and label (so that evaluate, calibrate and report reuse the split only for the
+    same table)."""
+    return dict(train_config=config_to_dict(train_conf), split_config=config_to_dict(split_conf),
+                class_names=class_names, dataset=str(dataset.csv_path),
+                split_assignment=dict(zip(dataset.table["filename"], split)),
+                identity_of=dict(zip(dataset.table["filename"], dataset.table["identity"])),
+                extra_training=[{"dataset": str(extra.csv_path), "filenames": extra.table["filename"].tolist()}
+                                for extra in extra_datasets])
+
+
+def epoch_line(record: dict) -> str:
+    """One epoch's history row as strict JSON: an epoch without validation says null (JSON has no NaN), so that
+    a log reader's parser accepts the line."""
+    return json.dumps({key: None if isinstance(value, float) and math.isnan(value) else value for key, value in record.items()})
+
+
+class NonFiniteLoss(Exception):
+    """A training step's loss is NaN or infinite: stepping on would put NaN into the weights."""
+
+
+def optimisation(model: ReIDNet, head: ArcFace, train_conf: TrainConfig, steps_per_epoch: int):
+    """AdamW (the head and neck at a multiple of the backbone's learning rate) and its warm-up + cosine schedule."""
+    optimiser = torch.optim.AdamW(
+        [{"params": model.backbone.parameters(), "lr": train_conf.lr},
+         {"params": [*model.pool.parameters(), *model.neck.parameters(), *head.parameters()],
+          "lr": train_conf.lr * train_conf.head_lr_multiplier}],
+        weight_decay=train_conf.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, warmup_cosine(train_conf.epochs * steps_per_epoch, int(train_conf.warmup_epochs * steps_per_epoch)))
+    return optimiser, scheduler
+
+
+def restore_run(last_path: Path, embedder_conf: EmbedderConfig, train_conf: TrainConfig, class_names: list[str],
+                modules: dict) -> tuple[int, list[dict], float]:
+    """`--resume`: load the model, head, optimiser and scheduler states (`modules`, by checkpoint key) of the
+    run in `last_path`, refused unless it was trained with the same settings and classes. Returns the epochs
+    done, the history and the best validation IB-mAP so far."""
+    state = read_checkpoint(last_path)
+    if state["embedder_config"] != config_to_dict(embedder_conf) or state["class_names"] != class_names:
+        raise SpotmatchError(f"{last_path}: was trained with another model config or data; resume with the same settings or use a new --out")
+    changed = changed_settings(state["train_config"], train_conf)
+    if changed:
+        raise SpotmatchError(f"{last_path}: was trained with other settings ({', '.join(changed)}); resume with the same settings or use a new --out")
+    for key, module in modules.items():
+        module.load_state_dict(state[key])
+    return state["epoch"], state["history"], state["best_ib_map"]
+
+
+def train_epoch(model: ReIDNet, head: ArcFace, loader, optimiser, scheduler, device: torch.device, use_amp: bool,
+                steps: int, description: str) -> float:
+    """One pass over the loader; returns the mean loss. Raises NonFiniteLoss before a NaN step is taken."""
+    losses = []
+    for batch in tqdm(checked_batches(loader), total=steps, desc=description, leave=False, disable=None):
+        inputs, targets = normalise(batch.images.to(device, non_blocking=True)), batch.labels.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            features = model(inputs)
+        loss = torch.nn.functional.cross_entropy(head(features.float(), targets), targets)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):  # stop before NaN weights are stepped into, saved and validated as "best"
+            raise NonFiniteLoss(f"loss {losses[-1]}")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        scheduler.step()
+    return float(np.mean(losses))
+
+
 def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfig, split_conf: SplitConfig,
          out_dir: str | Path, resume: bool = False, extra_datasets: Sequence[Dataset] = (), overwrite: bool = False) -> Path:
     """Train on the split's training rows (and every row of `extra_datasets`), validate on the split's validation
@@ -190,17 +273,11 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     and otherwise refused."""
     out_dir = Path(out_dir)
     refuse_unusable_settings(embedder_conf, train_conf)
-    if split_conf.holds_out_everything:
-        raise SpotmatchError("--val-fraction 1: holds every photo out and leaves nothing to train on; hold out a share below 1"
-                             " (evaluate takes 1)")
+    refuse_unusable_data(dataset, extra_datasets, train_conf, split_conf)
     refuse_unusable_run_folder(out_dir, resume, overwrite)
     torch.manual_seed(train_conf.seed)
     device = resolve_device(train_conf.device)
 
-    if train_conf.flank_classes and "side" not in dataset.table.columns:
-        raise SpotmatchError(f"{dataset.csv_path}: --flank-classes needs a side column (left/right); add it or drop the flag")
-    if train_conf.extra_share is not None and not (extra_datasets and 0 < train_conf.extra_share < 1):
-        raise SpotmatchError(f"--extra-share {train_conf.extra_share}: needs --extra-train and a share between 0 and 1 (exclusive)")
     split = split_dataset(dataset, split_conf) if split_conf.val_fraction > 0 else pd.Series("train", index=dataset.table.index)
     protocol = build_protocol(dataset.table, split, split_conf.by)
     refuse_trivial_protocol(protocol, dataset.table["identity"].to_numpy(), dataset.csv_path)
@@ -223,17 +300,9 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
 
     model = ReIDNet(embedder_conf).to(device, memory_format=MEMORY_FORMAT)
     head = ArcFace(embedder_conf.embedding_dim, len(class_names), train_conf.arcface_scale, train_conf.arcface_margin).to(device)
-    optimiser = torch.optim.AdamW(
-        [{"params": model.backbone.parameters(), "lr": train_conf.lr},
-         {"params": [*model.pool.parameters(), *model.neck.parameters(), *head.parameters()],
-          "lr": train_conf.lr * train_conf.head_lr_multiplier}],
-        weight_decay=train_conf.weight_decay,
-    )
     sampler = PKBatchSampler(labels, train_conf.identities_per_batch, train_conf.images_per_identity, train_conf.seed,
                              sampling_weights(classes, class_names, from_extra, train_conf.extra_share))
-    total_steps = train_conf.epochs * len(sampler)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, warmup_cosine(total_steps, int(train_conf.warmup_epochs * len(sampler))))
+    optimiser, scheduler = optimisation(model, head, train_conf, len(sampler))
     train_paths = [Path(p) for p in train_table["path"]]
     masks = mask_provider(embedder_conf.masks, DEFAULT_CACHE, device)
     if masks is not None:
@@ -246,44 +315,23 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     start_epoch, best_map = 0, -1.0
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume:
-        state = read_checkpoint(last_path)
-        if state["embedder_config"] != config_to_dict(embedder_conf) or state["class_names"] != class_names:
-            raise SpotmatchError(f"{last_path}: was trained with another model config or data; resume with the same settings or use a new --out")
-        changed = changed_settings(state["train_config"], train_conf)
-        if changed:
-            raise SpotmatchError(f"{last_path}: was trained with other settings ({', '.join(changed)}); resume with the same settings or use a new --out")
-        model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, best_map = state["epoch"], state["history"], state["best_ib_map"]
+        start_epoch, history, best_map = restore_run(last_path, embedder_conf, train_conf, class_names,
+                                                     {"model": model, "head": head, "optimiser": optimiser, "scheduler": scheduler})
 
     run = EmbedConfig(batch_size=64, num_workers=train_conf.num_workers, device=str(device))
     use_amp = train_conf.amp and device.type == "cuda"
-    checkpoint_extra = dict(train_config=config_to_dict(train_conf), split_config=config_to_dict(split_conf),
-                            class_names=class_names, dataset=str(dataset.csv_path),
-                            split_assignment=dict(zip(dataset.table["filename"], split)),
-                            identity_of=dict(zip(dataset.table["filename"], dataset.table["identity"])),
-                            extra_training=[{"dataset": str(extra.csv_path), "filenames": extra.table["filename"].tolist()}
-                                            for extra in extra_datasets])
+    checkpoint_extra = run_record(dataset, split, extra_datasets, train_conf, split_conf, class_names)
     loader = make_loader(images, 0, train_conf.num_workers, batch_sampler=sampler, pin_memory=device.type == "cuda",
                          persistent=True)
     model.train()
     for epoch in range(start_epoch, train_conf.epochs):
         sampler.set_epoch(epoch)  # read by the loader's next pass: the sampler runs in this process
-        started, losses = time.perf_counter(), []
-        for batch in tqdm(checked_batches(loader), total=len(sampler), desc=f"epoch {epoch + 1}/{train_conf.epochs}", leave=False, disable=None):
-            inputs, targets = normalise(batch.images.to(device, non_blocking=True)), batch.labels.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                features = model(inputs)
-            loss = torch.nn.functional.cross_entropy(head(features.float(), targets), targets)
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):  # stop before NaN weights are stepped into, saved and validated as "best"
-                raise diverged(out_dir, epoch, f"loss {losses[-1]}", train_conf.lr, best_path)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
+        started = time.perf_counter()
+        try:
+            mean_loss = train_epoch(model, head, loader, optimiser, scheduler, device, use_amp, len(sampler),
+                                    f"epoch {epoch + 1}/{train_conf.epochs}")
+        except NonFiniteLoss as symptom:
+            raise diverged(out_dir, epoch, str(symptom), train_conf.lr, best_path) from None
         epoch_seconds = time.perf_counter() - started
         is_last = epoch + 1 == train_conf.epochs
         evaluate_now = is_last or (train_conf.eval_every > 0 and (epoch + 1) % train_conf.eval_every == 0)
@@ -292,11 +340,9 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
                        if evaluate_now else float("nan"))
         except NonFiniteEmbeddings:
             raise diverged(out_dir, epoch, "embeddings not finite", train_conf.lr, best_path) from None
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
+        history.append({"epoch": epoch + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                         "val_ib_map": val_map, "epoch_seconds": epoch_seconds})
-        # JSON has no NaN: an epoch without validation says null, so that a log reader's parser accepts the line
-        print(json.dumps({key: None if isinstance(value, float) and math.isnan(value) else value
-                          for key, value in history[-1].items()}), flush=True)
+        print(epoch_line(history[-1]), flush=True)
         improved = not math.isnan(val_map) and val_map > best_map
         if improved:
             best_map = val_map
