@@ -279,3 +279,29 @@ def test_competition_cut_outs_train_and_score_from_the_animal_alone(tmp_path, sn
     black, scene = submissions["black"], submissions["scene"]
     assert black["row_id"].tolist() == list(range(len(black))) and black["similarity"].between(0, 1).all()
     np.testing.assert_allclose(scene["similarity"], black["similarity"], atol=1e-6)
+
+
+def test_demo_runs_the_whole_chain_on_its_held_out_encounters(tmp_path, snow_subset_csv):
+    """The README's main job, on a subset with the tiny preset: train, calibrate the fusion on the held-out
+    encounters, and score every held-out pair of test.csv through the engine."""
+    from spotmatch.engine import demo
+    from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores
+    from spotmatch.fusion.calibration import FusionModel
+    from spotmatch.global_embed.embed import EmbedConfig, Embedder
+
+    result = demo.main(snow_subset_csv, tmp_path / "demo", preset="tiny", device="cpu")
+    pairs = pd.read_csv(tmp_path / "demo" / "test.csv")
+    submission = pd.read_csv(result.submission)
+    assert submission["row_id"].tolist() == pairs["row_id"].tolist() and submission["similarity"].between(0, 1).all()
+    # test.csv and the calibration rank the same held-out queries against the same gallery: two code paths, one figure.
+    trained = next(name for name in result.global_embedding if "trained" in name and "untrained" not in name)
+    assert result.engine["global only"]["all"]["ib_map"] == pytest.approx(result.global_embedding[trained]["all"]["ib_map"])
+    assert {"fused", "global only"} <= set(result.engine) and any(name.startswith("local only") for name in result.engine)
+    # The submission holds the engine's calibrated probabilities, not the cosine mapped to [0, 1].
+    fusion = FusionModel.load(tmp_path / "demo" / "fusion.json")
+    embedder = Embedder.from_checkpoint(tmp_path / "demo" / "best.pt", EmbedConfig(device="cpu", cache_dir=str(tmp_path / "demo" / "cache")))
+    from spotmatch.data.tables import load_pairs
+
+    cosine = global_pair_scores(load_pairs(tmp_path / "demo" / "test.csv", SNOW / "images"), embedder)["cosine"].to_numpy()
+    assert fusion.shortlist_k == 20 and not np.allclose(submission["similarity"], cosine_to_similarity(cosine), atol=1e-3)
+    assert "fused" in result.calibration_report.read_text()

@@ -41,10 +41,9 @@ def calibrate(
     from spotmatch.data.tables import load_dataset
     from spotmatch.engine import calibrate as calibration
     from spotmatch.engine.engine import EngineConfig
-    from spotmatch.evaluation.protocol import format_animal_differences, format_comparisons, format_table
     from spotmatch.evaluation.run import split_for
     from spotmatch.global_embed.embed import Embedder
-    from spotmatch.io import check_output_dir, write_text_atomic
+    from spotmatch.io import check_output_dir
 
     started = time.perf_counter()
     out_dir = check_output_dir(out_dir or checkpoint.parent, "--out-dir")
@@ -57,18 +56,7 @@ def calibrate(
                                        decision=decision, rerank=rerank,
                                        rerankers=calibration.CalibrateConfig.rerankers if compare_rerankers else ())
     result = calibration.main(dataset, split, used_split_by, Embedder.from_checkpoint(checkpoint, run), engine_conf, conf, out_dir)
-    report = "\n\n".join([
-        f"data: {data} ({len(dataset)} images); {origin}; local: {extractor}, top-{top_k}, masks: {local_masks or 'as the checkpoint'}; calibration: {method}, "
-        f"balance: {balance}, signs: {'monotone' if monotone else 'free'}, cross-validated over query identities"
-        + (f"; saved calibration and its quality figures: on similarities re-ranked by {rerank}" if rerank != "none" else ""),
-        format_table(result["retrieval"]),
-        format_comparisons(result["comparisons"]),
-        *calibration.format_searched(result["searched"]),
-        calibration.format_headroom(result["headroom"]),
-        "Query animals that move each difference most:",
-        format_animal_differences(result["retrieval"], list(result["comparisons"])),
-        calibration.format_quality(result["quality"]),
-    ])
-    write_text_atomic(report + "\n", out_dir / "calibration.md")
+    report = calibration.write_report(result, f"data: {data} ({len(dataset)} images); {origin}; local: {extractor}, top-{top_k},"
+                                              f" masks: {local_masks or 'as the checkpoint'}; {conf.describe()}", out_dir)
     typer.echo(report)
     typer.echo(f"wrote {result['fusion_path']}, {result['diagram']} and {out_dir / 'calibration.md'} in {time.perf_counter() - started:.0f}s")

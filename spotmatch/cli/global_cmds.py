@@ -291,11 +291,18 @@ def demo(
     preset: str = typer.Option("demo", help="Training preset (see `spotmatch train --help`)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
 ) -> None:
-    """Train small on snow leopards (split by encounter), score the held-out pairs, print IB-mAP vs the untrained baseline."""
+    """Train small on snow leopards (split by encounter), calibrate the fusion, score the held-out pairs through the
+    whole engine; print IB-mAP of the global embedding against its untrained baseline, and of each stage."""
     from spotmatch.engine import demo as demo_job
-    from spotmatch.evaluation.protocol import format_table
+    from spotmatch.evaluation.protocol import format_comparisons, format_table
 
     started = time.perf_counter()
-    results = demo_job.main(data or demo_job.DEFAULT_DATA, out, preset=preset, device=device)
-    typer.echo(format_table(results))
-    typer.echo(f"demo finished in {time.perf_counter() - started:.0f}s; wrote {out / 'submission.csv'}")
+    result = demo_job.main(data or demo_job.DEFAULT_DATA, out, preset=preset, device=device)
+    typer.echo("The global embedding on the pairs of test.csv:\n")
+    typer.echo(format_table(result.global_embedding))
+    typer.echo("\nThe engine on the same held-out queries (fused: each query's probabilities from a calibrator that"
+               " never saw its animal):\n")
+    typer.echo(format_table(result.engine))
+    typer.echo("\n" + format_comparisons(result.comparisons))
+    typer.echo(f"\ndemo finished in {time.perf_counter() - started:.0f}s; wrote {result.submission} (global + local + fusion)"
+               f" and {result.calibration_report}")

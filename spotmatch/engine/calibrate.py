@@ -37,6 +37,7 @@ from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import NEVER, calibration_report, reliability_diagram, threshold_for_precision
 from spotmatch.fusion.rerank import check_reranker, rerank_similarity
 from spotmatch.global_embed.embed import Embedder
+from spotmatch.io import write_text_atomic
 from spotmatch.segmentation.provider import absolute_source
 
 
@@ -82,6 +83,12 @@ class CalibrateConfig:
     @property
     def saved_variant(self) -> str:
         return "plain" if self.rerank == "none" else self.rerank
+
+    def describe(self) -> str:
+        """The settings line of calibration.md."""
+        return (f"calibration: {self.method}, balance: {self.balance}, signs: {'monotone' if self.monotone else 'free'},"
+                f" cross-validated over query identities"
+                + (f"; saved calibration and its quality figures: on similarities re-ranked by {self.rerank}" if self.rerank != "none" else ""))
 
 
 BALANCES = ("identity", "none")
@@ -333,6 +340,23 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
                                   out_dir / "reliability.png")
     return {"retrieval": retrieval, "comparisons": comparisons, "searched": searched, "headroom": headroom, "quality": quality,
             "fusion_path": fusion_path, "diagram": diagram}
+
+
+def write_report(result: dict, header: str, out_dir: Path) -> str:
+    """calibration.md beside fusion.json: every stage's IB-mAP per view, fused minus each single source, the
+    searched views, the headroom, the animals that move each difference, and calibration quality. Returns it."""
+    report = "\n\n".join([
+        header,
+        format_table(result["retrieval"]),
+        format_comparisons(result["comparisons"]),
+        *format_searched(result["searched"]),
+        format_headroom(result["headroom"]),
+        "Query animals that move each difference most:",
+        format_animal_differences(result["retrieval"], list(result["comparisons"])),
+        format_quality(result["quality"]),
+    ])
+    write_text_atomic(report + "\n", Path(out_dir) / "calibration.md")
+    return report
 
 
 def pair_quality(saved: pd.DataFrame, probability: np.ndarray, k: int, target_precision: float) -> dict:
