@@ -85,7 +85,7 @@ def main(data_csv: Path, out_dir: Path, preset: str = "demo", device: str = "aut
     calibration_conf = calibration.CalibrateConfig(rerankers=())
     calibrated = calibration.main(dataset, split, split_conf.by, trained, engine_conf, calibration_conf, out_dir)
     calibration.write_report(calibrated, f"data: {data_csv} ({len(dataset)} images); the split of {checkpoint}; local: rootsift,"
-                                         f" top-{DEFAULT_SHORTLIST_K}; {calibration_conf.describe()}", out_dir)
+                                         f" top-{DEFAULT_SHORTLIST_K}, masks: as the checkpoint; {calibration_conf.describe()}", out_dir)
     engine = Engine.from_embedder(trained, calibrated["fusion_path"], engine_conf)
     scored = engine.score_pairs(pairs)
     submission = write_submission(scored["row_id"], scored["similarity"].to_numpy(), out_dir / "submission.csv")
