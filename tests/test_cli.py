@@ -284,6 +284,7 @@ def test_competition_cut_outs_train_and_score_from_the_animal_alone(tmp_path, sn
 def test_demo_runs_the_whole_chain_on_its_held_out_encounters(tmp_path, snow_subset_csv):
     """The README's main job, on a subset with the tiny preset: train, calibrate the fusion on the held-out
     encounters, and score every held-out pair of test.csv through the engine."""
+    from spotmatch.data.tables import load_pairs
     from spotmatch.engine import demo
     from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores
     from spotmatch.fusion.calibration import FusionModel
@@ -300,8 +301,6 @@ def test_demo_runs_the_whole_chain_on_its_held_out_encounters(tmp_path, snow_sub
     # The submission holds the engine's calibrated probabilities, not the cosine mapped to [0, 1].
     fusion = FusionModel.load(tmp_path / "demo" / "fusion.json")
     embedder = Embedder.from_checkpoint(tmp_path / "demo" / "best.pt", EmbedConfig(device="cpu", cache_dir=str(tmp_path / "demo" / "cache")))
-    from spotmatch.data.tables import load_pairs
-
     cosine = global_pair_scores(load_pairs(tmp_path / "demo" / "test.csv", SNOW / "images"), embedder)["cosine"].to_numpy()
     assert fusion.shortlist_k == 20 and not np.allclose(submission["similarity"], cosine_to_similarity(cosine), atol=1e-3)
     assert "fused" in result.calibration_report.read_text()

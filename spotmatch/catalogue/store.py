@@ -455,8 +455,12 @@ class Catalogue:
             if not known:
                 raise SpotmatchError(f"{self.folder}: no individual named {individual!r} now or in the history;"
                                      " the names are in `spotmatch catalogue export`")
-            where.append("(confirmations.individual_name = ? OR confirmations.individual_id = ?)")
-            values += [name, current[0] if current is not None else None]
+            if current is None:  # merged away or renamed since: its rows only by the name they were recorded under
+                where.append("confirmations.individual_name = ?")
+                values.append(name)
+            else:
+                where.append("(confirmations.individual_name = ? OR confirmations.individual_id = ?)")
+                values += [name, current[0]]
         sql = ("SELECT confirmations.at, confirmations.who, confirmations.action, confirmations.image_id,"
                " images.path AS photo, confirmations.individual_name AS individual, confirmations.detail"
                " FROM confirmations LEFT JOIN images ON images.id = confirmations.image_id"

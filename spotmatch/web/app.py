@@ -134,9 +134,10 @@ def create_app(conf: ServeConfig):
             raise HTTPException(404)
         with lock:
             known = store.image_by_sha(file_sha256(path))
-            rows = [] if known is None else store.history(image_id=int(known["id"])).drop(columns="photo")
-        records = [] if known is None else rows.astype(object).where(rows.notna(), None).to_dict("records")
-        return {"photo": photo, "image_id": None if known is None else int(known["id"]), "history": records}
+            if known is None:
+                return {"photo": photo, "image_id": None, "history": []}
+            rows = store.history(image_id=int(known["id"])).drop(columns="photo")
+        return {"photo": photo, "image_id": int(known["id"]), "history": rows.astype(object).where(rows.notna(), None).to_dict("records")}
 
     @app.get("/files/upload/{name}")
     def upload_file(name: str):
