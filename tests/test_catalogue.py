@@ -353,11 +353,14 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     assert add_images(store, engine.embedder, engine.local, sources_from_csv(gallery_and_queries[0])).added == 17
     found = run_cli("catalogue", "identify", folder, *gallery_and_queries[1], tmp_path / "missing.jpg")
     assert found.returncode == 2 and "missing.jpg: image file not found" in found.stderr
+    (tmp_path / "drawings").touch()
+    found = run_cli("catalogue", "identify", folder, *gallery_and_queries[1], "--explain-dir", tmp_path / "drawings")
+    assert found.returncode == 2 and found.stderr.count("\n") == 1 and "--explain-dir" in found.stderr and "is a file" in found.stderr
     found = run_cli("catalogue", "identify", folder, *gallery_and_queries[1], "--top-k", "2")
     assert found.returncode == 0, found.stderr
     # no fusion: cosine only, a similarity that must not read as a probability
     assert found.stdout.count("  1. ") == 2 and "p=" not in found.stdout and found.stdout.count("  similarity ") >= 2
-    assert found.stdout.count(", uncalibrated threshold 0.50; ") == 2
+    assert found.stdout.count(", uncalibrated threshold 0.500; ") == 2
     assert "gallery: every individual not retired" in found.stdout
     assert re.search(r"\.JPG \(S\d+ camera \d+, 20\d\d-\d\d-\d\dT[\d:]+, flank unknown\)", found.stdout)  # unknown, not left out
     stored = pd.read_csv(gallery_and_queries[0]).iloc[0]
@@ -862,3 +865,138 @@ def test_add_and_stats_say_what_they_were_given(tmp_path, snow_subset_csv):
         sources_from_path(tmp_path / "notes.dat")
     with pytest.raises(SpotmatchError, match=r"labels.csv: a file, not a catalogue folder; name the folder that holds catalogue.db"):
         Catalogue.open(snow_subset_csv)
+
+
+def test_an_init_interrupted_before_its_settings_leaves_no_catalogue_and_runs_again(tmp_path, monkeypatch):
+    """The database is renamed into place once its settings are in: killed before that, init simply runs again."""
+    from spotmatch.catalogue.store import DB_NAME, Catalogue, CatalogueSettings
+    from spotmatch.errors import SpotmatchError
+
+    settings = CatalogueSettings(checkpoint="none", fusion=None, embedder_id="stand-in", embedding_dim=4)
+
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            Catalogue.create(tmp_path / "cat", settings)
+    assert not (tmp_path / "cat" / DB_NAME).exists()
+    assert Catalogue.create(tmp_path / "cat", settings).settings() == settings  # over the leftover partial file
+    assert not [p.name for p in (tmp_path / "cat").iterdir() if ".part" in p.name]
+    with sqlite3.connect(tmp_path / "cat" / DB_NAME) as db:  # as an init killed before 2026-12-07 left it
+        db.execute("DELETE FROM meta")
+    with pytest.raises(SpotmatchError, match=r"init` never finished \(no settings recorded\); delete \S+ and run init again"):
+        Catalogue.open(tmp_path / "cat").settings()
+
+
+def test_relink_rewrites_only_the_photos_found_moved_with_the_same_content(tmp_path):
+    """Half the photos moved, and a different photo of a moved one's name waits at the new place: only the
+    moved ones are relinked; the others keep paths that still lead to them."""
+    import hashlib
+
+    from spotmatch.catalogue.store import Catalogue, CatalogueSettings, NewImage
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    store = Catalogue.create(tmp_path / "cat", CatalogueSettings(checkpoint="none", fusion=None, embedder_id="stand-in", embedding_dim=4))
+    for n in range(4):
+        (old / f"p{n}.jpg").write_bytes(f"photo {n}".encode())
+    store.insert_images([NewImage(path=str(old / f"p{n}.jpg"), sha256=hashlib.sha256(f"photo {n}".encode()).hexdigest(),
+                                  embedding=np.ones(4, np.float32), embedder_id="stand-in", identity="Cat1") for n in range(4)], who="ana")
+    for n in (0, 1):
+        (old / f"p{n}.jpg").rename(new / f"p{n}.jpg")
+    (new / "p2.jpg").write_bytes(b"another photo of that name")
+    assert store.relink_photos(old, new, who="ana") == (2, 2)
+    paths = store.images_table()["path"].tolist()
+    assert paths == [str(new / "p0.jpg"), str(new / "p1.jpg"), str(old / "p2.jpg"), str(old / "p3.jpg")]
+    assert all(Path(path).read_bytes() == f"photo {n}".encode() for n, path in enumerate(paths))
+    relinked = run_cli("catalogue", "relink", tmp_path / "cat", "--photos", f"{new}={old}")  # nothing of these is under old
+    assert relinked.returncode == 2 and "is here with the same content" in relinked.stderr, relinked.stderr
+
+
+def test_near_namesakes_are_refused_wherever_a_name_is_given(tmp_path):
+    """"cat 1" beside Cat1 is a typo far more often than a new animal: refused by rename, split and add as by
+    confirm, while a rename of Cat1 to cat1 (its own name) is allowed."""
+    from spotmatch.catalogue.service import ImageSource, refuse_near_namesakes
+    from spotmatch.errors import SpotmatchError
+
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2, "Cat2": 2})
+    cat2_images = [r[0] for r in store.db.execute("SELECT id FROM images WHERE individual_id = ?", (store.individual_id("Cat2"),))]
+    before = _snapshot(store)
+    refusals = [
+        (lambda: store.rename("Cat2", "cat 1", who="ana"), "'cat 1' is too like the existing 'Cat1'"),
+        (lambda: store.split("Cat2", cat2_images[:1], "CAT-1", who="ana"), "'CAT-1' is too like the existing 'Cat1'"),
+        (lambda: refuse_near_namesakes(store, [ImageSource(Path("a.jpg"), "Cat9"), ImageSource(Path("b.jpg"), "cat1")]),
+         r"b.jpg: labelled 'cat1', too like the catalogue's 'Cat1'"),
+        (lambda: refuse_near_namesakes(store, [ImageSource(Path("a.jpg"), "Cat9"), ImageSource(Path("b.jpg"), "cat 9")]),
+         r"b.jpg: labelled 'cat 9', and a.jpg 'Cat9' \(only case"),
+    ]
+    for call, message in refusals:
+        with pytest.raises(SpotmatchError, match=message) as refused:
+            call()
+        assert "\n" not in str(refused.value)
+    assert _snapshot(store) == before
+    refuse_near_namesakes(store, [ImageSource(Path("a.jpg"), "Cat1"), ImageSource(Path("b.jpg"), "Cat3"), ImageSource(Path("c.jpg"))])
+    store.rename("Cat1", "cat1", who="ana")
+    assert sorted(store.individual_names().values()) == ["Cat2", "cat1"]
+
+
+def test_confirming_an_individuals_last_image_elsewhere_removes_it_and_says_so(tmp_path):
+    """Otherwise an individual without images would stay counted and listed, which split refuses to make."""
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 1, "Cat2": 2})
+    (only,) = [r[0] for r in store.db.execute("SELECT id FROM images WHERE individual_id = ?", (store.individual_id("Cat1"),))]
+    confirmed = store.confirm(only, "Cat2", who="ana")
+    assert (confirmed.previous, confirmed.previous_removed) == ("Cat1", True)
+    assert "was Cat1, which had no other image and is removed" in confirmed.text("ana")
+    assert sorted(store.individual_names().values()) == ["Cat2"] and store.integrity_problems() == []
+    assert [tuple(r) for r in store.db.execute("SELECT action, individual_name, detail FROM confirmations WHERE image_id = ? ORDER BY id",
+                                               (only,))] == [("import", "Cat1", "identity from the added table"), ("confirm", "Cat2", "was Cat1")]
+    again = store.confirm(only, "Cat2", who="ana")
+    assert (again.previous, again.previous_removed) == ("Cat2", False) and "unchanged" in again.text("ana")
+
+
+def test_add_reports_one_photo_under_two_names_with_two_labels(tmp_path, snow_subset_csv):
+    """In one batch as across batches: the second label is reported, not silently dropped."""
+    import shutil
+
+    from spotmatch.catalogue.service import AddReport, ImageSource, fresh_sources
+
+    photo = SNOW / "images" / pd.read_csv(snow_subset_csv)["filename"].iloc[0]
+    shutil.copyfile(photo, tmp_path / "a.jpg")
+    shutil.copyfile(photo, tmp_path / "a_copy.jpg")
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 1})
+    report = AddReport()
+    fresh = fresh_sources(store, [ImageSource(tmp_path / "a.jpg", "CatX"), ImageSource(tmp_path / "a_copy.jpg", "CatY"),
+                                  ImageSource(tmp_path / "a_copy.jpg", "CatX")], report)
+    assert [source.identity for source, _, _ in fresh] == ["CatX"] and report.already_there == 1
+    assert [path for path, _ in report.failed] == [str(tmp_path / "a_copy.jpg")]
+    assert "the same photo as" in report.failed[0][1] and "labels CatX and this row CatY" in report.failed[0][1]
+
+
+def test_an_export_adds_back_whole_and_the_competition_export_refuses_shared_names(tmp_path):
+    """An export names each photo by its full path and date: added back without --images, photos from several
+    folders are found and keep their capture times. The competition's one folder cannot hold two photos of one name."""
+    from spotmatch.catalogue.service import export_table, sources_from_csv
+    from spotmatch.catalogue.store import Catalogue, CatalogueSettings, NewImage
+    from spotmatch.errors import SpotmatchError
+
+    store = Catalogue.create(tmp_path / "cat", CatalogueSettings(checkpoint="none", fusion=None, embedder_id="stand-in", embedding_dim=4))
+    store.insert_images([NewImage(path=str(tmp_path / folder / "IMG_0001.JPG"), sha256=folder, embedding=np.ones(4, np.float32),
+                                  embedder_id="stand-in", identity=name, captured_at="2019:05:04 21:30:00")
+                         for folder, name in (("uploads", "Cat5"), ("dataset", "Cat21"))], who="ana")
+    export_table(store, competition=False).to_csv(tmp_path / "export.csv", index=False)
+    sources = sources_from_csv(tmp_path / "export.csv")
+    assert [(s.path, s.identity, s.captured_at) for s in sources] == \
+        [(tmp_path / folder / "IMG_0001.JPG", name, "2019-05-04T21:30:00") for folder, name in (("uploads", "Cat5"), ("dataset", "Cat21"))]
+    with pytest.raises(SpotmatchError, match="IMG_0001.JPG is labelled as different individuals"):  # --images: by file name
+        sources_from_csv(tmp_path / "export.csv", tmp_path / "elsewhere")
+    with pytest.raises(SpotmatchError, match=r"1 file name\(s\) belong to more than one photo \(e.g. IMG_0001.JPG: "):
+        export_table(store, competition=True)
+
+
+def test_identify_reads_a_flank_as_a_csv_does():
+    from spotmatch.catalogue.store import GalleryRestriction
+
+    assert [GalleryRestriction.from_text(side=word).side for word in ("L", "right", "", "unknown")] == ["left", "right", None, None]

@@ -69,6 +69,12 @@ def test_upload_names_cannot_escape_the_catalogue(server, gallery_and_queries): 
     for restriction, error in (("station=S99", "no station named 'S99'"), ("since=July", "not a date")):
         refused = urllib3.PoolManager().request("POST", f"{base}/api/identify/evil.jpg?{restriction}")
         assert refused.status == 400 and error in json.loads(refused.data)["error"]
+    for name, data in (("empty.jpg", b""), ("cut.jpg", photo[: len(photo) // 3])):  # never listed for review
+        refused = post_file(f"{base}/api/upload", name, data)
+        assert refused.status == 400 and json.loads(refused.data)["error"].startswith(f"{name}: cannot decode image")
+        assert name not in json.loads(urllib3.PoolManager().request("GET", f"{base}/api/photos").data)["photos"]
+    identified = json.loads(urllib3.PoolManager().request("POST", f"{base}/api/identify/evil.jpg").data)
+    assert identified["calibrated"] is True  # the page labels a calibrated number p=, an uncalibrated one similarity
     for probe in ("..%2F..%2Fcatalogue.db", "catalogue.db", "..%2F..%2F..%2Fetc%2Fpasswd"):
         escaped = urllib3.PoolManager().request("GET", f"{base}/files/upload/{probe}")
         assert escaped.status in (400, 404) and b"SQLite" not in escaped.data and b"root:" not in escaped.data

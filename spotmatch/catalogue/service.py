@@ -14,8 +14,8 @@ from typing import Callable, Protocol
 import numpy as np
 import pandas as pd
 
-from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, GalleryRestriction, NewImage, reads_as_date,
-                                      refuse_catalogue_folder, reviewer)
+from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, GalleryRestriction, NewImage, folded_name,
+                                      reads_as_date, refuse_catalogue_folder, reviewer)
 from spotmatch.data.images import file_sha256, load_image
 from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, parse_side,
                                    refuse_conflicting_labels)
@@ -229,12 +229,18 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
     if table.empty:
         raise SpotmatchError(f"{csv_path}: no photos under the header; list one photo per row")
     identity_col, side_col = _column(table, IDENTITY_ALIASES), _column(table, SIDE_ALIASES)
+    # A `catalogue export` names each photo by its full path as well: without --images that path is used, so an
+    # export of photos from several folders (uploads beside a data set) adds back whole.
+    path_col = _column(table, ("path",)) if image_dir is None else None
+    if path_col not in (None, filename_col):
+        table[filename_col] = table[path_col].where(table[path_col].str.strip() != "", table[filename_col])
     image_dir = image_dir or default_image_dir(csv_path)
     if identity_col is not None:
         refuse_conflicting_labels(table, filename_col, identity_col, csv_path)
     # Any case, as the filename and identity columns: a "Station" column read as no station would leave its photos
     # out of every --station search without a word.
-    station_col, camera_col, date_col, time_col = (_column(table, (name,)) for name in ("station", "camera", "date", "time"))
+    station_col, camera_col, time_col = (_column(table, (name,)) for name in ("station", "camera", "time"))
+    date_col = _column(table, ("date", "captured_at"))  # captured_at: an export's date and time in one column
     sources = []
     for line, row in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
         sources.append(ImageSource(path=photo_path(image_dir / row[filename_col]),
@@ -273,7 +279,7 @@ def fresh_sources(catalogue: Catalogue, sources: list[ImageSource], report: AddR
             report.failed.append((str(source.path), str(exc)))
     known = catalogue.known_images(list(hashes.values()))
     fresh: list[tuple[ImageSource, str, str | None]] = []
-    seen: set[str] = set()
+    seen: dict[str, ImageSource] = {}  # sha256 -> the first source of this input that holds it
     for source in sources:
         sha = hashes.get(id(source))
         if sha is None:
@@ -281,6 +287,12 @@ def fresh_sources(catalogue: Catalogue, sources: list[ImageSource], report: AddR
         # The table it was first added with, added again after a reviewer's rename or merge, is no relabelling.
         if sha in known and source.identity is not None and source.identity not in known[sha][1:]:
             report.failed.append((str(source.path), _relabel_refusal(catalogue.folder, source, *known[sha][:2])))
+            continue
+        if sha in seen and seen[sha].identity != source.identity:  # one photo under two names, labelled twice
+            first = seen[sha]
+            report.failed.append((str(source.path), f"{source.path}: the same photo as {first.path} (same content), which this"
+                                                    f" input labels {first.identity or 'no individual'} and this row"
+                                                    f" {source.identity or 'no individual'}; fix the CSV"))
             continue
         if sha in known or sha in seen:
             report.already_there += 1
@@ -290,7 +302,7 @@ def fresh_sources(catalogue: Catalogue, sources: list[ImageSource], report: AddR
         except SpotmatchError as exc:
             report.failed.append((str(source.path), str(exc)))
             continue
-        seen.add(sha)
+        seen[sha] = source
         fresh.append((source, sha, captured_at))
     return fresh
 
@@ -323,11 +335,32 @@ def insert_fresh(catalogue: Catalogue, fresh: list[tuple[ImageSource, str, str |
             report.already_there += 1
 
 
+def refuse_near_namesakes(catalogue: Catalogue, sources: list[ImageSource]) -> None:
+    """Before any work: a label like an individual's name but for case, spaces or punctuation ("cat21" beside
+    Cat21), in the catalogue or in this input, is a typo far more often than a new animal."""
+    first_with: dict[str, ImageSource] = {}  # folded label -> the first source labelled like that
+    for source in sources:
+        if source.identity is None:
+            continue
+        key = folded_name(source.identity)
+        if key not in first_with:
+            twin = catalogue.near_namesake(source.identity)
+            if twin is not None:
+                raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, too like the catalogue's {twin!r} (only case,"
+                                     f" spaces or punctuation differ); fix the label (a new animal needs a name that differs more)")
+            first_with[key] = source
+        elif first_with[key].identity != source.identity:
+            other = first_with[key]
+            raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, and {other.path} {other.identity!r} (only case,"
+                                 f" spaces or punctuation differ); write one animal's name one way")
+
+
 def add_images(catalogue: Catalogue, embedder: EmbedsImages, local, sources: list[ImageSource],
                conf: AddConfig | None = None, progress: Callable[[int], None] | None = None) -> AddReport:
     """Add new images by content hash (already-present ones are skipped), one transaction per batch."""
     conf = conf or AddConfig()
     catalogue.check_embedder(embedder.model_id, embedder.dim)
+    refuse_near_namesakes(catalogue, sources)
     report = AddReport()
     for start in range(0, len(sources), conf.batch_size):
         batch = sources[start:start + conf.batch_size]
@@ -422,7 +455,10 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
                              engine.fusion is not None)
         if conf.explain_dir is not None and engine.local is not None:
             for candidate in result.candidates:
-                candidate.explanation_png = str(explain_candidate(engine, path, sha, candidate, conf.explain_dir))
+                # A catalogue photo moved since it was added is scored from its cached keypoints, but cannot be drawn:
+                # its candidate is listed without a drawing rather than losing the whole round.
+                if Path(candidate.gallery_path).is_file():
+                    candidate.explanation_png = str(explain_candidate(engine, path, sha, candidate, conf.explain_dir))
         results.append(result)
     return results
 
@@ -509,6 +545,14 @@ def export_table(catalogue: Catalogue, competition: bool) -> pd.DataFrame:
     if not competition:
         return table
     identified = table[table["individual"].notna()]
+    # The competition's train.csv names photos of one folder: two photos of one name (from two folders) would read
+    # back as one photo, under one label or, where they differ, two.
+    shared = identified[identified["filename"].duplicated(keep=False)].sort_values("filename")
+    if not shared.empty:
+        first = shared[shared["filename"] == shared["filename"].iloc[0]]
+        raise SpotmatchError(f"{catalogue.folder}: {shared['filename'].nunique()} file name(s) belong to more than one photo"
+                             f" (e.g. {first['filename'].iloc[0]}: {', '.join(first['path'])}); the competition format holds one"
+                             f" folder of unique names: rename the files, or export without --competition")
     return pd.DataFrame({"filename": identified["filename"], "ground_truth": identified["individual"]})
 
 

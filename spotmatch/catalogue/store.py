@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from spotmatch.data.tables import SIDES
+from spotmatch.data.tables import SIDES, parse_side
 from spotmatch.errors import SpotmatchError
 from spotmatch.io import atomic_path
 
@@ -60,10 +60,13 @@ class Confirmed:
     image_id: int
     individual: str
     previous: str | None
+    previous_removed: bool = False  # `previous` had no other image: it is gone, as an individual without images would be
 
     def text(self, who: str) -> str:
         was = "unidentified" if self.previous is None else self.previous
         change = f"was {was}" if self.previous != self.individual else "unchanged"
+        if self.previous_removed:
+            change += ", which had no other image and is removed"
         return f"image {self.image_id} is {self.individual} ({change}; confirmed by {who})"
 
 
@@ -86,6 +89,11 @@ class NewImage:
 # Year, month, day and optionally hour, minute, second, with any of the separators that EXIF
 # ("2012:07:22 01:53:20"), ISO and camera-trap CSVs ("2012-7-22 1-53-20") use.
 _CAPTURE_TIME = re.compile(r"(\d{4})[-:/.](\d{1,2})[-:/.](\d{1,2})(?:[ T_](\d{1,2})[-:.](\d{1,2})(?:[-:.](\d{1,2}))?)?")
+
+
+def folded_name(name: str) -> str:
+    """A name as compared for near-namesakes: lower case, letters and digits only."""
+    return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
 def individual_name(name: str) -> str:
@@ -155,13 +163,14 @@ class GalleryRestriction:
     @classmethod
     def from_text(cls, stations=(), since: str | None = None, until: str | None = None, side: str | None = None,
                   individuals=(), include_retired: bool = False) -> "GalleryRestriction":
-        """From command-line or web-form text: dates as YYYY-MM-DD, side in any case; empty text means unset."""
+        """From command-line or web-form text: dates as YYYY-MM-DD, side as a CSV's side column reads (left, right,
+        l, r, any case); empty text means unset."""
         def day(value: str | None, flag: str) -> date | None:
             try:
                 return date.fromisoformat(value) if value else None
             except ValueError:
                 raise SpotmatchError(f"{flag} {value}: not a date; write it as YYYY-MM-DD") from None
-        return cls(tuple(s for s in stations if s), day(since, "--since"), day(until, "--until"), (side or "").lower() or None,
+        return cls(tuple(s for s in stations if s), day(since, "--since"), day(until, "--until"), parse_side(side, "--side"),
                    tuple(i for i in individuals if i), include_retired)
 
     def describe(self) -> str:
@@ -279,14 +288,21 @@ class Catalogue:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SpotmatchError(f"{folder}: cannot make the catalogue folder ({exc.strerror}); choose a writable place") from None
-        catalogue = cls(folder, connect(folder / DB_NAME))
-        migrate(catalogue.db)
-        with transaction(catalogue.db) as db:
-            for key, value in settings.__dict__.items():
-                if value is not None:
-                    db.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
-            db.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (now_utc(),))
-        return catalogue
+        # Built under a temporary name and renamed into place once its settings are in: an init killed half
+        # way leaves no catalogue.db without settings, which no command could open and init would refuse.
+        partial = folder / f"{DB_NAME}.part"
+        for leftover in (partial, partial.with_name(f"{partial.name}-wal"), partial.with_name(f"{partial.name}-shm")):
+            leftover.unlink(missing_ok=True)
+        with contextlib.closing(connect(partial)) as db:
+            migrate(db)
+            with transaction(db):
+                for key, value in settings.__dict__.items():
+                    if value is not None:
+                        db.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
+                db.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (now_utc(),))
+            db.execute("PRAGMA journal_mode=DELETE")  # folds the WAL into the file, which alone is renamed
+        os.replace(partial, folder / DB_NAME)
+        return cls.open(folder)
 
     @classmethod
     def open(cls, folder: str | Path) -> "Catalogue":
@@ -328,6 +344,9 @@ class Catalogue:
 
     def settings(self) -> CatalogueSettings:
         meta = {row["key"]: row["value"] for row in self.db.execute("SELECT key, value FROM meta")}
+        if "checkpoint" not in meta:  # only a catalogue whose init was killed before 2026-12-07 lacks its settings
+            raise SpotmatchError(f"{self.folder / DB_NAME}: its `catalogue init` never finished (no settings recorded);"
+                                 f" delete {self.folder / DB_NAME} and run init again")
         return CatalogueSettings(checkpoint=meta["checkpoint"], fusion=meta.get("fusion"), embedder_id=meta["embedder_id"],
                                  embedding_dim=int(meta["embedding_dim"]), extractor=meta.get("extractor", "rootsift"))
 
@@ -527,18 +546,27 @@ class Catalogue:
         """Assign an image to `individual` (made if new), or to a fresh individual when None."""
         with transaction(self.db):
             self.image(image_id)
-            previous = self.db.execute("SELECT individuals.name FROM images JOIN individuals ON individuals.id = images.individual_id"
-                                       " WHERE images.id = ?", (image_id,)).fetchone()
+            previous = self.db.execute("SELECT individuals.id, individuals.name FROM images JOIN individuals"
+                                       " ON individuals.id = images.individual_id WHERE images.id = ?", (image_id,)).fetchone()
             if individual is None:
                 individual = self._fresh_name()
                 action = "new"
             else:
                 individual, action = individual_name(individual), "confirm"
-                self._refuse_near_namesake(individual)
+                twin = self.near_namesake(individual)
+                if twin is not None:
+                    raise SpotmatchError(f"{self.folder}: no individual named {individual!r}; did you mean {twin!r}? (for a new"
+                                         f" animal of a name like that, `confirm --new`, then `rename` it)")
             individual_id = self._individual_id_creating(individual)
             self.db.execute("UPDATE images SET individual_id = ? WHERE id = ?", (individual_id, image_id))
-            self._record(action, image_id, individual_id, who)
-        return Confirmed(image_id, individual, previous[0] if previous else None)
+            self._record(action, image_id, individual_id, who, f"was {previous['name']}" if previous else "")
+            # Its last image moved away, the old individual would stay counted and listed with nothing to match:
+            # removed, as merge removes the absorbed one; its history rows keep its name.
+            emptied = previous is not None and previous["id"] != individual_id and self.db.execute(
+                "SELECT 1 FROM images WHERE individual_id = ? LIMIT 1", (previous["id"],)).fetchone() is None
+            if emptied:
+                self.db.execute("DELETE FROM individuals WHERE id = ?", (previous["id"],))
+        return Confirmed(image_id, individual, previous["name"] if previous else None, emptied)
 
     def relink_files(self, checkpoint: str | None, fusion: str | None, who: str) -> None:
         """Point the catalogue at its model files' new places (the caller checked they are the same model and
@@ -550,37 +578,44 @@ class Catalogue:
                     db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
                     self._record("relink", None, None, who, f"{key} -> {value}")
 
-    def relink_photos(self, old: Path, new: Path, who: str) -> int:
-        """Photos stored under folder `old` are now under `new` (archived, moved to another disk): their paths are
-        rewritten in one transaction, once at least one is found at its new place. Returns how many moved."""
+    def relink_photos(self, old: Path, new: Path, who: str) -> tuple[int, int]:
+        """Photos stored under folder `old` are now under `new` (archived, moved to another disk). A path is
+        rewritten only where the new place holds the same photo (same content hash), so photos that were not
+        moved, or a different photo of the same name, keep their path. One transaction; returns (rewritten,
+        left as they were)."""
+        from spotmatch.data.images import file_sha256
+
         who = reviewer(who)
-        moved = []
-        for image_id, path in self.db.execute("SELECT id, path FROM images ORDER BY id"):
-            if Path(path).is_relative_to(old):
-                moved.append((str(new / Path(path).relative_to(old)), image_id))
-        if not moved:
+        under_old = [(image_id, new / Path(path).relative_to(old), sha)
+                     for image_id, path, sha in self.db.execute("SELECT id, path, sha256 FROM images ORDER BY id")
+                     if Path(path).is_relative_to(old)]
+        if not under_old:
             raise SpotmatchError(f"{self.folder}: no catalogue photo is stored under {old}; `spotmatch catalogue export` lists their paths")
-        found = sum(Path(path).is_file() for path, _ in moved)
-        if found == 0:
-            raise SpotmatchError(f"{new}: none of the {len(moved)} photos stored under {old} is here; name the folder they were moved to")
+        found = [(str(candidate), image_id) for image_id, candidate, sha in under_old
+                 if candidate.is_file() and file_sha256(candidate) == sha]
+        if not found:
+            raise SpotmatchError(f"{new}: none of the {len(under_old)} photos stored under {old} is here with the same content;"
+                                 f" name the folder they were moved to")
         with transaction(self.db) as db:
-            db.executemany("UPDATE images SET path = ? WHERE id = ?", moved)
-            self._record("relink", None, None, who, f"photos {old} -> {new} ({len(moved)}, {found} found there)")
-        return len(moved)
+            db.executemany("UPDATE images SET path = ? WHERE id = ?", found)
+            self._record("relink", None, None, who, f"photos {old} -> {new} ({len(found)} of {len(under_old)})")
+        return len(found), len(under_old) - len(found)
 
-    def _refuse_near_namesake(self, name: str) -> None:
-        """A new name that differs from an existing one only in case, spaces or punctuation ("cat21", "Cat 21" beside
-        Cat21) is a typo far more often than a new animal: refused, so that it does not quietly split one animal in two."""
-        def folded(text: str) -> str:
-            return re.sub(r"[^0-9a-z]", "", text.lower())
-
+    def near_namesake(self, name: str, besides: str | None = None) -> str | None:
+        """The individual, other than `besides`, whose name differs from the new name `name` only in case, spaces or
+        punctuation ("cat21", "Cat 21" beside Cat21): a typo far more often than a new animal, which would quietly
+        split one animal in two. None when `name` is an individual's own name, or like no other."""
         existing = [row[0] for row in self.db.execute("SELECT name FROM individuals")]
         if name in existing:
-            return
-        twins = [other for other in existing if folded(other) == folded(name)]
-        if twins:
-            raise SpotmatchError(f"{self.folder}: no individual named {name!r}; did you mean {twins[0]!r}? (for a new animal"
-                                 f" of a name like that, `confirm --new`, then `rename` it)")
+            return None
+        return next((other for other in existing if other != besides and folded_name(other) == folded_name(name)), None)
+
+    def _refuse_near_namesake(self, name: str, besides: str | None = None) -> None:
+        """For a name given to a rename or a split, where nothing can mean the existing individual."""
+        twin = self.near_namesake(name, besides)
+        if twin is not None:
+            raise SpotmatchError(f"{self.folder}: {name!r} is too like the existing {twin!r} (only case, spaces or punctuation"
+                                 f" differ); merge into {twin!r} if they are one animal, or choose a name that differs more")
 
     def _fresh_name(self) -> str:
         number = int(self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM individuals").fetchone()[0])
@@ -604,7 +639,7 @@ class Catalogue:
                                      f" retire {self.folder} {retired} --undo` first (or retire {living}), then merge")
             moved = [r[0] for r in self.db.execute("SELECT id FROM images WHERE individual_id = ?", (absorb_id,))]
             self.db.execute("UPDATE images SET individual_id = ? WHERE individual_id = ?", (keep_id, absorb_id))
-            for image_id in moved:
+            for image_id in moved or [None]:  # an individual without images (made before 2026-12-07) still leaves a row
                 self._record("merge", image_id, keep_id, who, f"merged {absorb} into {keep}")
             self.db.execute("DELETE FROM individuals WHERE id = ?", (absorb_id,))  # its history rows: id NULL, name kept
         return len(moved)
@@ -627,6 +662,7 @@ class Catalogue:
             new_name = individual_name(new_name) if new_name is not None else self._fresh_name()
             if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (new_name,)).fetchone():
                 raise SpotmatchError(f"{self.folder}: individual {new_name!r} already exists; split into a new name (or merge)")
+            self._refuse_near_namesake(new_name)
             new_id = self._individual_id_creating(new_name)
             for image_id in image_ids:
                 self.db.execute("UPDATE images SET individual_id = ? WHERE id = ?", (new_id, image_id))
@@ -641,6 +677,7 @@ class Catalogue:
                 raise SpotmatchError(f"{self.folder}: {old!r} already has that name; nothing to rename")
             if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (new,)).fetchone():
                 raise SpotmatchError(f"{self.folder}: individual {new!r} already exists; merge the two instead")
+            self._refuse_near_namesake(new, besides=individual_name(old))  # Cat5 -> cat5 is a rename, not a typo
             self.db.execute("UPDATE individuals SET name = ? WHERE id = ?", (new, individual_id))
             self._record("rename", None, individual_id, who, f"{old} -> {new}")
 

@@ -115,7 +115,7 @@ def identify(
     from spotmatch.catalogue.service import IdentifyConfig, identify as run_identify, open_engine, results_table, sources_from_csv
     from spotmatch.catalogue.store import GalleryRestriction
     from spotmatch.data.images import file_sha256
-    from spotmatch.io import write_csv_atomic
+    from spotmatch.io import check_output_dir, write_csv_atomic
 
     restriction = GalleryRestriction.from_text(station, since, until, side, individual, include_retired)
     sides, read = None, list(photos)
@@ -125,6 +125,8 @@ def identify(
     catalogue = _open(folder)
     if out is not None:
         _check_out(out, folder, [*read, *photos])
+    if explain_dir is not None:
+        check_output_dir(explain_dir, "--explain-dir")
     catalogue.search_index()  # an empty catalogue or restriction, and a missing photo, are reported before the model loads
     catalogue.restricted_image_ids(restriction)
     for photo in photos:
@@ -145,10 +147,12 @@ def identify(
         label, threshold = ("p=", "threshold") if result.calibrated else ("similarity ", "uncalibrated threshold")
         decision = result.decision if result.calibrated else "similarity"
         score = "no candidates" if result.decision_score is None else f"{decision} {result.decision_score:.3f}"
-        typer.echo(f"{result.query}: {result.verdict} ({score}, {threshold} {result.threshold:.2f}; gallery: {result.gallery}){known}")
+        typer.echo(f"{result.query}: {result.verdict} ({score}, {threshold} {result.threshold:.3f}; gallery: {result.gallery}){known}")
         for rank, c in enumerate(result.candidates, 1):
             local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
             drawing = f", {c.explanation_png}" if c.explanation_png else ""
+            if explain_dir is not None and not c.explanation_png:
+                drawing = f", not drawn: {c.gallery_path} is gone (moved? `spotmatch catalogue relink --photos OLD=NEW`)"
             typer.echo(f"  {rank}. {c.individual}  {label}{c.probability:.3f}  cosine {c.cosine:.3f}{local}"
                        f"  via image {c.gallery_image_id} {c.gallery_filename} ({candidate_place(c)}){drawing}")
 
@@ -252,7 +256,9 @@ def relink(folder: Path = typer.Argument(..., help=FOLDER_HELP),
         typer.echo(f"the catalogue now reads {', '.join(str(p) for p in (checkpoint, fusion) if p is not None)}")
     if photos is not None:
         old, new = (Path(part).absolute() for part in photos.split("="))
-        typer.echo(f"{catalogue.relink_photos(old, new, who)} photo paths now under {new}")
+        rewritten, left = catalogue.relink_photos(old, new, who)
+        typer.echo(f"{rewritten} photo paths now under {new}" + (f"; {left} stored under {old} are not there (or differ) and keep"
+                                                                   f" their path" if left else ""))
 
 
 @catalogue_app.command("retire")

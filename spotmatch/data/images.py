@@ -100,8 +100,12 @@ def load_image(path: str | Path, draft_size: int | None = None) -> ImageRecord:
     `draft_size` lets JPEG decoding skip detail the caller will not use: libjpeg decodes at the
     smallest 1/2, 1/4 or 1/8 scale that keeps both sides at least that many pixels (2-4x faster).
     """
+    return decode_image(read_image_bytes(path), path, draft_size)
+
+
+def decode_image(data: bytes, path: str | Path, draft_size: int | None = None) -> ImageRecord:
+    """`load_image` of bytes already read (an upload); `path` names them in errors and in the record."""
     path = Path(path)
-    data = read_image_bytes(path)
     try:
         image = Image.open(io.BytesIO(data))
         if draft_size is not None and image.format == "JPEG":

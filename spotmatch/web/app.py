@@ -96,8 +96,10 @@ def create_app(conf: ServeConfig):
         data = await file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise SpotmatchError(f"{name}: larger than {MAX_UPLOAD_BYTES >> 20} MiB; upload a smaller photo")
+        from spotmatch.data.images import decode_image
         from spotmatch.io import atomic_path
 
+        decode_image(data, name)  # an empty or corrupt file is refused here, never listed among the photos to review
         path = free_upload_path(uploads, name, data)
         if not path.exists():
             with atomic_path(path) as tmp:
@@ -112,6 +114,7 @@ def create_app(conf: ServeConfig):
             result = identify(store, engine, [path], IdentifyConfig(conf.top_k, explain_dir, restriction))[0]
         return {"photo": photo, "verdict": result.verdict, "threshold": result.threshold, "known_image_id": result.known_image_id,
                 "gallery": result.gallery, "decision": result.decision, "decision_score": result.decision_score,
+                "calibrated": result.calibrated,
                 "candidates": [{**c.__dict__, "gallery_path": Path(c.gallery_path).name,
                                 "explanation_png": Path(c.explanation_png).name if c.explanation_png else None}
                                for c in result.candidates]}
@@ -122,7 +125,8 @@ def create_app(conf: ServeConfig):
         with lock:
             who = conf.default_who if decision.who is None else decision.who  # a blank name is refused, not replaced
             confirmed = confirm_photo(store, engine, path, decision.individual, who)
-        return {"image_id": confirmed.image_id, "individual": confirmed.individual, "previous": confirmed.previous}
+        return {"image_id": confirmed.image_id, "individual": confirmed.individual, "previous": confirmed.previous,
+                "previous_removed": confirmed.previous_removed}
 
     @app.get("/api/history/{photo}")
     def photo_history(photo: str):
