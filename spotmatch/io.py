@@ -19,7 +19,7 @@ def check_output(out: str | Path, inputs: Iterable[str | Path] = (), others: Ite
 
     out = Path(out)
     if out.is_dir():
-        raise SpotmatchError(f"{option} {out}: is a folder; name a file, such as {out / 'out.csv'}")
+        raise SpotmatchError(f"{option} {out}: is a folder; name a file in it")
     _refuse_unwritable(out, out.absolute().parent, option)
     if out.exists():  # a file that does not exist yet cannot be one the command reads
         target = out.stat()

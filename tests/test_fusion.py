@@ -348,6 +348,8 @@ def test_calibrate_then_score_pairs_through_the_engine(tmp_path, snow_subset_csv
                         tmp_path / f"explain-{row}.png", global_rank=int(evidence["global_rank"].iloc[row]))
         assert drawn.scores.probability == pytest.approx(submission["similarity"].iloc[row], abs=1e-6)
         assert f"at global rank {evidence['global_rank'].iloc[row]}" in drawn.scores.text()
+        # past the shortlist the drawn keypoints did not count, and the drawing says so
+        assert ("global evidence only" in drawn.scores.text()) == (not checked[row])
 
     # A calibration whose pairs outside the shortlist all score above the shortlisted ones, as pooled fits
     # do on the snow leopards: --shortlist-first puts them back below, in their order.

@@ -242,6 +242,37 @@ def test_explain_writes_png_and_json_matching_the_evidence(rootsift_matcher, tmp
     np.testing.assert_allclose(payload["points0"], evidence.points0, atol=0.01)
 
 
+def test_explain_writes_the_png_it_was_told_and_never_an_input_of_another_case(rootsift_matcher, tmp_path):
+    """`--out q.PNG` beside the query q.png: the drawing goes to q.PNG, the checked name, not over the query."""
+    from typer.testing import CliRunner
+
+    from spotmatch.cli import _register_commands, app
+
+    _register_commands()
+    query = tmp_path / "q.png"
+    cv2.imwrite(str(query), cv2.imread(str(SAME_QUERY)))
+    before = query.read_bytes()
+    result = CliRunner().invoke(app, ["explain", str(query), str(SAME_GALLERY), "--out", str(tmp_path / "q.PNG"), "--cache", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert query.read_bytes() == before and (tmp_path / "q.PNG").is_file() and (tmp_path / "q.json").is_file()
+
+
+def test_the_scores_and_names_fit_a_narrow_drawing():
+    """A portrait pair is narrower than the score line: it wraps, and each file name is cut to its own panel."""
+    from spotmatch.local_match.matchers import PairEvidence
+    from spotmatch.local_match.viz import SCORE_SCALE, TITLE_SCALE, ScoreLine, _text_width, _wrapped, draw_matches
+
+    scores = ScoreLine(12, 0.5, 7.5, cosine=0.61, probability=0.15, stationary=3, probability_rank=25,
+                       probability_note="global evidence only: the local stage re-scores the top 20")
+    portrait = np.full((900, 300, 3), 128, np.uint8)
+    drawing = draw_matches(portrait, portrait, PairEvidence.none(), scores, titles=("a" * 80 + "_1.JPG", "b" * 80 + "_2.JPG"))
+    lines = _wrapped(scores.parts(), drawing.shape[1] - 16, SCORE_SCALE)
+    assert len(lines) > 1 and all(_text_width(line, SCORE_SCALE) <= drawing.shape[1] - 16 for line in lines)
+    assert " ".join(lines).split() == scores.text().split()  # wrapped, nothing cut
+    assert drawing.shape[0] > 900 * 480 // 900 + len(lines) * 24
+    assert _text_width("..." + "a_1.JPG", TITLE_SCALE) < 160
+
+
 def test_score_pairs_cli_writes_evidence(tmp_path):
     from typer.testing import CliRunner
 

@@ -114,6 +114,25 @@ def test_cli_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path, snow_su
     assert not list(tmp_path.iterdir())
 
 
+def test_an_interrupted_report_leaves_no_figures_and_a_file_in_their_way_is_refused_first(built_report, tmp_path, monkeypatch):
+    """Figures are drawn into a staging folder that becomes `<name>_files` only with the page."""
+    from spotmatch.errors import SpotmatchError
+    from spotmatch.report import build
+
+    conf = dataclasses.replace(built_report[0], out=tmp_path / "r.html")
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "_render", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_report(conf)
+    assert not list(tmp_path.iterdir())  # no page, no figures, no staging folder
+    (tmp_path / "r_files").touch()
+    with pytest.raises(SpotmatchError, match=r"r_files: a file stands where the report keeps its figures; move it"):
+        build.check_config(conf)
+
+
 def test_cli_empty_data_is_one_line(tmp_path, tiny_checkpoint):
     empty = tmp_path / "labels.csv"
     empty.write_text("filename,identity\n")

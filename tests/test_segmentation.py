@@ -428,3 +428,37 @@ def test_shortcut_diagnostic_refuses_a_selection_without_two_masked_animals(snow
 
 def _unreachable_embedder(images: list[np.ndarray]) -> np.ndarray:
     raise AssertionError("the selection should have been refused before embedding")
+
+
+def test_seg_sheet_gives_two_unet_runs_a_tile_each_and_iou_summaries_are_strict_json():
+    import json
+
+    from spotmatch.cli.seg_cmds import _tile_labels
+    from spotmatch.segmentation.evaluate import summarise_iou
+
+    assert _tile_labels(["teacher", "unet:runs/cpu/unet.pt", "unet:runs/gpu/unet.pt"]) == {
+        "teacher": "teacher", "unet cpu": "unet:runs/cpu/unet.pt", "unet gpu": "unet:runs/gpu/unet.pt"}
+    with pytest.raises(SpotmatchError, match="--source teacher given twice"):
+        _tile_labels(["teacher", "teacher"])
+    summary = summarise_iou(pd.DataFrame({"infrared": [False, False], "iou": [0.5, 0.7]}))  # no infrared frame
+    assert summary["infrared"] == {"images": 0, "mean_iou": None, "median_iou": None}
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    json.loads(json.dumps(summary), parse_constant=refuse)  # NaN would be refused, as browsers' JSON.parse does
+
+
+def test_the_diagnostic_holds_out_what_a_checkpoint_held_out(snow_subset_csv, tiny_checkpoint, tmp_path):
+    """--embedder checkpoint:... --subset val: the checkpoint's own held-out photos, never its training ones, even
+    where a fresh split of the table would pick others (here: the stored split turned inside out)."""
+    import torch
+
+    from spotmatch.cli.seg_cmds import _select
+    from spotmatch.data.tables import load_dataset
+
+    payload = torch.load(tiny_checkpoint, weights_only=False)
+    payload["split_assignment"] = {name: "train" if part == "val" else "val" for name, part in payload["split_assignment"].items()}
+    torch.save(payload, tmp_path / "inside_out.pt")
+    held_out = _select(load_dataset(snow_subset_csv), "encounter", "val", tmp_path / "inside_out.pt")
+    assert sorted(held_out.table["filename"]) == sorted(name for name, part in payload["split_assignment"].items() if part == "val")

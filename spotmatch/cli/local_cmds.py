@@ -111,7 +111,10 @@ def explain(
                                                               "(0: its best; the global_rank column of score-pairs --evidence-out), "
                                                               "on which the fused probability depends"),
 ) -> None:
-    """Draw the verified keypoint matches of one pair, with the scores, and save the keypoints as JSON."""
+    """Draw the verified keypoint matches of one pair, with the scores, and save the keypoints as JSON.
+
+    Lowe's ratio test is taken from the query's side, so swapping the two photos can change the inliers
+    (docs/local_match.md); give them in the order score-pairs or identify met them."""
     from spotmatch.io import check_output
     from spotmatch.local_match.explain import explain_pair
     from spotmatch.local_match.pipeline import LocalMatcher

@@ -53,15 +53,19 @@ def _load(csv: Path, images: Optional[Path], out: Optional[Path], read: Iterable
     return dataset
 
 
-def _select(dataset: "Dataset", split_by: str, subset: str) -> "Dataset":
-    """The --subset rows; an unknown name or an empty selection is refused here, not as a KeyError later."""
-    from spotmatch.data.splits import SplitConfig, split_dataset
+def _select(dataset: "Dataset", split_by: str, subset: str, checkpoint: Path | None = None) -> "Dataset":
+    """The --subset rows; an unknown name or an empty selection is refused here, not as a KeyError later.
+    With an embedder's `checkpoint`, its own split (as `evaluate` uses it): a fresh one would call some of
+    its training photos held out."""
+    from spotmatch.data.splits import SplitConfig
     from spotmatch.errors import SpotmatchError
+    from spotmatch.evaluation.run import split_for
 
     if subset not in SUBSETS:
         raise SpotmatchError(f"--subset {subset}: unknown; use one of {', '.join(SUBSETS)}")
     if subset != "all":
-        dataset = dataset.subset(split_dataset(dataset, SplitConfig(by=split_by)) == subset)
+        split, split_by, _ = split_for(dataset, SplitConfig(by=split_by), checkpoint)
+        dataset = dataset.subset(split == subset)
     if not len(dataset):
         raise SpotmatchError(f"{dataset.csv_path}: no images in the {subset} subset (split by {split_by});"
                              " use --subset all or a CSV with more encounters")
@@ -188,8 +192,22 @@ def seg_sheet_command(
     device = _checked_run(cache, device)
     dataset = _select(_load(csv, images, out, _checkpoints(source)), split_by, subset)
     paths = pick_sheet_images(dataset.paths, day, infrared, seed)
-    providers = {s.split(":")[0]: MaskProvider.from_config(MaskConfig(source=s), cache, device) for s in source}
+    providers = {label: MaskProvider.from_config(MaskConfig(source=s), cache, device) for label, s in _tile_labels(source).items()}
     typer.echo(str(contact_sheet(paths, providers, out, tile_width, images_per_row=2 if len(providers) > 1 else 4)))
+
+
+def _tile_labels(sources: list[str]) -> dict[str, str]:
+    """Caption -> mask source: the kind (teacher, unet) where it is enough, else the kind and the run folder, so
+    that two U-Net runs compared on one sheet get a tile each."""
+    from spotmatch.errors import SpotmatchError
+
+    repeated = sorted({s for s in sources if sources.count(s) > 1})
+    if repeated:
+        raise SpotmatchError(f"--source {repeated[0]} given twice; name each mask source once")
+    kinds = [s.split(":")[0] for s in sources]
+    labels = {(kind if kinds.count(kind) == 1 else f"{kind} {Path(s.partition(':')[2]).parent.name or s}"): s
+              for kind, s in zip(kinds, sources)}
+    return labels if len(labels) == len(sources) else {s: s for s in sources}
 
 
 def _embed_fn(embedder: str, device: str):
@@ -237,7 +255,7 @@ def seg_diagnostic_command(
     device = _checked_run(cache, device)
     kind, _, value = embedder.partition(":")
     read = _checkpoints([source]) + ([Path(value)] if kind == "checkpoint" else [])
-    dataset = _select(_load(csv, images, out, read), split_by, subset)
+    dataset = _select(_load(csv, images, out, read), split_by, subset, Path(value) if kind == "checkpoint" else None)
     check_diagnostic_table(dataset.table, str(csv))  # before the embedder loads
     provider = MaskProvider.from_config(MaskConfig(source=source), cache, device)
     results, counts = shortcut_diagnostic(dataset, provider, _embed_fn(embedder, device))

@@ -156,4 +156,6 @@ def explain(engine: Engine, query: str | Path, gallery: str | Path, out_png: str
     probability = float(engine.similarity(table)[0]) if engine.fusion is not None else None
     return explain_pair(query, gallery, engine.local, out_png, cosine=float(table["cosine"].iloc[0]),
                         probability=probability, settings=engine.local.conf_name, evidence=evidence,
-                        probability_rank=global_rank if probability is not None else None)
+                        probability_rank=global_rank if probability is not None else None,
+                        probability_note=None if shortlisted or probability is None else
+                        f"global evidence only: the local stage re-scores the top {engine.conf.shortlist_k}")

@@ -14,10 +14,15 @@ Ray Data actor pool builds its stage once (`Embedder.from_checkpoint`, `build_lo
 batch (`Embedder.embed`, `LocalMatcher.features_many`, `Engine.score_pairs`,
 `LocalMatcher.score_pairs`). Output is exactly-once by construction:
 
-* every batch is written by its actor as one Parquet shard, atomically, named by a digest of its
-  keys (image content hashes, or row_ids), so a retried batch rewrites the same file, never a half one;
-* a re-run reads the keys already in the job folder and submits only the rest;
+* every batch is written by its actor as one Parquet shard, atomically, named by a digest of the work
+  it holds (image content hashes; for pairs, each row's row_id with both images' content hashes), so a
+  retried batch rewrites the same file, never a half one;
+* a re-run submits only the work with no shard yet: images whose hash is in no shard, pair shards whose
+  file is missing (a new test file reusing row_ids 0..N for other pairs is new work, never a stale hit);
 * the merge keeps one row per key and checks the key set equals the input's, else one-line error.
+
+A SpotmatchError in an actor (a corrupt image) comes back as data, an `error` column, and the driver
+raises it as the one line it was: Ray Data wraps a raised one in a traceback that does not carry it.
 
 A pair's `global_rank` is its rank among its query's rows, so pair shards are cut at query
 boundaries: each shard holds every row of its queries, and `Engine.score_pairs` sees whole queries.
@@ -40,6 +45,7 @@ from spotmatch.errors import SpotmatchError
 
 EMBED_KEY = "sha256"
 PAIR_KEY = "row_id"
+ERROR_COLUMN = "error"  # an actor's SpotmatchError message, "" when its batch succeeded
 
 
 @dataclass
@@ -116,6 +122,9 @@ def ray_session(conf: RayConfig) -> Iterator[None]:
     # Ray Data logs progress banners every 10 s and per execution; the command's own summary is what
     # counts (set after importing ray.data, which configures its loggers on import).
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ... nor the warning that the bars are off, which is this function's own choice: stderr holds only
+    # what the user must act on (an error is one line there, like the local backend's).
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = context.print_on_execution_start = False
     if ray.is_initialized():  # a caller (a test, a notebook) already chose the cluster
@@ -123,10 +132,13 @@ def ray_session(conf: RayConfig) -> Iterator[None]:
         return
     # Ray reads this from the environment at start-up; the tool must not phone home.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's start-up notices ("Started a local Ray instance", token authentication on by default) are
+    # INFO or WARNING on the "ray" logger; a job that cannot start still raises.
     if conf.address is None:
-        ray.init(num_cpus=conf.num_cpus_local or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=conf.num_cpus_local or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)
     else:
-        ray.init(address=conf.address, log_to_driver=False)
+        ray.init(address=conf.address, log_to_driver=False, logging_level=logging.ERROR)
     try:
         yield
     finally:
@@ -137,10 +149,20 @@ def _actor_options(conf: RayConfig, pool: ActorPool) -> dict:
     import ray.data
 
     # Ray 2.60 has no named parameter for the restart limits: they go through the deprecated
-    # **ray_remote_args (Ray's actor-pool code reads them from there), hence its RayDeprecationWarning.
+    # **ray_remote_args (Ray's actor-pool code reads them from there); `_map_batches` hides the
+    # RayDeprecationWarning that this choice brings.
     return dict(batch_size=None, batch_format="pandas", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
                 compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
                 max_restarts=conf.max_restarts, max_task_retries=conf.max_task_retries)
+
+
+def _map_batches(dataset, actor_class, constructor_args: tuple, options: dict):
+    """`dataset.map_batches` on an actor pool, without the deprecation warning that `_actor_options` brings."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        return dataset.map_batches(actor_class, fn_constructor_args=constructor_args, **options)
 
 
 def _record_pid(pid_dir: str | None, role: str) -> None:
@@ -157,44 +179,48 @@ def _actor_run_config(run, cpus: float = 1.0):
     return dataclasses.replace(run or EmbedConfig(), num_workers=0, decode_threads=max(1, int(cpus)), progress=False)
 
 
-def _unwrap_user_error(error: Exception) -> Exception:
-    """A SpotmatchError raised in an actor arrives wrapped in Ray's exceptions; surface the original one line."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, SpotmatchError):
-            return seen
-        cause = getattr(seen, "cause", None)
-        seen = cause if isinstance(cause, BaseException) else seen.__cause__
-    return error
-
-
 def _run(dataset) -> None:
-    try:
-        dataset.materialize()
-    except Exception as error:  # noqa: BLE001  (re-raised, unwrapped when it is ours)
-        unwrapped = _unwrap_user_error(error)
-        if unwrapped is error:
-            raise
-        raise unwrapped from None
+    """Execute the job; raise the first SpotmatchError an actor returned as data, as the one line it was.
+    Batches that succeeded keep their shards, so the re-run after the fix computes only the failed ones."""
+    results = dataset.to_pandas()
+    messages = [message for message in results[ERROR_COLUMN] if message] if ERROR_COLUMN in results else []
+    if messages:
+        other_errors = len(set(messages)) - 1
+        raise SpotmatchError(messages[0] + (f" ({other_errors} other error(s) in other batches; re-run after the fix to see them)"
+                                            if other_errors else ""))
+
+
+class _UserErrorAsData:
+    """Base of the batch actors: a SpotmatchError from building the stage or running a batch becomes an
+    `error` row instead of an exception (raised, Ray Data would bury it in a wrapped traceback)."""
+
+    def _build(self, build) -> object | None:
+        self.build_error = ""
+        try:
+            return build()
+        except SpotmatchError as error:  # reported by every batch this actor gets, then by the driver
+            self.build_error = str(error)
+            return None
+
+    def _error_row(self, message: str) -> pd.DataFrame:
+        return pd.DataFrame({"shard": [""], ERROR_COLUMN: [message]})
 
 
 # ----------------------------------------------------------------------------- shards
 
 
 def shard_name(keys) -> str:
-    """Deterministic from the keys it holds: the same batch always lands in the same file."""
+    """Deterministic from the work it holds: the same batch always lands in the same file."""
     digest = hashlib.sha256("\n".join(sorted(map(str, keys))).encode()).hexdigest()[:20]
     return f"part-{digest}.parquet"
 
 
-def write_shard(table, folder: Path) -> Path:
+def write_shard(table, target: Path) -> Path:
     """One Parquet file, written beside its final name and renamed (a killed writer leaves no shard)."""
     import pyarrow.parquet as pq
 
     from spotmatch.io import atomic_path
 
-    key = EMBED_KEY if EMBED_KEY in table.column_names else PAIR_KEY
-    target = folder / shard_name(table.column(key).to_pylist())
     with atomic_path(target) as tmp:
         pq.write_table(table, tmp)
     return target
@@ -207,10 +233,11 @@ def keys_written(folder: Path, key: str) -> set:
     return {k for shard in sorted(folder.glob("part-*.parquet")) for k in pq.read_table(shard, columns=[key]).column(key).to_pylist()}
 
 
-def read_shards(folder: Path) -> pd.DataFrame:
+def read_shards(folder: Path, names: list[str] | None = None) -> pd.DataFrame:
+    """Every shard in the folder, or only those `names` (a pair job's folder also holds other inputs' shards)."""
     import pyarrow.parquet as pq
 
-    shards = sorted(folder.glob("part-*.parquet"))
+    shards = sorted(folder.glob("part-*.parquet")) if names is None else [folder / name for name in names]
     return pd.concat([pq.read_table(s).to_pandas() for s in shards], ignore_index=True) if shards else pd.DataFrame()
 
 
@@ -261,22 +288,27 @@ class FeatureStage:
         return {"keypoints": [len(features[p]) for p in paths]}
 
 
-class ImageBatch:
+class ImageBatch(_UserErrorAsData):
     """Actor: its stage (a model) loads once in __init__; each call runs the stage on one batch of
     distinct images and writes their shard."""
 
     def __init__(self, build_stage, shard_folder: str, pid_dir: str | None):
-        self.stage = build_stage()
-        _record_pid(pid_dir, self.stage.role)
+        self.stage = self._build(build_stage)
+        _record_pid(pid_dir, self.stage.role if self.stage is not None else "unbuilt")
         self.shard_folder = Path(shard_folder)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import pyarrow as pa
 
-        columns = self.stage(batch["path"].tolist())
+        if self.build_error:
+            return self._error_row(self.build_error)
+        try:
+            columns = self.stage(batch["path"].tolist())
+        except SpotmatchError as error:
+            return self._error_row(str(error))
         table = pa.table({EMBED_KEY: batch[EMBED_KEY].tolist(), "path": batch["path"].tolist(), **columns})
-        shard = write_shard(table, self.shard_folder)
-        return pd.DataFrame({"shard": [shard.name], "rows": [len(batch)]})
+        shard = write_shard(table, self.shard_folder / shard_name(batch[EMBED_KEY]))
+        return pd.DataFrame({"shard": [shard.name], ERROR_COLUMN: [""]})
 
 
 def _image_job(paths: list, build_stage, folder: Path, conf: RayConfig, pool: ActorPool) -> tuple[list[str], pd.DataFrame]:
@@ -294,9 +326,8 @@ def _image_job(paths: list, build_stage, folder: Path, conf: RayConfig, pool: Ac
         # One input block per batch, built here: no repartition task competing with the actors for CPUs
         # (on a small cluster a pool that holds every CPU would otherwise wait on it forever).
         blocks = [rows.iloc[i:i + conf.batch_size] for i in range(0, len(rows), conf.batch_size)]
-        dataset = (ray.data.from_pandas(blocks)
-                   .map_batches(ImageBatch, fn_constructor_args=(build_stage, str(folder), conf.worker_pid_dir),
-                                **{**_actor_options(conf, pool), "batch_size": conf.batch_size}))
+        dataset = _map_batches(ray.data.from_pandas(blocks), ImageBatch, (build_stage, str(folder), conf.worker_pid_dir),
+                               {**_actor_options(conf, pool), "batch_size": conf.batch_size})
         _run(dataset)
     return hashes, check_exactly_once(read_shards(folder), EMBED_KEY, list(dict.fromkeys(hashes)), folder)
 
@@ -358,42 +389,63 @@ def query_bounded_shards(pairs: pd.DataFrame, rows_per_shard: int) -> list[np.nd
     return shards
 
 
-class PairBatch:
+class PairBatch(_UserErrorAsData):
     """Actor: its scorer (an Engine, or a LocalMatcher) loads once; each call scores whole queries' rows
-    with the scorer's `score_pairs` and writes their shard."""
+    with the scorer's `score_pairs` and writes their shard under the name the driver gave it."""
 
     def __init__(self, build_scorer, pairs: pd.DataFrame, shard_folder: str, pid_dir: str | None):
-        self.scorer = build_scorer()
+        self.scorer = self._build(build_scorer)
         _record_pid(pid_dir, "score")
         self.pairs, self.shard_folder = pairs, Path(shard_folder)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import pyarrow as pa
 
+        if self.build_error:
+            return self._error_row(self.build_error)
         written = []
-        for positions in batch["positions"]:
+        for positions, name in zip(batch["positions"], batch["shard"]):
             rows = self.pairs.iloc[np.asarray(positions)]
-            scored = self.scorer.score_pairs(rows)
+            try:
+                scored = self.scorer.score_pairs(rows)
+            except SpotmatchError as error:
+                return self._error_row(str(error))
             if PAIR_KEY not in scored.columns:  # the local stage returns evidence columns by row position
                 scored.insert(0, PAIR_KEY, rows[PAIR_KEY].to_numpy())
-            written.append(write_shard(pa.Table.from_pandas(scored, preserve_index=False), self.shard_folder).name)
-        return pd.DataFrame({"shard": written})
+            written.append(write_shard(pa.Table.from_pandas(scored, preserve_index=False), self.shard_folder / name).name)
+        return pd.DataFrame({"shard": written, ERROR_COLUMN: [""] * len(written)})
+
+
+def pair_work(pairs: pd.DataFrame) -> pd.Series:
+    """What decides a row's result besides the job folder's settings: its row_id and the content of both
+    its images. Kaggle row_ids are 0..N in every test file, so a row_id alone names no work; content,
+    not path, so a photo replaced under the same name is new work too. Each distinct image hashed once."""
+    from spotmatch.data.images import file_sha256
+
+    images = pd.unique(pd.concat([pairs["query_image_path"], pairs["gallery_image_path"]], ignore_index=True))
+    sha256_of = {path: file_sha256(path) for path in images}
+    return (pairs[PAIR_KEY].astype(str) + "\t" + pairs["query_image_path"].map(sha256_of)
+            + "\t" + pairs["gallery_image_path"].map(sha256_of))
 
 
 def _pair_job(pairs: pd.DataFrame, build_scorer, folder: Path, conf: RayConfig, pool: ActorPool) -> pd.DataFrame:
-    """`build_scorer().score_pairs` over `pairs` on an actor pool: one row per row_id, in the input's order."""
+    """`build_scorer().score_pairs` over `pairs` on an actor pool: one row per row_id, in the input's order.
+
+    A shard is named by the work of all its rows (a row's rank, hence its score, depends on its query's
+    other rows), so an existing file is exactly this work done, and the merge reads only this input's files."""
     import ray.data
 
     folder.mkdir(parents=True, exist_ok=True)
-    done = keys_written(folder, PAIR_KEY)
-    todo = [p for p in query_bounded_shards(pairs, conf.pairs_per_shard) if not set(pairs[PAIR_KEY].iloc[p]) <= done]
+    work = pair_work(pairs).to_numpy()
+    positions_per_shard = query_bounded_shards(pairs, conf.pairs_per_shard)
+    names = [shard_name(work[positions]) for positions in positions_per_shard]
+    todo = [(positions, name) for positions, name in zip(positions_per_shard, names) if not (folder / name).exists()]
     if todo:
-        blocks = [pd.DataFrame({"positions": [p.tolist()]}) for p in todo]
-        dataset = (ray.data.from_pandas(blocks)
-                   .map_batches(PairBatch, fn_constructor_args=(build_scorer, pairs, str(folder), conf.worker_pid_dir),
-                                **{**_actor_options(conf, pool), "batch_size": 1}))
+        blocks = [pd.DataFrame({"positions": [positions.tolist()], "shard": [name]}) for positions, name in todo]
+        dataset = _map_batches(ray.data.from_pandas(blocks), PairBatch, (build_scorer, pairs, str(folder), conf.worker_pid_dir),
+                               {**_actor_options(conf, pool), "batch_size": 1})
         _run(dataset)
-    return check_exactly_once(read_shards(folder), PAIR_KEY, pairs[PAIR_KEY].tolist(), folder)
+    return check_exactly_once(read_shards(folder, names), PAIR_KEY, pairs[PAIR_KEY].tolist(), folder)
 
 
 def pair_shard_folder(job_dir: Path, model_id: str, fusion_path, engine_conf) -> Path:

@@ -47,13 +47,14 @@ def build_protocol(table: pd.DataFrame, split: pd.Series, split_by: str) -> Prot
     return Protocol(query_rows, gallery_rows, views, kind)
 
 
-def refuse_trivial_protocol(protocol: Protocol, identities: np.ndarray, csv_path) -> None:
+def refuse_trivial_protocol(protocol: Protocol, identities: np.ndarray, csv_path,
+                            fix: str = "hold out more animals (--val-fraction) or use a larger table") -> None:
     """With one animal in the held-out queries' gallery every ranking is perfect (IB-mAP 1.000), which
     would read as a result and pick a checkpoint."""
     animals = np.unique(identities[protocol.gallery_rows])
     if len(protocol.query_rows) and len(animals) < 2:
         raise SpotmatchError(f"{csv_path}: the held-out photos are ranked against one animal only ({animals[0] if len(animals) else 'none'}),"
-                             f" so every ranking would be perfect; hold out more animals (--val-fraction) or use a larger table")
+                             f" so every ranking would be perfect; {fix}")
 
 
 def evaluate_protocol(similarity: np.ndarray, identities: np.ndarray, protocol: Protocol) -> dict[str, dict]:

@@ -33,14 +33,17 @@ def explain_pair(
     settings: str = "",
     evidence: PairEvidence | None = None,
     probability_rank: int | None = None,
+    probability_note: str | None = None,
 ) -> PairExplanation:
     """Match the pair (unless its `evidence` is given), draw it to `out_png` and write `<out_png stem>.json`
     with the inlier keypoints. `probability_rank`: the global rank the probability was computed at, shown
-    beside it when the pair was scored on its own rather than as a candidate of a real list."""
-    out_png = Path(out_png).with_suffix(".png")
+    beside it when the pair was scored on its own rather than as a candidate of a real list; `probability_note`:
+    what the probability did not use (the drawn keypoints, past the shortlist)."""
+    out_png = Path(out_png)  # as given: `x.PNG` made `x.png` would be a file the caller never checked (the query, say)
     query_record, gallery_record = load_image(query), load_image(gallery)
     evidence = evidence if evidence is not None else scorer.evidence(query, gallery)
-    scores = ScoreLine(evidence.inliers, evidence.inlier_ratio, evidence.score, cosine, probability, evidence.stationary, probability_rank)
+    scores = ScoreLine(evidence.inliers, evidence.inlier_ratio, evidence.score, cosine, probability, evidence.stationary, probability_rank,
+                       probability_note)
     mask_source = getattr(scorer, "mask_source", None)
     masks = [mask_source(r) if mask_source else r.mask for r in (query_record, gallery_record)]
     drawing = draw_matches(
@@ -61,6 +64,7 @@ def explain_pair(
         "global_cosine": cosine,
         "probability": probability,
         "probability_at_global_rank": probability_rank,
+        "probability_note": probability_note,
         **evidence.to_dict(),
     }
     write_text_atomic(json.dumps(payload, indent=1), json_path)

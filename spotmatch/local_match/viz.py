@@ -14,8 +14,11 @@ import numpy as np
 from spotmatch.local_match.matchers import PairEvidence
 
 PANEL_HEIGHT = 480  # height each image is drawn at
-HEADER_HEIGHT = 56
 MASK_COLOUR = (255, 0, 255)  # magenta in RGB: seldom a coat or background colour
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+SCORE_SCALE, TITLE_SCALE = 0.6, 0.45
+LINE_HEIGHT = 24  # pixels per header line
+MARGIN = 8
 
 
 @dataclass
@@ -30,8 +33,10 @@ class ScoreLine:
     stationary: int = 0  # matches dropped as static scene; shown so a reader knows why a busy pair scored 0
     # The global rank the probability assumed, for a pair scored outside a real list (explain): it changes the number.
     probability_rank: int | None = None
+    # What the probability did not use, when the drawn keypoints did not count (past the re-scored shortlist).
+    probability_note: str | None = None
 
-    def text(self) -> str:
+    def parts(self) -> list[str]:
         parts = [f"inliers {self.inliers}", f"inlier ratio {self.inlier_ratio:.2f}", f"local score {self.score:.1f}"]
         if self.stationary:
             parts.append(f"static-scene matches dropped {self.stationary}")
@@ -39,8 +44,46 @@ class ScoreLine:
             parts.append(f"global cosine {self.cosine:.3f}")
         if self.probability is not None:
             at_rank = f" at global rank {self.probability_rank}" if self.probability_rank is not None else ""
-            parts.append(f"P(same) {self.probability:.2f}{at_rank}")
-        return "   ".join(parts)
+            note = f" ({self.probability_note})" if self.probability_note else ""
+            parts.append(f"P(same) {self.probability:.2f}{at_rank}{note}")
+        return parts
+
+    def text(self) -> str:
+        return "   ".join(self.parts())
+
+
+def _text_width(text: str, scale: float) -> int:
+    return cv2.getTextSize(text, FONT, scale, 1)[0][0]
+
+
+def _wrapped(parts: list[str], width: int, scale: float) -> list[str]:
+    """The parts joined into as few lines as fit `width` pixels (a portrait pair is narrow); a part wider than
+    that is broken between words, and only a single word wider than that is cut."""
+    pieces = [line for part in parts
+              for line in ([part] if _text_width(part, scale) <= width else _greedy(part.split(" "), " ", width, scale))]
+    return [_fitted(line, width, scale) for line in _greedy(pieces, "   ", width, scale)]
+
+
+def _greedy(pieces: list[str], separator: str, width: int, scale: float) -> list[str]:
+    lines: list[str] = []
+    for piece in pieces:
+        joined = f"{lines[-1]}{separator}{piece}" if lines else piece
+        if lines and _text_width(joined, scale) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(piece)
+    return lines
+
+
+def _fitted(text: str, width: int, scale: float) -> str:
+    """`text`, its start replaced by "..." where it is wider than `width` pixels: the end of a camera-trap file
+    name (time, burst number, extension) is what tells two frames apart."""
+    if _text_width(text, scale) <= width:
+        return text
+    for start in range(1, len(text)):
+        if _text_width("..." + text[start:], scale) <= width:
+            return "..." + text[start:]
+    return ""
 
 
 def _panel(rgb: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray:
@@ -76,11 +119,14 @@ def draw_matches(
     scale0, scale1 = PANEL_HEIGHT / rgb0.shape[0], PANEL_HEIGHT / rgb1.shape[0]
     left, right = _panel(rgb0, mask0, scale0), _panel(rgb1, mask1, scale1)
     gap = 8
-    canvas = np.full((HEADER_HEIGHT + PANEL_HEIGHT, left.shape[1] + gap + right.shape[1], 3), 255, np.uint8)
-    canvas[HEADER_HEIGHT:, : left.shape[1]] = left
-    canvas[HEADER_HEIGHT:, left.shape[1] + gap:] = right
-    offset1 = np.array([left.shape[1] + gap, HEADER_HEIGHT], np.float32)
-    points0 = evidence.points0 * scale0 + np.array([0, HEADER_HEIGHT], np.float32)
+    width = left.shape[1] + gap + right.shape[1]
+    score_lines = _wrapped(scores.parts(), width - 2 * MARGIN, SCORE_SCALE)
+    header = (len(score_lines) + 1) * LINE_HEIGHT + MARGIN  # the scores, then one line of titles
+    canvas = np.full((header + PANEL_HEIGHT, width, 3), 255, np.uint8)
+    canvas[header:, : left.shape[1]] = left
+    canvas[header:, left.shape[1] + gap:] = right
+    offset1 = np.array([left.shape[1] + gap, header], np.float32)
+    points0 = evidence.points0 * scale0 + np.array([0, header], np.float32)
     points1 = evidence.points1 * scale1 + offset1
     colours = confidence_colours(evidence.confidence)
     # Least confident first, so the confident lines are drawn on top.
@@ -90,8 +136,12 @@ def draw_matches(
         cv2.line(canvas, a, b, colour, 1, cv2.LINE_AA)
         cv2.circle(canvas, a, 3, colour, -1, cv2.LINE_AA)
         cv2.circle(canvas, b, 3, colour, -1, cv2.LINE_AA)
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    cv2.putText(canvas, scores.text(), (8, 22), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(canvas, titles[0][:60], (8, 46), font, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
-    cv2.putText(canvas, titles[1][:60], (int(offset1[0]), 46), font, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
+    for row, line in enumerate(score_lines, start=1):
+        cv2.putText(canvas, line, (MARGIN, row * LINE_HEIGHT - 2), FONT, SCORE_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
+    title_y = header - MARGIN - 2
+    # Each title within its own panel, so two long names never run into each other.
+    cv2.putText(canvas, _fitted(titles[0], left.shape[1] - MARGIN, TITLE_SCALE), (MARGIN, title_y), FONT, TITLE_SCALE,
+                (60, 60, 60), 1, cv2.LINE_AA)
+    cv2.putText(canvas, _fitted(titles[1], right.shape[1] - MARGIN, TITLE_SCALE), (int(offset1[0]), title_y), FONT,
+                TITLE_SCALE, (60, 60, 60), 1, cv2.LINE_AA)
     return canvas

@@ -57,7 +57,7 @@ def report_protocol(dataset: Dataset, split: pd.Series, split_by: str) -> Protoc
     if len(protocol.query_rows) == 0:
         raise SpotmatchError(f"{dataset.csv_path}: the split holds no validation images to query with; "
                              f"report on the table the checkpoint was trained on, or one with several images per identity")
-    refuse_trivial_protocol(protocol, dataset.table["identity"].to_numpy(), dataset.csv_path)
+    refuse_trivial_protocol(protocol, dataset.table["identity"].to_numpy(), dataset.csv_path, "use a table with more animals")
     return protocol
 
 

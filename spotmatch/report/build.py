@@ -60,6 +60,14 @@ def check_config(conf: ReportConfig) -> None:
         raise SpotmatchError(f"--max-images {conf.max_images}: must be at least 2 (the projections need points)")
     if conf.out.suffix.lower() not in (".html", ".htm"):
         raise SpotmatchError(f"{conf.out}: the report is an HTML file; give --out a name ending in .html")
+    folder = figures_folder(conf.out)
+    if folder.exists() and not folder.is_dir():
+        raise SpotmatchError(f"{folder}: a file stands where the report keeps its figures; move it, or give --out another name")
+
+
+def figures_folder(out: Path) -> Path:
+    """Where the page's figures are also saved as PNG files, beside it."""
+    return out.parent / f"{out.stem}_files"
 
 
 def reliability_png(conf: ReportConfig, embedder_id: str) -> Path | None:
@@ -141,8 +149,27 @@ def build_report(conf: ReportConfig) -> ReportSummary:
     analysis = analyse(dataset, embedder.embed(dataset.paths), protocol, split, split_by, origin)
     shown = sample_rows(split, conf.max_images, conf.seed)
 
-    folder = conf.out.parent / f"{conf.out.stem}_files"
-    pngs = draw_pngs(dataset, analysis, payload.get("history", []), shown, conf, folder, fusion_png)
+    folder = figures_folder(conf.out)
+    # Drawn into a staging folder that replaces the figures folder only with the page: an interrupted run
+    # leaves neither figures without a page nor a page beside another run's figures.
+    staging = folder.with_name(f"{folder.name}.part")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        pngs = draw_pngs(dataset, analysis, payload.get("history", []), shown, conf, staging, fusion_png)
+        page, summary = _render(conf, payload, dataset, analysis, shown, folder, pngs, fusion_png)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+        write_text_atomic(page, conf.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _render(conf: ReportConfig, payload: dict, dataset: Dataset, analysis: RetrievalAnalysis, shown: np.ndarray,
+            folder: Path, pngs: dict[str, Path], fusion_png: Path | None) -> tuple[str, ReportSummary]:
+    """The page's HTML, and what it holds; `pngs` are drawn, and will be in `folder`."""
+    split, origin = analysis.split, analysis.split_origin
     divs, tsne_note = scatter_divs(dataset, analysis, shown, conf.seed)
     n_val = int((split == "val").sum())
     overall = analysis.metrics_by_view["all"]
@@ -169,12 +196,15 @@ def build_report(conf: ReportConfig) -> ReportSummary:
             "heatmap": f"The {len(shown)} images of the projections, all pairs.",
             "neighbours": "One validation query per identity, worst identities first (at most "
                           f"{conf.neighbour_queries}); similarity under each neighbour.",
+            # Not drawn from this page's images: a reader would take it for their calibration.
+            "reliability": None if fusion_png is None else
+                           f"Copied from {fusion_png}: the calibration's own held-out pairs (spotmatch calibrate), not the"
+                           f" images of this page.",
             "training": None if any(not np.isnan(row.get("val_ib_map", np.nan)) for row in payload.get("history", []))
                         else "No validation IB-mAP was measured during training.",
         }.items() if note},
     )
     page = render_page(content)
-    write_text_atomic(page, conf.out)
-    return ReportSummary(out=conf.out, pngs=list(pngs.values()), n_images=len(dataset),
-                         n_identities=int(dataset.table["identity"].nunique()), n_shown=len(shown),
-                         ib_map=overall["ib_map"], split_origin=origin, bytes_written=len(page.encode("utf-8")))
+    return page, ReportSummary(out=conf.out, pngs=[folder / path.name for path in pngs.values()], n_images=len(dataset),
+                               n_identities=int(dataset.table["identity"].nunique()), n_shown=len(shown),
+                               ib_map=overall["ib_map"], split_origin=origin, bytes_written=len(page.encode("utf-8")))

@@ -117,6 +117,10 @@ def shortcut_diagnostic(
     check_diagnostic_table(table, f"{dataset.csv_path}, masked by {provider.conf.source}",
                            "only images with a mask take part: use --source teacher or unet:<checkpoint>")
     pairs = categorise_pairs(table)
+    empty = [category for category in CATEGORIES if not (pairs["category"] == category).any()]
+    if empty:  # the comparison the table exists for would be NaN
+        raise SpotmatchError(f"{dataset.csv_path}, masked by {provider.conf.source}: no pairs of {' or '.join(map(repr, empty))}"
+                             f" among its {len(rows)} masked images; use a CSV (or --subset) with more animals and stations")
     results = []
     for view in conf.views:
         images = [render_view(rgb, mask, view, conf.margin) for rgb, mask in zip(records, masks)]

@@ -54,8 +54,8 @@ def compare_masks(paths: Sequence[Path], predicted: MaskProvider, reference: Mas
 def summarise_iou(per_image: pd.DataFrame) -> dict:
     def group(frame: pd.DataFrame) -> dict:
         # the median too: IoU is bimodal (agree, or one model misses the cat), so a mean alone misleads
-        if not len(frame):
-            return {"images": 0, "mean_iou": float("nan"), "median_iou": float("nan")}
+        if not len(frame):  # None: JSON's null (NaN is not JSON, and a reader's parser refuses it)
+            return {"images": 0, "mean_iou": None, "median_iou": None}
         return {"images": int(len(frame)), "mean_iou": float(frame["iou"].mean()), "median_iou": float(frame["iou"].median())}
 
     return {
