@@ -60,8 +60,10 @@ def _refuse_unwritable(target: Path, folder: Path, option: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it onto `target` only on success."""
+def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; rename it onto `target` only on success. `durable`:
+    its bytes reach the disk before the rename, else a power cut can leave `target` renamed but empty;
+    a cache that reads a damaged entry as a miss can skip that cost."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
@@ -69,6 +71,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if durable:
+            with open(tmp, "rb") as written:
+                os.fsync(written.fileno())
         # mkstemp makes the file private (0600); give it what a plain open() would have given.
         os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
         os.replace(tmp, target)
@@ -88,8 +93,8 @@ def write_csv_atomic(frame: pd.DataFrame, target: str | Path) -> Path:
     return Path(target)
 
 
-def save_npy_atomic(array: np.ndarray, target: str | Path) -> Path:
-    with atomic_path(target) as tmp:
+def save_npy_atomic(array: np.ndarray, target: str | Path, durable: bool = True) -> Path:
+    with atomic_path(target, durable) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, array)
     return Path(target)

@@ -137,7 +137,25 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, pairs_csv, tiny
                           "is a folder; name a file")
     assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", tiny_checkpoint, "--device", "bogus", "--out", out),
                           "--device bogus: not a device torch knows")
+    # Settings that act only with a calibration file would otherwise be ignored without a word.
+    assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", tiny_checkpoint, "--top-k", "5", "--out", out),
+                          "--top-k and --shortlist-first set the local re-scoring")
+    (tmp_path / "fusion.json").write_text("{}")
+    assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", tiny_checkpoint, "--fusion", tmp_path / "fusion.json",
+                                  "--flip-tta", "--out", out), "fit on embeddings without --flip-tta")
     assert out.read_text() == "previous,content\n"
+    # evaluate's table over one of the photos it ranks
+    photo_copy = tmp_path / "photos"
+    photo_copy.mkdir()
+    labels = pd.read_csv(SNOW / "labels.csv").head(6)
+    for name in labels["filename"]:
+        (photo_copy / name).write_bytes((SNOW / "images" / name).read_bytes())
+    labels.to_csv(photo_copy / "labels.csv", index=False)
+    victim = photo_copy / labels["filename"].iloc[0]
+    before = victim.read_bytes()
+    assert_one_line_error(run_cli("evaluate", "--data", photo_copy / "labels.csv", "--checkpoint", tiny_checkpoint, "--out", victim),
+                          "is also read by this command")
+    assert victim.read_bytes() == before
 
 
 def test_ctrl_c_is_one_line_and_exit_status_130():

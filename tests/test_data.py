@@ -142,6 +142,11 @@ def test_pairs_csv_checks(tmp_path):
     good.assign(row_id=["", "1"]).to_csv(tmp_path / "norow.csv", index=False)
     with pytest.raises(SpotmatchError, match="norow.csv: empty row_id on line 2"):
         load_pairs(tmp_path / "norow.csv")
+    # One field more on every row: pandas would take row_id as the index and read an image name as row_id.
+    (tmp_path / "ragged.csv").write_text("row_id,query_image,gallery_image\n" + "".join(
+        f"{n},{SNOW_IMAGE.name},{SNOW_IMAGE.name},{SNOW_IMAGE.name}\n" for n in range(2)))
+    with pytest.raises(SpotmatchError, match=r"ragged.csv: every row has one field more than the header \(row_id, query_image"):
+        load_pairs(tmp_path / "ragged.csv")
 
 
 def test_encounter_split_keeps_encounters_whole_and_is_deterministic():

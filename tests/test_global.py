@@ -500,3 +500,19 @@ def test_extra_share_sets_how_often_each_sets_animals_are_drawn():
         return np.mean(np.array(drawn) < 2)
 
     assert main_share(None) < 0.2 < 0.4 < main_share(weights)  # 2 of 20 animals alike, or half of every batch
+
+
+def test_a_damaged_embedding_cache_entry_is_embedded_again(tmp_path, snow_subset_csv, tiny_checkpoint):
+    """A crash or a full disk can leave a cache file empty or cut: a cache is never a reason to stop."""
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.global_embed.embed import EmbedConfig, Embedder
+
+    paths = load_dataset(snow_subset_csv).paths[:3]
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(num_workers=0, cache_dir=str(tmp_path), progress=False))
+    expected = embedder.embed(paths)
+    entries = sorted(tmp_path.rglob("*.npy"))
+    assert len(entries) == 3
+    entries[0].write_bytes(b"")
+    entries[1].write_bytes(entries[1].read_bytes()[:50])
+    np.testing.assert_allclose(embedder.embed(paths), expected, atol=1e-6)
+    assert all(np.load(entry).shape == (embedder.dim,) for entry in entries)  # rewritten whole

@@ -298,6 +298,17 @@ def test_score_pairs_cli_writes_evidence(tmp_path):
     assert isinstance(refused.exception, SpotmatchError) and "--checkpoint" in str(refused.exception)
 
 
+def test_a_damaged_feature_cache_file_is_extracted_again(tmp_path):
+    local = LocalMatcher.from_name("rootsift", cache_dir=tmp_path, workers=1)
+    expected = local.evidence(SAME_QUERY, SAME_GALLERY)
+    files = sorted(tmp_path.rglob("*.npz"))
+    assert len(files) == 2
+    files[0].write_bytes(b"")
+    files[1].write_bytes(files[1].read_bytes()[:100])
+    again = LocalMatcher.from_name("rootsift", cache_dir=tmp_path, workers=1)  # nothing in memory: read from disk
+    assert again.evidence(SAME_QUERY, SAME_GALLERY).inliers == expected.inliers and again.cache.extracted == 2
+
+
 def test_corrupt_image_names_the_file(rootsift_matcher, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(SAME_QUERY.read_bytes()[:2000])

@@ -18,7 +18,7 @@ from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, 
                                       reads_as_date, refuse_catalogue_folder, reviewer)
 from spotmatch.data.images import file_sha256, load_image
 from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, parse_side,
-                                   refuse_conflicting_labels)
+                                   refuse_conflicting_labels, refuse_extra_field)
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import decision_score
 
@@ -223,6 +223,7 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); pass a CSV of photos, a folder of"
                              f" photos, or one photo (jpg, png, ...)") from None
+    refuse_extra_field(table, csv_path)
     filename_col = _column(table, FILENAME_ALIASES)
     if filename_col is None:
         raise SpotmatchError(f"{csv_path}: no filename column (expected one of {', '.join(FILENAME_ALIASES)}); rename the column")

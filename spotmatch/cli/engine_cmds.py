@@ -33,7 +33,7 @@ def calibrate(
     split_by: str = typer.Option("identity", help="When the checkpoint was not trained on this table: identity or a group column."),
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
-    num_workers: int = typer.Option(2, help="Image decoding processes / local matching threads."),
+    num_workers: int = typer.Option(2, min=0, help="Image decoding processes / local matching threads."),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Cache folder for embeddings and local features."),
 ) -> None:
     """Fit the fusion calibrator on held-out pairs; report IB-mAP of every stage and calibration quality."""

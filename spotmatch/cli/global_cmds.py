@@ -123,7 +123,7 @@ def embed(
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass (bounds GPU memory)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
-    num_workers: int = typer.Option(2, help="Image decoding processes."),
+    num_workers: int = typer.Option(2, min=0, help="Image decoding processes."),
     decode_on_device: bool = typer.Option(False, help=DECODE_ON_DEVICE_HELP),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder ('' disables)."),
     backend: str = typer.Option("local", help=BACKEND_HELP),
@@ -181,7 +181,7 @@ def score_pairs(
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass (bounds GPU memory)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
-    num_workers: int = typer.Option(2, help="Image decoding processes / local matching threads."),
+    num_workers: int = typer.Option(2, min=0, help="Image decoding processes / local matching threads."),
     decode_on_device: bool = typer.Option(False, help=DECODE_ON_DEVICE_HELP),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Cache folder for embeddings and local features."),
     backend: str = typer.Option("local", help=BACKEND_HELP),
@@ -196,6 +196,13 @@ def score_pairs(
     from spotmatch.engine.scoring import write_submission
     from spotmatch.io import check_output, write_csv_atomic
 
+    if fusion is None and (top_k is not None or shortlist_first):  # silently ignored, they would seem to have been used
+        raise SpotmatchError("--top-k and --shortlist-first set the local re-scoring and the fused probability: pass --fusion"
+                             " FILE (from `spotmatch calibrate`) too, or drop them")
+    if fusion is not None and flip_tta:
+        # The mirrored average is another embedding: no calibration file is fit for it (calibrate has no such flag).
+        raise SpotmatchError(f"{fusion}: fit on embeddings without --flip-tta, and the probability holds only for those;"
+                             f" drop --flip-tta (or score without --fusion)")
     pairs = load_pairs(pairs_csv, images)
     read = [pairs_csv, checkpoint, *([fusion] if fusion else []), *dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]])]
     check_output(out, read)
@@ -241,7 +248,7 @@ def evaluate(
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
-    num_workers: int = typer.Option(2, help="Image decoding processes."),
+    num_workers: int = typer.Option(2, min=0, help="Image decoding processes."),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder."),
     out: Optional[Path] = typer.Option(None, help="Also write the table (markdown) here."),
 ) -> None:
@@ -257,10 +264,10 @@ def evaluate(
 
     if not checkpoint and not baseline:
         raise SpotmatchError("nothing to evaluate; pass --checkpoint and/or --baseline BACKBONE")
-    if out:
-        check_output(out, [data, *checkpoint])
     run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir)
     dataset = load_dataset(data, images, drop_ambiguous=not keep_ambiguous)
+    if out:  # a photo of the table too: the table written over it would destroy the photo
+        check_output(out, [data, *checkpoint, *dataset.paths])
     split, used_split_by, origin = split_for(dataset, SplitConfig(by=split_by, val_fraction=val_fraction, seed=seed),
                                              checkpoint[0] if checkpoint else None)
     for path in checkpoint[1:]:

@@ -48,7 +48,7 @@ def match(
     top_k: int = typer.Option(20, "--top-k", min=0, help="match only each query's K best pairs by global cosine; 0 = all"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="global model checkpoint, for --top-k"),
     cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="cache folder (features go to <cache>/local/...)"),
-    workers: int = typer.Option(2, "--workers", help="CPU threads for SIFT extraction and matching"),
+    workers: int = typer.Option(2, "--workers", min=1, help="CPU threads for SIFT extraction and matching"),
     weights: Optional[str] = typer.Option(None, "--weights", help="weights file (LoFTR needs one)"),
     backend: str = typer.Option("local", "--backend", help=BACKEND_HELP),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),

@@ -26,7 +26,7 @@ def report(
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
-    num_workers: int = typer.Option(2, help="Image decoding processes."),
+    num_workers: int = typer.Option(2, min=0, help="Image decoding processes."),
     cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder."),
     seed: int = typer.Option(0, help="Seed of the image sample, PCA/t-SNE and a fresh split."),
 ) -> None:

@@ -63,7 +63,16 @@ def _read_csv(csv_path: Path, nrows: int | None = None) -> pd.DataFrame:
         raise SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); check the file") from None
     if len(table.columns) == 1 and ";" in table.columns[0]:  # a spreadsheet's export in a comma-decimal locale
         raise SpotmatchError(f"{csv_path}: its columns are separated by semicolons ({table.columns[0]}); save it comma-separated")
+    refuse_extra_field(table, csv_path)
     return table
+
+
+def refuse_extra_field(table: pd.DataFrame, csv_path: Path) -> None:
+    """Rows that all hold one field more than the header: pandas takes their first field as the index and
+    shifts every column left (row_id would read an image name), without a word."""
+    if not isinstance(table.index, pd.RangeIndex):
+        raise SpotmatchError(f"{csv_path}: every row has one field more than the header ({', '.join(table.columns)}); add the"
+                             f" missing column name to the header, or remove the extra field")
 
 
 def is_pairs_table(csv_path: Path) -> bool:

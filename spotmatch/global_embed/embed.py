@@ -106,12 +106,24 @@ class Embedder:
         by_hash: dict[str, np.ndarray] = {}
         for sha in first_path_of:
             cache_path = self._cache_path(sha)
-            if cache_path is not None and cache_path.is_file():
-                by_hash[sha] = np.load(cache_path)
+            cached = self._read_cached(cache_path) if cache_path is not None else None
+            if cached is not None:
+                by_hash[sha] = cached
         todo = [sha for sha in first_path_of if sha not in by_hash]
         if todo:
             by_hash.update(self._embed_uncached([first_path_of[s] for s in todo], todo))
         return np.stack([by_hash[sha] for sha in hashes]).astype(np.float32) if hashes else np.zeros((0, self.dim), np.float32)
+
+    def _read_cached(self, cache_path: Path) -> np.ndarray | None:
+        """A cached embedding, or None (a miss: embedded again and the entry rewritten) when the file is absent or
+        damaged (a crash, a full disk): a cache is never a reason to stop."""
+        try:
+            embedding = np.load(cache_path)
+        except (OSError, ValueError, EOFError):
+            return None
+        if embedding.shape != (self.dim,) or not np.isfinite(embedding).all():
+            return None
+        return embedding
 
     def _embed_uncached(self, paths: list[Path], hashes: list[str]) -> dict[str, np.ndarray]:
         if self.masks is not None:
@@ -133,6 +145,6 @@ class Embedder:
                     results[hashes[index]] = embedding
                     cache_path = self._cache_path(hashes[index])
                     if cache_path is not None:
-                        save_npy_atomic(embedding, cache_path)
+                        save_npy_atomic(embedding, cache_path, durable=False)  # a damaged entry is re-embedded
                 bar.update(len(batch.indices))
         return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ class Features:
         return Features(self.keypoints[keep], self.descriptors[keep], self.scores[keep], self.image_size)
 
     def save(self, target: Path) -> Path:
-        with atomic_path(target) as tmp:
+        with atomic_path(target, durable=False) as tmp:  # a cache: a damaged file is extracted again
             with open(tmp, "wb") as handle:
                 np.savez(
                     handle,
@@ -63,8 +64,8 @@ class Features:
         try:
             with np.load(path) as data:
                 return cls(data["keypoints"], data["descriptors"], data["scores"], tuple(int(v) for v in data["image_size"]))
-        except (OSError, KeyError, ValueError) as exc:
-            raise SpotmatchError(f"{path}: unreadable feature cache file ({exc}); delete it to recompute") from None
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise SpotmatchError(f"{path}: unreadable feature cache file ({exc or type(exc).__name__}); delete it to recompute") from None
 
 
 def mask_digest(mask: np.ndarray) -> str:
@@ -120,7 +121,10 @@ class FeatureCache:
         path = self.path_for(key)
         if path is None or not path.is_file():
             return None
-        features = Features.load(path)
+        try:
+            features = Features.load(path)
+        except SpotmatchError:  # damaged (a crash, a full disk): a miss, extracted again over it
+            return None
         self._remember(key, features)
         return features
 

@@ -125,7 +125,7 @@ class MaskCache:
         ok, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
         if not ok:
             raise SpotmatchError(f"{self.path(sha256)}: cannot encode mask PNG; check free disk space")
-        with atomic_path(self.path(sha256)) as tmp:
+        with atomic_path(self.path(sha256), durable=False) as tmp:  # a damaged file reads as a miss (`get`)
             tmp.write_bytes(encoded.tobytes())
         return self.path(sha256)
 
