@@ -554,3 +554,78 @@ def test_the_engine_matches_inside_the_masks_the_calibration_was_fit_with(tmp_pa
     assert any(engine.local.mask_source(load_image(path)) is not None for path in dataset.paths)  # the teacher's, on JPEG frames
     with pytest.raises(SpotmatchError, match="calibrated for local stage .*masks-teacher.*, not 'rootsift-[^']*'; run `spotmatch calibrate`"):
         Engine.from_files(tiny_checkpoint, result["fusion_path"], EngineConfig(masks="alpha", cache_dir=cache), run)
+
+
+def test_a_damaged_calibration_file_is_refused_in_one_line_naming_its_key(tmp_path):
+    """Each hand edit a tester made to a calibration file once loaded and wrote NaN or 5.0 similarities, or
+    stopped with a traceback; each is refused when loading instead, and the submission writer refuses
+    such similarities should anything else produce them."""
+    from spotmatch.engine.scoring import write_submission
+
+    table, labels = synthetic_pairs()
+    valid = {}
+    for method in ("logistic", "isotonic"):
+        model = FusionModel.new(method, embedder_id="emb-1", extractor="rootsift-x", shortlist_k=20, decision="margin")
+        valid[method] = json.loads(model.fit(pair_features(table), labels).save(tmp_path / f"{method}.json").read_text())
+    missing = object()
+    cases = [  # (the valid file it edits, section or None for the top level, key, value; missing: the key deleted)
+        ("logistic", "with_local", "coef", [float("nan")] + valid["logistic"]["with_local"]["coef"][1:]),
+        ("logistic", "global_all", "scale", [0.0, 0.0]),
+        ("logistic", "global_only", "isotonic", [[0, 1], [5, 7]]),
+        ("isotonic", "global_only", "isotonic", [[0, 1], [5, 7]]),
+        ("isotonic", "with_local", "isotonic", [[0, 1], [0.9, 0.2]]),
+        ("isotonic", "global_all", "isotonic", [[0, float("inf")], [0.1, 0.2]]),
+        ("logistic", None, "embedder_id", missing),
+        ("logistic", None, "threshold", missing),
+        ("logistic", None, "global_all", missing),
+        ("logistic", None, "threshold", "0.4"),
+        ("logistic", "with_local", "coef", [1.0, 2.0]),
+        ("logistic", "global_only", "coef", "1.0, 2.0"),
+        ("logistic", "global_only", "mean", [True, 0.5]),
+        ("logistic", "global_all", "intercept", None),
+        ("logistic", "global_only", "features", ["cosine", "log_typo"]),
+        ("logistic", "global_all", "features", ["cosine", "log_inliers"]),  # no local evidence outside the shortlist
+        ("logistic", "with_local", "method", "forest"),
+        ("logistic", None, "shortlist_k", "20"),
+        ("logistic", None, "shortlist_k", 0),
+        ("logistic", None, "rerank", "bogus"),
+        ("logistic", None, "decision", "ratio"),
+    ]
+    for method, section, key, value in cases:
+        payload = json.loads(json.dumps(valid[method]))
+        edited = payload if section is None else payload[section]
+        if value is missing:
+            del edited[key]
+        else:
+            edited[key] = value
+        name = key if section is None else f"{section}.{key}"
+        path = tmp_path / f"{method}-{name}.json"
+        path.write_text(json.dumps(payload))
+        with pytest.raises(SpotmatchError) as refused:
+            FusionModel.load(path, embedder_id="emb-1", rerank="none", shortlist_k=20)  # what score-pairs passes
+        message = str(refused.value)
+        assert "\n" not in message and message.startswith(f"{path}: `{name}` ") and "spotmatch calibrate" in message, message
+    assert "--rerank bogus" not in message  # the last case: no advice to pass the edited value
+    for method in valid:
+        loaded = FusionModel.load(tmp_path / f"{method}.json", embedder_id="emb-1", rerank="none", shortlist_k=20)
+        probability = loaded.predict_proba(pair_features(table))
+        assert np.isfinite(probability).all() and probability.min() >= 0 and probability.max() <= 1
+    # As the first version wrote it: no decision, re-ranking, shortlist, masks or signs, one local feature fewer.
+    first_version = {key: value for key, value in valid["logistic"].items() if key not in ("decision", "rerank", "shortlist_k", "local_masks")}
+    first_version["version"] = 1
+    for section in ("with_local", "global_only", "global_all"):
+        calibrator = {key: value for key, value in first_version[section].items() if key != "signs"}
+        if section == "with_local":
+            calibrator = {**calibrator, **{key: calibrator[key][:-1] for key in ("features", "mean", "scale", "coef")}}
+        first_version[section] = calibrator
+    (tmp_path / "first.json").write_text(json.dumps(first_version))
+    old = FusionModel.load(tmp_path / "first.json", embedder_id="emb-1", rerank="none", shortlist_k=20)
+    assert (old.decision, old.rerank, old.shortlist_k, old.with_local.feature_names[-1]) == ("best", "none", None, "log_matches")
+
+    row_ids = pd.Series(["a", "b"])
+    for similarity in ([0.5, float("nan")], [0.5, 5.0], [-0.1, 0.5]):
+        with pytest.raises(SpotmatchError, match=r"submission.csv: not written: .* not a number in \[0, 1\]") as refused:
+            write_submission(row_ids, np.array(similarity), tmp_path / "submission.csv")
+        assert "\n" not in str(refused.value) and not (tmp_path / "submission.csv").exists()
+    write_submission(row_ids, np.array([0.0, 1.0]), tmp_path / "submission.csv")
+    assert pd.read_csv(tmp_path / "submission.csv")["similarity"].tolist() == [0.0, 1.0]

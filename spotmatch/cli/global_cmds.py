@@ -224,9 +224,9 @@ def score_pairs(
             scored = rb.score_pairs_on_ray(pairs, checkpoint, fusion, engine_conf, run, ray_conf, rb.default_job_dir(out))
     else:
         scored = Engine.from_files(checkpoint, fusion, engine_conf, run).score_pairs(pairs)
+    write_submission(scored["row_id"], scored["similarity"].to_numpy(), out)  # first: it refuses a score outside [0, 1]
     if evidence_out:
         write_csv_atomic(scored, evidence_out)
-    write_submission(scored["row_id"], scored["similarity"].to_numpy(), out)
     n_images = len(set(pairs["query_image_path"]) | set(pairs["gallery_image_path"]))
     stages = "global" + (f" + {rerank}" if rerank != "none" else "") + (f" + local top-{engine_conf.shortlist_k}" if use_local else "") + (" + fusion" if fusion else "")
     typer.echo(f"scored {len(pairs)} pairs over {n_images} distinct images ({stages}) in {time.perf_counter() - started:.1f}s; wrote {out}")

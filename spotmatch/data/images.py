@@ -118,7 +118,8 @@ def decode_image(data: bytes, path: str | Path, draft_size: int | None = None) -
     except DECODE_ERRORS as exc:
         raise undecodable(path, exc) from None
     if mask is not None and not mask.any():  # a cut-out of nothing: the embedder would see the hidden frame, keypoints nothing
-        raise SpotmatchError(f"{path}: its alpha channel hides every pixel, so no animal is left to match; re-export the cut-out,"
+        raise SpotmatchError(f"{path}: its alpha channel hides every pixel (none at least half opaque), so no animal is left to"
+                             f" match; re-export the cut-out,"
                              f" or save it without alpha to use the whole picture")
     return ImageRecord(
         path=path,

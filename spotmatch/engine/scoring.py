@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.features import global_similarity
 from spotmatch.fusion.rerank import rerank_pairs
 from spotmatch.global_embed.embed import Embedder
@@ -40,5 +41,16 @@ def global_pair_scores(pairs: pd.DataFrame, embedder: Embedder, rerank: str = "n
 
 
 def write_submission(row_ids: pd.Series, similarity: np.ndarray, out_path: str | Path) -> Path:
-    """Competition file `row_id, similarity`, written to a temporary file and renamed."""
+    """Competition file `row_id, similarity`, written to a temporary file and renamed. Refused, with nothing
+    written, when a similarity is not a number in [0, 1]: the scorer would reject or misread the file, and
+    only a damaged checkpoint or calibration file gets past their loaders' checks to produce one."""
+    similarity = np.asarray(similarity, dtype=float)
+    invalid = np.flatnonzero(~((similarity >= 0) & (similarity <= 1)))  # NaN fails both comparisons
+    if invalid.size:
+        first = invalid[0]
+        raise SpotmatchError(
+            f"{out_path}: not written: the similarity of {invalid.size} row(s) is not a number in [0, 1] (first: row_id "
+            f"{str(row_ids.iloc[first])!r}, {similarity[first]}); the checkpoint or the --fusion file is damaged: make it again "
+            f"(`spotmatch train`, `spotmatch calibrate`)"
+        )
     return write_csv_atomic(pd.DataFrame({"row_id": row_ids.to_numpy(), "similarity": similarity}), out_path)

@@ -3,8 +3,10 @@ features, the embedder, extractor and global re-ranking they were fit for, and a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -15,6 +17,7 @@ from sklearn.isotonic import IsotonicRegression
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.features import GLOBAL_FEATURES, LOCAL_FEATURES, MONOTONE
 from spotmatch.fusion.quality import NEVER
+from spotmatch.fusion.rerank import RERANKERS
 from spotmatch.io import write_text_atomic
 
 FUSION_FORMAT = "spotmatch.fusion"
@@ -23,6 +26,70 @@ FUSION_FORMAT = "spotmatch.fusion"
 # 5: a threshold that names nothing is quality.NEVER (before: 1.0, which a probability of exactly 1.0 reached)
 FUSION_VERSION = 5
 MIN_WEIGHT = 1e-3  # smallest magnitude of a sign-constrained weight (standardised feature)
+# Only `calibrate` writes these files, so a malformed field was edited or damaged: no repair is safe.
+REMAKE_ADVICE = "run `spotmatch calibrate` again to make a new file; do not edit it by hand"
+REQUIRED = object()  # FusionFileFields.read's default: the key must be present
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite JSON number. JSON's `true` is a Python int, but no coefficient; json.loads accepts NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def is_isotonic_map(value: Any) -> bool:
+    """[score thresholds, probabilities], equally long and finite, both non-decreasing, probabilities within
+    [0, 1]: np.interp reads it as a monotone map and would extrapolate nothing else sensibly."""
+    if not (isinstance(value, list) and len(value) == 2
+            and all(isinstance(part, list) and part and all(map(is_finite_number, part)) for part in value)):
+        return False
+    thresholds, probabilities = (np.array(part, dtype=float) for part in value)
+    return (len(thresholds) == len(probabilities) and bool((np.diff(thresholds) >= 0).all())
+            and bool((np.diff(probabilities) >= 0).all()) and probabilities.min() >= 0 and probabilities.max() <= 1)
+
+
+def shown(value: Any) -> str:
+    """A field's value for a one-line message: JSON (escapes newlines), cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class FusionFileFields:
+    """Reads the fields of one calibration file, refusing the first malformed one in one line that names
+    the file, the key and what it must hold: checked once, when loading, so that nothing downstream meets
+    a NaN coefficient or a probability above 1."""
+
+    path: Path
+
+    def refuse(self, key: str, problem: str) -> NoReturn:
+        raise SpotmatchError(f"{self.path}: `{key}` {problem}; {REMAKE_ADVICE}")
+
+    def read(self, table: dict, key: str, expected: str, accepts: Callable[[Any], bool], section: str = "",
+             default: Any = REQUIRED) -> Any:
+        """table[key] where `accepts` takes it; `default` where the key is absent (an older version's file)."""
+        name = f"{section}.{key}" if section else key
+        if key not in table:
+            if default is REQUIRED:
+                self.refuse(name, f"is missing (it must be {expected})")
+            return default
+        if not accepts(table[key]):
+            self.refuse(name, f"must be {expected}, not {shown(table[key])}")
+        return table[key]
+
+    def numbers(self, table: dict, key: str, section: str, length: int, positive: bool = False) -> np.ndarray:
+        """A list of `length` finite numbers (one per feature), each above 0 if `positive`."""
+        expected = f"a list of {length} finite numbers, one per feature" + (", each above 0" if positive else "")
+        values = self.read(table, key, expected, lambda value: isinstance(value, list) and len(value) == length
+                           and all(map(is_finite_number, value)) and (not positive or all(v > 0 for v in value)), section)
+        return np.array(values, dtype=float)
 
 
 class Calibrator:
@@ -74,11 +141,32 @@ class Calibrator:
                 "intercept": self.intercept, "isotonic": self.isotonic}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Calibrator":
-        calibrator = cls(tuple(values["features"]), values["method"], values["regularisation"], values.get("signs"))
-        calibrator.mean, calibrator.scale = np.array(values["mean"]), np.array(values["scale"])
-        calibrator.coef, calibrator.intercept = np.array(values["coef"]), values["intercept"]
-        calibrator.isotonic = values["isotonic"]
+    def from_dict(cls, values: dict, fields: FusionFileFields, section: str, known_features: tuple[str, ...]) -> "Calibrator":
+        """`section`: the file's key holding `values`; `known_features`: the features its pairs have (no local
+        evidence outside the shortlist). A file's feature list may be shorter than today's (older versions)."""
+        names = fields.read(values, "features", "a list of distinct feature names", lambda value: isinstance(value, list)
+                            and len(value) > 0 and all(map(is_text, value)) and len(set(value)) == len(value), section)
+        unknown = [name for name in names if name not in known_features]
+        if unknown:  # named apart: cut short, the whole list might not show them
+            fields.refuse(f"{section}.features", f"names {', '.join(map(repr, unknown))}, which this calibrator's pairs do not have "
+                          f"(known: {', '.join(known_features)})")
+        method = fields.read(values, "method", "logistic or isotonic", lambda value: value in ("logistic", "isotonic"), section)
+        regularisation = fields.read(values, "regularisation", "a finite number", is_finite_number, section)
+        signs = fields.read(values, "signs", "an object of feature name: -1, 0 or 1", lambda value: value is None or (
+            isinstance(value, dict) and all(isinstance(sign, int) and not isinstance(sign, bool) and sign in (-1, 0, 1)
+                                            for sign in value.values())), section, default=None)
+        calibrator = cls(tuple(names), method, regularisation, signs)
+        calibrator.mean = fields.numbers(values, "mean", section, len(names))
+        calibrator.scale = fields.numbers(values, "scale", section, len(names), positive=True)  # a divisor
+        calibrator.coef = fields.numbers(values, "coef", section, len(names))
+        calibrator.intercept = float(fields.read(values, "intercept", "a finite number", is_finite_number, section))
+        # fit() sets the map for method isotonic only, and predict_proba uses any map it finds.
+        if method == "isotonic":
+            isotonic = fields.read(values, "isotonic", "[score thresholds, probabilities in [0, 1]]: two equally long lists of "
+                                   "finite numbers, each non-decreasing", is_isotonic_map, section)
+            calibrator.isotonic = (isotonic[0], isotonic[1])
+        else:
+            fields.read(values, "isotonic", "null for method logistic", lambda value: value is None, section)
         return calibrator
 
 
@@ -214,7 +302,8 @@ class FusionModel:
     def load(cls, path: str | Path, embedder_id: str | None = None, extractor: str | None = None,
              rerank: str | None = None, shortlist_k: int | None = None) -> "FusionModel":
         """Refuse a file fit for another embedder, extractor, global re-ranking or shortlist length: its
-        probabilities would mean nothing. None: not checked."""
+        probabilities would mean nothing. None: not checked. A malformed field (edited by hand, damaged) is refused
+        first, in one line naming its key (from_payload)."""
         path = Path(path)
         try:
             payload = json.loads(path.read_text())
@@ -226,35 +315,53 @@ class FusionModel:
             raise SpotmatchError(f"{path}: cannot be read by this user; fix its permissions or pass a copy") from None
         except (json.JSONDecodeError, UnicodeDecodeError):  # damaged, or another kind of file (a checkpoint)
             raise SpotmatchError(f"{path}: not a readable calibration file; pass the fusion.json `spotmatch calibrate` wrote") from None
-        if not isinstance(payload, dict) or payload.get("format") != FUSION_FORMAT or payload.get("version", 0) > FUSION_VERSION:
+        version = payload.get("version", 0) if isinstance(payload, dict) else None  # 0: written before versions were
+        if not isinstance(payload, dict) or payload.get("format") != FUSION_FORMAT or not (
+                isinstance(version, int) and not isinstance(version, bool) and 0 <= version <= FUSION_VERSION):
             raise SpotmatchError(f"{path}: not a spotmatch calibration file of a known version; run `spotmatch calibrate` again")
-        if embedder_id is not None and embedder_id != payload["embedder_id"]:
+        model = cls.from_payload(payload, version, FusionFileFields(path))
+        if embedder_id is not None and embedder_id != model.embedder_id:
             raise SpotmatchError(
-                f"{path}: calibrated for embedder '{payload['embedder_id']}', not '{embedder_id}'; run `spotmatch calibrate` for this model"
+                f"{path}: calibrated for embedder '{model.embedder_id}', not '{embedder_id}'; run `spotmatch calibrate` for this model"
             )
-        saved_rerank = payload.get("rerank", "none")
-        if rerank is not None and rerank != saved_rerank:
+        if rerank is not None and rerank != model.rerank:
             raise SpotmatchError(
-                f"{path}: calibrated on global similarities re-ranked by '{saved_rerank}', but this command re-ranks by '{rerank}'; pass --rerank "
-                f"{saved_rerank} to score-pairs, or make a file for this use with `spotmatch calibrate --rerank {rerank}`"
+                f"{path}: calibrated on global similarities re-ranked by '{model.rerank}', but this command re-ranks by '{rerank}'; pass --rerank "
+                f"{model.rerank} to score-pairs, or make a file for this use with `spotmatch calibrate --rerank {rerank}`"
             )
-        saved_shortlist = payload.get("shortlist_k")
+        saved_shortlist = model.shortlist_k
         if shortlist_k is not None and saved_shortlist is not None and shortlist_k != saved_shortlist:
             raise SpotmatchError(
                 f"{path}: calibrated with the local stage re-scoring {saved_shortlist} images per query, not {shortlist_k}; leave out "
                 f"--top-k / --shortlist-k (or pass {saved_shortlist}), or make a file for {shortlist_k} with `spotmatch calibrate --top-k {shortlist_k}`"
             )
-        threshold = payload["threshold"]
-        if payload.get("version", 0) < 5 and threshold >= 1.0:  # an older file's "never name"
-            threshold = NEVER
-        model = cls(Calibrator.from_dict(payload["with_local"]), Calibrator.from_dict(payload["global_only"]),
-                    Calibrator.from_dict(payload["global_all"]), embedder_id=payload["embedder_id"], extractor=payload["extractor"],
-                    threshold=threshold, target_precision=payload["target_precision"],
-                    decision=payload.get("decision", "best"), rerank=saved_rerank, shortlist_k=saved_shortlist,
-                    local_masks=payload.get("local_masks"), quality=payload.get("quality", {}))
         if extractor is not None:
             model.refuse_other_local_stage(extractor, path)
         return model
+
+    @classmethod
+    def from_payload(cls, payload: dict, version: int, fields: FusionFileFields) -> "FusionModel":
+        """The model a parsed file of format version `version` holds, every field checked (`fields` refuses
+        the first malformed one). Keys that older versions lack take the meaning those versions had."""
+        calibrators = []
+        for section, known_features in (("with_local", LOCAL_FEATURES), ("global_only", GLOBAL_FEATURES), ("global_all", GLOBAL_FEATURES)):
+            values = fields.read(payload, section, "an object of calibrator settings", lambda value: isinstance(value, dict))
+            calibrators.append(Calibrator.from_dict(values, fields, section, known_features))
+        # Version 5 writes at most quality.NEVER (just above 1: names nothing); older versions wrote 1.0 for that.
+        threshold = fields.read(payload, "threshold", "a probability threshold from 0 to 1",
+                                lambda value: is_finite_number(value) and 0 <= value and (version < 5 or value <= NEVER))
+        return cls(*calibrators, embedder_id=fields.read(payload, "embedder_id", "a string: the embedder's id", is_text),
+                   extractor=fields.read(payload, "extractor", "a string: the local stage's settings name", is_text),
+                   threshold=NEVER if version < 5 and threshold >= 1.0 else float(threshold),
+                   target_precision=fields.read(payload, "target_precision", "a finite number or null",
+                                                lambda value: value is None or is_finite_number(value)),
+                   decision=fields.read(payload, "decision", f"one of {', '.join(DECISIONS)}", lambda value: value in DECISIONS, default="best"),
+                   rerank=fields.read(payload, "rerank", f"one of {', '.join(RERANKERS)}", lambda value: value in RERANKERS, default="none"),
+                   shortlist_k=fields.read(payload, "shortlist_k", "a whole number above 0, or null",
+                                           lambda value: value is None or is_count(value), default=None),
+                   local_masks=fields.read(payload, "local_masks", "a mask source (a string) or null",
+                                           lambda value: value is None or is_text(value), default=None),
+                   quality=fields.read(payload, "quality", "an object", lambda value: isinstance(value, dict), default={}))
 
     def refuse_other_local_stage(self, settings_name: str, path: str | Path) -> None:
         """`settings_name`: the local stage's conf_name (extractor, matcher, verification, masks)."""
