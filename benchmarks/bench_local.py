@@ -231,7 +231,8 @@ def main() -> None:
     parser.add_argument("--masks", default=None, help="mask source for the throughput rows (teacher, unet:CKPT, alpha);"
                                                       " default: whole-frame features")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for torch, OpenCV and the pools")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "local_match.md")
+    # Not docs/local_match.md: that file carries notes added by hand, which a run would replace.
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "local_match.md")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -106,10 +106,11 @@ def run_child(args: argparse.Namespace) -> None:
 
 def measure(pair_file: Path, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_pairs_") as work:
-        command = [sys.executable, __file__, "--child", str(pair_file), "--work", work, "--checkpoint", args.checkpoint,
-                   "--image-dir", str(args.image_dir), "--num-workers", str(args.num_workers)]
+        # Absolute: the child runs from the repository root, wherever this was started from.
+        command = [sys.executable, __file__, "--child", str(pair_file), "--work", work, "--checkpoint", str(Path(args.checkpoint).resolve()),
+                   "--image-dir", str(Path(args.image_dir).resolve()), "--num-workers", str(args.num_workers)]
         if args.fusion:
-            command += ["--fusion", args.fusion]
+            command += ["--fusion", str(Path(args.fusion).resolve())]
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         if done.returncode != 0:
             raise SystemExit(f"score-pairs on {pair_file} failed:\n{done.stderr[-3000:]}")

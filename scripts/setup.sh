@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-# PyTorch first, pinned to the builds this project is tested with (see README "Install").
+# PyTorch first, pinned to the builds this project is tested with (see the README, "Two commands on a fresh machine").
 if [ "$(uname -m)" = "aarch64" ]; then
   "${pip[@]}" torch==2.9.1 torchvision==0.24.1
 else

