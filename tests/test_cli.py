@@ -242,6 +242,14 @@ def test_train_resume_and_evaluate(tmp_path, snow_subset_csv):
     assert_one_line_error(run_cli("train", *common, "--epochs", "3", "--lr", "0.1", "--resume"), "other settings (lr)")
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == [1, 2]
+    split_before, best_before = (run / "split.csv").read_bytes(), (run / "best.pt").read_bytes()
+    # Another split would move trained photos into validation; a finished run has nothing to go on with.
+    assert_one_line_error(run_cli("train", *common, "--epochs", "3", "--seed", "5", "--resume"), "was split otherwise")
+    assert_one_line_error(run_cli("train", *common, "--epochs", "2", "--resume"), "already trained 2 epochs; pass --epochs above 2")
+    assert_one_line_error(run_cli("train", *common, "--epochs", "3", "--resume", "--overwrite"), "pass one of them")
+    # An --overwrite refused for a bad setting keeps the run it would have replaced.
+    assert_one_line_error(run_cli("train", *common, "--epochs", "1", "--overwrite", "--backbone", "not_a_model"), "not_a_model")
+    assert (run / "split.csv").read_bytes() == split_before and (run / "best.pt").read_bytes() == best_before
 
     evaluation = run_cli("evaluate", "--data", snow_subset_csv, "--checkpoint", run / "best.pt", "--checkpoint",
                          run / "last.pt", "--num-workers", "0", "--out", tmp_path / "table.md")
@@ -322,3 +330,22 @@ def test_demo_runs_the_whole_chain_on_its_held_out_encounters(tmp_path, snow_sub
     cosine = global_pair_scores(load_pairs(tmp_path / "demo" / "test.csv", SNOW / "images"), embedder)["cosine"].to_numpy()
     assert fusion.shortlist_k == 20 and not np.allclose(submission["similarity"], cosine_to_similarity(cosine), atol=1e-3)
     assert "fused" in result.calibration_report.read_text()
+
+
+def test_the_demo_never_trains_over_a_folder_it_did_not_make_and_refuses_data_it_cannot_use(tmp_path, snow_subset_csv):
+    from spotmatch.engine import demo
+    from spotmatch.errors import SpotmatchError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"a model someone trained")
+    with pytest.raises(SpotmatchError, match="holds files the demo did not make"):
+        demo.main(snow_subset_csv, run, preset="tiny", device="cpu")
+    assert (run / "best.pt").read_bytes() == b"a model someone trained"
+    with pytest.raises(SpotmatchError, match="--preset bogus: unknown; choose one of tiny"):
+        demo.main(snow_subset_csv, tmp_path / "demo", preset="bogus")
+    one_each = pd.read_csv(snow_subset_csv).drop_duplicates("identity")  # nothing of a held-out animal left to train on
+    one_each.to_csv(snow_subset_csv.parent / "one_each.csv", index=False)
+    with pytest.raises(SpotmatchError, match="one_each.csv: no held-out photo .* has a photo of its animal left to train on"):
+        demo.main(snow_subset_csv.parent / "one_each.csv", tmp_path / "demo", preset="tiny", device="cpu")
+    assert not (tmp_path / "demo").exists()

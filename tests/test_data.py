@@ -109,6 +109,9 @@ def test_kaggle_train_csv_and_bad_tables(tmp_path):
     pd.DataFrame({"filename": [SNOW_IMAGE.name] * 2, "identity": ["Cat21", " Cat21"]}).to_csv(tmp_path / "twice.csv", index=False)
     with pytest.raises(SpotmatchError, match=f"twice.csv: {SNOW_IMAGE.name} is listed more than once \\(lines 2, 3\\)"):
         load_dataset(tmp_path / "twice.csv")
+    pd.DataFrame({"filename": [SNOW_IMAGE.name, f"./{SNOW_IMAGE.name}"], "identity": ["Cat21"] * 2}).to_csv(tmp_path / "twice.csv", index=False)
+    with pytest.raises(SpotmatchError, match=f"listed more than once \\(lines 2, 3, written {SNOW_IMAGE.name} and ./{SNOW_IMAGE.name}\\)"):
+        load_dataset(tmp_path / "twice.csv")  # one photo in two spellings: its own match in every evaluation
 
     # Kaggle's spelling, cells padded after the comma, a blank label named by its own column
     (tmp_path / "train.csv").write_text(f"filename, ground_truth\n {SNOW_IMAGE.name}, Cat21\n")

@@ -167,6 +167,13 @@ def test_a_moved_copy_of_the_table_keeps_the_checkpoints_split(tmp_path, tiny_ch
     _, split_by, origin = split_for(load_dataset(namesakes, images), SplitConfig(by="identity"), tiny_checkpoint)
     assert origin.startswith("split by identity") and split_by == "identity"
 
+    # The same photos written with their full paths are the trained photos: never held out by a fresh split.
+    absolute = tmp_path / "absolute.csv"
+    table.assign(filename=[str(images / name) for name in table["filename"]]).to_csv(absolute, index=False)
+    split, split_by, origin = split_for(load_dataset(absolute, tmp_path / "elsewhere"), SplitConfig(by="identity"), tiny_checkpoint)
+    assert origin == f"the split stored in {tiny_checkpoint}" and split_by == "encounter"
+    assert split.tolist() == [payload["split_assignment"][name] for name in table["filename"]]
+
 
 def test_flip_tta_changes_the_cache_identity(tiny_checkpoint):
     plain = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=0))

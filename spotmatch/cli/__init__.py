@@ -24,7 +24,7 @@ def _register_commands() -> None:
 
 
 INTERRUPTED = ("interrupted: output files are written whole or not at all, and catalogue batches already added stay;"
-               " run the same command again to go on")
+               " run the same command again to go on (`train`: with --resume)")
 
 
 def _on_interrupt(main_pid: int):

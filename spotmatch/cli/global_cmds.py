@@ -110,8 +110,10 @@ def train(
 
     best_map = read_checkpoint(best)["best_ib_map"]
     extra_images = f" (+{sum(len(extra) for extra in extra_datasets)} extra)" if extra_datasets else ""
-    typer.echo(f"trained {embedder_conf.backbone} on {len(dataset)} images{extra_images} for {train_conf.epochs} epochs in "
-               f"{time.perf_counter() - started:.0f}s; best validation IB-mAP ({train_conf.select_view}) {best_map:.3f}; wrote {best}")
+    # -1 is the "nothing validated yet" mark: with no held-out photo, best.pt is simply the last epoch.
+    validated = f"best validation IB-mAP ({train_conf.select_view}) {best_map:.3f}" if best_map >= 0 else "no validation photos"
+    typer.echo(f"trained {embedder_conf.backbone} on {len(dataset)} images{extra_images} up to epoch {train_conf.epochs} in "
+               f"{time.perf_counter() - started:.0f}s; {validated}; wrote {best}")
 
 
 @app.command()

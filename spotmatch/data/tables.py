@@ -126,13 +126,22 @@ def refuse_conflicting_labels(table: pd.DataFrame, filename_col: str, identity_c
         raise SpotmatchError(f"{csv_path}: {filename} is labelled as different individuals on lines {lines}; keep one label for it")
 
 
+def photo_name(filename: str) -> str:
+    """How a photo is known across tables (a checkpoint's split, its extra sets): its file name without folders,
+    so that `X.JPG`, `./X.JPG` and `/data/images/X.JPG` in two tables are one photo."""
+    return Path(filename).name
+
+
 def refuse_repeated_rows(table: pd.DataFrame, csv_path: Path) -> None:
-    """A photo listed twice would be its own match in every evaluation (and weigh twice in training)."""
-    repeated = table["filename"][table["filename"].duplicated()]
+    """A photo listed twice would be its own match in every evaluation (and weigh twice in training). Known by
+    its resolved `path`, so that two spellings of one file (`X.JPG`, `./X.JPG`) are one photo too."""
+    repeated = table["path"][table["path"].duplicated()]
     if not repeated.empty:
-        filename = repeated.iloc[0]
-        lines = ", ".join(str(i + 2) for i in table.index[table["filename"] == filename])
-        raise SpotmatchError(f"{csv_path}: {filename} is listed more than once (lines {lines}); keep one row for it")
+        rows = table[table["path"] == repeated.iloc[0]]
+        lines = ", ".join(str(i + 2) for i in rows.index)
+        spellings = list(dict.fromkeys(rows["filename"]))
+        written = f", written {' and '.join(spellings)}" if len(spellings) > 1 else ""
+        raise SpotmatchError(f"{csv_path}: {spellings[0]} is listed more than once (lines {lines}{written}); keep one row for it")
 
 
 def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop_ambiguous: bool = True) -> Dataset:
@@ -152,12 +161,12 @@ def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop
         row = int((table["identity"] == "").idxmax()) + 2
         raise SpotmatchError(f"{csv_path}: empty {identity_col.strip()} on line {row}; fill it in or remove the row")
     refuse_conflicting_labels(table, "filename", "identity", csv_path)
-    refuse_repeated_rows(table, csv_path)
     if "side" in table.columns:  # one spelling everywhere: left, right, or missing where not known
         table["side"] = [parse_side(value, f"{csv_path} line {row + 2}") for row, value in zip(table.index, table["side"])]
     image_dir = Path(image_dir) if image_dir is not None else default_image_dir(csv_path)
-    table = table.reset_index(drop=True)
     table["path"] = [str((image_dir / name).resolve()) for name in table["filename"]]
+    refuse_repeated_rows(table, csv_path)  # before the index is reset: it gives the CSV's line numbers
+    table = table.reset_index(drop=True)
     check_files_exist([Path(p) for p in table["path"]], csv_path)
     return Dataset(table=table, image_dir=image_dir, csv_path=csv_path)
 

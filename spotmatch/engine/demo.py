@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spotmatch.data.splits import SplitConfig
+from spotmatch.data.splits import SplitConfig, split_dataset
 from spotmatch.data.tables import load_dataset, load_pairs
 from spotmatch.engine import calibrate as calibration
 from spotmatch.engine.engine import DEFAULT_SHORTLIST_K, Engine, EngineConfig
 from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores, write_submission
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.pairs import pair_metrics
-from spotmatch.evaluation.protocol import build_protocol
+from spotmatch.evaluation.protocol import build_protocol, refuse_trivial_protocol
 from spotmatch.global_embed import train as training
 from spotmatch.global_embed.embed import EmbedConfig, Embedder
 from spotmatch.global_embed.presets import PRESETS
@@ -51,15 +51,51 @@ class DemoResult:
     calibration_report: Path
 
 
+# Written first into a folder the demo makes: only such a folder is ever cleared and trained over again.
+DEMO_MARKER = ".spotmatch-demo"
+# Its own outputs besides the run's (which `train --overwrite` clears): cleared first, so that an interrupted
+# demo never leaves a new model beside the last one's submission.
+DEMO_OUTPUTS = ("split.csv", "gallery.csv", "queries.csv", "test.csv", "submission.csv")
+
+
+def claim_out_dir(out_dir: Path) -> None:
+    """The demo trains over its own earlier run in `out_dir`, and nothing else: a folder holding other files
+    (a `train` run, say) is refused."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpotmatchError(f"--out {out_dir}: is a file, not a folder; name a folder for the demo's run")
+    made_by_demo = (out_dir / DEMO_MARKER).exists() or all((out_dir / name).exists() for name in ("test.csv", "queries.csv"))  # or before the marker
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not made_by_demo:
+        raise SpotmatchError(f"--out {out_dir}: holds files the demo did not make (a training run?); the demo would train over"
+                             f" them: choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DEMO_MARKER).touch()
+    for name in DEMO_OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def refuse_unusable_demo_data(dataset, split_conf: SplitConfig, data_csv: Path) -> None:
+    """Before any training: the demo scores held-out photos against the photos of their animals it trained on."""
+    protocol = build_protocol(dataset.table, split_dataset(dataset, split_conf), split_conf.by)
+    if len(protocol.query_rows) == 0:
+        raise SpotmatchError(f"{data_csv}: no held-out photo (split by {split_conf.by}) has a photo of its animal left to train on,"
+                             f" so the demo has nothing to find; use a labels CSV whose animals have several photos"
+                             f"{' in several encounters' if split_conf.by == 'encounter' else ''}")
+    refuse_trivial_protocol(protocol, dataset.table["identity"].to_numpy(), data_csv, "use a labels CSV with more animals")
+
+
 def main(data_csv: Path, out_dir: Path, preset: str = "demo", device: str = "auto") -> DemoResult:
     if not Path(data_csv).is_file():
         raise SpotmatchError(f"{data_csv}: demo data not found; pass --data to a labels CSV (the default lives in ../shared)")
+    if preset not in PRESETS:
+        raise SpotmatchError(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
     out_dir = Path(out_dir)
     dataset = load_dataset(data_csv)
     chosen = PRESETS[preset]
     split_conf = SplitConfig(by="encounter" if "encounter" in dataset.table.columns else "identity")
     train_conf = dataclasses.replace(chosen.train, device=device)
-    # The demo's folder is its own: running it again trains again.
+    training.refuse_unusable_data(dataset, (), train_conf, split_conf)
+    refuse_unusable_demo_data(dataset, split_conf, data_csv)
+    claim_out_dir(out_dir)
     checkpoint = training.main(dataset, chosen.embedder, train_conf, split_conf, out_dir, overwrite=True)
 
     split = pd.Series(pd.read_csv(out_dir / "split.csv")["split"].to_numpy(), index=dataset.table.index)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from spotmatch.data.splits import SplitConfig, split_dataset
-from spotmatch.data.tables import Dataset
+from spotmatch.data.tables import Dataset, photo_name
 from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol, refuse_trivial_protocol
 from spotmatch.errors import SpotmatchError
 from spotmatch.global_embed.checkpoint import read_checkpoint
@@ -21,13 +21,23 @@ class EvaluatedModel:
     embed: Callable[[list[Path]], np.ndarray]  # paths -> (n, d) L2-normalised
 
 
+def by_photo_name(split_assignment: dict[str, str]) -> dict[str, str]:
+    """A checkpoint's split keyed by photo name (see `photo_name`); a name trained on in any of its spellings or
+    folders counts as trained on, the safe side when two folders reuse a name."""
+    parts: dict[str, str] = {}
+    for name, part in split_assignment.items():
+        key = photo_name(name)
+        parts[key] = "train" if "train" in (part, parts.get(key)) else part
+    return parts
+
+
 def refuse_extra_training_set(dataset: Dataset, payload: dict, checkpoint: str | Path) -> None:
     """Every image of a set given to `train --extra-train` was trained on, so no split of it is held out. Caught by
     the CSV's path, or by its file names all being among that set's (a moved copy, or a part of it)."""
-    names = set(dataset.table["filename"])
+    names = set(dataset.table["filename"].map(photo_name))
     for extra in payload.get("extra_training") or []:
         same_path = dataset.csv_path is not None and Path(extra["dataset"]).resolve() == Path(dataset.csv_path).resolve()
-        if same_path or names <= set(extra["filenames"]):
+        if same_path or names <= set(map(photo_name, extra["filenames"])):
             raise SpotmatchError(f"{dataset.csv_path}: {checkpoint} was trained on all of {extra['dataset']} (--extra-train), "
                                  f"so nothing here is held out; evaluate it on the set it was validated on")
 
@@ -37,7 +47,7 @@ def split_for(dataset: Dataset, split_conf: SplitConfig, checkpoint: str | Path 
     on are never held out; rows it never saw are); otherwise a fresh split from `split_conf`. Returns
     (split, split_by, where it came from).
 
-    Photos are known by file name and label, not path: a copy moved elsewhere or downsized for a GPU machine
+    Photos are known by file name (without folders: `photo_name`) and label, not path: a copy moved elsewhere or downsized for a GPU machine
     (benchmarks/stage_for_gpu.py) keeps both, and a fresh split there could differ (near-duplicate grouping
     hashes the pixels). A part of the training table split afresh would hold out trained photos. A photo of
     another table that only shares a name (0001.jpg) with a trained one is not it: its label differs
@@ -46,18 +56,19 @@ def split_for(dataset: Dataset, split_conf: SplitConfig, checkpoint: str | Path 
         payload = read_checkpoint(checkpoint)
         refuse_extra_training_set(dataset, payload, checkpoint)
         trained_on = payload.get("dataset")
-        stored = assignment = payload.get("split_assignment") or {}
-        names = dataset.table["filename"]
+        stored = payload.get("split_assignment") or {}
+        names = dataset.table["filename"].map(photo_name)
         same_path = bool(trained_on and dataset.csv_path) and Path(trained_on).resolve() == Path(dataset.csv_path).resolve()
+        assignment = by_photo_name(stored)
         identity_of = payload.get("identity_of")
         if identity_of is not None and not same_path:  # the training table itself keeps its photos through a label fix
-            labels = dict(zip(names, dataset.table["identity"]))
-            assignment = {name: part for name, part in assignment.items() if labels.get(name) == identity_of.get(name)}
+            labels, trained_label = dict(zip(names, dataset.table["identity"])), {photo_name(k): v for k, v in identity_of.items()}
+            assignment = {name: part for name, part in assignment.items() if labels.get(name) == trained_label.get(name)}
         trained_here = int((names.map(assignment) == "train").sum())
         if same_path or trained_here:
             split = names.map(assignment).fillna("val")
             origin = f"the split stored in {checkpoint}"
-            if set(names) != set(stored):
+            if set(names) != set(by_photo_name(stored)):
                 origin += f" ({trained_here} of these {len(names)} photos trained on, the rest held out)"
             return split.rename("split"), payload["split_config"]["by"], origin
     return split_dataset(dataset, split_conf), split_conf.by, f"split by {split_conf.by}, seed {split_conf.seed}"

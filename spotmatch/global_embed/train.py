@@ -119,6 +119,8 @@ def refuse_unusable_data(dataset: Dataset, extra_datasets: Sequence[Dataset], tr
 def refuse_unusable_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """A run folder's checkpoints are never replaced unasked: a calibration beside them is only valid for them."""
     check_output_dir(out_dir, "--out")
+    if resume and overwrite:
+        raise SpotmatchError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if resume and not (out_dir / "last.pt").is_file():
         raise SpotmatchError(f"{out_dir / 'last.pt'}: no run to resume here; drop --resume to start one")
     held = [name for name in ("best.pt", "last.pt") if (out_dir / name).exists()]
@@ -127,7 +129,8 @@ def refuse_unusable_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> 
                              f" --overwrite to replace it, or another --out")
 
 
-REPLACED_RUN_FILES = ("best.pt", "last.pt", "history.csv")
+# With the checkpoints go the calibration outputs made for them: a report beside a new model would describe the old.
+REPLACED_RUN_FILES = ("best.pt", "last.pt", "history.csv", "fusion.json", "calibration.md", "reliability.png")
 
 
 def clear_replaced_run(out_dir: Path) -> None:
@@ -232,13 +235,19 @@ def optimisation(model: ReIDNet, head: ArcFace, train_conf: TrainConfig, steps_p
 
 
 def restore_run(last_path: Path, embedder_conf: EmbedderConfig, train_conf: TrainConfig, class_names: list[str],
-                modules: dict) -> tuple[int, list[dict], float]:
+                split_assignment: dict[str, str], modules: dict) -> tuple[int, list[dict], float]:
     """`--resume`: load the model, head, optimiser and scheduler states (`modules`, by checkpoint key) of the
-    run in `last_path`, refused unless it was trained with the same settings and classes. Returns the epochs
-    done, the history and the best validation IB-mAP so far."""
+    run in `last_path`, refused unless it was trained with the same settings, classes and split (another
+    --split-by or --seed would move photos it trained on into validation). Returns the epochs done, the
+    history and the best validation IB-mAP so far."""
     state = read_checkpoint(last_path)
     if state["embedder_config"] != config_to_dict(embedder_conf) or state["class_names"] != class_names:
         raise SpotmatchError(f"{last_path}: was trained with another model config or data; resume with the same settings or use a new --out")
+    stored = state.get("split_assignment")
+    if stored is not None and stored != split_assignment:
+        moved = sum(stored.get(name) != part for name, part in split_assignment.items())
+        raise SpotmatchError(f"{last_path}: was split otherwise ({moved} photo(s) on another side now); resume with the run's"
+                             f" data, --split-by and --seed, or use a new --out")
     changed = changed_settings(state["train_config"], train_conf)
     if changed:
         raise SpotmatchError(f"{last_path}: was trained with other settings ({', '.join(changed)}); resume with the same settings or use a new --out")
@@ -291,10 +300,6 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     class_names = sorted(classes.unique())
     if len(class_names) < 2:
         raise SpotmatchError(f"{dataset.csv_path}: training needs at least 2 identities, found {len(class_names)}")
-    out_dir.mkdir(parents=True, exist_ok=True)  # only once the settings and data are known to be usable
-    if overwrite and not resume:
-        clear_replaced_run(out_dir)
-    write_csv_atomic(dataset.table[["filename", "identity"]].assign(split=split), out_dir / "split.csv")
     label_of = {name: i for i, name in enumerate(class_names)}
     labels = [label_of[name] for name in classes]
 
@@ -314,13 +319,21 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     history: list[dict] = []
     start_epoch, best_map = 0, -1.0
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    checkpoint_extra = run_record(dataset, split, extra_datasets, train_conf, split_conf, class_names)
     if resume:
-        start_epoch, history, best_map = restore_run(last_path, embedder_conf, train_conf, class_names,
+        start_epoch, history, best_map = restore_run(last_path, embedder_conf, train_conf, class_names, checkpoint_extra["split_assignment"],
                                                      {"model": model, "head": head, "optimiser": optimiser, "scheduler": scheduler})
+        if start_epoch >= train_conf.epochs:
+            raise SpotmatchError(f"{last_path}: already trained {start_epoch} epochs; pass --epochs above {start_epoch} to go on")
+    # The folder is touched only now, once the model, masks and any run to resume are known to be usable: an
+    # --overwrite refused for a bad setting keeps the run it would have replaced.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite and not resume:
+        clear_replaced_run(out_dir)
+    write_csv_atomic(dataset.table[["filename", "identity"]].assign(split=split), out_dir / "split.csv")
 
     run = EmbedConfig(batch_size=64, num_workers=train_conf.num_workers, device=str(device))
     use_amp = train_conf.amp and device.type == "cuda"
-    checkpoint_extra = run_record(dataset, split, extra_datasets, train_conf, split_conf, class_names)
     loader = make_loader(images, 0, train_conf.num_workers, batch_sampler=sampler, pin_memory=device.type == "cuda",
                          persistent=True)
     model.train()
