@@ -523,3 +523,79 @@ def test_a_damaged_embedding_cache_entry_is_embedded_again(tmp_path, snow_subset
     entries[1].write_bytes(entries[1].read_bytes()[:50])
     np.testing.assert_allclose(embedder.embed(paths), expected, atol=1e-6)
     assert all(np.load(entry).shape == (embedder.dim,) for entry in entries)  # rewritten whole
+
+
+def test_decoding_workers_exit_when_the_process_that_made_them_is_killed(snow_table):
+    """Workers are the fork server's children, so torch never sees their owner die; and the server (and the
+    resource tracker) only exit once every worker has. A SIGKILLed command must not leave all of them,
+    GBs of memory, waiting on one another."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not Path("/proc/self/stat").is_file():
+        pytest.skip("reads the process tree from /proc")
+
+    def stat_fields(pid: int) -> list[str] | None:
+        """The fields of /proc/<pid>/stat after the command name (state first), or None once it is gone."""
+        try:
+            return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+
+    def descendants(root: int) -> set[tuple[int, str]]:
+        """(pid, start time) of every process below `root`; the start time tells a reused pid apart."""
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and (fields := stat_fields(int(entry.name))) is not None:
+                parents[int(entry.name)] = (int(fields[1]), fields[19])
+        found, frontier = set(), [root]
+        while frontier:
+            parent = frontier.pop()
+            children = [(pid, started) for pid, (ppid, started) in parents.items() if ppid == parent]
+            found.update(children)
+            frontier += [pid for pid, _ in children]
+        return found
+
+    def still_running(processes: set[tuple[int, str]]) -> set[tuple[int, str]]:
+        running = set()
+        for pid, started in processes:
+            fields = stat_fields(pid)
+            if fields is not None and fields[19] == started and fields[0] != "Z":  # a zombie holds no memory
+                running.add((pid, started))
+        return running
+
+    paths = [str(SNOW / "images" / name) for name in snow_table["filename"].head(6)]
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from spotmatch.global_embed.loading import ImageTensorDataset, checked_batches, make_loader\n"
+        "from spotmatch.global_embed.model import EmbedderConfig\n"
+        "images = ImageTensorDataset([Path(p) for p in sys.argv[1:]], EmbedderConfig(image_size=64))\n"
+        "loader = make_loader(images, 2, 2, persistent=True)\n"
+        "while True:\n"
+        "    for batch in checked_batches(loader):\n"
+        "        print('decoding', flush=True)\n"
+        "        time.sleep(0.5)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script, *paths], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    left: set[tuple[int, str]] = set()
+    try:
+        assert owner.stdout.readline() == "decoding\n"
+        left = descendants(owner.pid)
+        assert len(left) >= 4  # the fork server, the resource tracker and two workers
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 15
+        while (left := still_running(left)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"still running 15 s after their owner was killed: {sorted(pid for pid, _ in left)}"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        for pid, _ in still_running(left):  # a failed run must not leave GBs behind for the next test
+            os.kill(pid, signal.SIGKILL)

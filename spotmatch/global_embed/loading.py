@@ -10,8 +10,11 @@ import contextlib
 import dataclasses
 import itertools
 import multiprocessing
+import os
+import select
 import signal
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -111,6 +114,52 @@ def _single_threaded_worker(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
+def _exit_when_gone(owner_pid: int) -> None:
+    """End this worker process as soon as process `owner_pid` (the one that made its loader) has exited,
+    even by SIGKILL. Torch's own check only watches the worker's parent, here the fork server; and the fork
+    server exits only once every one of its clients, workers included, has closed its copy of the server's
+    "alive" pipe. So a killed command would leave the workers waiting for the server, the server waiting
+    for the workers, and the resource tracker (whose pipe they all hold too) waiting for both, for good."""
+    try:
+        # A pidfd turns readable when the process exits, zombie or not, and costs nothing while waiting.
+        owner_fd = os.pidfd_open(owner_pid)
+    except ProcessLookupError:  # already gone before this worker got going
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here (not Linux, or a kernel older than 5.3): poll instead
+        owner_fd = None
+
+    def wait_then_exit() -> None:
+        if owner_fd is not None:
+            select.select([owner_fd], [], [])
+        else:
+            while _is_running(owner_pid):
+                time.sleep(1.0)
+        # os._exit, not sys.exit: the main thread is blocked on a queue whose other end is gone
+        os._exit(1)
+
+    threading.Thread(target=wait_then_exit, name="exit-when-owner-gone", daemon=True).start()
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class _WorkerStart:
+    """The DataLoader's worker_init_fn: a picklable callable, since the fork server's workers unpickle it."""
+    owner_pid: int
+
+    def __call__(self, worker_id: int) -> None:
+        _single_threaded_worker(worker_id)
+        _exit_when_gone(self.owner_pid)
+
+
 def _forkserver() -> multiprocessing.context.BaseContext:
     """forkserver, not fork: a process that already ran thread pools (local matching, a web server) can
     deadlock in a forked child holding a copied lock. The server imports torch, OpenCV and this module
@@ -145,8 +194,8 @@ def make_loader(dataset: ImageTensorDataset, batch_size: int, num_workers: int, 
     """A DataLoader of `Batch`es. `persistent` keeps the decoding processes between passes (training
     epochs) instead of starting new ones for each."""
     sizing = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
-    workers = dict(multiprocessing_context=_forkserver(), worker_init_fn=_single_threaded_worker, prefetch_factor=4,
-                   persistent_workers=persistent) if num_workers > 0 else {}
+    workers = dict(multiprocessing_context=_forkserver(), worker_init_fn=_WorkerStart(owner_pid=os.getpid()),
+                   prefetch_factor=4, persistent_workers=persistent) if num_workers > 0 else {}
     return DataLoader(dataset, **sizing, num_workers=num_workers, collate_fn=_Collate(dataset.labels),
                       pin_memory=pin_memory, **workers)
 
