@@ -629,3 +629,100 @@ def test_a_damaged_calibration_file_is_refused_in_one_line_naming_its_key(tmp_pa
         assert "\n" not in str(refused.value) and not (tmp_path / "submission.csv").exists()
     write_submission(row_ids, np.array([0.0, 1.0]), tmp_path / "submission.csv")
     assert pd.read_csv(tmp_path / "submission.csv")["similarity"].tolist() == [0.0, 1.0]
+
+
+def calibration_inputs(tmp_path, snow_subset_csv, tiny_checkpoint):
+    """The subset, the tiny model's stored split and the model, as `spotmatch calibrate` reads them; caching in tmp_path."""
+    from spotmatch.data.splits import SplitConfig
+    from spotmatch.data.tables import load_dataset
+    from spotmatch.evaluation.run import split_for
+    from spotmatch.global_embed.embed import EmbedConfig, Embedder
+
+    dataset = load_dataset(snow_subset_csv)
+    split, split_by, _ = split_for(dataset, SplitConfig(by="identity"), tiny_checkpoint)
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(device="cpu", num_workers=0, cache_dir=str(tmp_path / "cache"), progress=False))
+    return dataset, split, split_by, embedder
+
+
+def test_calibrate_refuses_a_folder_in_an_outputs_place_before_any_work(tmp_path, snow_subset_csv, tiny_checkpoint):
+    """`mkdir OUT/calibration.md` once failed with IsADirectoryError after all the work, fusion.json already replaced."""
+    from test_cli import assert_one_line_error, run_cli
+
+    out_dir = tmp_path / "calibration"
+    (out_dir / "calibration.md").mkdir(parents=True)
+    result = run_cli("calibrate", "--data", snow_subset_csv, "--checkpoint", tiny_checkpoint, "--out-dir", out_dir,
+                     "--top-k", "5", "--no-compare-rerankers", "--cache-dir", tmp_path / "cache")
+    assert_one_line_error(result, f"{out_dir / 'calibration.md'}: a folder stands where calibrate writes", "--out-dir")
+    assert [path.name for path in out_dir.iterdir()] == ["calibration.md"]  # nothing written beside it
+    assert not (tmp_path / "cache").exists()  # refused before a photo was embedded
+
+
+def test_an_interrupted_calibration_leaves_the_previous_outputs_as_they_were(tmp_path, monkeypatch, snow_subset_csv, tiny_checkpoint):
+    """Ctrl-C once left a new fusion.json beside the last run's calibration.md. The three outputs are renamed into
+    place together once all are written, fusion.json (what other commands read) last."""
+    import os
+
+    from spotmatch.engine import calibrate as calibration
+    from spotmatch.engine.engine import EngineConfig
+
+    inputs = calibration_inputs(tmp_path, snow_subset_csv, tiny_checkpoint)
+    engine_conf, conf = EngineConfig(shortlist_k=5, cache_dir=str(tmp_path / "cache")), calibration.CalibrateConfig(rerankers=())
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    previous = {name: f"the previous run's {name}" for name in calibration.OUTPUTS}
+    for name, text in previous.items():
+        (out_dir / name).write_text(text)
+
+    def interrupted(curves, out_png):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(calibration, "reliability_diagram", interrupted)  # drawn after the fusion file is fit
+        with pytest.raises(KeyboardInterrupt):
+            calibration.main(*inputs, engine_conf, conf, out_dir)
+    assert {path.name: path.read_text() for path in out_dir.iterdir()} == previous  # no temporary file left either
+
+    renamed, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: (renamed.append(Path(target)), replace(source, target))[1])
+    result = calibration.main(*inputs, engine_conf, conf, out_dir, split_origin="the tiny model's split")
+    # (each writer stages its own file too, under a temporary name)
+    assert [target.name for target in renamed if target.name in calibration.OUTPUTS] == ["calibration.md", "reliability.png", "fusion.json"]
+    assert sorted(path.name for path in out_dir.iterdir()) == sorted(calibration.OUTPUTS)
+    assert (out_dir / "calibration.md").read_text().startswith(f"data: {snow_subset_csv} ({len(inputs[0])} images); the tiny model's split;")
+    assert result["report_path"] == out_dir / "calibration.md" and FusionModel.load(result["fusion_path"]).shortlist_k == 5
+
+
+def test_a_calibration_fold_without_a_match_is_refused_naming_the_table_and_the_animal(tmp_path, snow_subset_csv, tiny_checkpoint):
+    """Two held-out animals, one with a single photo: cross-validation fits one calibrator on that photo's pairs
+    alone, none a match. The error once named neither the table nor the cause."""
+    from spotmatch.engine import calibrate as calibration
+    from spotmatch.engine.engine import EngineConfig
+
+    dataset, _, _, embedder = calibration_inputs(tmp_path, snow_subset_csv, tiny_checkpoint)
+    identity = dataset.table["identity"]
+    lone = identity.index[identity == "Cat21"][0]
+    split = pd.Series(np.where((identity == "Cat5") | (identity.index == lone), "val", "train"), index=identity.index)
+    out_dir = tmp_path / "out"
+    # Every pair shortlisted: the fold fit on Cat5 has both kinds whatever the untrained model ranks first.
+    with pytest.raises(SpotmatchError) as refused:
+        calibration.main(dataset, split, "identity", embedder, EngineConfig(shortlist_k=20, cache_dir=str(tmp_path / "cache")),
+                         calibration.CalibrateConfig(rerankers=()), out_dir)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"{snow_subset_csv}: no same-individual pair among the pairs of query animal Cat21 (one cross-validation fold)"), message
+    assert message.endswith("hold out more photos per animal: a query pairs only with other photos of its own animal"), message
+    assert not out_dir.exists()
+
+
+def test_a_shortlist_holding_one_kind_of_pair_asks_for_a_larger_top_k():
+    """Each query's top-k, all of other animals (or all of its own): only a longer shortlist, or other held-out
+    photos, gives the local calibrator both kinds of pair."""
+    table, labels = synthetic_pairs(400)
+    features = pair_features(table)
+    shortlisted = features["has_local"].to_numpy(bool)
+    for kind, labels_in_shortlists in (("same-individual", 0), ("different-individual", 1)):
+        with pytest.raises(SpotmatchError) as refused:
+            FusionModel.new().fit(features, np.where(shortlisted, labels_in_shortlists, labels), labels_csv="snow/labels.csv")
+        message = str(refused.value)
+        assert message.startswith(f"snow/labels.csv: no {kind} pair among the pairs of the held-out queries shortlisted for local matching"), message
+        assert "; pass a larger --top-k" in message and "\n" not in message

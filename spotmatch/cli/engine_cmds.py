@@ -47,6 +47,7 @@ def calibrate(
 
     started = time.perf_counter()
     out_dir = check_output_dir(out_dir or checkpoint.parent, "--out-dir")
+    calibration.check_outputs(out_dir, [data, checkpoint])
     dataset = load_dataset(data, images, drop_ambiguous=not keep_ambiguous)
     split, used_split_by, origin = split_for(dataset, SplitConfig(by=split_by), checkpoint)
     run = _embed_config(32, device, False, num_workers, cache_dir)
@@ -55,8 +56,7 @@ def calibrate(
     conf = calibration.CalibrateConfig(method=method, target_precision=target_precision, balance=balance, new_share=new_share, monotone=monotone,
                                        decision=decision, rerank=rerank,
                                        rerankers=calibration.CalibrateConfig.rerankers if compare_rerankers else ())
-    result = calibration.main(dataset, split, used_split_by, Embedder.from_checkpoint(checkpoint, run), engine_conf, conf, out_dir)
-    report = calibration.write_report(result, f"data: {data} ({len(dataset)} images); {origin}; local: {extractor}, top-{top_k},"
-                                              f" masks: {local_masks or 'as the checkpoint'}; {conf.describe()}", out_dir)
-    typer.echo(report)
-    typer.echo(f"wrote {result['fusion_path']}, {result['diagram']} and {out_dir / 'calibration.md'} in {time.perf_counter() - started:.0f}s")
+    result = calibration.main(dataset, split, used_split_by, Embedder.from_checkpoint(checkpoint, run), engine_conf, conf, out_dir,
+                              split_origin=origin)
+    typer.echo(result["report"])
+    typer.echo(f"wrote {result['fusion_path']}, {result['diagram']} and {result['report_path']} in {time.perf_counter() - started:.0f}s")

@@ -18,6 +18,7 @@ On the checkpoint's own held-out split (validation queries never trained on):
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import NEVER, calibration_report, reliability_diagram, threshold_for_precision
 from spotmatch.fusion.rerank import check_reranker, rerank_similarity
 from spotmatch.global_embed.embed import Embedder
-from spotmatch.io import write_text_atomic
+from spotmatch.io import atomic_path, check_output, write_text_atomic
 from spotmatch.segmentation.provider import absolute_source
 
 
@@ -174,24 +175,36 @@ class PairSource:
         return pair_frame(self.cosine, ranks, allowed, self.k, self.evidence, self.query_ids, self.gallery_ids, reranked)
 
 
-def fold_models(frame: pd.DataFrame, conf: CalibrateConfig):
+def named_animals(identities: np.ndarray, shown: int = 3) -> str:
+    """'query animal Cat21', 'query animals Cat1, Cat5, Cat9 and 4 more': short enough for a one-line error."""
+    names = [str(identity) for identity in identities]
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return f"query animal{'s' if len(names) > 1 else ''} {listed}"
+
+
+def fold_models(frame: pd.DataFrame, conf: CalibrateConfig, labels_csv: str | Path = "calibration"):
     """For each fold grouped by query identity: (the fold's held-out query identities, the fusion fit
-    on the other pairs)."""
+    on the other pairs). `labels_csv`: the table the pairs come from, named by the errors."""
     features, labels, groups = pair_features(frame), frame["label"].to_numpy(), frame["query_identity"].to_numpy()
     weights = pair_weights(frame, conf.balance)
     folds = min(conf.folds, len(np.unique(groups)))
     if folds < 2:
-        raise SpotmatchError("calibration needs held-out queries of at least 2 identities; use a larger validation split")
+        raise SpotmatchError(f"{labels_csv}: calibration needs held-out queries of at least 2 identities; hold out more animals")
     for fit_rows, held_out in GroupKFold(n_splits=folds).split(features, labels, groups):
-        yield np.unique(groups[held_out]), FusionModel.new(conf.method, conf.monotone).fit(features.iloc[fit_rows], labels[fit_rows], weights[fit_rows])
+        # A fold fit on the animals left can lack a kind of pair that the whole set has (an animal with one
+        # held-out photo has no match): named, so that the error points at them.
+        fit_on = f"{named_animals(np.unique(groups[fit_rows]))} (one cross-validation fold)"
+        yield np.unique(groups[held_out]), FusionModel.new(conf.method, conf.monotone).fit(
+            features.iloc[fit_rows], labels[fit_rows], weights[fit_rows], labels_csv=labels_csv, queries=fit_on)
 
 
-def cross_validated_probability(frame: pd.DataFrame, conf: CalibrateConfig, pairs: pd.DataFrame | None = None) -> np.ndarray:
+def cross_validated_probability(frame: pd.DataFrame, conf: CalibrateConfig, pairs: pd.DataFrame | None = None,
+                                labels_csv: str | Path = "calibration") -> np.ndarray:
     """Each pair of `pairs` (default: `frame`'s own) scored by the fusion fit on `frame` without the
-    pair's query animal."""
+    pair's query animal. `labels_csv`: the table `frame` comes from, named by the errors."""
     pairs = frame if pairs is None else pairs
     features, probability = pair_features(pairs), np.full(len(pairs), np.nan)
-    for held_out_identities, model in fold_models(frame, conf):
+    for held_out_identities, model in fold_models(frame, conf, labels_csv):
         rows = pairs["query_identity"].isin(held_out_identities).to_numpy()
         if rows.any():
             probability[rows] = model.predict_proba(features[rows])
@@ -246,8 +259,12 @@ def as_matrix(frame: pd.DataFrame, values: np.ndarray, shape: tuple[int, int]) -
 
 
 def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, engine_conf: EngineConfig,
-         conf: CalibrateConfig, out_dir: str | Path) -> dict:
+         conf: CalibrateConfig, out_dir: str | Path, split_origin: str = "the split passed in") -> dict:
+    """Measure, fit, and write fusion.json, reliability.png and calibration.md in `out_dir` as one set
+    (write_outputs); `split_origin`: where `split` comes from, for the report's first line."""
     out_dir = Path(out_dir)
+    check_outputs(out_dir, [dataset.csv_path] if dataset.csv_path else [])  # before any image is embedded
+    labels_csv = dataset.csv_path or "calibration"  # what the errors name: a table built in memory has no file
     protocol = build_protocol(dataset.table, split, split_by)
     if len(protocol.query_rows) == 0:
         raise SpotmatchError(f"{dataset.csv_path}: its split holds no photo out to calibrate on; calibrate on the table the"
@@ -291,8 +308,10 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     local_name = f"local only (top-{k} re-ranked)"
     rankings[local_name] = as_matrix(plain, local_only, shape)
     held_out_probability = {}
+    # Each frame's first fit: where its shortlists or held-out photos leave a kind of pair out, the error names
+    # the table (later fits of `plain` refit these same folds).
     for name, frame in frames.items():
-        held_out_probability[name] = cross_validated_probability(frame, conf)
+        held_out_probability[name] = cross_validated_probability(frame, conf, labels_csv=labels_csv)
         label = "fused" if name == "plain" else f"fused + {name}"
         rankings[label] = as_matrix(frame, held_out_probability[name], shape)
     shortlist_first = keep_shortlist_first(held_out_probability["plain"], shortlisted, plain["q"].to_numpy())
@@ -333,19 +352,51 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
                              threshold=identify_threshold, target_precision=conf.target_precision, quality=quality,
                              decision=conf.decision, rerank=conf.rerank, shortlist_k=k,
                              local_masks=absolute_source(engine_conf.masks or embedder.conf.masks))
-    fusion.fit(pair_features(saved), labels, pair_weights(saved, conf.balance))
-    fusion_path = fusion.save(out_dir / "fusion.json")
-    diagram = reliability_diagram({"all pairs": (probability, labels),
-                                   f"top-{k} pairs": (probability[saved_shortlisted], labels[saved_shortlisted])},
-                                  out_dir / "reliability.png")
-    return {"retrieval": retrieval, "comparisons": comparisons, "searched": searched, "headroom": headroom, "quality": quality,
-            "fusion_path": fusion_path, "diagram": diagram}
+    fusion.fit(pair_features(saved), labels, pair_weights(saved, conf.balance), labels_csv=labels_csv)
+    result = {"retrieval": retrieval, "comparisons": comparisons, "searched": searched, "headroom": headroom, "quality": quality}
+    header = (f"data: {dataset.csv_path} ({len(dataset)} images); {split_origin}; local: {engine_conf.extractor}, top-{k},"
+              f" masks: {engine_conf.masks or 'as the checkpoint'}; {conf.describe()}")
+    report = format_report(result, header)
+    written = write_outputs(out_dir, report, {"all pairs": (probability, labels),
+                                              f"top-{k} pairs": (probability[saved_shortlisted], labels[saved_shortlisted])}, fusion)
+    return {**result, "report": report, "fusion_path": written["fusion.json"], "diagram": written["reliability.png"],
+            "report_path": written["calibration.md"]}
 
 
-def write_report(result: dict, header: str, out_dir: Path) -> str:
-    """calibration.md beside fusion.json: every stage's IB-mAP per view, fused minus each single source, the
-    searched views, the headroom, the animals that move each difference, and calibration quality. Returns it."""
-    report = "\n\n".join([
+# calibrate's outputs in the order they are renamed into place: fusion.json, which score-pairs, identify and
+# report read, last, so that no run stopped midway leaves a new one beside an old report.
+OUTPUTS = ("calibration.md", "reliability.png", "fusion.json")
+
+
+def check_outputs(out_dir: Path, inputs: list[str | Path]) -> None:
+    """Refuse, before any work, an output target that cannot be written: a folder standing in its place, or a
+    file the command reads (`inputs`)."""
+    for name in OUTPUTS:
+        target = Path(out_dir) / name
+        if target.is_dir():  # would fail only at the rename, after all the work
+            raise SpotmatchError(f"{target}: a folder stands where calibrate writes its {name}; move it away or pass another --out-dir")
+        check_output(target, inputs, option="--out-dir")
+
+
+def write_outputs(out_dir: Path, report: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], fusion: FusionModel) -> dict[str, Path]:
+    """Write the report, the reliability diagram of `curves` and the fusion file as one set: each to a temporary
+    file beside its target, renamed only once all three are written, so that a failure or Ctrl-C leaves the
+    previous set whole. Returns each output's path, by name (OUTPUTS)."""
+    targets = {name: Path(out_dir) / name for name in OUTPUTS}
+    with contextlib.ExitStack() as renames:
+        # Entered in reverse, as the stack renames the last entered first: in OUTPUTS' order. Each writer below
+        # syncs its bytes to the disk itself (io.atomic_path), hence durable=False: nothing slow between the renames.
+        staged = {name: renames.enter_context(atomic_path(targets[name], durable=False)) for name in reversed(OUTPUTS)}
+        fusion.save(staged["fusion.json"])
+        reliability_diagram(curves, staged["reliability.png"])
+        write_text_atomic(report + "\n", staged["calibration.md"])
+    return targets
+
+
+def format_report(result: dict, header: str) -> str:
+    """calibration.md: every stage's IB-mAP per view, fused minus each single source, the searched views, the
+    headroom, the animals that move each difference, and calibration quality."""
+    return "\n\n".join([
         header,
         format_table(result["retrieval"]),
         format_comparisons(result["comparisons"]),
@@ -355,8 +406,7 @@ def write_report(result: dict, header: str, out_dir: Path) -> str:
         format_animal_differences(result["retrieval"], list(result["comparisons"])),
         format_quality(result["quality"]),
     ])
-    write_text_atomic(report + "\n", Path(out_dir) / "calibration.md")
-    return report
+
 
 
 def pair_quality(saved: pd.DataFrame, probability: np.ndarray, k: int, target_precision: float) -> dict:

@@ -12,7 +12,7 @@ import pandas as pd
 from spotmatch.data.splits import SplitConfig, split_dataset
 from spotmatch.data.tables import load_dataset, load_pairs
 from spotmatch.engine import calibrate as calibration
-from spotmatch.engine.engine import DEFAULT_SHORTLIST_K, Engine, EngineConfig
+from spotmatch.engine.engine import Engine, EngineConfig
 from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores, write_submission
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.pairs import pair_metrics
@@ -96,6 +96,7 @@ def main(data_csv: Path, out_dir: Path, preset: str = "demo", device: str = "aut
     training.refuse_unusable_data(dataset, (), train_conf, split_conf)
     refuse_unusable_demo_data(dataset, split_conf, data_csv)
     claim_out_dir(out_dir)
+    calibration.check_outputs(out_dir, [data_csv])  # a folder in an output's place: refused before training, not after
     checkpoint = training.main(dataset, chosen.embedder, train_conf, split_conf, out_dir, overwrite=True)
 
     split = pd.Series(pd.read_csv(out_dir / "split.csv")["split"].to_numpy(), index=dataset.table.index)
@@ -119,9 +120,8 @@ def main(data_csv: Path, out_dir: Path, preset: str = "demo", device: str = "aut
     # The hybrid chain: fit the fusion on the held-out queries (cross-validated figures), then score test.csv with it.
     engine_conf = EngineConfig(cache_dir=run.cache_dir)
     calibration_conf = calibration.CalibrateConfig(rerankers=())
-    calibrated = calibration.main(dataset, split, split_conf.by, trained, engine_conf, calibration_conf, out_dir)
-    calibration.write_report(calibrated, f"data: {data_csv} ({len(dataset)} images); the split of {checkpoint}; local: rootsift,"
-                                         f" top-{DEFAULT_SHORTLIST_K}, masks: as the checkpoint; {calibration_conf.describe()}", out_dir)
+    calibrated = calibration.main(dataset, split, split_conf.by, trained, engine_conf, calibration_conf, out_dir,
+                                  split_origin=f"the split of {checkpoint}")
     engine = Engine.from_embedder(trained, calibrated["fusion_path"], engine_conf)
     scored = engine.score_pairs(pairs)
     submission = write_submission(scored["row_id"], scored["similarity"].to_numpy(), out_dir / "submission.csv")

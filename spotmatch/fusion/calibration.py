@@ -92,6 +92,25 @@ class FusionFileFields:
         return np.array(values, dtype=float)
 
 
+@dataclass(frozen=True)
+class FitPairs:
+    """The pairs a calibrator is fit on, told in the one-line error when they hold only one kind (a fit needs
+    same- and different-individual pairs): the labels CSV they come from, which of its pairs they are, and what
+    adds each kind."""
+
+    labels_csv: str
+    which_pairs: str
+    add_same: str
+    add_different: str
+
+    def refuse(self, labels: np.ndarray) -> NoReturn:
+        missing, fix = ("same-individual", self.add_same) if not labels.any() else ("different-individual", self.add_different)
+        raise SpotmatchError(f"{self.labels_csv}: no {missing} pair among {self.which_pairs}, and calibration needs both kinds; {fix}")
+
+
+LABELLED_PAIRS = FitPairs("calibration", "the labelled pairs", "add labelled data", "add labelled data")
+
+
 class Calibrator:
     """Probability of "same individual" from a few features. Logistic regression on standardised
     features, each weight named in `signs` kept to its sign; with method="isotonic", a monotone map of the
@@ -113,10 +132,12 @@ class Calibrator:
     def _score(self, X: pd.DataFrame) -> np.ndarray:
         return ((self._matrix(X) - self.mean) / self.scale) @ self.coef + self.intercept
 
-    def fit(self, X: pd.DataFrame, y: np.ndarray, sample_weight: np.ndarray | None = None) -> "Calibrator":
+    def fit(self, X: pd.DataFrame, y: np.ndarray, sample_weight: np.ndarray | None = None,
+            pairs: FitPairs | None = None) -> "Calibrator":
+        """`pairs`: what X's pairs are, for the error when they lack a kind (default: labelled pairs)."""
         y = np.asarray(y, dtype=int)
         if len(np.unique(y)) < 2:
-            raise SpotmatchError("calibration needs both same-individual and different-individual pairs; add labelled data")
+            (pairs or LABELLED_PAIRS).refuse(y)
         matrix = self._matrix(X)
         self.mean, self.scale = matrix.mean(axis=0), matrix.std(axis=0) + 1e-9
         weight = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
@@ -264,17 +285,29 @@ class FusionModel:
         return cls(Calibrator(LOCAL_FEATURES, method, signs=signs), Calibrator(GLOBAL_FEATURES, method, signs=signs),
                    Calibrator(GLOBAL_FEATURES, method, signs=signs), **kwargs)
 
-    def fit(self, features: pd.DataFrame, labels: np.ndarray, sample_weight: np.ndarray | None = None) -> "FusionModel":
+    def fit(self, features: pd.DataFrame, labels: np.ndarray, sample_weight: np.ndarray | None = None,
+            labels_csv: str | Path = "calibration", queries: str = "the held-out queries") -> "FusionModel":
+        """`labels_csv` (the table the pairs come from) and `queries` (whose pairs these are) name the data in
+        the error raised when a calibrator's pairs hold only one kind."""
         labels = np.asarray(labels)
         weight = np.ones(len(labels)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
         has_local = features["has_local"].to_numpy(bool)
+        # A shortlist too short to reach a query's own animal (or any other one) is cured by a longer one;
+        # pairs without a match at all only by other held-out photos.
+        shortlisted = FitPairs(
+            str(labels_csv), f"the pairs of {queries} shortlisted for local matching (each query's top-k by global similarity)",
+            add_same="pass a larger --top-k, so that shortlists reach photos of the query's own animal, or hold out more photos per animal",
+            add_different="pass a larger --top-k, so that shortlists reach other animals, or hold out more animals")
+        every = FitPairs(str(labels_csv), f"the pairs of {queries}",
+                         add_same="hold out more photos per animal: a query pairs only with other photos of its own animal",
+                         add_different="hold out more animals")
         # The global-only model serves pairs outside the shortlist; when those hold no same-individual
         # pair at all, it learns from every pair instead (both classes are needed to fit).
         outside = ~has_local if len(np.unique(labels[~has_local])) == 2 else np.ones_like(has_local)
-        self.global_only.fit(features[outside], labels[outside], weight[outside])
-        self.global_all.fit(features, labels, weight)
+        self.global_only.fit(features[outside], labels[outside], weight[outside], every)
+        self.global_all.fit(features, labels, weight, every)
         if has_local.any():
-            self.with_local.fit(features[has_local], labels[has_local], weight[has_local])
+            self.with_local.fit(features[has_local], labels[has_local], weight[has_local], shortlisted)
         return self
 
     def predict_proba(self, features: pd.DataFrame, local_stage: bool = True) -> np.ndarray:
