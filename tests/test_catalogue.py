@@ -1000,3 +1000,13 @@ def test_identify_reads_a_flank_as_a_csv_does():
     from spotmatch.catalogue.store import GalleryRestriction
 
     assert [GalleryRestriction.from_text(side=word).side for word in ("L", "right", "", "unknown")] == ["left", "right", None, None]
+
+
+def test_a_catalogue_whose_model_file_is_gone_says_how_to_relink_it(tmp_path):
+    from spotmatch.catalogue.service import open_engine
+    from spotmatch.errors import SpotmatchError
+
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 1})  # made with a checkpoint path that holds nothing
+    with pytest.raises(SpotmatchError, match=rf"none: the catalogue's checkpoint is gone; put it back, or if it moved: spotmatch"
+                                             rf" catalogue relink {re.escape(str(tmp_path / 'cat'))} --checkpoint NEW_PATH"):
+        open_engine(store)

@@ -154,6 +154,11 @@ def open_engine(catalogue: Catalogue, shortlist_k: int | None = None, workers: i
     cache_dir = str(catalogue.cache_dir) if catalogue.writable else None  # a read-only catalogue's caches cannot grow
     conf = EngineConfig(shortlist_k=shortlist_k, use_local=settings.fusion is not None, extractor=settings.extractor,
                         local_workers=workers, cache_dir=cache_dir)
+    # "pass a file written by train", the loaders' advice for a missing file, would not mend a catalogue.
+    for kind, path, option in (("checkpoint", settings.checkpoint, "--checkpoint"), ("calibration file", settings.fusion, "--fusion")):
+        if path is not None and not Path(path).is_file():
+            raise SpotmatchError(f"{path}: the catalogue's {kind} is gone; put it back, or if it moved: spotmatch catalogue relink"
+                                 f" {catalogue.folder} {option} NEW_PATH")
     embedder = Embedder.from_checkpoint(settings.checkpoint, EmbedConfig(device="cpu", num_workers=0, cache_dir=cache_dir, progress=progress))
     # Before the calibration file is read: it would refuse the replaced model as "not calibrated for it", and
     # calibrating again would not fix the catalogue.
