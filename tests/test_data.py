@@ -132,6 +132,12 @@ def test_pairs_csv_checks(tmp_path):
         load_pairs(tmp_path / "test.csv")
     (tmp_path / "test").rename(tmp_path / "images")
     assert len(load_pairs(tmp_path / "test.csv")) == 2
+    beside = tmp_path / "beside"  # the photo beside the CSV, and an empty images/ folder that is looked in first
+    (beside / "images").mkdir(parents=True)
+    (beside / SNOW_IMAGE.name).symlink_to(SNOW_IMAGE)
+    good.to_csv(beside / "test.csv", index=False)
+    with pytest.raises(SpotmatchError, match=f"not found; it is in {beside}: pass --images {beside}"):
+        load_pairs(beside / "test.csv")
     (tmp_path / "padded.csv").write_text(f"row_id, query_image, gallery_image\n7, {SNOW_IMAGE.name}, {SNOW_IMAGE.name}\n")
     assert load_pairs(tmp_path / "padded.csv")[["row_id", "query_image"]].values.tolist() == [["7", SNOW_IMAGE.name]]
     good.assign(row_id=[7, 7]).to_csv(tmp_path / "dup.csv", index=False)

@@ -109,8 +109,11 @@ def check_files_exist(paths: list[Path], source: Path | None) -> None:
 
 
 def _folder_beside(csv_path: Path, name: str) -> Path | None:
-    """A folder next to the CSV that holds `name` (Kaggle puts test.csv beside test/, train.csv beside train/)."""
-    folders = sorted(p for p in csv_path.parent.iterdir() if p.is_dir()) if csv_path.parent.is_dir() else []
+    """The CSV's own folder or a folder next to it that holds `name` (Kaggle puts test.csv beside test/, train.csv
+    beside train/; an `images/` folder beside the CSV is looked in by default, even where the photos sit beside the CSV)."""
+    if not csv_path.parent.is_dir():
+        return None
+    folders = [csv_path.parent, *sorted(p for p in csv_path.parent.iterdir() if p.is_dir())]
     return next((folder for folder in folders if (folder / name).is_file()), None)
 
 
