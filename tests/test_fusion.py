@@ -726,3 +726,17 @@ def test_a_shortlist_holding_one_kind_of_pair_asks_for_a_larger_top_k():
         message = str(refused.value)
         assert message.startswith(f"snow/labels.csv: no {kind} pair among the pairs of the held-out queries shortlisted for local matching"), message
         assert "; pass a larger --top-k" in message and "\n" not in message
+
+
+def test_a_pair_listed_twice_takes_one_place_in_its_querys_list():
+    """Both rows of a repeated pair get the same global rank (so the same local evidence and score, never one
+    inside the shortlist and one outside), and the next gallery image the next place."""
+    from spotmatch.engine.scoring import global_pair_scores
+
+    class StandIn:  # the embedder's one method global_pair_scores uses
+        def embed(self, paths):
+            vectors = {"q": [1.0, 0.0], "a": [0.9, 0.1], "b": [0.5, 0.5], "c": [0.0, 1.0]}
+            return np.array([vectors[path] for path in paths], np.float32)
+
+    pairs = pd.DataFrame({"row_id": range(5), "query_image_path": ["q"] * 5, "gallery_image_path": ["b", "a", "b", "c", "a"]})
+    assert global_pair_scores(pairs, StandIn())["global_rank"].tolist() == [1, 0, 1, 2, 0]
