@@ -992,6 +992,9 @@ def test_an_export_adds_back_whole_and_the_competition_export_refuses_shared_nam
         [(tmp_path / folder / "IMG_0001.JPG", name, "2019-05-04T21:30:00") for folder, name in (("uploads", "Cat5"), ("dataset", "Cat21"))]
     with pytest.raises(SpotmatchError, match="IMG_0001.JPG is labelled as different individuals"):  # --images: by file name
         sources_from_csv(tmp_path / "export.csv", tmp_path / "elsewhere")
+    # Another table's relative `path` column is no export's: the photo is named by its filename, as before.
+    pd.DataFrame({"filename": ["a.jpg"], "path": ["images/a.jpg"]}).to_csv(tmp_path / "own.csv", index=False)
+    assert sources_from_csv(tmp_path / "own.csv")[0].path == tmp_path / "a.jpg"
     with pytest.raises(SpotmatchError, match=r"1 file name\(s\) belong to more than one photo \(e.g. IMG_0001.JPG: "):
         export_table(store, competition=True)
 

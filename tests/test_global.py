@@ -601,3 +601,16 @@ def test_decoding_workers_exit_when_the_process_that_made_them_is_killed(snow_ta
             owner.wait()
         for pid, _ in still_running(left):  # a failed run must not leave GBs behind for the next test
             os.kill(pid, signal.SIGKILL)
+
+
+def test_photos_of_one_name_in_per_animal_folders_keep_their_own_split():
+    """`Cat1/IMG_0001.JPG` and `Cat3/IMG_0001.JPG` are two photos: a checkpoint's split is looked up by the name as
+    written, and by the name without folders only where that name is one photo's, in the checkpoint and the table."""
+    from spotmatch.evaluation.run import stored_for
+
+    stored = {"Cat1/IMG_0001.JPG": "train", "Cat3/IMG_0001.JPG": "val", "X.JPG": "train"}
+    tables = {"same": ["Cat1/IMG_0001.JPG", "Cat3/IMG_0001.JPG", "X.JPG"],
+              "moved": ["/data/Cat3/IMG_0001.JPG", "/data/X.JPG", "Y.JPG"]}
+    assert stored_for(pd.Series(tables["same"]), stored).tolist() == ["train", "val", "train"]
+    moved = stored_for(pd.Series(tables["moved"]), stored)
+    assert moved.iloc[1] == "train" and moved.iloc[[0, 2]].isna().all()  # IMG_0001.JPG names two photos: not guessed

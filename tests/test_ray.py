@@ -243,6 +243,13 @@ def test_catalogue_add_on_ray_stores_what_the_local_add_stores(ray_cluster, tmp_
     assert ray_catalogue.stats()["individuals"] == local_catalogue.stats()["individuals"]
     again = rb.add_images_on_ray(ray_catalogue, sources, AddConfig(), rb.RayConfig(batch_size=8))
     assert (again.added, again.already_there) == (0, len(sources))
+    import dataclasses
+
+    from spotmatch.errors import SpotmatchError
+
+    typo = [dataclasses.replace(sources[0], identity=sources[0].identity.lower())]  # "cat1" beside Cat1, as the local add refuses
+    with pytest.raises(SpotmatchError, match="too like the catalogue's"):
+        rb.add_images_on_ray(ray_catalogue, typo, AddConfig(), rb.RayConfig(batch_size=8))
 
 
 def test_features_on_ray_fill_the_local_stages_cache(ray_cluster, tmp_path, snow_subset_csv):

@@ -236,10 +236,12 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
         raise SpotmatchError(f"{csv_path}: no photos under the header; list one photo per row")
     identity_col, side_col = _column(table, IDENTITY_ALIASES), _column(table, SIDE_ALIASES)
     # A `catalogue export` names each photo by its full path as well: without --images that path is used, so an
-    # export of photos from several folders (uploads beside a data set) adds back whole.
+    # export of photos from several folders (uploads beside a data set) adds back whole. Only a full path: a
+    # relative one in another table means something else (it may already hold the images/ folder).
     path_col = _column(table, ("path",)) if image_dir is None else None
     if path_col not in (None, filename_col):
-        table[filename_col] = table[path_col].where(table[path_col].str.strip() != "", table[filename_col])
+        full = table[path_col].map(lambda value: Path(value.strip()).is_absolute() if value.strip() else False)
+        table[filename_col] = table[path_col].where(full, table[filename_col])
     image_dir = image_dir or default_image_dir(csv_path)
     if identity_col is not None:
         refuse_conflicting_labels(table, filename_col, identity_col, csv_path)

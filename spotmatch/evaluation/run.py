@@ -21,23 +21,23 @@ class EvaluatedModel:
     embed: Callable[[list[Path]], np.ndarray]  # paths -> (n, d) L2-normalised
 
 
-def by_photo_name(split_assignment: dict[str, str]) -> dict[str, str]:
-    """A checkpoint's split keyed by photo name (see `photo_name`); a name trained on in any of its spellings or
-    folders counts as trained on, the safe side when two folders reuse a name."""
-    parts: dict[str, str] = {}
-    for name, part in split_assignment.items():
-        key = photo_name(name)
-        parts[key] = "train" if "train" in (part, parts.get(key)) else part
-    return parts
+def stored_for(filenames: pd.Series, stored: dict[str, str]) -> pd.Series:
+    """What a checkpoint stored (`stored`: file name -> split part or label) for each of `filenames`: by the file
+    name as written, else by the name without folders (`photo_name`) where that name belongs to one photo in
+    both, so that `/data/X.JPG` finds the trained `X.JPG` but `Cat3/IMG_0001.JPG` never takes the part of
+    `Cat1/IMG_0001.JPG`. NaN where nothing matches."""
+    keys = pd.Series(list(stored), dtype=object)
+    by_name = {photo_name(key): stored[key] for key in keys[~keys.map(photo_name).duplicated(keep=False)]}
+    names = filenames.map(photo_name)
+    return filenames.map(stored).combine_first(names.map(by_name).where(~names.duplicated(keep=False)))
 
 
 def refuse_extra_training_set(dataset: Dataset, payload: dict, checkpoint: str | Path) -> None:
     """Every image of a set given to `train --extra-train` was trained on, so no split of it is held out. Caught by
-    the CSV's path, or by its file names all being among that set's (a moved copy, or a part of it)."""
-    names = set(dataset.table["filename"].map(photo_name))
+    the CSV's path, or by its photos all being among that set's (a moved copy, or a part of it)."""
     for extra in payload.get("extra_training") or []:
         same_path = dataset.csv_path is not None and Path(extra["dataset"]).resolve() == Path(dataset.csv_path).resolve()
-        if same_path or names <= set(map(photo_name, extra["filenames"])):
+        if same_path or stored_for(dataset.table["filename"], dict.fromkeys(extra["filenames"], True)).notna().all():
             raise SpotmatchError(f"{dataset.csv_path}: {checkpoint} was trained on all of {extra['dataset']} (--extra-train), "
                                  f"so nothing here is held out; evaluate it on the set it was validated on")
 
@@ -57,18 +57,17 @@ def split_for(dataset: Dataset, split_conf: SplitConfig, checkpoint: str | Path 
         refuse_extra_training_set(dataset, payload, checkpoint)
         trained_on = payload.get("dataset")
         stored = payload.get("split_assignment") or {}
-        names = dataset.table["filename"].map(photo_name)
+        names = dataset.table["filename"]
         same_path = bool(trained_on and dataset.csv_path) and Path(trained_on).resolve() == Path(dataset.csv_path).resolve()
-        assignment = by_photo_name(stored)
+        assignment = stored_for(names, stored)
         identity_of = payload.get("identity_of")
         if identity_of is not None and not same_path:  # the training table itself keeps its photos through a label fix
-            labels, trained_label = dict(zip(names, dataset.table["identity"])), {photo_name(k): v for k, v in identity_of.items()}
-            assignment = {name: part for name, part in assignment.items() if labels.get(name) == trained_label.get(name)}
-        trained_here = int((names.map(assignment) == "train").sum())
+            assignment = assignment.where(stored_for(names, identity_of) == dataset.table["identity"])
+        trained_here = int((assignment == "train").sum())
         if same_path or trained_here:
-            split = names.map(assignment).fillna("val")
+            split = assignment.fillna("val")
             origin = f"the split stored in {checkpoint}"
-            if set(names) != set(by_photo_name(stored)):
+            if assignment.isna().any() or len(names) != len(stored):
                 origin += f" ({trained_here} of these {len(names)} photos trained on, the rest held out)"
             return split.rename("split"), payload["split_config"]["by"], origin
     return split_dataset(dataset, split_conf), split_conf.by, f"split by {split_conf.by}, seed {split_conf.seed}"
