@@ -260,7 +260,7 @@ def test_explain_writes_the_png_it_was_told_and_never_an_input_of_another_case(r
 def test_the_scores_and_names_fit_a_narrow_drawing():
     """A portrait pair is narrower than the score line: it wraps, and each file name is cut to its own panel."""
     from spotmatch.local_match.matchers import PairEvidence
-    from spotmatch.local_match.viz import SCORE_SCALE, TITLE_SCALE, ScoreLine, _text_width, _wrapped, draw_matches
+    from spotmatch.local_match.viz import SCORE_SCALE, TITLE_SCALE, ScoreLine, _fitted, _text_width, _wrapped, draw_matches
 
     scores = ScoreLine(12, 0.5, 7.5, cosine=0.61, probability=0.15, stationary=3, probability_rank=25,
                        probability_note="global evidence only: the local stage re-scores the top 20")
@@ -270,7 +270,9 @@ def test_the_scores_and_names_fit_a_narrow_drawing():
     assert len(lines) > 1 and all(_text_width(line, SCORE_SCALE) <= drawing.shape[1] - 16 for line in lines)
     assert " ".join(lines).split() == scores.text().split()  # wrapped, nothing cut
     assert drawing.shape[0] > 900 * 480 // 900 + len(lines) * 24
-    assert _text_width("..." + "a_1.JPG", TITLE_SCALE) < 160
+    panel = 300 * 480 // 900  # each portrait panel's width
+    title = _fitted("a" * 80 + "_1.JPG", panel - 8, TITLE_SCALE)  # as draw_matches cuts it
+    assert title.startswith("...") and title.endswith("_1.JPG") and _text_width(title, TITLE_SCALE) <= panel - 8
 
 
 def test_score_pairs_cli_writes_evidence(tmp_path):
