@@ -220,6 +220,21 @@ def test_pair_evidence_is_read_back_instead_of_matched_again(tmp_path, monkeypat
     assert keeping_static.score_pairs(pairs)["inliers"].iloc[2] >= 100 > scored["inliers"].iloc[2]
 
 
+def test_a_pair_listed_on_several_rows_is_matched_once_and_counted_per_row(tmp_path, monkeypatch):
+    pairs = pd.DataFrame({"query_image_path": [str(SAME_QUERY), str(SAME_QUERY), str(SAME_QUERY)],
+                          "gallery_image_path": [str(SAME_GALLERY), str(OTHER_CATS[0]), str(SAME_GALLERY)]},
+                         index=[7, 3, 5])
+    matcher = LocalMatcher.from_name("rootsift", cache_dir=tmp_path)
+    matched = []
+    real_match = matcher.matcher.match
+    monkeypatch.setattr(matcher.matcher, "match", lambda *a: matched.append(1) or real_match(*a))
+    counted = []
+    scored = matcher.score_pairs(pairs, progress=counted.append)
+    assert len(matched) == 2 and sum(counted) == 3
+    assert scored.index.tolist() == [7, 3, 5]
+    assert scored.loc[7].equals(scored.loc[5]) and scored.loc[7, "inliers"] > scored.loc[3, "inliers"]
+
+
 def test_a_corrupt_pair_cache_is_named_with_the_fix(tmp_path):
     local = LocalMatcher.from_name("rootsift", cache_dir=tmp_path, cache_pairs=True)
     local.pair_cache.path.parent.mkdir(parents=True)

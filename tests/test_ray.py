@@ -77,6 +77,21 @@ def test_pair_scores_match_local(ray_cluster, tmp_path, pairs_table, tiny_checkp
     np.testing.assert_allclose(on_ray["similarity"], local["similarity"], atol=1e-5)
 
 
+def test_pair_scoring_reads_each_image_once_to_name_its_work(ray_cluster, tmp_path, pairs_table, tiny_checkpoint,
+                                                              monkeypatch):
+    """The embedding job and the pair shards' names share one content hash per image (on cluster
+    storage a second read of every photo is a second pass over the data set)."""
+    import spotmatch.data.images as images
+
+    hashed = []
+    real_sha256 = images.file_sha256
+    monkeypatch.setattr(images, "file_sha256", lambda path: hashed.append(str(path)) or real_sha256(path))
+    conf = EngineConfig(use_local=False, cache_dir=None)
+    cached_run = EmbedConfig(num_workers=0, cache_dir=str(tmp_path / "cache"), progress=False)
+    rb.score_pairs_on_ray(pairs_table, tiny_checkpoint, None, conf, cached_run, rb.RayConfig(**pools(2)), tmp_path / "job")
+    assert sorted(hashed) == sorted(set(pairs_table["query_image_path"]) | set(pairs_table["gallery_image_path"]))
+
+
 def test_pair_shards_are_reused_for_the_same_pairs_only(ray_cluster, tmp_path, pairs_table, tiny_checkpoint):
     """A re-run of the same input recomputes nothing (resume); a new file with the same row_ids but other
     pairs (query and gallery swapped, as a second Kaggle test file reuses row_ids) gets its own scores."""

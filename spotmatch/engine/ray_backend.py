@@ -311,14 +311,22 @@ class ImageBatch(_UserErrorAsData):
         return pd.DataFrame({"shard": [shard.name], ERROR_COLUMN: [""]})
 
 
-def _image_job(paths: list, build_stage, folder: Path, conf: RayConfig, pool: ActorPool) -> tuple[list[str], pd.DataFrame]:
-    """Run `build_stage()` over each distinct image (by content) once: (hash per path, one merged row per hash)."""
-    import ray.data
-
+def content_hashes(paths) -> dict[str, str]:
+    """Each distinct path's content hash, each file read once: what names an image's work."""
     from spotmatch.data.images import file_sha256
 
+    return {path: file_sha256(path) for path in dict.fromkeys(map(str, paths))}
+
+
+def _image_job(paths: list, build_stage, folder: Path, conf: RayConfig, pool: ActorPool,
+               sha256_of: dict[str, str] | None = None) -> tuple[list[str], pd.DataFrame]:
+    """Run `build_stage()` over each distinct image (by content) once: (hash per path, one merged row per hash).
+    `sha256_of` (from `content_hashes`) spares reading files a caller has hashed already."""
+    import ray.data
+
     folder.mkdir(parents=True, exist_ok=True)
-    hashes = [file_sha256(p) for p in paths]
+    sha256_of = sha256_of or content_hashes(paths)
+    hashes = [sha256_of[str(p)] for p in paths]
     first_path_of = dict(zip(reversed(hashes), reversed([str(p) for p in paths])))  # first occurrence wins
     todo = sorted(set(first_path_of) - keys_written(folder, EMBED_KEY))
     if todo:
@@ -337,13 +345,13 @@ def embedding_shard_folder(job_dir: Path, model_id: str) -> Path:
 
 
 def embed_on_ray(paths: list, checkpoint: str | Path, run, conf: RayConfig, job_dir: str | Path,
-                 model_id: str | None = None) -> np.ndarray:
+                 model_id: str | None = None, sha256_of: dict[str, str] | None = None) -> np.ndarray:
     """`Embedder.embed(paths)` on a Ray actor pool: (n, d) float32 in `paths` order, each distinct image once."""
     from spotmatch.global_embed.embed import Embedder
 
     model_id = model_id or Embedder.from_checkpoint(checkpoint, _actor_run_config(run)).model_id
     hashes, merged = _image_job(paths, functools.partial(EmbeddingStage, str(checkpoint), run, conf.embed.num_cpus),
-                                embedding_shard_folder(Path(job_dir), model_id), conf, conf.embed)
+                                embedding_shard_folder(Path(job_dir), model_id), conf, conf.embed, sha256_of)
     by_hash = dict(zip(merged[EMBED_KEY], merged["embedding"]))
     return np.stack([np.asarray(by_hash[h], dtype=np.float32) for h in hashes])
 
@@ -416,19 +424,23 @@ class PairBatch(_UserErrorAsData):
         return pd.DataFrame({"shard": written, ERROR_COLUMN: [""] * len(written)})
 
 
-def pair_work(pairs: pd.DataFrame) -> pd.Series:
+def pair_images(pairs: pd.DataFrame) -> list[str]:
+    """Each image a pairs table names, once, queries first."""
+    return list(dict.fromkeys(map(str, [*pairs["query_image_path"], *pairs["gallery_image_path"]])))
+
+
+def pair_work(pairs: pd.DataFrame, sha256_of: dict[str, str]) -> pd.Series:
     """What decides a row's result besides the job folder's settings: its row_id and the content of both
-    its images. Kaggle row_ids are 0..N in every test file, so a row_id alone names no work; content,
-    not path, so a photo replaced under the same name is new work too. Each distinct image hashed once."""
-    from spotmatch.data.images import file_sha256
+    its images (`sha256_of`, from `content_hashes`). Kaggle row_ids are 0..N in every test file, so a
+    row_id alone names no work; content, not path, so a photo replaced under the same name is new work too."""
+    def hash_of(column: str) -> pd.Series:
+        return pairs[column].astype(str).map(sha256_of)
 
-    images = pd.unique(pd.concat([pairs["query_image_path"], pairs["gallery_image_path"]], ignore_index=True))
-    sha256_of = {path: file_sha256(path) for path in images}
-    return (pairs[PAIR_KEY].astype(str) + "\t" + pairs["query_image_path"].map(sha256_of)
-            + "\t" + pairs["gallery_image_path"].map(sha256_of))
+    return pairs[PAIR_KEY].astype(str) + "\t" + hash_of("query_image_path") + "\t" + hash_of("gallery_image_path")
 
 
-def _pair_job(pairs: pd.DataFrame, build_scorer, folder: Path, conf: RayConfig, pool: ActorPool) -> pd.DataFrame:
+def _pair_job(pairs: pd.DataFrame, build_scorer, folder: Path, conf: RayConfig, pool: ActorPool,
+              sha256_of: dict[str, str] | None = None) -> pd.DataFrame:
     """`build_scorer().score_pairs` over `pairs` on an actor pool: one row per row_id, in the input's order.
 
     A shard is named by the work of all its rows (a row's rank, hence its score, depends on its query's
@@ -436,7 +448,7 @@ def _pair_job(pairs: pd.DataFrame, build_scorer, folder: Path, conf: RayConfig, 
     import ray.data
 
     folder.mkdir(parents=True, exist_ok=True)
-    work = pair_work(pairs).to_numpy()
+    work = pair_work(pairs, sha256_of or content_hashes(pair_images(pairs))).to_numpy()
     positions_per_shard = query_bounded_shards(pairs, conf.pairs_per_shard)
     names = [shard_name(work[positions]) for positions in positions_per_shard]
     todo = [(positions, name) for positions, name in zip(positions_per_shard, names) if not (folder / name).exists()]
@@ -477,14 +489,16 @@ def score_pairs_on_ray(pairs: pd.DataFrame, checkpoint: str | Path, fusion_path:
     # shards already let a re-run skip finished work.
     engine_conf = dataclasses.replace(engine_conf, cache_pairs=False)
     model_id = Embedder.from_checkpoint(checkpoint, _actor_run_config(run)).model_id
+    images = pair_images(pairs)
+    sha256_of = content_hashes(images)  # read once, for the embedding job and the shard names both
     if run is None or run.cache_dir:
         # Fill the shared embedding cache with each distinct image once, spread over the pool, so the
         # scoring actors (which may share gallery images) only read it. Needs a cache on shared storage.
-        unique = list(dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]]))
-        embed_on_ray(unique, checkpoint, run, conf, job_dir, model_id)
+        embed_on_ray(images, checkpoint, run, conf, job_dir, model_id, sha256_of)
     build_engine = functools.partial(Engine.from_files, str(checkpoint), str(fusion_path) if fusion_path else None,
                                      engine_conf, _actor_run_config(run, conf.score.num_cpus))
-    return _pair_job(pairs, build_engine, pair_shard_folder(Path(job_dir), model_id, fusion_path, engine_conf), conf, conf.score)
+    return _pair_job(pairs, build_engine, pair_shard_folder(Path(job_dir), model_id, fusion_path, engine_conf), conf, conf.score,
+                     sha256_of)
 
 
 def match_on_ray(pairs: pd.DataFrame, matcher_settings: dict, conf: RayConfig, job_dir: str | Path) -> pd.DataFrame:

@@ -10,6 +10,7 @@ bounded LRU (and on disk), and only four numbers per pair are kept.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -57,18 +58,19 @@ class PairScorer(ABC):
         return self.evidence_many([(str(path0), str(path1))])[0]
 
     def score_pairs(self, pairs: pd.DataFrame, progress: Callable[[int], None] | None = None) -> pd.DataFrame:
-        """Evidence columns for each row of `pairs` (needs query_image_path, gallery_image_path), in row order."""
+        """Evidence columns for each row of `pairs` (needs query_image_path, gallery_image_path), in row order.
+        A pair listed on several rows is matched once; `progress` counts rows."""
+        path_pairs = list(zip(pairs["query_image_path"].to_numpy(), pairs["gallery_image_path"].to_numpy()))
+        rows_of = Counter(path_pairs)
         # Pairs sharing a query run together, so its features stay in the memory cache.
-        order = np.argsort(pairs["query_image_path"].to_numpy(), kind="stable")
-        rows: list[tuple] = [()] * len(pairs)
-        for start in range(0, len(order), self.chunk_size):
-            chunk = order[start:start + self.chunk_size]
-            path_pairs = list(zip(pairs["query_image_path"].to_numpy()[chunk], pairs["gallery_image_path"].to_numpy()[chunk]))
-            for index, row in zip(chunk, self.evidence_rows(path_pairs)):
-                rows[index] = row
+        distinct = sorted(rows_of, key=lambda pair: pair[0])
+        row_of: dict[tuple, tuple] = {}
+        for start in range(0, len(distinct), self.chunk_size):
+            chunk = distinct[start:start + self.chunk_size]
+            row_of.update(zip(chunk, self.evidence_rows(chunk)))
             if progress is not None:
-                progress(len(chunk))
-        table = pd.DataFrame(rows, columns=list(EVIDENCE_COLUMNS), index=pairs.index)
+                progress(sum(rows_of[pair] for pair in chunk))
+        table = pd.DataFrame([row_of[pair] for pair in path_pairs], columns=list(EVIDENCE_COLUMNS), index=pairs.index)
         return table.astype({"matches": "int64", "inliers": "int64"})
 
     def evidence_rows(self, path_pairs: Sequence[tuple[str, str]]) -> list[tuple]:
