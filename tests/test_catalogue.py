@@ -237,6 +237,31 @@ def test_links_that_lead_nowhere_are_skipped_by_their_own_name(tmp_path, catalog
     assert all("\n" not in reason and str(folder) in reason for _, reason in report.failed)
 
 
+def test_a_file_name_that_is_not_utf8_is_skipped_in_one_printable_line(tmp_path, catalogue):
+    """SQLite keeps names as UTF-8 text: such a name is reported (its odd byte written as \\xe9) and the rest is
+    added; identify refuses it in one line. `explain` draws it (OpenCV's font crashed on it)."""
+    import os
+    import shutil
+
+    from spotmatch.catalogue.service import add_images, identify, sources_from_path
+    from spotmatch.errors import SpotmatchError
+    from test_cli import run_cli
+
+    store, engine = catalogue
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    photo = next(iter(sorted((SNOW / "images").glob("*.JPG"))))
+    odd = folder / os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(photo, odd)
+    report = add_images(store, engine.embedder, engine.local, sources_from_path(folder))
+    assert report.added == 0 and [path for path, _ in report.failed] == [str(folder / "caf\\xe9.jpg")]
+    assert "the file name is not valid UTF-8, so the catalogue cannot record it; rename the file" in report.failed[0][1]
+    with pytest.raises(SpotmatchError, match="caf\\\\xe9.jpg: the file name is not valid UTF-8"):
+        identify(store, engine, [odd])
+    drawn = run_cli("explain", odd, photo, "--out", tmp_path / "x.png", "--cache-dir", "")
+    assert drawn.returncode == 0 and (tmp_path / "x.png").is_file(), drawn.stderr
+
+
 def test_identify_a_catalogue_photo_never_matches_itself(catalogue):
     from spotmatch.catalogue.service import identify
 
@@ -861,7 +886,7 @@ def test_add_and_stats_say_what_they_were_given(tmp_path, snow_subset_csv):
     photo = next(small_folder(tmp_path, snow_subset_csv, 1).iterdir())
     assert [s.path for s in sources_from_path(photo)] == [photo.resolve()]  # one photo, as identify takes them
     (tmp_path / "notes.dat").write_bytes(b"\xff\xd8\xff\xe0 neither text nor a photo")
-    with pytest.raises(SpotmatchError, match=r"notes.dat: not a readable CSV \(.*\); pass a CSV of photos, a folder of photos, or one photo"):
+    with pytest.raises(SpotmatchError, match=r"notes.dat: not a readable CSV \(.*\); .*; else pass a CSV of photos, a folder of photos, or one photo"):
         sources_from_path(tmp_path / "notes.dat")
     with pytest.raises(SpotmatchError, match=r"labels.csv: a file, not a catalogue folder; name the folder that holds catalogue.db"):
         Catalogue.open(snow_subset_csv)
@@ -1003,6 +1028,15 @@ def test_identify_reads_a_flank_as_a_csv_does():
     from spotmatch.catalogue.store import GalleryRestriction
 
     assert [GalleryRestriction.from_text(side=word).side for word in ("L", "right", "", "unknown")] == ["left", "right", None, None]
+
+
+def test_a_catalogue_csv_with_spaces_after_its_commas_names_its_photos(tmp_path):
+    """`filename, identity` rows as spreadsheets write them: the space is no part of the name (as in load_dataset)."""
+    from spotmatch.catalogue.service import sources_from_csv
+
+    (tmp_path / "round.csv").write_text("filename, identity\n it's.jpg, Cat1\n")
+    [source] = sources_from_csv(tmp_path / "round.csv")
+    assert source.path == tmp_path / "it's.jpg" and source.identity == "Cat1"
 
 
 def test_a_catalogue_whose_model_file_is_gone_says_how_to_relink_it(tmp_path):

@@ -349,3 +349,15 @@ def test_the_demo_never_trains_over_a_folder_it_did_not_make_and_refuses_data_it
     with pytest.raises(SpotmatchError, match="one_each.csv: no held-out photo .* has a photo of its animal left to train on"):
         demo.main(snow_subset_csv.parent / "one_each.csv", tmp_path / "demo", preset="tiny", device="cpu")
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_photo_of_over_89_megapixels_is_embedded_without_a_library_warning(tmp_path, tiny_checkpoint):
+    """PIL's DecompressionBombWarning (two lines into site-packages) is not ours to print, in this process or in
+    its decoding workers."""
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    Image.new("L", (11000, 11000)).save(tmp_path / "photos" / "large.png")  # 121 MP
+    embedded = run_cli("embed", tmp_path / "photos", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "e.npz",
+                       "--cache-dir", "", "--num-workers", "1")
+    assert embedded.returncode == 0 and "Warning" not in embedded.stderr, embedded.stderr

@@ -44,6 +44,17 @@ def test_opaque_alpha_is_not_a_mask(tmp_path):
     assert load_image(path).mask is None
 
 
+def test_a_png_transparent_colour_becomes_the_mask(tmp_path):
+    """A tRNS chunk (one colour marked transparent) in greyscale and RGB PNGs, as in palette ones."""
+    rgb = np.full((40, 60, 3), 200, np.uint8)
+    rgb[10:30, 10:50] = (10, 20, 30)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png", transparency=(200, 200, 200))
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png", transparency=200)
+    for name in ("rgb.png", "grey.png"):
+        mask = load_image(tmp_path / name).mask
+        assert mask is not None and mask.sum() == 20 * 40 and mask[10:30, 10:50].all()
+
+
 def test_an_alpha_that_hides_everything_is_refused_in_one_line(tmp_path):
     """A cut-out of nothing: the embedder would see the hidden frame and the keypoint stage nothing."""
     path = tmp_path / "empty cutout.png"
@@ -63,6 +74,41 @@ def test_greyscale_and_16_bit_infrared_become_rgb(tmp_path):
     Image.fromarray(grey.astype(np.uint16) * 200).save(tmp_path / "ir16.png")
     ir = load_image(tmp_path / "ir16.png")
     assert ir.rgb.dtype == np.uint8 and ir.rgb.shape == (90, 120, 3) and ir.rgb.max() > 200
+
+
+def test_near_duplicate_hashes_see_the_pixels_every_stage_sees(tmp_path):
+    """16-bit frames of different scenes are no twins (PIL's own 8-bit conversion made them one grey), and a
+    copy stored sideways with an EXIF orientation is its upright original's twin."""
+    frames = sorted((SNOW / "images").glob("*.JPG"))[::60][:3]
+    for i, frame in enumerate(frames):
+        grey = np.asarray(Image.open(frame).convert("L").resize((320, 240))).astype(np.uint16)
+        Image.fromarray(grey * 4 + 2000).save(tmp_path / f"ir16-{i}.png")
+    hashes = perceptual_hashes([tmp_path / f"ir16-{i}.png" for i in range(3)])
+    assert len(set(hashes.tolist())) == 3
+
+    upright = Image.open(SNOW_IMAGE)
+    upright.save(tmp_path / "upright.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": stored turned the other way
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.jpg", exif=exif)
+    original, copy = perceptual_hashes([tmp_path / "upright.jpg", tmp_path / "sideways.jpg"])
+    assert bin(int(original) ^ int(copy)).count("1") <= SplitConfig.near_duplicate_distance
+
+
+def test_tables_name_linked_photos_as_given_and_point_at_the_right_folder(tmp_path):
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "images" / "link.jpg").symlink_to(SNOW_IMAGE)
+    (tmp_path / "data" / "images" / "loop1.jpg").symlink_to("loop2.jpg")
+    (tmp_path / "data" / "images" / "loop2.jpg").symlink_to("loop1.jpg")
+    (tmp_path / "data" / "labels.csv").write_text("filename,identity\nlink.jpg,Cat1\n")
+    assert load_dataset(tmp_path / "data" / "labels.csv").paths == [tmp_path / "data" / "images" / "link.jpg"]
+    (tmp_path / "data" / "loop.csv").write_text("filename,identity\nloop1.jpg,Cat1\n")
+    with pytest.raises(SpotmatchError, match="loop.csv: image .*loop1.jpg not found"):
+        load_dataset(tmp_path / "data" / "loop.csv")
+    # A name with its folder, beside a default images/ folder: --images names the folder the names start from.
+    (tmp_path / "data" / "foldered.csv").write_text("filename,identity\nimages/link.jpg,Cat1\n")
+    with pytest.raises(SpotmatchError, match=f"not found; it is in {tmp_path / 'data'}: pass --images {tmp_path / 'data'}$"):
+        load_dataset(tmp_path / "data" / "foldered.csv")
 
 
 def test_truncated_image_names_the_file(tmp_path):
@@ -156,6 +202,9 @@ def test_pairs_csv_checks(tmp_path):
         f"{n},{SNOW_IMAGE.name},{SNOW_IMAGE.name},{SNOW_IMAGE.name}\n" for n in range(2)))
     with pytest.raises(SpotmatchError, match=r"ragged.csv: every row has one field more than the header \(row_id, query_image"):
         load_pairs(tmp_path / "ragged.csv")
+    (tmp_path / "latin1.csv").write_bytes("row_id,query_image,gallery_image\n1,caf\u00e9.jpg,b.jpg\n".encode("latin-1"))
+    with pytest.raises(SpotmatchError, match=r"latin1.csv: not a readable CSV \(not UTF-8 text: byte 0xe9\); if it is a table saved in another encoding, save it as UTF-8"):
+        load_pairs(tmp_path / "latin1.csv")
 
 
 def test_encounter_split_keeps_encounters_whole_and_is_deterministic():

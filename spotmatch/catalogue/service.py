@@ -16,9 +16,9 @@ import pandas as pd
 
 from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, GalleryRestriction, NewImage, folded_name,
                                       reads_as_date, refuse_catalogue_folder, reviewer)
-from spotmatch.data.images import file_sha256, load_image
-from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, parse_side,
-                                   refuse_conflicting_labels, refuse_extra_field)
+from spotmatch.data.images import file_sha256, load_image, printable, refuse_unprintable_name
+from spotmatch.data.tables import (CSV_READ_ERRORS, FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, parse_side,
+                                   refuse_conflicting_labels, refuse_extra_field, unreadable_csv)
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import decision_score
 
@@ -225,9 +225,8 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise SpotmatchError(f"{csv_path}: CSV file not found; pass the labels CSV path") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); pass a CSV of photos, a folder of"
-                             f" photos, or one photo (jpg, png, ...)") from None
+    except CSV_READ_ERRORS as exc:
+        raise unreadable_csv(csv_path, exc, "pass a CSV of photos, a folder of photos, or one photo (jpg, png, ...)") from None
     refuse_extra_field(table, csv_path)
     filename_col = _column(table, FILENAME_ALIASES)
     if filename_col is None:
@@ -239,9 +238,11 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
     # export of photos from several folders (uploads beside a data set) adds back whole. Only a full path: a
     # relative one in another table means something else (it may already hold the images/ folder).
     path_col = _column(table, ("path",)) if image_dir is None else None
+    # Spaces around a cell (a "name, label" file) would name another file, as load_dataset knows.
+    table[filename_col] = table[filename_col].str.strip()
     if path_col not in (None, filename_col):
         full = table[path_col].map(lambda value: Path(value.strip()).is_absolute() if value.strip() else False)
-        table[filename_col] = table[path_col].where(full, table[filename_col])
+        table[filename_col] = table[path_col].str.strip().where(full, table[filename_col])
     image_dir = image_dir or default_image_dir(csv_path)
     if identity_col is not None:
         refuse_conflicting_labels(table, filename_col, identity_col, csv_path)
@@ -282,9 +283,10 @@ def fresh_sources(catalogue: Catalogue, sources: list[ImageSource], report: AddR
     hashes = {}
     for source in sources:
         try:
+            refuse_unprintable_name(source.path, "the catalogue")
             hashes[id(source)] = file_sha256(source.path)
         except SpotmatchError as exc:
-            report.failed.append((str(source.path), str(exc)))
+            report.failed.append((printable(source.path), str(exc)))
     known = catalogue.known_images(list(hashes.values()))
     fresh: list[tuple[ImageSource, str, str | None]] = []
     seen: dict[str, ImageSource] = {}  # sha256 -> the first source of this input that holds it
@@ -443,6 +445,8 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     if not query_paths:
         raise SpotmatchError(f"{catalogue.folder}: no photos to identify; pass one or more")
     sides = [side or conf.restriction.side for side in (sides or [None] * len(query_paths))]
+    for path in query_paths:
+        refuse_unprintable_name(path, "the catalogue")  # its candidates table and explanation files name it
     query_hashes = [file_sha256(p) for p in query_paths]  # one-line error for a missing photo
     for path in query_paths:
         load_image(path)  # and for a corrupt one, before any work

@@ -11,6 +11,7 @@ import sqlite3
 import sys
 
 from spotmatch.cli.app import app
+from spotmatch.data.images import quiet_large_photos
 from spotmatch.errors import SpotmatchError
 
 
@@ -37,6 +38,7 @@ def _on_interrupt(main_pid: int):
 
 def main() -> None:
     _register_commands()
+    quiet_large_photos()  # the command line owns the process; a library caller keeps its own warning filters
     signal.signal(signal.SIGINT, _on_interrupt(os.getpid()))
     try:
         app()

@@ -18,8 +18,9 @@ def calibrate(
     out_dir: Optional[Path] = typer.Option(None, help="Where fusion.json, reliability.png and calibration.md go (default: beside the checkpoint)."),
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     top_k: int = typer.Option(20, min=1, help="Local matching re-scores each query's K best gallery images."),
-    extractor: str = typer.Option("rootsift", help="Local features: rootsift, disk, aliked, xfeat."),
+    extractor: str = typer.Option("rootsift", help="Local features: rootsift, disk, aliked, xfeat, loftr (with --weights)."),
     local_masks: Optional[str] = typer.Option(None, help="Keypoints only inside masks from: alpha, teacher, unet:CKPT, none (default: the checkpoint's mask source)."),
+    weights: Optional[str] = typer.Option(None, help="Weights file of the local stage's network (LoFTR needs one; learned extractors default to the shipped ones)."),
     method: str = typer.Option("logistic", help="logistic or isotonic."),
     target_precision: float = typer.Option(0.9, help="Precision the 'same individual' threshold must reach."),
     new_share: float = typer.Option(0.5, help="Share of photos of animals missing from the gallery that `identify` is expected to meet; sets its threshold."),
@@ -52,7 +53,7 @@ def calibrate(
     split, used_split_by, origin = split_for(dataset, SplitConfig(by=split_by), checkpoint)
     run = _embed_config(32, device, False, num_workers, cache_dir)
     engine_conf = EngineConfig(shortlist_k=top_k, extractor=extractor, local_workers=num_workers, masks=local_masks,
-                               cache_dir=cache_root(cache_dir))
+                               cache_dir=cache_root(cache_dir), local_weights=weights, local_device=device)
     conf = calibration.CalibrateConfig(method=method, target_precision=target_precision, balance=balance, new_share=new_share, monotone=monotone,
                                        decision=decision, rerank=rerank,
                                        rerankers=calibration.CalibrateConfig.rerankers if compare_rerankers else ())

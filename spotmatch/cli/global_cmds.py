@@ -133,12 +133,12 @@ def embed(
     ray_config: Optional[Path] = typer.Option(None, help=RAY_CONFIG_HELP),
 ) -> None:
     """Embed every image once (cached by content hash + model) into an .npz file."""
-    from spotmatch.data.tables import IMAGE_SUFFIXES, is_pairs_table, load_dataset, load_pairs
+    from spotmatch.data.tables import IMAGE_SUFFIXES, absolute_path, is_pairs_table, load_dataset, load_pairs
     from spotmatch.global_embed.embed import Embedder
     from spotmatch.io import atomic_path, check_output
 
     if source.is_dir():
-        paths = [p.resolve() for p in sorted(source.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]  # absolute, as from a CSV
+        paths = [Path(absolute_path(p)) for p in sorted(source.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]  # as from a CSV
         if not paths:
             raise SpotmatchError(f"{source}: no JPEG/PNG images in the folder; point at the image folder")
     elif source.suffix.lower() == ".csv" and is_pairs_table(source):
@@ -176,6 +176,7 @@ def score_pairs(
     shortlist_first: bool = typer.Option(False, help="With fusion: scale each query's pairs outside its top-K below the ones inside "
                                                      "(ranks better across stations, calibrates worse: docs/fusion.md)."),
     extractor: str = typer.Option("rootsift", help="Local features (must match the calibration file)."),
+    weights: Optional[str] = typer.Option(None, help="Weights file of the local stage's network, as calibrate was given (LoFTR needs one)."),
     rerank: str = typer.Option("none", help="Re-rank each query's global similarities over its rows first: qe (query expansion) or "
                                             "k-reciprocal; a calibration file must be made with the same `calibrate --rerank`."),
     evidence_out: Optional[Path] = typer.Option(None, help="Also write every stage's columns (cosine, rank, inliers, ...) here."),
@@ -213,7 +214,8 @@ def score_pairs(
     use_local = fusion is not None if local is None else local
     # Settled before any work: a Ray job and the summary line need the shortlist length too.
     engine_conf = settle_config(EngineConfig(shortlist_k=top_k, use_local=use_local, extractor=extractor, local_workers=num_workers,
-                                             cache_dir=cache_root(cache_dir), shortlist_first=shortlist_first, rerank=rerank), fusion)
+                                             cache_dir=cache_root(cache_dir), shortlist_first=shortlist_first, rerank=rerank,
+                                             local_weights=weights, local_device=device), fusion)
     run = _embed_config(batch_size, device, flip_tta, num_workers, cache_dir, decode_on_device)
     check_backend(backend)
     started = time.perf_counter()
@@ -227,8 +229,8 @@ def score_pairs(
     else:
         scored = Engine.from_files(checkpoint, fusion, engine_conf, run).score_pairs(pairs)
     write_submission(scored["row_id"], scored["similarity"].to_numpy(), out)  # first: it refuses a score outside [0, 1]
-    if evidence_out:
-        write_csv_atomic(scored, evidence_out)
+    if evidence_out:  # counts as counts, empty outside the shortlist (as `match` writes them)
+        write_csv_atomic(scored.astype({column: "Int64" for column in ("matches", "inliers") if column in scored}), evidence_out)
     n_images = len(set(pairs["query_image_path"]) | set(pairs["gallery_image_path"]))
     stages = "global" + (f" + {rerank}" if rerank != "none" else "") + (f" + local top-{engine_conf.shortlist_k}" if use_local else "") + (" + fusion" if fusion else "")
     typer.echo(f"scored {len(pairs)} pairs over {n_images} distinct images ({stages}) in {time.perf_counter() - started:.1f}s; wrote {out}")

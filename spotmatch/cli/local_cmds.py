@@ -9,21 +9,38 @@ import pandas as pd
 import typer
 
 from spotmatch.cli.app import app
-from spotmatch.cli.global_cmds import BACKEND_HELP, RAY_ADDRESS_HELP, RAY_CONFIG_HELP, check_backend
+from spotmatch.cli.global_cmds import BACKEND_HELP, RAY_ADDRESS_HELP, RAY_CONFIG_HELP, cache_root, check_backend
 from spotmatch.errors import SpotmatchError
 
 DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root the global embedder caches under
 
 
-def _checkpoint_embedder(checkpoint: Path, cache: Path):
-    """The global-embedding stage (imported only when asked for), caching under the command's --cache."""
+CACHE_HELP = "Cache folder (features go to <cache>/local/...); '' caches nothing."
+LOCAL_MASKS_HELP = ("Keypoints only inside masks from: alpha, teacher, unet:CKPT, none (default: the --checkpoint's mask"
+                    " source, as calibrate and score-pairs use; without one, alpha).")
+WEIGHTS_HELP = "Weights file of the local stage's network (LoFTR needs one; learned extractors default to the shipped ones)."
+DEVICE_HELP = "Where the local stage's networks run: auto, cpu, cuda ... (RootSIFT runs on the CPU)."
+
+
+def _checkpoint_embedder(checkpoint: Path, cache_dir: str | None, device: str):
+    """The global-embedding stage (imported only when asked for), caching under the command's --cache-dir."""
     try:
         from spotmatch.global_embed.embed import EmbedConfig, Embedder
     except ImportError as exc:
         raise SpotmatchError(
             f"{checkpoint}: global scoring is not available in this install ({exc}); use --top-k 0 to match all pairs"
         ) from None
-    return Embedder.from_checkpoint(checkpoint, EmbedConfig(cache_dir=str(cache)))
+    return Embedder.from_checkpoint(checkpoint, EmbedConfig(cache_dir=cache_dir, device=device))
+
+
+def local_stage_conf(extractor: str, local_masks: Optional[str], cache_dir: str | None, weights: Optional[str], device: str,
+                     workers: int = 2):
+    """The local stage as `calibrate` and `score-pairs` build it (EngineConfig), so a pair gets the same evidence
+    from every command; each pair's evidence is not stored (matching is what these commands are for)."""
+    from spotmatch.engine.engine import EngineConfig
+
+    return EngineConfig(extractor=extractor, masks=local_masks, local_workers=workers, cache_dir=cache_dir, cache_pairs=False,
+                        local_weights=weights, local_device=device)
 
 
 def select_pairs(pairs: pd.DataFrame, top_k: int, embedder) -> tuple[pd.DataFrame, pd.Series]:
@@ -47,24 +64,26 @@ def match(
     extractor: str = typer.Option("rootsift", "--extractor", help="rootsift, disk, aliked, xfeat or loftr"),
     top_k: int = typer.Option(20, "--top-k", min=0, help="match only each query's K best pairs by global cosine; 0 = all"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="global model checkpoint, for --top-k"),
-    cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="cache folder (features go to <cache>/local/...)"),
+    local_masks: Optional[str] = typer.Option(None, "--local-masks", help=LOCAL_MASKS_HELP),
+    cache: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", "--cache", help=CACHE_HELP),
     workers: int = typer.Option(2, "--workers", min=1, help="CPU threads for SIFT extraction and matching"),
-    weights: Optional[str] = typer.Option(None, "--weights", help="weights file (LoFTR needs one)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     backend: str = typer.Option("local", "--backend", help=BACKEND_HELP),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     ray_config: Optional[Path] = typer.Option(None, "--ray-config", help=RAY_CONFIG_HELP),
 ) -> None:
     """Re-score image pairs with local keypoint evidence: matches, inliers, inlier_ratio, local_score."""
     from spotmatch.data.tables import load_pairs
-    from spotmatch.local_match.pipeline import LocalMatcher
-
-    from spotmatch.io import check_output
+    from spotmatch.engine.engine import build_local
+    from spotmatch.io import check_output, write_csv_atomic
 
     check_backend(backend)
     pairs = load_pairs(pairs_csv, images)
     check_output(out, [pairs_csv, *([checkpoint] if checkpoint else []),
                        *dict.fromkeys([*pairs["query_image_path"], *pairs["gallery_image_path"]])])
-    matcher_settings = dict(name=extractor, cache_dir=str(cache), workers=workers, **_weights_kwargs(extractor, weights))
+    cache_dir = cache_root(cache)
+    conf = local_stage_conf(extractor, local_masks, cache_dir, weights, device, workers)
     if backend == "ray":
         from spotmatch.engine import ray_backend as rb
 
@@ -73,28 +92,28 @@ def match(
             embedder = rb.RayEmbedder(str(checkpoint), None, ray_conf, job_dir) if checkpoint and top_k > 0 else None
             global_columns, selected = select_pairs(pairs, top_k, embedder)
             todo = pairs[selected]
-            evidence = rb.match_on_ray(todo, matcher_settings, ray_conf, job_dir).drop(columns="row_id").set_index(todo.index)
+            evidence = rb.match_on_ray(todo, conf, _checkpoint_masks(checkpoint), ray_conf, job_dir).drop(columns="row_id").set_index(todo.index)
     else:
-        embedder = _checkpoint_embedder(checkpoint, cache) if checkpoint and top_k > 0 else None
+        embedder = _checkpoint_embedder(checkpoint, cache_dir, device) if checkpoint and top_k > 0 else None
         global_columns, selected = select_pairs(pairs, top_k, embedder)
-        scorer = LocalMatcher.from_name(**matcher_settings)
+        scorer = build_local(conf, _checkpoint_masks(checkpoint))
         todo = pairs[selected]
         with typer.progressbar(length=len(todo), label=f"matching {len(todo)} pairs", file=None) as bar:
             evidence = scorer.score_pairs(todo, progress=bar.update)
     table = pd.concat([pairs[["row_id"]], global_columns], axis=1).join(evidence)
     table = table.astype({"matches": "Int64", "inliers": "Int64"})  # pairs left unmatched stay empty
-    from spotmatch.io import write_csv_atomic
-
     write_csv_atomic(table, out)
     typer.echo(f"wrote {out} ({int(selected.sum())} of {len(pairs)} pairs matched)")
 
 
-def _weights_kwargs(extractor: str, weights: Optional[str]) -> dict:
-    """A --weights file goes to LoFTR's config, or to a learned extractor's."""
-    if weights is None and extractor != "loftr":
-        return {}
-    key = "matcher_conf" if extractor == "loftr" else "extractor_conf"
-    return {key: {"weights": weights}}
+def _checkpoint_masks(checkpoint: Optional[Path]) -> str:
+    """The mask source a checkpoint's embedder sees through (alpha without one): the local stage's default."""
+    if checkpoint is None:
+        return "alpha"
+    from spotmatch.global_embed.checkpoint import read_checkpoint
+    from spotmatch.global_embed.model import EmbedderConfig
+
+    return read_checkpoint(checkpoint)["embedder_config"].get("masks", EmbedderConfig.masks)
 
 
 @app.command("explain")
@@ -105,8 +124,10 @@ def explain(
     extractor: str = typer.Option("rootsift", "--extractor", help="rootsift, disk, aliked, xfeat or loftr"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="global model checkpoint: adds the cosine"),
     fusion: Optional[Path] = typer.Option(None, "--fusion", help="calibration file (with --checkpoint): adds the fused probability"),
-    cache: Path = typer.Option(DEFAULT_CACHE, "--cache", help="cache folder"),
-    weights: Optional[str] = typer.Option(None, "--weights", help="weights file (LoFTR needs one)"),
+    local_masks: Optional[str] = typer.Option(None, "--local-masks", help=LOCAL_MASKS_HELP + " With --fusion: its own."),
+    cache: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", "--cache", help=CACHE_HELP),
+    weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     global_rank: int = typer.Option(0, "--global-rank", min=0, help="with --fusion: the gallery photo's place in the query's global list "
                                                               "(0: its best; the global_rank column of score-pairs --evidence-out), "
                                                               "on which the fused probability depends"),
@@ -115,9 +136,9 @@ def explain(
 
     Lowe's ratio test is taken from the query's side, so swapping the two photos can change the inliers
     (docs/local_match.md); give them in the order score-pairs or identify met them."""
+    from spotmatch.engine.engine import build_local
     from spotmatch.io import check_output
     from spotmatch.local_match.explain import explain_pair
-    from spotmatch.local_match.pipeline import LocalMatcher
 
     if out.suffix.lower() != ".png":
         raise SpotmatchError(f"{out}: explain draws a PNG (and writes its keypoints beside it as .json); end --out in .png")
@@ -127,23 +148,24 @@ def explain(
     if global_rank and fusion is None:
         # Only the fused probability depends on the rank; silently ignoring it would suggest it was used.
         raise SpotmatchError("--global-rank sets the place the fused probability is computed at: pass --fusion (and --checkpoint) too")
+    cache_dir = cache_root(cache)
+    conf = local_stage_conf(extractor, local_masks, cache_dir, weights, device)
     if fusion is not None:
         if checkpoint is None:
             raise SpotmatchError("--fusion needs the global model it was calibrated for: pass --checkpoint too")
-        from spotmatch.engine.engine import Engine, EngineConfig
+        from spotmatch.engine.engine import Engine
         from spotmatch.engine.engine import explain as explain_with_engine
         from spotmatch.global_embed.embed import EmbedConfig
 
-        engine = Engine.from_files(checkpoint, fusion, EngineConfig(extractor=extractor, cache_dir=str(cache)),
-                                   EmbedConfig(cache_dir=str(cache)))
+        engine = Engine.from_files(checkpoint, fusion, conf, EmbedConfig(cache_dir=cache_dir, device=device))
         result = explain_with_engine(engine, query, gallery, out, global_rank)
         typer.echo(f"wrote {result.png_path} and {result.json_path}: {result.scores.text()}")
         return
 
-    scorer = LocalMatcher.from_name(extractor, cache_dir=cache, **_weights_kwargs(extractor, weights))
-    cosine = _pair_cosine(query, gallery, _checkpoint_embedder(checkpoint, cache)) if checkpoint is not None else None
-    settings = getattr(getattr(scorer, "extractor", None), "conf_name", extractor)
-    result = explain_pair(query, gallery, scorer, out, cosine=cosine, probability=None, settings=settings)
+    embedder = _checkpoint_embedder(checkpoint, cache_dir, device) if checkpoint is not None else None
+    scorer = build_local(conf, _checkpoint_masks(checkpoint))
+    cosine = _pair_cosine(query, gallery, embedder) if embedder is not None else None
+    result = explain_pair(query, gallery, scorer, out, cosine=cosine, probability=None, settings=scorer.conf_name)
     typer.echo(f"wrote {result.png_path} and {result.json_path}: {result.scores.text()}")
 
 

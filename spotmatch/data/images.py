@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,13 @@ class ImageRecord:
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def quiet_large_photos() -> None:
+    """PIL warns, in two lines pointing into site-packages, of every photo over 89 megapixels: today's cameras take
+    them. Photos over twice that are still refused, in one line (DecompressionBombError). For the processes this
+    package owns: the command line, and its decoding workers."""
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def read_image_bytes(path: str | Path) -> bytes:
     path = Path(path)
     try:
@@ -53,6 +62,18 @@ def read_image_bytes(path: str | Path) -> bytes:
         raise SpotmatchError(f"{path}: is a folder, not an image file; name the image inside it") from None
     except OSError as exc:  # a link that loops, no permission, a device that failed
         raise SpotmatchError(f"{path}: cannot be read ({exc.strerror or exc}); check the file, or the link it is") from None
+
+
+def printable(path: str | Path) -> str:
+    """`path` as text any terminal, JSON or SQLite takes: bytes of a name that are not UTF-8 (which Python keeps
+    as lone surrogates) written as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def refuse_unprintable_name(path: str | Path, kept_by: str) -> None:
+    """Where a file's name is stored as text (`kept_by`: the catalogue's database), one that is not UTF-8 is refused."""
+    if printable(path) != str(path):
+        raise SpotmatchError(f"{printable(path)}: the file name is not valid UTF-8, so {kept_by} cannot record it; rename the file")
 
 
 def undecodable(path: str | Path, exc: Exception) -> SpotmatchError:
@@ -74,7 +95,7 @@ def _capture_time(image: Image.Image) -> str | None:
 
 def _split_alpha(image: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
     """Separate colour from alpha; an alpha that hides nothing is not a mask."""
-    if image.mode == "P" and "transparency" in image.info:
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:  # a PNG's tRNS chunk: one colour is transparent
         image = image.convert("RGBA")
     if image.mode not in ("RGBA", "LA", "PA"):
         return image, None

@@ -7,7 +7,6 @@ never sit on both sides of a split.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from spotmatch.data.images import DECODE_ERRORS, read_image_bytes, undecodable
+from spotmatch.data.images import load_image
 from spotmatch.data.tables import Dataset
 from spotmatch.errors import SpotmatchError
 
@@ -43,14 +42,11 @@ class SplitConfig:
 
 
 def perceptual_hashes(paths: list[Path]) -> np.ndarray:
-    """64-bit pHash per image as uint64."""
+    """64-bit pHash per image as uint64, of the pixels every stage sees (`load_image`: upright by EXIF, 16-bit
+    frames stretched; PIL's own 8-bit conversion clips 16-bit frames to one grey, so all would be twins)."""
     hashes = np.empty(len(paths), dtype=np.uint64)
     for i, path in enumerate(paths):
-        try:
-            with Image.open(io.BytesIO(read_image_bytes(path))) as image:
-                bits = imagehash.phash(image).hash.flatten()
-        except DECODE_ERRORS as exc:
-            raise undecodable(path, exc) from None
+        bits = imagehash.phash(Image.fromarray(load_image(path).rgb)).hash.flatten()
         hashes[i] = np.packbits(bits).view(">u8")[0]
     return hashes
 

@@ -5,6 +5,8 @@ Also reads the Kaggle Jaguar Re-ID files: `train.csv` (`filename, ground_truth`)
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,13 +56,26 @@ class Dataset:
         return Dataset(self.table.loc[rows].reset_index(drop=True), self.image_dir, self.csv_path)
 
 
+# What pandas raises for a file it cannot read as a CSV.
+CSV_READ_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError)
+
+
+def unreadable_csv(csv_path: Path, exc: Exception, fix: str) -> SpotmatchError:
+    """The one-line error for a file pandas cannot read as a CSV; a table saved in another encoding (Latin-1,
+    UTF-16: a spreadsheet's plain "CSV") is told how to save it."""
+    if isinstance(exc, UnicodeDecodeError):
+        return SpotmatchError(f"{csv_path}: not a readable CSV (not UTF-8 text: byte {exc.object[exc.start]:#04x}); if it is a table"
+                              f" saved in another encoding, save it as UTF-8 (a spreadsheet's \"CSV UTF-8\"); else {fix}")
+    return SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); {fix}")
+
+
 def _read_csv(csv_path: Path, nrows: int | None = None) -> pd.DataFrame:
     if not csv_path.is_file():
         raise SpotmatchError(f"{csv_path}: CSV file not found; pass the labels/pairs CSV path")
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, nrows=nrows)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); check the file") from None
+    except CSV_READ_ERRORS as exc:
+        raise unreadable_csv(csv_path, exc, "check the file") from None
     if len(table.columns) == 1 and ";" in table.columns[0]:  # a spreadsheet's export in a comma-decimal locale
         raise SpotmatchError(f"{csv_path}: its columns are separated by semicolons ({table.columns[0]}); save it comma-separated")
     refuse_extra_field(table, csv_path)
@@ -97,24 +112,34 @@ def default_image_dir(csv_path: Path) -> Path:
     return candidate if candidate.is_dir() else csv_path.parent
 
 
-def check_files_exist(paths: list[Path], source: Path | None) -> None:
-    missing = [p for p in paths if not p.is_file()]
+def check_files_exist(paths: list[Path], source: Path | None, names: list[str] | None = None) -> None:
+    """Refuse a table naming a file that is not there; `names`: each path as the table writes it (with any
+    folders), to find the folder `--images` should name."""
+    missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if missing:
+        first = paths[missing[0]]
         where = f"{source}: " if source else ""
-        what = "is a folder, not an image" if missing[0].is_dir() else "not found"
+        what = "is a folder, not an image" if first.is_dir() else "not found"
         more = f" and {len(missing) - 1} more missing" if len(missing) > 1 else ""
-        holder = _folder_beside(source, missing[0].name) if source else None
+        holder = _folder_beside(source, names[missing[0]] if names else first.name) if source else None
         fix = f"it is in {holder}: pass --images {holder}" if holder else "check --images or the CSV's file names"
-        raise SpotmatchError(f"{where}image {missing[0]} {what}{more}; {fix}")
+        raise SpotmatchError(f"{where}image {first} {what}{more}; {fix}")
 
 
 def _folder_beside(csv_path: Path, name: str) -> Path | None:
     """The CSV's own folder or a folder next to it that holds `name` (Kaggle puts test.csv beside test/, train.csv
-    beside train/; an `images/` folder beside the CSV is looked in by default, even where the photos sit beside the CSV)."""
-    if not csv_path.parent.is_dir():
+    beside train/; an `images/` folder beside the CSV is looked in by default, even where the photos sit beside the CSV).
+    An absolute `name` is in no folder."""
+    if not csv_path.parent.is_dir() or Path(name).is_absolute():
         return None
     folders = [csv_path.parent, *sorted(p for p in csv_path.parent.iterdir() if p.is_dir())]
     return next((folder for folder in folders if (folder / name).is_file()), None)
+
+
+def absolute_path(path: Path) -> str:
+    """Absolute and normalised (`./X.JPG` and `X.JPG` are one path), but a link keeps the name the table gave:
+    results and errors name the user's file, and a link that loops is reported when read, in one line."""
+    return os.path.abspath(path)
 
 
 def refuse_conflicting_labels(table: pd.DataFrame, filename_col: str, identity_col: str, csv_path: Path) -> None:
@@ -137,7 +162,7 @@ def photo_name(filename: str) -> str:
 
 def refuse_repeated_rows(table: pd.DataFrame, csv_path: Path) -> None:
     """A photo listed twice would be its own match in every evaluation (and weigh twice in training). Known by
-    its resolved `path`, so that two spellings of one file (`X.JPG`, `./X.JPG`) are one photo too."""
+    its absolute `path`, so that two spellings of one file (`X.JPG`, `./X.JPG`) are one photo too."""
     repeated = table["path"][table["path"].duplicated()]
     if not repeated.empty:
         rows = table[table["path"] == repeated.iloc[0]]
@@ -167,10 +192,10 @@ def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop
     if "side" in table.columns:  # one spelling everywhere: left, right, or missing where not known
         table["side"] = [parse_side(value, f"{csv_path} line {row + 2}") for row, value in zip(table.index, table["side"])]
     image_dir = Path(image_dir) if image_dir is not None else default_image_dir(csv_path)
-    table["path"] = [str((image_dir / name).resolve()) for name in table["filename"]]
+    table["path"] = [absolute_path(image_dir / name) for name in table["filename"]]
     refuse_repeated_rows(table, csv_path)  # before the index is reset: it gives the CSV's line numbers
     table = table.reset_index(drop=True)
-    check_files_exist([Path(p) for p in table["path"]], csv_path)
+    check_files_exist([Path(p) for p in table["path"]], csv_path, table["filename"].tolist())
     return Dataset(table=table, image_dir=image_dir, csv_path=csv_path)
 
 
@@ -200,9 +225,9 @@ def load_pairs(csv_path: str | Path, image_dir: str | Path | None = None, check_
     # Each distinct name resolved once: a competition file names a few hundred images in 10^5 to 10^6 rows,
     # and resolving per row walked the file system twice a row; the rows then share the path strings.
     names = pd.unique(pd.concat([table["query_image"], table["gallery_image"]], ignore_index=True))
-    path_of = {name: str((image_dir / name).resolve()) for name in names}
+    path_of = {name: absolute_path(image_dir / name) for name in names}
     for column in ("query_image", "gallery_image"):
         table[f"{column}_path"] = table[column].map(path_of)
     if check_files:
-        check_files_exist([Path(p) for p in path_of.values()], csv_path)
+        check_files_exist([Path(p) for p in path_of.values()], csv_path, list(path_of))
     return table

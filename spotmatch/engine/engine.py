@@ -36,6 +36,8 @@ class EngineConfig:
     use_local: bool = True
     extractor: str = "rootsift"
     masks: str | None = None  # keypoints only inside these masks; None: the embedder's mask source
+    local_weights: str | None = None  # a learned extractor's or LoFTR's weights file; None: the shipped ones
+    local_device: str = "auto"  # where the local stage's networks run (RootSIFT runs on OpenCV, on the CPU)
     local_workers: int = 2
     cache_dir: str | None = ".cache/spotmatch"
     # Keep each pair's local evidence in the cache as well (local_match.features.PairEvidenceCache).
@@ -127,13 +129,13 @@ class Engine:
 
 def build_local(conf: EngineConfig, embedder_masks: str = "alpha"):
     """The local stage, restricted to the masks named in `conf` (else the embedder's)."""
-    from spotmatch.local_match.pipeline import LocalMatcher
+    from spotmatch.local_match.pipeline import LocalMatcher, stage_overrides
 
     cache = conf.cache_dir if conf.cache_dir else None
     masks = mask_provider(conf.masks or embedder_masks, cache)
     return LocalMatcher.from_name(conf.extractor, cache_dir=cache, workers=conf.local_workers,
                                   mask_source=masks.mask_for if masks else None, mask_name=masks.name if masks else None,
-                                  cache_pairs=conf.cache_pairs)
+                                  cache_pairs=conf.cache_pairs, **stage_overrides(conf.extractor, conf.local_weights, conf.local_device))
 
 
 def explain(engine: Engine, query: str | Path, gallery: str | Path, out_png: str | Path, global_rank: int = 0):

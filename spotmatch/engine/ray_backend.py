@@ -501,15 +501,16 @@ def score_pairs_on_ray(pairs: pd.DataFrame, checkpoint: str | Path, fusion_path:
                      sha256_of)
 
 
-def match_on_ray(pairs: pd.DataFrame, matcher_settings: dict, conf: RayConfig, job_dir: str | Path) -> pd.DataFrame:
-    """`LocalMatcher.from_name(**matcher_settings).score_pairs(pairs)` on a Ray actor pool: row_id and the
-    evidence columns, in the input's row order. Features land in the settings' `cache_dir` (shared storage)."""
+def match_on_ray(pairs: pd.DataFrame, engine_conf, embedder_masks: str, conf: RayConfig, job_dir: str | Path) -> pd.DataFrame:
+    """`build_local(engine_conf, embedder_masks).score_pairs(pairs)` on a Ray actor pool: row_id and the evidence
+    columns, in the input's row order. Features land in `engine_conf.cache_dir` (shared storage)."""
     from spotmatch.config import config_hash
-    from spotmatch.local_match.pipeline import LocalMatcher
+    from spotmatch.engine.engine import build_local
 
-    result_settings = {k: v for k, v in matcher_settings.items() if k not in ("workers", "cache_dir")}  # no effect on results
-    folder = Path(job_dir) / "matches" / config_hash(result_settings)
-    return _pair_job(pairs, functools.partial(LocalMatcher.from_name, **matcher_settings), folder, conf, conf.local)
+    # The stage's name holds every setting that changes the evidence (extractor, matcher, masks); workers and
+    # device do not.
+    folder = Path(job_dir) / "matches" / config_hash({"local_stage": build_local(engine_conf, embedder_masks).conf_name})
+    return _pair_job(pairs, functools.partial(build_local, engine_conf, embedder_masks), folder, conf, conf.local)
 
 
 # ----------------------------------------------------------------------------- catalogue

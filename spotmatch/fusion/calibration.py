@@ -401,5 +401,5 @@ class FusionModel:
         if settings_name != self.extractor:
             raise SpotmatchError(
                 f"{path}: calibrated for local stage '{self.extractor}', not '{settings_name}'; run `spotmatch calibrate` with "
-                f"these local settings, or drop the option that changed them (--extractor, --local-masks)"
+                f"these local settings, or drop the option that changed them (--extractor, --local-masks, --weights)"
             )

@@ -156,8 +156,11 @@ class _WorkerStart:
     owner_pid: int
 
     def __call__(self, worker_id: int) -> None:
+        from spotmatch.data.images import quiet_large_photos
+
         _single_threaded_worker(worker_id)
         _exit_when_gone(self.owner_pid)
+        quiet_large_photos()
 
 
 def _forkserver() -> multiprocessing.context.BaseContext:

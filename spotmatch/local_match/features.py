@@ -135,8 +135,9 @@ class FeatureCache:
                 self._memory.popitem(last=False)
 
 
-# Part of the pair cache's file name: raise it when a code change alters matching without changing a setting.
-PAIR_CACHE_VERSION = 1
+# Part of the pair cache's file name: raise it when a code change alters matching without changing a setting
+# (2: distances measured in each image's own size, 2026-12-07).
+PAIR_CACHE_VERSION = 2
 PairKey = tuple[str, str]  # the feature-cache keys of the two images
 
 

@@ -5,7 +5,7 @@ No LoFTR checkpoint ships in a PyPI package; it runs only from a weights file th
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import cv2
@@ -18,6 +18,11 @@ from spotmatch.local_match.matchers import PairEvidence, VerificationConf, verif
 from spotmatch.local_match.pipeline import MaskSource, PairScorer
 from spotmatch.local_match.weights import load_into, load_state_dict, resolve_weights
 from spotmatch.device import resolve_device
+
+
+# Two working images are one picture when every cell of a 16 x 16 grid differs by less than this mean grey
+# level (0-1): re-encoding a copy changes every cell a little, an animal that moved changes its cells a lot.
+ONE_PICTURE_GRID, ONE_PICTURE_CELL_DIFFERENCE = 16, 0.03
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,10 @@ class LoFTRMatcher(PairScorer):
         weights = resolve_weights(self.conf.weights, None, "LoFTR")  # before importing anything heavy
         from kornia.feature import LoFTR
 
+        from spotmatch.global_embed.checkpoint import file_digest
+
+        self.weights_digest = file_digest(weights)  # indoor and outdoor checkpoints find different matches
+
         state_dict = load_state_dict(weights)
         model = LoFTR(pretrained=None)
         load_into(model, state_dict.get("state_dict", state_dict), str(weights))
@@ -48,7 +57,8 @@ class LoFTRMatcher(PairScorer):
 
     @property
     def conf_name(self) -> str:
-        values = {k: v for k, v in asdict(self.conf).items() if k not in ("device", "weights")}  # not what is found
+        # The weights by content, not path: the same file moved finds the same matches.
+        values = {**{k: v for k, v in asdict(self.conf).items() if k not in ("device", "weights")}, "weights": self.weights_digest}
         return self.with_masks(f"loftr-r{self.conf.max_side}-{config_hash(values, 6)}")
 
     def _grey_tensor(self, path: str):
@@ -82,8 +92,18 @@ class LoFTRMatcher(PairScorer):
                     frame0.to_original(points0[keep]),
                     frame1.to_original(points1[keep]),
                     confidence[keep],
-                    self.conf.verification,
-                    max(side0, side1),
+                    self.verification_for(image0, image1),
+                    (side0, side1),
                 )
             )
         return results
+
+    def verification_for(self, image0, image1) -> VerificationConf:
+        """Without keypoints the share of them that stayed put cannot tell one picture from one camera's
+        scene: two working images alike pixel for pixel are one picture (a photo and its copy), whose
+        matches all stay put and are kept."""
+        import torch.nn.functional as F
+
+        one_picture = image0.shape == image1.shape and float(
+            F.adaptive_avg_pool2d((image0 - image1).abs(), ONE_PICTURE_GRID).max()) < ONE_PICTURE_CELL_DIFFERENCE
+        return replace(self.conf.verification, min_displacement=0.0) if one_picture else self.conf.verification

@@ -32,7 +32,7 @@ _RUNTIME_FIELDS = ("device", "batch_size", "weights")
 @dataclass(frozen=True)
 class VerificationConf:
     model: str = "homography"  # a flank seen twice is close to a plane; "fundamental" allows more pose change
-    threshold: float = 0.01  # reprojection error allowed, as a fraction of the larger image's long side
+    threshold: float = 0.01  # reprojection error allowed, as a fraction of the second image's long side
     confidence: float = 0.999
     max_iters: int = 2000
     # A model fitted to (nearly) its minimal sample fits it exactly, so 4 matches always give 4 homography
@@ -40,7 +40,7 @@ class VerificationConf:
     min_matches: int = 8
     # A fixed camera's static scene (rocks, grass, a trunk) matches itself at the same pixel in every frame,
     # whoever walks past, and outvotes the animal in the fit; a coat seen on another visit has moved. Tentative
-    # matches that moved less than this fraction of the larger image's long side (the reprojection threshold's
+    # matches that moved less than this fraction of the image's long side (the reprojection threshold's
     # size: closer than that, "moved" cannot be told from "stayed") are dropped before anything is counted; 0
     # keeps them. Between different-cat frames of one snow-leopard camera the mean inlier count falls from 44
     # to 1 (benchmarks/bench_static_scene.py). A camera re-aimed between visits moves its scene past this, and
@@ -85,20 +85,27 @@ class PairEvidence:
 
 
 def verify(
-    points0: np.ndarray, points1: np.ndarray, confidence: np.ndarray, conf: VerificationConf, long_side: int,
-    keypoints: int | None = None,
+    points0: np.ndarray, points1: np.ndarray, confidence: np.ndarray, conf: VerificationConf,
+    long_sides: tuple[int, int], keypoints: int | None = None,
 ) -> PairEvidence:
     """Drop the matches that stayed put (`conf.min_displacement`) unless the two images are one picture
     (`conf.same_picture_share` of `keypoints`, the smaller image's keypoint count; None: not checked), fit the
-    geometric model with MAGSAC++ and keep the correspondences consistent with it."""
+    geometric model with MAGSAC++ and keep the correspondences consistent with it.
+
+    `long_sides`: each image's long side in pixels. Distances are measured in the second image's frame, the
+    first image's points scaled to its size: thresholds taken from the larger image would allow a 200-px
+    gallery photo matched against a 3,000-px query errors of 15 % of its size, and a point's "same place"
+    in two frames of one camera saved at two sizes is the same share of each frame."""
     if conf.model not in GEOMETRIC_MODELS:
         raise SpotmatchError(f"unknown geometric model {conf.model!r}; use one of {', '.join(GEOMETRIC_MODELS)}")
+    long_side = long_sides[1]
+    scaled0 = points0 * np.float32(long_side / long_sides[0])
     stationary = 0
     if conf.min_displacement > 0 and len(points0):
-        still = np.linalg.norm(points1 - points0, axis=1) < conf.min_displacement * long_side
+        still = np.linalg.norm(points1 - scaled0, axis=1) < conf.min_displacement * long_side
         same_picture = keypoints is not None and still.sum() >= conf.same_picture_share * keypoints
         if not same_picture:
-            points0, points1, confidence = points0[~still], points1[~still], confidence[~still]
+            points0, scaled0, points1, confidence = points0[~still], scaled0[~still], points1[~still], confidence[~still]
             stationary = int(still.sum())
     matches = len(points0)
     if matches < max(conf.min_matches, GEOMETRIC_MODELS[conf.model]):
@@ -106,11 +113,11 @@ def verify(
     threshold = conf.threshold * long_side
     if conf.model == "homography":
         model, inlier_mask = cv2.findHomography(
-            points0, points1, cv2.USAC_MAGSAC, threshold, maxIters=conf.max_iters, confidence=conf.confidence
+            scaled0, points1, cv2.USAC_MAGSAC, threshold, maxIters=conf.max_iters, confidence=conf.confidence
         )
     else:
         model, inlier_mask = cv2.findFundamentalMat(
-            points0, points1, cv2.USAC_MAGSAC, threshold, conf.confidence, conf.max_iters
+            scaled0, points1, cv2.USAC_MAGSAC, threshold, conf.confidence, conf.max_iters
         )
     if model is None or inlier_mask is None:
         return PairEvidence.none(matches, stationary)
@@ -175,9 +182,8 @@ class Matcher(ABC):
         """Tentative matches: indices into features0, indices into features1, confidence in [0, 1]."""
 
     def _verify(self, f0: Features, f1: Features, index0: np.ndarray, index1: np.ndarray, confidence: np.ndarray) -> PairEvidence:
-        long_side = max(*f0.image_size, *f1.image_size)
-        return verify(f0.keypoints[index0], f1.keypoints[index1], confidence, self.conf.verification, long_side,
-                      keypoints=min(len(f0), len(f1)))
+        return verify(f0.keypoints[index0], f1.keypoints[index1], confidence, self.conf.verification,
+                      (max(f0.image_size), max(f1.image_size)), keypoints=min(len(f0), len(f1)))
 
 
 class MutualNNMatcher(Matcher):

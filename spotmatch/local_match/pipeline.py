@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from spotmatch.data.images import ImageRecord, file_sha256, load_image
+from spotmatch.errors import SpotmatchError
 from spotmatch.local_match.extractors import EXTRACTORS, Extractor, create_extractor
 from spotmatch.local_match.features import FeatureCache, Features, PairEvidenceCache
 from spotmatch.local_match.matchers import Matcher, MutualNNMatcher, PairEvidence, create_matcher
@@ -32,6 +33,20 @@ DENSE_MATCHERS = ("loftr",)
 
 def evidence_row(evidence: PairEvidence) -> tuple[int, int, float, float]:
     return evidence.matches, evidence.inliers, evidence.inlier_ratio, evidence.score
+
+
+def stage_overrides(name: str, weights: str | None = None, device: str = "auto") -> dict[str, dict]:
+    """`LocalMatcher.from_name`'s extractor_conf and matcher_conf for a weights file and a device: the weights
+    go to LoFTR or to a learned extractor (LightGlue reads its own shipped head), the device to every network
+    the stage runs. RootSIFT runs on OpenCV and takes neither."""
+    if name in DENSE_MATCHERS:
+        return {"matcher_conf": {"weights": weights, "device": device}}
+    if name not in EXTRACTORS or EXTRACTORS[name].matcher != "lightglue":  # an unknown name is refused by from_name
+        if weights is not None:
+            raise SpotmatchError(f"--weights {weights}: {name} has no network to load weights into; drop --weights")
+        return {}
+    return {"extractor_conf": {"device": device, **({"weights": weights} if weights is not None else {})},
+            "matcher_conf": {"device": device}}
 
 
 class PairScorer(ABC):

@@ -52,6 +52,12 @@ class ScoreLine:
         return "   ".join(self.parts())
 
 
+def drawable(text: str) -> str:
+    """`text` as OpenCV's Hershey fonts can draw it: ASCII, every other character as "?". A file name that is
+    not valid UTF-8 (its bytes kept as surrogates) crashes cv2.getTextSize with a segmentation fault."""
+    return text.encode("ascii", "replace").decode("ascii")
+
+
 def _text_width(text: str, scale: float) -> int:
     return cv2.getTextSize(text, FONT, scale, 1)[0][0]
 
@@ -116,6 +122,7 @@ def draw_matches(
     titles: tuple[str, str] = ("query", "gallery"),
 ) -> np.ndarray:
     """RGB image of the two pictures, their inlier matches and the scores."""
+    titles = (drawable(titles[0]), drawable(titles[1]))
     scale0, scale1 = PANEL_HEIGHT / rgb0.shape[0], PANEL_HEIGHT / rgb1.shape[0]
     left, right = _panel(rgb0, mask0, scale0), _panel(rgb1, mask1, scale1)
     gap = 8

@@ -67,7 +67,12 @@ def load_state_dict(path: Path) -> dict:
 
 def load_into(module: "torch.nn.Module", state_dict: dict, source: str) -> "torch.nn.Module":
     """Load weights, allowing only derived buffers to be absent: a missing parameter means a wrong file."""
-    result = module.load_state_dict(state_dict, strict=False)
+    try:
+        result = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # every name found, but of other shapes: a sibling model's file (aliked-n32 for n16)
+        first = str(error).split("\n\t", 2)[1] if "\n\t" in str(error) else str(error)
+        raise SpotmatchError(f"{source}: weights do not fit {type(module).__name__} ({first.strip()}); "
+                             f"use the checkpoint made for this model") from None
     parameters = dict(module.named_parameters())
     missing = [name for name in result.missing_keys if name in parameters]
     if missing:

@@ -11,6 +11,7 @@ import pandas as pd
 from spotmatch.data.images import ImageRecord, load_image
 from spotmatch.errors import SpotmatchError
 from spotmatch.io import atomic_path
+from spotmatch.local_match.viz import drawable
 from spotmatch.segmentation.provider import MaskProvider
 
 # JPEG chroma noise leaves infrared frames a little off-grey, so `ImageRecord.greyscale` (exact equality)
@@ -78,7 +79,7 @@ def overlay_tile(rgb: np.ndarray, mask: np.ndarray | None, width: int, caption: 
         cv2.drawContours(thumb, contours, -1, (255, 255, 0), 1)
     thumb = thumb.astype(np.uint8)
     strip = np.full((18, width, 3), 255, dtype=np.uint8)
-    cv2.putText(strip, caption[: width // 7], (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(strip, drawable(caption)[: width // 7], (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     return np.vstack([strip, thumb])
 
 
