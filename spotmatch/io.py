@@ -5,7 +5,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -81,6 +81,18 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_cache_entry(target: str | Path, write: Callable[[Path], None]) -> bool:
+    """`write(tmp)` renamed onto `target`, for a cache entry: it need not reach the disk before the rename (a damaged
+    entry reads as a miss), and need not be written at all: where the disk is full or the cache folder cannot be
+    written, the entry is skipped (False) and computed again next time, and the command that computed it goes on."""
+    try:
+        with atomic_path(target, durable=False) as tmp:
+            write(tmp)
+        return True
+    except OSError:
+        return False
+
+
 def write_text_atomic(text: str, target: str | Path) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")  # reports hold − and ×, whatever the locale
@@ -93,11 +105,9 @@ def write_csv_atomic(frame: pd.DataFrame, target: str | Path) -> Path:
     return Path(target)
 
 
-def save_npy_atomic(array: np.ndarray, target: str | Path, durable: bool = True) -> Path:
-    with atomic_path(target, durable) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-    return Path(target)
+def save_npy(array: np.ndarray, tmp: Path) -> None:
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
 
 
 def read_torch_payload(path: str | Path, fmt: str, kind: str, producer: str, weights_only: bool = True, hint: str = "") -> dict:

@@ -933,7 +933,9 @@ def test_relink_rewrites_only_the_photos_found_moved_with_the_same_content(tmp_p
     for n in (0, 1):
         (old / f"p{n}.jpg").rename(new / f"p{n}.jpg")
     (new / "p2.jpg").write_bytes(b"another photo of that name")
-    assert store.relink_photos(old, new, who="ana") == (2, 2)
+    moved = store.moved_photos(old, new)
+    store.relink_photos(moved, who="ana")
+    assert (len(moved.found), moved.stored) == (2, 4)
     paths = store.images_table()["path"].tolist()
     assert paths == [str(new / "p0.jpg"), str(new / "p1.jpg"), str(old / "p2.jpg"), str(old / "p3.jpg")]
     assert all(Path(path).read_bytes() == f"photo {n}".encode() for n, path in enumerate(paths))
@@ -1028,6 +1030,71 @@ def test_identify_reads_a_flank_as_a_csv_does():
     from spotmatch.catalogue.store import GalleryRestriction
 
     assert [GalleryRestriction.from_text(side=word).side for word in ("L", "right", "", "unknown")] == ["left", "right", None, None]
+
+
+def test_another_sqlite_file_or_a_newer_catalogue_is_left_as_it_is(tmp_path, tiny_checkpoint):
+    import hashlib
+    import shutil
+    import sqlite3
+
+    from spotmatch.catalogue.service import init_catalogue
+    from spotmatch.catalogue.store import Catalogue
+    from spotmatch.errors import SpotmatchError
+
+    (tmp_path / "birds").mkdir()
+    with sqlite3.connect(tmp_path / "birds" / "catalogue.db") as other:
+        other.execute("CREATE TABLE birds (id INTEGER)")
+    before = hashlib.sha256((tmp_path / "birds" / "catalogue.db").read_bytes()).hexdigest()
+    with pytest.raises(SpotmatchError, match=r"catalogue.db: a SQLite database, but no spotmatch catalogue \(tables: birds\); left as it is"):
+        Catalogue.open(tmp_path / "birds")
+    assert hashlib.sha256((tmp_path / "birds" / "catalogue.db").read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in (tmp_path / "birds").iterdir()) == ["catalogue.db"]  # no -wal, no -shm
+
+    init_catalogue(tmp_path / "cat", tiny_checkpoint, None).close()
+    shutil.copytree(tmp_path / "cat", tmp_path / "future")
+    with sqlite3.connect(tmp_path / "future" / "catalogue.db") as future:
+        future.execute("PRAGMA user_version = 99")
+    with pytest.raises(SpotmatchError, match=r"made by a newer spotmatch \(schema version 99, this one knows up to \d+\); upgrade"):
+        Catalogue.open(tmp_path / "future")
+
+
+def test_a_refused_name_adds_nothing_even_when_two_adds_race(tmp_path, tiny_checkpoint, snow_subset_csv):
+    """`confirm PHOTO --individual cat21` beside Cat21 is refused before the photo is added; and an add that
+    checked its names before another process made a near-namesake is refused by the write itself."""
+    from spotmatch.catalogue.service import add_images, confirm_photo, init_catalogue, open_engine, sources_from_csv
+    from spotmatch.catalogue.store import NewImage
+    from spotmatch.errors import SpotmatchError
+
+    store = init_catalogue(tmp_path / "cat", tiny_checkpoint, None)
+    engine = open_engine(store)
+    labelled = pd.read_csv(snow_subset_csv).head(2).assign(identity="Cat21")
+    labelled.head(1).to_csv(tmp_path / "first.csv", index=False)
+    add_images(store, engine.embedder, engine.local, sources_from_csv(tmp_path / "first.csv", SNOW / "images"))
+    photo = SNOW / "images" / labelled["filename"].iloc[1]
+    for name in ("cat21", "   "):
+        with pytest.raises(SpotmatchError):
+            confirm_photo(store, engine, photo, name, "ana")
+        assert store.stats()["images"] == 1
+    raced = NewImage(path=str(photo), sha256="0" * 64, embedding=np.zeros(store.settings().embedding_dim, np.float32),
+                     embedder_id=store.settings().embedder_id, feature_key=None, identity="cat 21", station=None, camera=None,
+                     captured_at=None, side=None)
+    with pytest.raises(SpotmatchError, match="'cat 21' is too like the existing 'Cat21'"):
+        store.insert_images([raced], "bob")
+    assert store.stats()["images"] == 1 and list(store.individual_names().values()) == ["Cat21"]
+
+
+def test_a_time_that_does_not_read_is_refused_and_an_exports_times_add_back(tmp_path):
+    from spotmatch.catalogue.service import sources_from_csv
+    from spotmatch.errors import SpotmatchError
+
+    (tmp_path / "dusk.csv").write_text("filename,identity,date,time\nX.JPG,Cat2,2012-7-14,dusk\n")
+    with pytest.raises(SpotmatchError, match=r"dusk.csv line 2: time 'dusk' does not read as hours-minutes\[-seconds\]"):
+        sources_from_csv(tmp_path / "dusk.csv")
+    (tmp_path / "night.csv").write_text("filename,identity,date,time\nX.JPG,Cat2,2012-7-14,1-53-20\n")
+    assert sources_from_csv(tmp_path / "night.csv")[0].captured_at == "2012-7-14 1-53-20"
+    # An export keeps what the catalogue stored, an EXIF time it could not read included: it adds back as it was.
+    (tmp_path / "export.csv").write_text("filename,individual,captured_at\nX.JPG,Cat2,2012:07:14 dusk\n")
+    assert sources_from_csv(tmp_path / "export.csv")[0].captured_at == "2012:07:14 dusk"
 
 
 def test_a_catalogue_csv_with_spaces_after_its_commas_names_its_photos(tmp_path):

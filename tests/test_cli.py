@@ -158,13 +158,15 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, pairs_csv, tiny
     assert victim.read_bytes() == before
 
 
-def test_ctrl_c_is_one_line_and_exit_status_130():
-    """The handler `main` installs, end to end in a real process (a stand-in command interrupts itself)."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_is_one_line_and_exit_status_130(stop):
+    """The handler `main` installs, end to end in a real process (a stand-in command interrupts itself); `kill`
+    (SIGTERM) ends a run as Ctrl-C does, so its temporary files are removed too."""
     script = ("import os, signal, sys, time\n"
               "from spotmatch.cli import app, main\n"
               "@app.command('wait')\n"
               "def wait():\n"
-              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              f"    os.kill(os.getpid(), signal.{stop})\n"
               "    time.sleep(30)\n"
               "sys.argv = ['spotmatch', 'wait']\n"
               "main()\n")
@@ -349,6 +351,28 @@ def test_the_demo_never_trains_over_a_folder_it_did_not_make_and_refuses_data_it
     with pytest.raises(SpotmatchError, match="one_each.csv: no held-out photo .* has a photo of its animal left to train on"):
         demo.main(snow_subset_csv.parent / "one_each.csv", tmp_path / "demo", preset="tiny", device="cpu")
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_full_disk_is_one_line_and_a_cache_that_cannot_be_written_is_skipped(tmp_path, snow_subset_csv):
+    """A file-size limit stands in for a full disk (Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    import resource
+
+    from spotmatch.io import write_cache_entry
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    labels = pd.read_csv(snow_subset_csv)
+    pairs = pd.DataFrame({"row_id": range(200), "query_image": labels["filename"].iloc[0], "gallery_image": labels["filename"].iloc[1]})
+    pairs.to_csv(tmp_path / "test.csv", index=False)
+    (tmp_path / "images").symlink_to(SNOW / "images")
+    result = subprocess.run([*CLI, "match", str(tmp_path / "test.csv"), "--top-k", "0", "--out", str(tmp_path / "out.csv"),
+                             "--cache-dir", ""], capture_output=True, text=True, cwd=REPO, timeout=600, preexec_fn=small_files)
+    assert_one_line_error(result, "cannot be written (File too large); free disk space")
+    assert not (tmp_path / "out.csv").exists() and not list(tmp_path.glob(".out.csv.*"))
+
+    (tmp_path / "a-file").write_text("")
+    assert write_cache_entry(tmp_path / "a-file" / "entry.npy", lambda tmp: tmp.write_bytes(b"x")) is False
 
 
 def test_a_photo_of_over_89_megapixels_is_embedded_without_a_library_warning(tmp_path, tiny_checkpoint):

@@ -107,6 +107,12 @@ def test_an_upload_never_replaces_another_photo_of_the_same_name(server, gallery
     assert http.request("GET", f"{base}/files/image/{image_id}").data == first  # the confirmed photo is still itself
     assert json.loads(post_file(f"{base}/api/upload", "IMG_0001.JPG", first).data)["photo"] == "IMG_0001.JPG"  # same photo, same file
     assert http.request("GET", f"{base}/files/upload/not_there.jpg").status == 404
+    (folder / "uploads" / "IMG_0001.JPG").rename(folder / "uploads" / "archived")  # the photo moved since
+    try:
+        moved = http.request("GET", f"{base}/files/image/{image_id}")
+        assert moved.status == 404 and "catalogue relink" in json.loads(moved.data)["detail"]
+    finally:
+        (folder / "uploads" / "archived").rename(folder / "uploads" / "IMG_0001.JPG")
 
 
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,

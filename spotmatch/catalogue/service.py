@@ -262,12 +262,18 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
 
 
 def _capture_time(row: dict, date_col: str | None, time_col: str | None, where: str) -> str | None:
-    """The row's date and time as written; a date that does not read as year, month, day is refused, since it
-    would keep its photo out of every --since/--until search."""
+    """The row's date and time as written. A date or time that does not read as year, month, day[, hours, minutes]
+    is refused, since it would keep its photo out of every --since/--until search; an export's `captured_at` is
+    taken as the catalogue stored it (an EXIF time it could not read included), so that the export adds back."""
     date = row[date_col].strip() if date_col else ""
     when = " ".join(v for v in (date, row[time_col].strip() if time_col else "") if v) or None
+    if date_col is not None and date_col.strip().lower() == "captured_at":
+        return when
     if date and not reads_as_date(date):
         raise SpotmatchError(f"{where}: date {date!r} does not read as year-month-day; write it as 2012-07-22")
+    if date and not reads_as_date(when):  # a time without a date restricts nothing either way
+        raise SpotmatchError(f"{where}: time {row[time_col].strip()!r} does not read as hours-minutes[-seconds]; write it as"
+                             f" 01:53:20, or leave it out")
     return when
 
 
@@ -527,7 +533,10 @@ def explain_candidate(engine, query: Path, query_sha: str, candidate: Candidate,
 
 
 def confirm_photo(catalogue: Catalogue, engine, photo: Path, individual: str | None, who: str) -> Confirmed:
-    """Add the photo if it is not in the catalogue yet, then assign it (None: a new individual)."""
+    """Add the photo if it is not in the catalogue yet, then assign it (None: a new individual). A name `confirm`
+    would refuse is refused before the photo is added: a refused command writes nothing."""
+    if individual is not None:
+        catalogue.confirmable_name(individual)
     sha = file_sha256(photo)
     known = catalogue.image_by_sha(sha)
     if known is None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from spotmatch.data.tables import SIDES, parse_side
 from spotmatch.errors import SpotmatchError
-from spotmatch.io import atomic_path
+from spotmatch.io import write_cache_entry
 
 DB_NAME = "catalogue.db"
 INDEX_NAME = "index.faiss"
@@ -218,6 +218,21 @@ def _read_only_uri(db_path: Path, busy_timeout_s: float) -> str:
     return f"{uri}&immutable=1"
 
 
+def refuse_other_database(db: sqlite3.Connection, db_path: Path) -> None:
+    """A SQLite file that is not a catalogue (another tool's, named catalogue.db) is left exactly as it is, and a
+    catalogue of a newer spotmatch is not written by this one."""
+    from spotmatch.catalogue.migrations import SCHEMA_VERSION, schema_version
+
+    version = schema_version(db)
+    tables = sorted(row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+    if version == 0 or "meta" not in tables:
+        raise SpotmatchError(f"{db_path}: a SQLite database, but no spotmatch catalogue (tables: {', '.join(tables) or 'none'});"
+                             f" left as it is: name a catalogue's folder, or init the catalogue in another folder")
+    if version > SCHEMA_VERSION:
+        raise SpotmatchError(f"{db_path}: made by a newer spotmatch (schema version {version}, this one knows up to"
+                             f" {SCHEMA_VERSION}); upgrade spotmatch to use it")
+
+
 def _cannot_write(db: sqlite3.Connection, exc: sqlite3.OperationalError) -> SpotmatchError:
     path = Path(db.execute("PRAGMA database_list").fetchone()[2])
     # SQLite's -wal and -shm files belong to whoever opened the catalogue first, with the database's mode: after a
@@ -270,6 +285,16 @@ def blob_to_embedding(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4")
 
 
+@dataclass(frozen=True)
+class MovedPhotos:
+    """Photos found moved from folder `old` to `new`: (new path, image id) each, of `stored` under `old`."""
+
+    old: Path
+    new: Path
+    found: list[tuple[str, int]]
+    stored: int
+
+
 class Catalogue:
     """A catalogue folder: open with `Catalogue.open(folder)`, make with `Catalogue.create(folder, settings)`."""
 
@@ -317,6 +342,8 @@ class Catalogue:
         # Opening read-write as a user who cannot write would fail even to read (WAL setup is a write).
         writable = os.access(db_path, os.W_OK) and os.access(folder, os.W_OK)
         try:
+            with contextlib.closing(connect(db_path, read_only=True)) as probe:
+                refuse_other_database(probe, db_path)  # before WAL mode or a migration writes to it
             catalogue = cls(folder, connect(db_path, read_only=not writable), writable)
             if writable:
                 migrate(catalogue.db)  # older catalogues upgrade on open
@@ -502,10 +529,12 @@ class Catalogue:
 
     # --- writes: each one transaction ------------------------------------------------------------------
     def _individual_id_creating(self, name: str) -> int:
+        """Inside a transaction: checked here, a near-namesake made meanwhile by another process is seen."""
         name = individual_name(name)
         row = self.db.execute("SELECT id FROM individuals WHERE name = ?", (name,)).fetchone()
         if row is not None:
             return int(row[0])
+        self._refuse_near_namesake(name)
         return int(self.db.execute("INSERT INTO individuals(name, created_at) VALUES (?, ?)", (name, now_utc())).lastrowid)
 
     def _record(self, action: str, image_id: int | None, individual_id: int | None, who: str, detail: str = "") -> None:
@@ -552,11 +581,7 @@ class Catalogue:
                 individual = self._fresh_name()
                 action = "new"
             else:
-                individual, action = individual_name(individual), "confirm"
-                twin = self.near_namesake(individual)
-                if twin is not None:
-                    raise SpotmatchError(f"{self.folder}: no individual named {individual!r}; did you mean {twin!r}? (for a new"
-                                         f" animal of a name like that, `confirm --new`, then `rename` it)")
+                individual, action = self.confirmable_name(individual), "confirm"
             individual_id = self._individual_id_creating(individual)
             self.db.execute("UPDATE images SET individual_id = ? WHERE id = ?", (individual_id, image_id))
             self._record(action, image_id, individual_id, who, f"was {previous['name']}" if previous else "")
@@ -578,14 +603,12 @@ class Catalogue:
                     db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
                     self._record("relink", None, None, who, f"{key} -> {value}")
 
-    def relink_photos(self, old: Path, new: Path, who: str) -> tuple[int, int]:
-        """Photos stored under folder `old` are now under `new` (archived, moved to another disk). A path is
-        rewritten only where the new place holds the same photo (same content hash), so photos that were not
-        moved, or a different photo of the same name, keep their path. One transaction; returns (rewritten,
-        left as they were)."""
+    def moved_photos(self, old: Path, new: Path) -> MovedPhotos:
+        """Which photos stored under folder `old` are now under `new` (archived, moved to another disk): only where
+        the new place holds the same photo (same content hash), so photos that were not moved, or a different photo
+        of the same name, keep their path. Refused when none is; reads the files and writes nothing."""
         from spotmatch.data.images import file_sha256
 
-        who = reviewer(who)
         under_old = [(image_id, new / Path(path).relative_to(old), sha)
                      for image_id, path, sha in self.db.execute("SELECT id, path, sha256 FROM images ORDER BY id")
                      if Path(path).is_relative_to(old)]
@@ -596,10 +619,14 @@ class Catalogue:
         if not found:
             raise SpotmatchError(f"{new}: none of the {len(under_old)} photos stored under {old} is here with the same content;"
                                  f" name the folder they were moved to")
+        return MovedPhotos(old, new, found, len(under_old))
+
+    def relink_photos(self, moved: MovedPhotos, who: str) -> None:
+        """Rewrite the paths `moved_photos` found, in one transaction, recorded in the history."""
+        who = reviewer(who)
         with transaction(self.db) as db:
-            db.executemany("UPDATE images SET path = ? WHERE id = ?", found)
-            self._record("relink", None, None, who, f"photos {old} -> {new} ({len(found)} of {len(under_old)})")
-        return len(found), len(under_old) - len(found)
+            db.executemany("UPDATE images SET path = ? WHERE id = ?", moved.found)
+            self._record("relink", None, None, who, f"photos {moved.old} -> {moved.new} ({len(moved.found)} of {moved.stored})")
 
     def near_namesake(self, name: str, besides: str | None = None) -> str | None:
         """The individual, other than `besides`, whose name differs from the new name `name` only in case, spaces or
@@ -609,6 +636,15 @@ class Catalogue:
         if name in existing:
             return None
         return next((other for other in existing if other != besides and folded_name(other) == folded_name(name)), None)
+
+    def confirmable_name(self, individual: str) -> str:
+        """The name as `confirm` stores it, or a one-line refusal: blank, or a near-namesake of another individual."""
+        individual = individual_name(individual)
+        twin = self.near_namesake(individual)
+        if twin is not None:
+            raise SpotmatchError(f"{self.folder}: no individual named {individual!r}; did you mean {twin!r}? (for a new"
+                                 f" animal of a name like that, `confirm --new`, then `rename` it)")
+        return individual
 
     def _refuse_near_namesake(self, name: str, besides: str | None = None) -> None:
         """For a name given to a rename or a split, where nothing can mean the existing individual."""
@@ -737,10 +773,10 @@ class Catalogue:
         import faiss
 
         # Index, its id list and what it was built from in one file, renamed into place: they can never disagree.
+        # Rebuilt from the database when missing, so a full disk skips it rather than failing identify.
         buffer = io.BytesIO()
         np.savez(buffer, index=faiss.serialize_index(index), image_ids=image_ids, key=np.array(key))
-        with atomic_path(self.index_path) as tmp:
-            tmp.write_bytes(buffer.getvalue())
+        write_cache_entry(self.index_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
     def integrity_problems(self) -> list[str]:
         """What `PRAGMA integrity_check` and the catalogue's own invariants say; empty when all is well."""

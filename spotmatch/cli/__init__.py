@@ -5,6 +5,7 @@ and exit status 2, never a traceback, and Ctrl-C into one line and exit status 1
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sqlite3
@@ -29,6 +30,8 @@ INTERRUPTED = ("interrupted: output files are written whole or not at all, and c
 
 
 def _on_interrupt(main_pid: int):
+    """SIGINT's and SIGTERM's handler: one line, then the KeyboardInterrupt that unwinds the run (its
+    `atomic_path`s remove their temporary files)."""
     def handler(signum, frame):
         if os.getpid() == main_pid:  # image-decoding workers get the same Ctrl-C: one line, from the main process
             print(INTERRUPTED, file=sys.stderr)
@@ -39,19 +42,44 @@ def _on_interrupt(main_pid: int):
 def main() -> None:
     _register_commands()
     quiet_large_photos()  # the command line owns the process; a library caller keeps its own warning filters
-    signal.signal(signal.SIGINT, _on_interrupt(os.getpid()))
+    # `kill` and a scheduler's stop (SIGTERM) end a run as Ctrl-C does: temporary files removed, one line.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, _on_interrupt(os.getpid()))
     try:
         app()
     except SpotmatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:
-        damage = _database_damage(exc)
-        if damage is None:
+        message = _environment_failure(exc)
+        if message is None:
             raise
-        print(f"error: the catalogue database is damaged ({damage}); restore catalogue.db from a backup (or `catalogue export`"
-              f" of a copy made before the damage)", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+# A disk that is full, a file-size or quota limit, a failing device: no fix in the input, but one line all the same.
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+def _environment_failure(exc: BaseException) -> str | None:
+    """One line for what the machine, not the input, made fail; None for anything else (a bug: its traceback)."""
+    damage = _database_damage(exc)
+    if damage is not None:
+        return (f"the catalogue database is damaged ({damage}); restore catalogue.db from a backup (or `catalogue export`"
+                f" of a copy made before the damage)")
+    if isinstance(exc, sqlite3.OperationalError):
+        name = exc.sqlite_errorname or ""
+        if name.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+            return (f"the catalogue database could not be written ({exc}); nothing of this command was saved: free disk"
+                    f" space and run it again")
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return (f"the catalogue is busy: another command has held it for over a minute ({exc}); run this again when it"
+                    f" is done")
+    if isinstance(exc, OSError) and exc.errno in _WRITE_FAILURES:
+        return (f"{exc.filename or 'a file'}: cannot be written ({exc.strerror}); free disk space (or raise the quota or"
+                f" file-size limit) and run the command again: output files are written whole or not at all")
+    return None
 
 
 def _database_damage(exc: BaseException | None) -> sqlite3.DatabaseError | None:

@@ -251,14 +251,16 @@ def relink(folder: Path = typer.Argument(..., help=FOLDER_HELP),
     if photos is not None and photos.count("=") != 1:
         raise SpotmatchError(f"--photos {photos!r}: write the two folders as OLD=NEW")
     catalogue = _open(folder)
+    # Both checked before either is written: a refused command changes nothing.
+    moved = catalogue.moved_photos(*(Path(part).absolute() for part in photos.split("="))) if photos is not None else None
     if checkpoint is not None or fusion is not None:
         relink_model(catalogue, checkpoint, fusion, who)
         typer.echo(f"the catalogue now reads {', '.join(str(p) for p in (checkpoint, fusion) if p is not None)}")
-    if photos is not None:
-        old, new = (Path(part).absolute() for part in photos.split("="))
-        rewritten, left = catalogue.relink_photos(old, new, who)
-        typer.echo(f"{rewritten} photo paths now under {new}" + (f"; {left} stored under {old} are not there (or differ) and keep"
-                                                                   f" their path" if left else ""))
+    if moved is not None:
+        catalogue.relink_photos(moved, who)
+        left = moved.stored - len(moved.found)
+        typer.echo(f"{len(moved.found)} photo paths now under {moved.new}" + (f"; {left} stored under {moved.old} are not there (or"
+                                                                                f" differ) and keep their path" if left else ""))
 
 
 @catalogue_app.command("retire")

@@ -1,6 +1,8 @@
 """Batched, cached embedding: each distinct image (by content hash) is embedded once per model."""
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from spotmatch.global_embed.device_decode import decoded_on_device
 from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
 from spotmatch.global_embed.model import MEMORY_FORMAT, EmbedderConfig, ReIDNet
 from spotmatch.global_embed.transforms import normalise
-from spotmatch.io import save_npy_atomic
+from spotmatch.io import save_npy, write_cache_entry
 
 
 DEFAULT_CACHE = ".cache/spotmatch"
@@ -145,6 +147,6 @@ class Embedder:
                     results[hashes[index]] = embedding
                     cache_path = self._cache_path(hashes[index])
                     if cache_path is not None:
-                        save_npy_atomic(embedding, cache_path, durable=False)  # a damaged entry is re-embedded
+                        write_cache_entry(cache_path, functools.partial(save_npy, embedding))
                 bar.update(len(batch.indices))
         return results

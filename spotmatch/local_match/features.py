@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from spotmatch.errors import SpotmatchError
-from spotmatch.io import atomic_path
+from spotmatch.io import write_cache_entry
 
 if TYPE_CHECKING:
     from spotmatch.data.images import ImageRecord
@@ -47,17 +47,14 @@ class Features:
     def select(self, keep: np.ndarray) -> "Features":
         return Features(self.keypoints[keep], self.descriptors[keep], self.scores[keep], self.image_size)
 
-    def save(self, target: Path) -> Path:
-        with atomic_path(target, durable=False) as tmp:  # a cache: a damaged file is extracted again
+    def save(self, target: Path) -> bool:
+        """Into the feature cache (False where it cannot be written: then extracted again next time)."""
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
-                np.savez(
-                    handle,
-                    keypoints=self.keypoints,
-                    descriptors=self.descriptors,
-                    scores=self.scores,
-                    image_size=np.asarray(self.image_size, np.int64),
-                )
-        return target
+                np.savez(handle, keypoints=self.keypoints, descriptors=self.descriptors, scores=self.scores,
+                         image_size=np.asarray(self.image_size, np.int64))
+
+        return write_cache_entry(target, write)
 
     @classmethod
     def load(cls, path: Path) -> "Features":
@@ -159,7 +156,9 @@ class PairEvidenceCache:
                            "inlier_ratio REAL, local_score REAL, PRIMARY KEY (key0, key1))")
         return connection
 
-    def _run(self, work):
+    def _run(self, work, unavailable):
+        """`work(connection)` in one transaction; `unavailable` where the cache cannot be opened or written (a full
+        disk, a folder this user cannot write): a cache, it is then skipped. A damaged file is named."""
         try:
             connection = self._connect()
             try:
@@ -168,16 +167,20 @@ class PairEvidenceCache:
             finally:
                 connection.close()
         except sqlite3.DatabaseError as error:
-            raise SpotmatchError(f"{self.path}: pair-evidence cache unreadable ({error}); delete the file and it is rebuilt") from None
+            if error.sqlite_errorname in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                raise SpotmatchError(f"{self.path}: pair-evidence cache unreadable ({error}); delete the file and it is rebuilt") from None
+            return unavailable
+        except OSError:
+            return unavailable
 
     def get_many(self, keys: list[PairKey]) -> dict[PairKey, tuple]:
         query = "SELECT matches, inliers, inlier_ratio, local_score FROM evidence WHERE key0 = ? AND key1 = ?"
         def read(connection):
             found = {key: connection.execute(query, key).fetchone() for key in dict.fromkeys(keys)}
             return {key: tuple(row) for key, row in found.items() if row is not None}
-        return self._run(read)
+        return self._run(read, {})
 
     def put_many(self, rows: dict[PairKey, tuple]) -> None:
         values = [(*key, int(matches), int(inliers), float(ratio), float(score)) for key, (matches, inliers, ratio, score) in rows.items()]
         if values:
-            self._run(lambda connection: connection.executemany("INSERT OR REPLACE INTO evidence VALUES (?, ?, ?, ?, ?, ?)", values))
+            self._run(lambda connection: connection.executemany("INSERT OR REPLACE INTO evidence VALUES (?, ?, ?, ?, ?, ?)", values), None)

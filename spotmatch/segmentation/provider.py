@@ -23,7 +23,7 @@ import numpy as np
 from spotmatch.config import config_hash
 from spotmatch.data.images import ImageRecord
 from spotmatch.errors import SpotmatchError
-from spotmatch.io import atomic_path
+from spotmatch.io import write_cache_entry
 from spotmatch.segmentation.teacher import TEACHER_SETUP, SalientObjectTeacher, TeacherConfig, teacher_model_path
 
 SOURCES = ("alpha", "teacher", "unet:<checkpoint>", "none")
@@ -121,13 +121,12 @@ class MaskCache:
             stored = cv2.resize(stored, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
         return stored > 127
 
-    def put(self, sha256: str, mask: np.ndarray) -> Path:
+    def put(self, sha256: str, mask: np.ndarray) -> bool:
+        """Into the mask cache (False where it cannot be written: then made again next time)."""
         ok, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
         if not ok:
             raise SpotmatchError(f"{self.path(sha256)}: cannot encode mask PNG; check free disk space")
-        with atomic_path(self.path(sha256), durable=False) as tmp:  # a damaged file reads as a miss (`get`)
-            tmp.write_bytes(encoded.tobytes())
-        return self.path(sha256)
+        return write_cache_entry(self.path(sha256), lambda tmp: tmp.write_bytes(encoded.tobytes()))
 
 
 def check_model_available(conf: MaskConfig) -> None:

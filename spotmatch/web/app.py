@@ -161,6 +161,9 @@ def create_app(conf: ServeConfig):
     def catalogue_image(image_id: int):
         with lock:
             row = store.image(image_id)
+        if not Path(row["path"]).is_file():  # moved or archived since it was added
+            raise HTTPException(404, f"{row['path']}: photo not there any more; if it moved: spotmatch catalogue relink"
+                                     f" {store.folder} --photos OLD=NEW")
         return FileResponse(row["path"])
 
     return app
