@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -77,20 +78,33 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
         # mkstemp makes the file private (0600); give it what a plain open() would have given.
         os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
         os.replace(tmp, target)
+    except OSError as error:
+        if error.filename in (None, str(tmp), tmp):  # a write's error names no file, or the hidden temporary one
+            raise OSError(error.errno, error.strerror, str(target)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# Why a file cannot be written where the machine, not the program, is at fault: a full disk, a quota or file-size
+# limit, a read-only file system, no permission, a folder whose place a file holds.
+CACHE_WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                                  errno.ENOTDIR})
 
 
 def write_cache_entry(target: str | Path, write: Callable[[Path], None]) -> bool:
     """`write(tmp)` renamed onto `target`, for a cache entry: it need not reach the disk before the rename (a damaged
     entry reads as a miss), and need not be written at all: where the disk is full or the cache folder cannot be
-    written, the entry is skipped (False) and computed again next time, and the command that computed it goes on."""
+    written (CACHE_WRITE_FAILURES), the entry is skipped (False) and computed again next time, and the command
+    that computed it goes on."""
     try:
         with atomic_path(target, durable=False) as tmp:
             write(tmp)
         return True
-    except OSError:
-        return False
+    except OSError as error:
+        if error.errno in CACHE_WRITE_FAILURES:
+            return False
+        raise
 
 
 def write_text_atomic(text: str, target: str | Path) -> Path:

@@ -1083,18 +1083,18 @@ def test_a_refused_name_adds_nothing_even_when_two_adds_race(tmp_path, tiny_chec
     assert store.stats()["images"] == 1 and list(store.individual_names().values()) == ["Cat21"]
 
 
-def test_a_time_that_does_not_read_is_refused_and_an_exports_times_add_back(tmp_path):
+def test_an_exports_capture_times_add_back_as_they_were_stored(tmp_path):
     from spotmatch.catalogue.service import sources_from_csv
     from spotmatch.errors import SpotmatchError
 
-    (tmp_path / "dusk.csv").write_text("filename,identity,date,time\nX.JPG,Cat2,2012-7-14,dusk\n")
-    with pytest.raises(SpotmatchError, match=r"dusk.csv line 2: time 'dusk' does not read as hours-minutes\[-seconds\]"):
-        sources_from_csv(tmp_path / "dusk.csv")
-    (tmp_path / "night.csv").write_text("filename,identity,date,time\nX.JPG,Cat2,2012-7-14,1-53-20\n")
-    assert sources_from_csv(tmp_path / "night.csv")[0].captured_at == "2012-7-14 1-53-20"
     # An export keeps what the catalogue stored, an EXIF time it could not read included: it adds back as it was.
-    (tmp_path / "export.csv").write_text("filename,individual,captured_at\nX.JPG,Cat2,2012:07:14 dusk\n")
-    assert sources_from_csv(tmp_path / "export.csv")[0].captured_at == "2012:07:14 dusk"
+    (tmp_path / "export.csv").write_text("image_id,filename,sha256,individual,captured_at,added_at\n1,X.JPG,ab,Cat2,2012-7-14 dusk,"
+                                         "2026-12-07T10:00:00+00:00\n")
+    assert sources_from_csv(tmp_path / "export.csv")[0].captured_at == "2012-7-14 dusk"
+    # ... but a user's table with a captured_at column is checked like any other.
+    (tmp_path / "mine.csv").write_text("filename,identity,captured_at\nX.JPG,Cat2,22/07/2012\n")
+    with pytest.raises(SpotmatchError, match=r"mine.csv line 2: date '22/07/2012' does not read as year-month-day"):
+        sources_from_csv(tmp_path / "mine.csv")
 
 
 def test_a_catalogue_csv_with_spaces_after_its_commas_names_its_photos(tmp_path):

@@ -105,6 +105,10 @@ def test_tables_name_linked_photos_as_given_and_point_at_the_right_folder(tmp_pa
     (tmp_path / "data" / "loop.csv").write_text("filename,identity\nloop1.jpg,Cat1\n")
     with pytest.raises(SpotmatchError, match="loop.csv: image .*loop1.jpg not found"):
         load_dataset(tmp_path / "data" / "loop.csv")
+    # ... yet a link and the file it leads to are one photo, listed twice.
+    (tmp_path / "data" / "twice.csv").write_text(f"filename,identity\nlink.jpg,Cat1\n{SNOW_IMAGE},Cat1\n")
+    with pytest.raises(SpotmatchError, match="link.jpg is listed more than once"):
+        load_dataset(tmp_path / "data" / "twice.csv")
     # A name with its folder, beside a default images/ folder: --images names the folder the names start from.
     (tmp_path / "data" / "foldered.csv").write_text("filename,identity\nimages/link.jpg,Cat1\n")
     with pytest.raises(SpotmatchError, match=f"not found; it is in {tmp_path / 'data'}: pass --images {tmp_path / 'data'}$"):

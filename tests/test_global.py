@@ -476,8 +476,13 @@ def test_an_extra_training_set_adds_classes_and_is_never_held_out(tmp_path, snow
     assert set(split.index) == set(snow.table["filename"])  # validation holds snow-leopard photos only
     with pytest.raises(SpotmatchError, match="nothing here is held out"):
         split_for(extra, SplitConfig(by="identity"), best)
+    linked = tmp_path / "linked"  # the same photos through a linked folder: still the set validated on
+    linked.mkdir()
+    (linked / "labels.csv").write_bytes(Path(snow_subset_csv).read_bytes())
+    (linked / "images").symlink_to(SNOW / "images")
     refused = [
         ([snow], None, "shares 19 images"),
+        ([load_dataset(linked / "labels.csv")], None, "shares 19 images"),
         ([extra], 1.0, "--extra-share 1.0: needs --extra-train and a share between 0 and 1"),
         ([], 0.5, "--extra-share 0.5: needs --extra-train"),
     ]

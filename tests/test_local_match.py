@@ -279,6 +279,21 @@ def test_a_pair_listed_on_several_rows_is_matched_once_and_counted_per_row(tmp_p
     assert scored.loc[7].equals(scored.loc[5]) and scored.loc[7, "inliers"] > scored.loc[3, "inliers"]
 
 
+def test_a_pair_cache_of_another_layout_is_named_not_skipped(tmp_path):
+    """Only a cache that cannot be opened or written here is skipped; a file of another layout would otherwise
+    never cache anything, without a word."""
+    import sqlite3
+
+    from spotmatch.local_match.features import PairEvidenceCache
+
+    cache = PairEvidenceCache(tmp_path, "rootsift-x")
+    cache.path.parent.mkdir(parents=True)
+    with sqlite3.connect(cache.path) as other:
+        other.execute("CREATE TABLE evidence (key0 TEXT, key1 TEXT, inliers INTEGER)")
+    with pytest.raises(SpotmatchError, match="pair-evidence cache unreadable .*; delete the file and it is rebuilt"):
+        cache.put_many({("a", "b"): (1, 1, 1.0, 1.0)})
+
+
 def test_a_corrupt_pair_cache_is_named_with_the_fix(tmp_path):
     local = LocalMatcher.from_name("rootsift", cache_dir=tmp_path, cache_pairs=True)
     local.pair_cache.path.parent.mkdir(parents=True)
@@ -400,6 +415,8 @@ def test_the_local_stages_networks_run_where_they_are_told(monkeypatch):
     assert local.extractor.device == torch.device("cpu") and local.matcher.device == torch.device("cpu")
     with pytest.raises(SpotmatchError, match="rootsift has no network to load weights into; drop --weights"):
         build_local(EngineConfig(local_weights="x.pth", cache_dir=None))
+    with pytest.raises(SpotmatchError, match="unknown extractor 'superpoint'"):
+        build_local(EngineConfig(extractor="superpoint", local_weights="x.pth", cache_dir=None))
 
 
 def test_a_sibling_models_weights_are_refused_in_one_line():

@@ -250,30 +250,26 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
     # out of every --station search without a word.
     station_col, camera_col, time_col = (_column(table, (name,)) for name in ("station", "camera", "time"))
     date_col = _column(table, ("date", "captured_at"))  # captured_at: an export's date and time in one column
+    exported = {"sha256", "added_at", "captured_at"} <= {c.strip().lower() for c in table.columns}  # `catalogue export`'s
     sources = []
     for line, row in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
         sources.append(ImageSource(path=photo_path(image_dir / row[filename_col]),
                                    identity=(row[identity_col].strip() or None) if identity_col else None,
                                    station=(row[station_col].strip() or None) if station_col else None,
                                    camera=(row[camera_col].strip() or None) if camera_col else None,
-                                   captured_at=_capture_time(row, date_col, time_col, f"{csv_path} line {line}"),
+                                   captured_at=_capture_time(row, date_col, time_col, f"{csv_path} line {line}", exported),
                                    side=parse_side(row[side_col], f"{csv_path} line {line}") if side_col else None))
     return sources
 
 
-def _capture_time(row: dict, date_col: str | None, time_col: str | None, where: str) -> str | None:
-    """The row's date and time as written. A date or time that does not read as year, month, day[, hours, minutes]
-    is refused, since it would keep its photo out of every --since/--until search; an export's `captured_at` is
-    taken as the catalogue stored it (an EXIF time it could not read included), so that the export adds back."""
+def _capture_time(row: dict, date_col: str | None, time_col: str | None, where: str, exported: bool = False) -> str | None:
+    """The row's date and time as written; a date that does not read as year, month, day is refused, since it would
+    keep its photo out of every --since/--until search. An `exported` table's dates are taken as the catalogue stored
+    them (an EXIF time it could not read included), so that an export adds back."""
     date = row[date_col].strip() if date_col else ""
     when = " ".join(v for v in (date, row[time_col].strip() if time_col else "") if v) or None
-    if date_col is not None and date_col.strip().lower() == "captured_at":
-        return when
-    if date and not reads_as_date(date):
+    if date and not exported and not reads_as_date(date):
         raise SpotmatchError(f"{where}: date {date!r} does not read as year-month-day; write it as 2012-07-22")
-    if date and not reads_as_date(when):  # a time without a date restricts nothing either way
-        raise SpotmatchError(f"{where}: time {row[time_col].strip()!r} does not read as hours-minutes[-seconds]; write it as"
-                             f" 01:53:20, or leave it out")
     return when
 
 

@@ -642,8 +642,8 @@ class Catalogue:
         individual = individual_name(individual)
         twin = self.near_namesake(individual)
         if twin is not None:
-            raise SpotmatchError(f"{self.folder}: no individual named {individual!r}; did you mean {twin!r}? (for a new"
-                                 f" animal of a name like that, `confirm --new`, then `rename` it)")
+            raise SpotmatchError(f"{self.folder}: no individual named {individual!r}; did you mean {twin!r}? (a new animal"
+                                 f" needs a name that differs from it in more than case, spaces or punctuation)")
         return individual
 
     def _refuse_near_namesake(self, name: str, besides: str | None = None) -> None:

@@ -58,8 +58,8 @@ def main() -> None:
         sys.exit(2)
 
 
-# A disk that is full, a file-size or quota limit, a failing device: no fix in the input, but one line all the same.
-_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+# A disk that is full, a quota or file-size limit, a read-only file system: no fix in the input, but one line all the same.
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def _environment_failure(exc: BaseException) -> str | None:
@@ -71,14 +71,14 @@ def _environment_failure(exc: BaseException) -> str | None:
     if isinstance(exc, sqlite3.OperationalError):
         name = exc.sqlite_errorname or ""
         if name.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
-            return (f"the catalogue database could not be written ({exc}); nothing of this command was saved: free disk"
-                    f" space and run it again")
+            return (f"the catalogue database could not be written ({exc}); the write in progress was undone (an add keeps"
+                    f" the batches committed before it): free disk space and run the command again")
         if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
             return (f"the catalogue is busy: another command has held it for over a minute ({exc}); run this again when it"
                     f" is done")
     if isinstance(exc, OSError) and exc.errno in _WRITE_FAILURES:
-        return (f"{exc.filename or 'a file'}: cannot be written ({exc.strerror}); free disk space (or raise the quota or"
-                f" file-size limit) and run the command again: output files are written whole or not at all")
+        return (f"{exc.filename or 'an output file'}: cannot be written ({exc.strerror}); make room (free disk space, raise the"
+                f" quota or file-size limit) or write elsewhere, and run the command again: outputs are written whole or not at all")
     return None
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import List, Optional
 
@@ -351,4 +352,6 @@ def serve(
 
     web_app = create_app(ServeConfig(catalogue=folder, shortlist_k=shortlist_k, default_who=who))
     typer.echo(f"serving {folder} on http://{host}:{port}/")
+    # uvicorn shuts down cleanly on SIGTERM, then raises it again: a stopped server is a clean exit, not an interrupted job.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     uvicorn.run(web_app, host=host, port=port, log_level="warning")

@@ -138,8 +138,15 @@ def _folder_beside(csv_path: Path, name: str) -> Path | None:
 
 def absolute_path(path: Path) -> str:
     """Absolute and normalised (`./X.JPG` and `X.JPG` are one path), but a link keeps the name the table gave:
-    results and errors name the user's file, and a link that loops is reported when read, in one line."""
+    results and errors name the user's file, and a link that loops is reported when read, in one line.
+    Whether two paths are one photo is `same_file_key`'s question."""
     return os.path.abspath(path)
+
+
+def same_file_key(path: str | Path) -> str:
+    """One key per file however it is reached, through links and linked folders too: what tells a photo listed
+    twice, or a set that shares photos with another (never raises, even for a link that loops)."""
+    return os.path.realpath(path)
 
 
 def refuse_conflicting_labels(table: pd.DataFrame, filename_col: str, identity_col: str, csv_path: Path) -> None:
@@ -162,10 +169,11 @@ def photo_name(filename: str) -> str:
 
 def refuse_repeated_rows(table: pd.DataFrame, csv_path: Path) -> None:
     """A photo listed twice would be its own match in every evaluation (and weigh twice in training). Known by
-    its absolute `path`, so that two spellings of one file (`X.JPG`, `./X.JPG`) are one photo too."""
-    repeated = table["path"][table["path"].duplicated()]
+    the file its `path` reaches, so that two spellings of one file (`X.JPG`, `./X.JPG`, a link to it) are one photo too."""
+    files = table["path"].map(same_file_key)
+    repeated = files[files.duplicated()]
     if not repeated.empty:
-        rows = table[table["path"] == repeated.iloc[0]]
+        rows = table[files == repeated.iloc[0]]
         lines = ", ".join(str(i + 2) for i in rows.index)
         spellings = list(dict.fromkeys(rows["filename"]))
         written = f", written {' and '.join(spellings)}" if len(spellings) > 1 else ""

@@ -34,6 +34,8 @@ import dataclasses
 import functools
 import hashlib
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -132,6 +134,8 @@ def ray_session(conf: RayConfig) -> Iterator[None]:
         return
     # Ray reads this from the environment at start-up; the tool must not phone home.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # ray.init makes SIGTERM a bare exit; the command's own handler (one line, temporary files removed) stays.
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     # Ray's start-up notices ("Started a local Ray instance", token authentication on by default) are
     # INFO or WARNING on the "ray" logger; a job that cannot start still raises.
     if conf.address is None:
@@ -139,6 +143,8 @@ def ray_session(conf: RayConfig) -> Iterator[None]:
                  logging_level=logging.ERROR)
     else:
         ray.init(address=conf.address, log_to_driver=False, logging_level=logging.ERROR)
+    if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
@@ -465,7 +471,9 @@ def pair_shard_folder(job_dir: Path, model_id: str, fusion_path, engine_conf) ->
     from spotmatch.config import config_hash
     from spotmatch.global_embed.checkpoint import file_digest
 
-    settings = {"conf": dataclasses.asdict(engine_conf), "fusion": file_digest(fusion_path) if fusion_path else None}
+    # Where the local stage runs changes no score.
+    conf = {key: value for key, value in dataclasses.asdict(engine_conf).items() if key != "local_device"}
+    settings = {"conf": conf, "fusion": file_digest(fusion_path) if fusion_path else None}
     return Path(job_dir) / "pairs" / f"{model_id}-{config_hash(settings)}"
 
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from spotmatch.config import config_from_dict, config_to_dict
 from spotmatch.data.splits import SplitConfig, split_dataset
-from spotmatch.data.tables import Dataset
+from spotmatch.data.tables import Dataset, same_file_key
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol, refuse_trivial_protocol
 from spotmatch.global_embed.checkpoint import read_checkpoint, save_checkpoint
@@ -158,10 +158,10 @@ def training_classes(table: pd.DataFrame, flank_classes: bool) -> pd.Series:
 def extra_training_tables(main: Dataset, extra_datasets: Sequence[Dataset]) -> list[pd.DataFrame]:
     """Every row of each extra labelled set, its identities prefixed with the set's folder name, so that an extra
     animal never shares a class with one of the main set."""
-    main_paths = set(main.table["path"])
+    main_files = set(main.table["path"].map(same_file_key))
     tables, names = [], set()
     for number, extra in enumerate(extra_datasets, start=1):
-        shared = main_paths.intersection(extra.table["path"])
+        shared = main_files.intersection(extra.table["path"].map(same_file_key))
         if shared:
             raise SpotmatchError(f"{extra.csv_path}: shares {len(shared)} images with {main.csv_path} (e.g. {min(shared)}); "
                                  f"--extra-train takes another set, never the one validated on")

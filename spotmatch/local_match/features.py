@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from spotmatch.errors import SpotmatchError
-from spotmatch.io import write_cache_entry
+from spotmatch.io import CACHE_WRITE_FAILURES, write_cache_entry
 
 if TYPE_CHECKING:
     from spotmatch.data.images import ImageRecord
@@ -132,6 +132,11 @@ class FeatureCache:
                 self._memory.popitem(last=False)
 
 
+# What SQLite says when a cache file cannot be opened or written here (a full disk, a read-only folder, a
+# long lock): a cache, it is skipped. Anything else (a damaged or foreign file) is named.
+CACHE_UNAVAILABLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_BUSY")
+
+
 # Part of the pair cache's file name: raise it when a code change alters matching without changing a setting
 # (2: distances measured in each image's own size, 2026-12-07).
 PAIR_CACHE_VERSION = 2
@@ -167,11 +172,13 @@ class PairEvidenceCache:
             finally:
                 connection.close()
         except sqlite3.DatabaseError as error:
-            if error.sqlite_errorname in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
-                raise SpotmatchError(f"{self.path}: pair-evidence cache unreadable ({error}); delete the file and it is rebuilt") from None
-            return unavailable
-        except OSError:
-            return unavailable
+            if (error.sqlite_errorname or "").startswith(CACHE_UNAVAILABLE):
+                return unavailable
+            raise SpotmatchError(f"{self.path}: pair-evidence cache unreadable ({error}); delete the file and it is rebuilt") from None
+        except OSError as error:  # its folder cannot be made
+            if error.errno in CACHE_WRITE_FAILURES:
+                return unavailable
+            raise
 
     def get_many(self, keys: list[PairKey]) -> dict[PairKey, tuple]:
         query = "SELECT matches, inliers, inlier_ratio, local_score FROM evidence WHERE key0 = ? AND key1 = ?"

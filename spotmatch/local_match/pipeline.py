@@ -41,7 +41,9 @@ def stage_overrides(name: str, weights: str | None = None, device: str = "auto")
     the stage runs. RootSIFT runs on OpenCV and takes neither."""
     if name in DENSE_MATCHERS:
         return {"matcher_conf": {"weights": weights, "device": device}}
-    if name not in EXTRACTORS or EXTRACTORS[name].matcher != "lightglue":  # an unknown name is refused by from_name
+    if name not in EXTRACTORS:  # refused by from_name, with the names it knows
+        return {}
+    if EXTRACTORS[name].matcher != "lightglue":
         if weights is not None:
             raise SpotmatchError(f"--weights {weights}: {name} has no network to load weights into; drop --weights")
         return {}

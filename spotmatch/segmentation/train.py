@@ -23,7 +23,7 @@ import torch
 from spotmatch.config import config_hash
 from spotmatch.data.images import load_image
 from spotmatch.data.splits import SplitConfig, split_dataset
-from spotmatch.data.tables import Dataset, load_dataset
+from spotmatch.data.tables import Dataset, load_dataset, same_file_key
 from spotmatch.device import resolve_device
 from spotmatch.errors import SpotmatchError
 from spotmatch.global_embed.backbones import PYPI_WEIGHTS
@@ -71,8 +71,8 @@ def training_rows(dataset: Dataset, ambiguous: Dataset | None, split: pd.Series)
     if ambiguous is not None and "encounter" in dataset.table.columns:
         held_out = set(dataset.table.loc[split == "val", "encounter"])
         extra = ambiguous.table[~ambiguous.table["encounter"].isin(held_out)]
-        known = set(dataset.table["path"])
-        paths += [Path(p) for p in extra["path"] if p not in known]
+        known = set(dataset.table["path"].map(same_file_key))
+        paths += [Path(p) for p in extra["path"] if same_file_key(p) not in known]
     return paths
 
 
