@@ -368,7 +368,7 @@ def test_a_full_disk_is_one_line_and_a_cache_that_cannot_be_written_is_skipped(t
     (tmp_path / "images").symlink_to(SNOW / "images")
     result = subprocess.run([*CLI, "match", str(tmp_path / "test.csv"), "--top-k", "0", "--out", str(tmp_path / "out.csv"),
                              "--cache-dir", ""], capture_output=True, text=True, cwd=REPO, timeout=600, preexec_fn=small_files)
-    assert_one_line_error(result, "cannot be written (File too large); free disk space")
+    assert_one_line_error(result, f"{tmp_path / 'out.csv'}: cannot be written (File too large); make room")
     assert not (tmp_path / "out.csv").exists() and not list(tmp_path.glob(".out.csv.*"))
 
     (tmp_path / "a-file").write_text("")
