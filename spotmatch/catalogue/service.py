@@ -17,8 +17,8 @@ import pandas as pd
 from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, GalleryRestriction, NewImage, folded_name,
                                       reads_as_date, refuse_catalogue_folder, reviewer)
 from spotmatch.data.images import file_sha256, load_image, printable, refuse_unprintable_name
-from spotmatch.data.tables import (CSV_READ_ERRORS, FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, parse_side,
-                                   refuse_conflicting_labels, refuse_extra_field, unreadable_csv)
+from spotmatch.data.tables import (CSV_READ_ERRORS, FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir,
+                                   on_disk_spelling, parse_side, refuse_conflicting_labels, refuse_extra_field, unreadable_csv)
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import decision_score
 
@@ -253,7 +253,7 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
     exported = {"sha256", "added_at", "captured_at"} <= {c.strip().lower() for c in table.columns}  # `catalogue export`'s
     sources = []
     for line, row in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
-        sources.append(ImageSource(path=photo_path(image_dir / row[filename_col]),
+        sources.append(ImageSource(path=photo_path(on_disk_spelling(image_dir / row[filename_col])),
                                    identity=(row[identity_col].strip() or None) if identity_col else None,
                                    station=(row[station_col].strip() or None) if station_col else None,
                                    camera=(row[camera_col].strip() or None) if camera_col else None,

@@ -6,6 +6,7 @@ Also reads the Kaggle Jaguar Re-ID files: `train.csv` (`filename, ground_truth`)
 from __future__ import annotations
 
 import os
+import unicodedata
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,19 @@ def absolute_path(path: Path) -> str:
     return os.path.abspath(path)
 
 
+def on_disk_spelling(path: Path) -> Path:
+    """`path`, or the same name in the other Unicode normal form where only that one is on disk: a name typed
+    on one system (é as one character) and saved by another (e plus an accent, as macOS stores names) looks the
+    same in every message, but is another file name."""
+    if path.exists() or path.is_symlink():
+        return path
+    for form in ("NFC", "NFD"):
+        candidate = Path(unicodedata.normalize(form, str(path)))
+        if candidate != path and (candidate.exists() or candidate.is_symlink()):
+            return candidate
+    return path
+
+
 def same_file_key(path: str | Path) -> str:
     """One key per file however it is reached, through links and linked folders too: what tells a photo listed
     twice, or a set that shares photos with another (never raises, even for a link that loops)."""
@@ -200,7 +214,7 @@ def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop
     if "side" in table.columns:  # one spelling everywhere: left, right, or missing where not known
         table["side"] = [parse_side(value, f"{csv_path} line {row + 2}") for row, value in zip(table.index, table["side"])]
     image_dir = Path(image_dir) if image_dir is not None else default_image_dir(csv_path)
-    table["path"] = [absolute_path(image_dir / name) for name in table["filename"]]
+    table["path"] = [absolute_path(on_disk_spelling(image_dir / name)) for name in table["filename"]]
     refuse_repeated_rows(table, csv_path)  # before the index is reset: it gives the CSV's line numbers
     table = table.reset_index(drop=True)
     check_files_exist([Path(p) for p in table["path"]], csv_path, table["filename"].tolist())
@@ -233,7 +247,7 @@ def load_pairs(csv_path: str | Path, image_dir: str | Path | None = None, check_
     # Each distinct name resolved once: a competition file names a few hundred images in 10^5 to 10^6 rows,
     # and resolving per row walked the file system twice a row; the rows then share the path strings.
     names = pd.unique(pd.concat([table["query_image"], table["gallery_image"]], ignore_index=True))
-    path_of = {name: absolute_path(image_dir / name) for name in names}
+    path_of = {name: absolute_path(on_disk_spelling(image_dir / name)) for name in names}
     for column in ("query_image", "gallery_image"):
         table[f"{column}_path"] = table[column].map(path_of)
     if check_files:

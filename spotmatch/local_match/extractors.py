@@ -190,8 +190,11 @@ class Extractor(ABC):
     @property
     def conf_name(self) -> str:
         """hloc-style name: readable main settings plus a hash of all settings that change the output."""
-        values = {k: v for k, v in dataclasses.asdict(self.conf).items() if k not in _RUNTIME_FIELDS}
-        return f"{self.tag}-n{self.conf.max_keypoints}-r{self.conf.max_side}-{config_hash(values, 6)}"
+        return f"{self.tag}-n{self.conf.max_keypoints}-r{self.conf.max_side}-{config_hash(self.named_settings(), 6)}"
+
+    def named_settings(self) -> dict:
+        """The settings `conf_name` hashes: all but where the work runs."""
+        return {k: v for k, v in dataclasses.asdict(self.conf).items() if k not in _RUNTIME_FIELDS}
 
     @property
     def tag(self) -> str:
@@ -268,9 +271,16 @@ class LearnedExtractor(Extractor):
 
         self.device = resolve_device(self.conf.device)
         weights = resolve_weights(self.conf.weights, self.packaged_weights, self.name)
+        from spotmatch.global_embed.checkpoint import file_digest
+
+        # A weights file the user names is known by its content: the same file moved is the same local stage.
+        self.weights_digest = file_digest(weights) if self.conf.weights else None
         model = self._build()
         load_into(self._weights_target(model), self._unwrap(load_state_dict(weights)), str(weights))
         self.model = model.to(self.device).eval()
+
+    def named_settings(self) -> dict:
+        return {**super().named_settings(), "weights": self.weights_digest}
 
     @abstractmethod
     def _build(self) -> Any:
