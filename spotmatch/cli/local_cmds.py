@@ -19,7 +19,7 @@ CACHE_HELP = "Cache folder (features go to <cache>/local/...); '' caches nothing
 LOCAL_MASKS_HELP = ("Keypoints only inside masks from: alpha, teacher, unet:CKPT, none (default: the --checkpoint's mask"
                     " source, as calibrate and score-pairs use; without one, alpha).")
 WEIGHTS_HELP = "Weights file of the local stage's network (LoFTR needs one; learned extractors default to the shipped ones)."
-DEVICE_HELP = "Where the local stage's networks run: auto, cpu, cuda ... (RootSIFT runs on the CPU)."
+DEVICE_HELP = "Where the local stage's networks (learned extractors, LightGlue, a U-Net's masks) run: auto, cpu, cuda ... (RootSIFT runs on the CPU)."
 
 
 def _checkpoint_embedder(checkpoint: Path, cache_dir: str | None, device: str):

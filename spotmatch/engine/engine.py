@@ -131,8 +131,10 @@ def build_local(conf: EngineConfig, embedder_masks: str = "alpha"):
     """The local stage, restricted to the masks named in `conf` (else the embedder's)."""
     from spotmatch.local_match.pipeline import LocalMatcher, stage_overrides
 
+    from spotmatch.device import resolve_device
+
     cache = conf.cache_dir if conf.cache_dir else None
-    masks = mask_provider(conf.masks or embedder_masks, cache)
+    masks = mask_provider(conf.masks or embedder_masks, cache, resolve_device(conf.local_device))  # a U-Net's too
     return LocalMatcher.from_name(conf.extractor, cache_dir=cache, workers=conf.local_workers,
                                   mask_source=masks.mask_for if masks else None, mask_name=masks.name if masks else None,
                                   cache_pairs=conf.cache_pairs, **stage_overrides(conf.extractor, conf.local_weights, conf.local_device))
