@@ -4,7 +4,7 @@ against the bare forward pass on ready tensors, same model, batch and device; an
 second row decodes the JPEGs on the device (nvJPEG on a GPU) instead of in the worker processes.
 
     python benchmarks/bench_embed.py --images ../shared/datasets/snowleopard/images --backbone efficientnet_lite2 \
-        --image-size 384 --batch-size 64 --num-workers 2 --device cpu --limit 128 --out docs/bench_embed_cpu.md
+        --image-size 384 --batch-size 64 --num-workers 2 --device cpu --limit 128 --out runs/benchmarks/bench_embed_cpu.md
 
 Prints a markdown table and writes it to --out.
 """
@@ -93,19 +93,20 @@ def main() -> None:
     args = parser.parse_args()
 
     sources = sorted(p for p in args.images.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[: args.limit]
-    paths = distinct_copies(sources, args.repeat, Path(tempfile.mkdtemp(prefix="bench_embed_")))
-    conf = EmbedderConfig(backbone=args.backbone, pretrained=args.pretrained, image_size=args.image_size)
-    modes = [False, True] if args.decode_on_device else [False]
-    rows, bare = [], None
-    for on_device in modes:
-        run = EmbedConfig(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, cache_dir=None, progress=False,
-                          decode_on_device=on_device)
-        embedder = Embedder.pretrained_baseline(conf, run)
-        bare = bare or bare_forward_rate(embedder, args.batch_size, max(len(paths), 4 * args.batch_size))
-        full = full_path_rate(embedder, paths)  # its warm-up starts the decoding workers' fork server
-        decoding = decode_rate(embedder, paths)
-        rows.append(f"| {args.backbone} | {args.image_size} | {args.batch_size} | {args.num_workers} | {'device' if on_device else 'workers'} "
-                    f"| {bare:.1f} | {full:.1f} | {full / bare:.2f} | {decoding:.1f} |")
+    with tempfile.TemporaryDirectory(prefix="bench_embed_") as copies:  # --repeat 16 on a GPU makes ~19k copies
+        paths = distinct_copies(sources, args.repeat, Path(copies))
+        conf = EmbedderConfig(backbone=args.backbone, pretrained=args.pretrained, image_size=args.image_size)
+        modes = [False, True] if args.decode_on_device else [False]
+        rows, bare = [], None
+        for on_device in modes:
+            run = EmbedConfig(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, cache_dir=None, progress=False,
+                              decode_on_device=on_device)
+            embedder = Embedder.pretrained_baseline(conf, run)
+            bare = bare or bare_forward_rate(embedder, args.batch_size, max(len(paths), 4 * args.batch_size))
+            full = full_path_rate(embedder, paths)  # its warm-up starts the decoding workers' fork server
+            decoding = decode_rate(embedder, paths)
+            rows.append(f"| {args.backbone} | {args.image_size} | {args.batch_size} | {args.num_workers} | {'device' if on_device else 'workers'} "
+                        f"| {bare:.1f} | {full:.1f} | {full / bare:.2f} | {decoding:.1f} |")
     device_name = torch.cuda.get_device_name() if embedder.device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     table = "\n".join([
         f"`python benchmarks/bench_embed.py --images {args.images} --backbone {args.backbone} --image-size {args.image_size} "

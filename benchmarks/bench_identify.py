@@ -62,6 +62,9 @@ def table(results: dict[str, dict[str, pd.DataFrame]]) -> str:
              " named wrong | called new |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for setting, views in results.items():
         for view, frame in views.items():
+            if frame.empty:  # no held-out photo has its animal photographed at another station, say
+                lines.append(f"| {setting} | {view} | 0 | | | | | | |")
+                continue
             share = lambda column: "" if view == "animal missing" and column in ("in_shortlist", "top1", "named_right") \
                 else f"{frame[column].mean():.1%}"  # noqa: E731  (no right answer among a missing animal's candidates)
             lines.append(f"| {setting} | {view} | {len(frame)} | {frame['individuals'].mean():.1f} | {share('in_shortlist')} |"
@@ -83,12 +86,15 @@ def main() -> None:
     parser.add_argument("--out", help="also write the table to this Markdown file")
     args = parser.parse_args()
 
+    queries = pd.read_csv(args.queries, dtype=str, keep_default_na=False)
+    missing = [column for column in ("filename", "identity", "station") if column not in queries.columns]
+    if missing:  # before the catalogue is built: the views need each photo's animal and station
+        parser.error(f"{args.queries}: no {', '.join(missing)} column; the held-out table needs filename, identity and station")
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     store = init_catalogue(work / "cat", Path(args.checkpoint), Path(args.fusion))
     engine = open_engine(store, args.shortlist_k)
     report = add_images(store, engine.embedder, engine.local, sources_from_csv(Path(args.gallery), Path(args.images)))
-    queries = pd.read_csv(args.queries, dtype=str, keep_default_na=False)
     photos = [Path(args.images) / name for name in queries["filename"]]
     started = time.perf_counter()
     results = {setting: evaluate(store, engine, queries, photos, None if setting == "none" else int(setting))

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_local.py [--dataset ../shared/datasets/snowleopard] [--device auto]
         [--speed-images 6] [--skip-learned] [--skip-ranking] [--checkpoint CKPT] [--masks teacher]
-        [--out docs/local_match.md]
+        [--out runs/benchmarks/local_match.md]
 
 Prints a markdown report and writes it to --out. Runs on CPU, or CUDA when present (--device auto).
 """
@@ -22,9 +22,10 @@ import pandas as pd
 import torch
 
 from spotmatch.data.images import load_image
-from spotmatch.data.splits import SplitConfig, split_dataset
+from spotmatch.data.splits import SplitConfig
 from spotmatch.data.tables import load_dataset
 from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol, format_table
+from spotmatch.evaluation.run import split_for
 from spotmatch.io import write_text_atomic
 from spotmatch.local_match import EXTRACTORS, LocalMatcher, VerificationConf
 from spotmatch.local_match.extractors import create_extractor
@@ -185,9 +186,10 @@ def global_similarity(table: pd.DataFrame, protocol, checkpoint: str | None, dev
 
 def ranking_section(dataset_dir: Path, cache_dir: Path, checkpoint: str | None, device: str) -> str:
     dataset = load_dataset(dataset_dir / "labels.csv")
-    split = split_dataset(dataset, SplitConfig(by="encounter"))
+    # The checkpoint's own split where it has one: a fresh split of a smaller table would query its training photos.
+    split, split_by, _ = split_for(dataset, SplitConfig(by="encounter"), checkpoint)
     table = dataset.table
-    protocol = build_protocol(table, split, "encounter")
+    protocol = build_protocol(table, split, split_by)
     identities = table["identity"].to_numpy()
     try:
         cosine, label = global_similarity(table, protocol, checkpoint, device)

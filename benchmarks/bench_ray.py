@@ -24,9 +24,9 @@ from pathlib import Path
 import pandas as pd
 
 from spotmatch.engine import ray_backend as rb
+from spotmatch.engine.engine import EngineConfig, build_local
 from spotmatch.global_embed.embed import EmbedConfig, Embedder
 from spotmatch.io import write_text_atomic
-from spotmatch.local_match.pipeline import LocalMatcher
 
 SNOW = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "snowleopard"
 
@@ -80,14 +80,14 @@ def local_and_ray_jobs(conf: BenchConfig, paths: list[Path]):
                 lambda ray_conf, job_dir: rb.embed_on_ray(paths, conf.checkpoint, run, ray_conf, job_dir))
     pairs = match_pairs(paths, conf.gallery_per_query)
 
-    def settings(folder: str) -> dict:
-        return {"name": "rootsift", "cache_dir": str(Path(folder) / "cache"), "workers": 1}
+    def stage(folder: str) -> EngineConfig:  # RootSIFT, as `spotmatch match` builds it; a fresh cache per run
+        return EngineConfig(cache_dir=str(Path(folder) / "cache"), local_workers=1, cache_pairs=False)
 
     def local_job():
         with tempfile.TemporaryDirectory() as folder:
-            LocalMatcher.from_name(**settings(folder)).score_pairs(pairs)
+            build_local(stage(folder), "alpha").score_pairs(pairs)
 
-    return ("pairs", len(pairs), local_job, lambda ray_conf, job_dir: rb.match_on_ray(pairs, settings(job_dir), ray_conf, job_dir))
+    return ("pairs", len(pairs), local_job, lambda ray_conf, job_dir: rb.match_on_ray(pairs, stage(job_dir), "alpha", ray_conf, job_dir))
 
 
 def main(conf: BenchConfig) -> pd.DataFrame:
