@@ -915,6 +915,47 @@ def test_an_init_interrupted_before_its_settings_leaves_no_catalogue_and_runs_ag
         Catalogue.open(tmp_path / "cat").settings()
 
 
+def test_two_inits_at_once_make_one_catalogue_and_refuse_the_other_in_one_line(tmp_path, monkeypatch):
+    """The second waits for the first (it used to delete the first's half-built file, or replace its catalogue)."""
+    import contextlib
+    import threading
+
+    import spotmatch.catalogue.store as store_module
+    from spotmatch.catalogue.store import DB_NAME, Catalogue, CatalogueSettings
+    from spotmatch.errors import SpotmatchError
+
+    real_connect, both_checked = store_module.connect, threading.Barrier(2)
+
+    def connect_after_both_checked(path, *args, **kwargs):  # both passed the first "no catalogue here" check
+        if path.name.endswith(".part"):
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_checked.wait(timeout=2)
+        return real_connect(path, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "connect", connect_after_both_checked)
+    outcomes = []
+
+    def init(name: str) -> None:
+        settings = CatalogueSettings(checkpoint=name, fusion=None, embedder_id="stand-in", embedding_dim=4)
+        try:
+            Catalogue.create(tmp_path / "cat", settings).close()
+            outcomes.append(("made", name))
+        except SpotmatchError as error:
+            outcomes.append(("refused", str(error)))
+
+    threads = [threading.Thread(target=init, args=(name,)) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(kind for kind, _ in outcomes) == ["made", "refused"]
+    made = next(name for kind, name in outcomes if kind == "made")
+    assert "a catalogue already exists here" in next(text for kind, text in outcomes if kind == "refused")
+    monkeypatch.setattr(store_module, "connect", real_connect)
+    assert Catalogue.open(tmp_path / "cat").settings().checkpoint == made
+    assert not [p.name for p in (tmp_path / "cat").iterdir() if p.name.startswith(DB_NAME + ".part")]
+
+
 def test_relink_rewrites_only_the_photos_found_moved_with_the_same_content(tmp_path):
     """Half the photos moved, and a different photo of a moved one's name waits at the new place: only the
     moved ones are relinked; the others keep paths that still lead to them."""

@@ -33,6 +33,21 @@ INDEX_NAME = "index.faiss"
 BUSY_TIMEOUT_S = 60.0  # another process's write transaction is waited for, not reported as "locked"
 
 
+@contextlib.contextmanager
+def _init_lock(folder: Path) -> Iterator[None]:
+    """One `init` at a time per folder: a second waits, then finds the first one's catalogue and is refused,
+    instead of deleting its half-built file or replacing its catalogue. The kernel drops the lock of a killed
+    init; the small lock file stays (removing it would let a waiting init lock a file no one else sees)."""
+    import fcntl
+
+    with open(folder / f".{DB_NAME}.init-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def refuse_catalogue_folder(folder: Path) -> None:
     """A new catalogue never goes over an existing one, nor where a file is."""
     if (folder / DB_NAME).exists():
@@ -313,20 +328,22 @@ class Catalogue:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SpotmatchError(f"{folder}: cannot make the catalogue folder ({exc.strerror}); choose a writable place") from None
-        # Built under a temporary name and renamed into place once its settings are in: an init killed half
-        # way leaves no catalogue.db without settings, which no command could open and init would refuse.
-        partial = folder / f"{DB_NAME}.part"
-        for leftover in (partial, partial.with_name(f"{partial.name}-wal"), partial.with_name(f"{partial.name}-shm")):
-            leftover.unlink(missing_ok=True)
-        with contextlib.closing(connect(partial)) as db:
-            migrate(db)
-            with transaction(db):
-                for key, value in settings.__dict__.items():
-                    if value is not None:
-                        db.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
-                db.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (now_utc(),))
-            db.execute("PRAGMA journal_mode=DELETE")  # folds the WAL into the file, which alone is renamed
-        os.replace(partial, folder / DB_NAME)
+        with _init_lock(folder):
+            refuse_catalogue_folder(folder)  # again: an init that held the lock may have made it meanwhile
+            # Built under a temporary name and renamed into place once its settings are in: an init killed half
+            # way leaves no catalogue.db without settings, which no command could open and init would refuse.
+            partial = folder / f"{DB_NAME}.part"
+            for leftover in (partial, partial.with_name(f"{partial.name}-wal"), partial.with_name(f"{partial.name}-shm")):
+                leftover.unlink(missing_ok=True)
+            with contextlib.closing(connect(partial)) as db:
+                migrate(db)
+                with transaction(db):
+                    for key, value in settings.__dict__.items():
+                        if value is not None:
+                            db.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
+                    db.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (now_utc(),))
+                db.execute("PRAGMA journal_mode=DELETE")  # folds the WAL into the file, which alone is renamed
+            os.replace(partial, folder / DB_NAME)
         return cls.open(folder)
 
     @classmethod
