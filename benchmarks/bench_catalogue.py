@@ -69,15 +69,15 @@ def write_copies(sources: list[Path], folder: Path, size: int) -> list[tuple[Pat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=str(REPO / "runs/snow-cpu/best.pt"))
-    parser.add_argument("--fusion", default=str(REPO / "runs/snow-cpu/fusion.json"))
-    parser.add_argument("--size", type=int, default=10_000)
-    parser.add_argument("--sources", type=int, default=40)
-    parser.add_argument("--queries", type=int, default=5)
-    parser.add_argument("--side", type=int, default=512)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(REPO / "runs/snow-cpu/best.pt"), help="the catalogue's embedder (train or demo makes one)")
+    parser.add_argument("--fusion", default=str(REPO / "runs/snow-cpu/fusion.json"), help="its calibration file (from calibrate)")
+    parser.add_argument("--size", type=int, default=10_000, help="catalogue photos (distinct copies of the source photos)")
+    parser.add_argument("--sources", type=int, default=40, help="real photos the copies are made from")
+    parser.add_argument("--queries", type=int, default=5, help="photos identified and timed")
+    parser.add_argument("--side", type=int, default=512, help="long side of the copies, in pixels")
     parser.add_argument("--shortlist-k", type=int, default=None, help="default: the calibration file's")
-    parser.add_argument("--work", default="/tmp/bench_catalogue")
+    parser.add_argument("--work", default="/tmp/bench_catalogue", help="scratch folder (replaced): the catalogue and its copies")
     args = parser.parse_args()
 
     work = Path(args.work)

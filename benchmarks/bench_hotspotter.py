@@ -100,13 +100,13 @@ class GalleryDescriptors:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--knn", type=int, default=LNBNNConf.knn)
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/spotmatch"))
-    parser.add_argument("--out", type=Path, default=Path("hotspotter.md"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="labels CSV (its images/ folder beside it)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="embedder checkpoint: its split picks the queries, its cosine the shortlist")
+    parser.add_argument("--top-k", type=int, default=20, help="gallery photos per query re-scored by each local scorer")
+    parser.add_argument("--knn", type=int, default=LNBNNConf.knn, help="LNBNN: nearest gallery descriptors per query descriptor")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/spotmatch"), help="embedding and keypoint cache folder")
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/hotspotter.md"), help="Markdown table to write")
     args = parser.parse_args()
     started = time.perf_counter()
 

@@ -74,15 +74,15 @@ def table(results: dict[str, dict[str, pd.DataFrame]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--fusion", required=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="the catalogue's embedder")
+    parser.add_argument("--fusion", required=True, help="its calibration file (threshold and shortlist)")
     parser.add_argument("--gallery", required=True, help="labelled CSV the catalogue is built from")
     parser.add_argument("--queries", required=True, help="labelled CSV of held-out photos (identity, station)")
-    parser.add_argument("--images", required=True)
+    parser.add_argument("--images", required=True, help="folder holding both tables' photos")
     parser.add_argument("--per-individual", nargs="+", default=["none", "2"], help="settings compared ('none': no limit)")
     parser.add_argument("--shortlist-k", type=int, default=None, help="default: the calibration file's")
-    parser.add_argument("--work", default="/tmp/bench_identify")
+    parser.add_argument("--work", default="/tmp/bench_identify", help="scratch folder (replaced) for the catalogue")
     parser.add_argument("--out", help="also write the table to this Markdown file")
     args = parser.parse_args()
 

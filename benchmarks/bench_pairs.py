@@ -140,14 +140,15 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="embedder checkpoint")
     parser.add_argument("--fusion", help="calibration file: run the whole chain (local stage + fusion)")
-    parser.add_argument("--image-dir", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--image-dir", type=Path, default=DEFAULT_IMAGES, help="folder of photos the pairs are drawn from")
     parser.add_argument("--images", type=int, default=433, help="N: the file holds all N*(N-1) ordered pairs")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[1 / 64, 1 / 8, 1.0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[1 / 64, 1 / 8, 1.0],
+                        help="shares of the pairs file scored, one row each (memory should stay flat across them)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pairs drawn for each share")
+    parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes")
     parser.add_argument("--out", help="also write the table to this Markdown file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)

@@ -108,12 +108,12 @@ def main(conf: BenchConfig) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="embedder checkpoint (the embed stage)")
     parser.add_argument("--stage", choices=("embed", "match"), default="embed")
     parser.add_argument("--dataset", type=Path, default=SNOW, help="folder with labels.csv and images/")
-    parser.add_argument("--n-images", type=int, default=120)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--n-images", type=int, default=120, help="photos taken from the data set (match: pairs among them)")
+    parser.add_argument("--batch-size", type=int, default=16, help="embed: images per forward pass and per Ray block")
     parser.add_argument("--local-workers", type=int, default=0, help="embed: decode processes of the local path")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="embed: GPUs of a lone actor; a row of n actors gives each 1/n of it")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="embed: CPUs of each actor, its decoding threads")

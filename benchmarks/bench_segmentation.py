@@ -26,10 +26,10 @@ def seconds_per_image(model, images) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", type=int, default=20)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="U-Net checkpoint from `spotmatch train-seg`")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda ...")
+    parser.add_argument("--images", type=int, default=20, help="snow-leopard frames timed (at least 1)")
     args = parser.parse_args()
     images = [load_image(p).rgb for p in sorted(IMAGES.glob("*.JPG"))[: args.images]]
     rows = {
