@@ -87,9 +87,9 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
 
 
 # Why a file cannot be written where the machine, not the program, is at fault: a full disk, a quota or file-size
-# limit, a read-only file system, no permission, a folder whose place a file holds.
-CACHE_WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                                  errno.ENOTDIR, errno.EEXIST})
+# limit, a read-only file system; for a cache folder also no permission, or a file in a folder's place.
+DISK_WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+CACHE_WRITE_FAILURES = DISK_WRITE_FAILURES | {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
 
 
 def write_cache_entry(target: str | Path, write: Callable[[Path], None]) -> bool:

@@ -5,7 +5,6 @@ and exit status 2, never a traceback, and Ctrl-C into one line and exit status 1
 """
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import sqlite3
@@ -14,6 +13,7 @@ import sys
 from spotmatch.cli.app import app
 from spotmatch.data.images import quiet_large_photos
 from spotmatch.errors import SpotmatchError
+from spotmatch.io import DISK_WRITE_FAILURES
 
 
 def _register_commands() -> None:
@@ -58,10 +58,6 @@ def main() -> None:
         sys.exit(2)
 
 
-# A disk that is full, a quota or file-size limit, a read-only file system: no fix in the input, but one line all the same.
-_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
-
-
 def _environment_failure(exc: BaseException) -> str | None:
     """One line for what the machine, not the input, made fail; None for anything else (a bug: its traceback)."""
     damage = _database_damage(exc)
@@ -76,7 +72,7 @@ def _environment_failure(exc: BaseException) -> str | None:
         if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
             return (f"the catalogue is busy: another command has held it for over a minute ({exc}); run this again when it"
                     f" is done")
-    if isinstance(exc, OSError) and exc.errno in _WRITE_FAILURES:
+    if isinstance(exc, OSError) and exc.errno in DISK_WRITE_FAILURES:  # no fix in the input, but one line all the same
         return (f"{exc.filename or 'an output file'}: cannot be written ({exc.strerror}); make room (free disk space, raise the"
                 f" quota or file-size limit) or write elsewhere, and run the command again: outputs are written whole or not at all")
     return None

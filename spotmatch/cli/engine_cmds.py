@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from spotmatch.cli.app import app
-from spotmatch.cli.global_cmds import CHECKPOINT_HELP, DATA_HELP, IMAGES_HELP, _embed_config, cache_root
+from spotmatch.cli.global_cmds import CHECKPOINT_HELP, DATA_HELP, IMAGES_HELP, WEIGHTS_HELP, _embed_config, cache_root
 
 
 @app.command()
@@ -20,7 +20,7 @@ def calibrate(
     top_k: int = typer.Option(20, min=1, help="Local matching re-scores each query's K best gallery images."),
     extractor: str = typer.Option("rootsift", help="Local features: rootsift, disk, aliked, xfeat, loftr (with --weights)."),
     local_masks: Optional[str] = typer.Option(None, help="Keypoints only inside masks from: alpha, teacher, unet:CKPT, none (default: the checkpoint's mask source)."),
-    weights: Optional[str] = typer.Option(None, help="Weights file of the local stage's network (LoFTR needs one; learned extractors default to the shipped ones)."),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
     method: str = typer.Option("logistic", help="logistic or isotonic."),
     target_precision: float = typer.Option(0.9, help="Precision the 'same individual' threshold must reach."),
     new_share: float = typer.Option(0.5, help="Share of photos of animals missing from the gallery that `identify` is expected to meet; sets its threshold."),

@@ -15,6 +15,7 @@ from spotmatch.errors import SpotmatchError
 DATA_HELP = "Labels CSV: `filename, identity` (Kaggle's `ground_truth` accepted), optional extra columns."
 IMAGES_HELP = "Image folder (default: `images/` beside the CSV, else the CSV's folder)."
 CHECKPOINT_HELP = "Embedder checkpoint written by `spotmatch train` (best.pt)."
+WEIGHTS_HELP = "Weights file of the local stage's network (LoFTR needs one; learned extractors default to the shipped ones)."
 BACKEND_HELP = "local (this process) or ray (a Ray Data actor pool; shards beside the output, re-runs skip done ones)."
 RAY_ADDRESS_HELP = "Ray cluster to join (auto, ray://HOST:10001); default: a local Ray limited to this machine."
 RAY_CONFIG_HELP = ("JSON file of RayConfig fields: per-stage actor pools (embed, local, score: num_cpus, num_gpus, concurrency),"
@@ -176,7 +177,7 @@ def score_pairs(
     shortlist_first: bool = typer.Option(False, help="With fusion: scale each query's pairs outside its top-K below the ones inside "
                                                      "(ranks better across stations, calibrates worse: docs/fusion.md)."),
     extractor: str = typer.Option("rootsift", help="Local features (must match the calibration file)."),
-    weights: Optional[str] = typer.Option(None, help="Weights file of the local stage's network, as calibrate was given (LoFTR needs one)."),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP + " The one calibrate was given."),
     rerank: str = typer.Option("none", help="Re-rank each query's global similarities over its rows first: qe (query expansion) or "
                                             "k-reciprocal; a calibration file must be made with the same `calibrate --rerank`."),
     evidence_out: Optional[Path] = typer.Option(None, help="Also write every stage's columns (cosine, rank, inliers, ...) here."),

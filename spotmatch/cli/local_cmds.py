@@ -9,7 +9,7 @@ import pandas as pd
 import typer
 
 from spotmatch.cli.app import app
-from spotmatch.cli.global_cmds import BACKEND_HELP, RAY_ADDRESS_HELP, RAY_CONFIG_HELP, cache_root, check_backend
+from spotmatch.cli.global_cmds import BACKEND_HELP, RAY_ADDRESS_HELP, RAY_CONFIG_HELP, WEIGHTS_HELP, cache_root, check_backend
 from spotmatch.errors import SpotmatchError
 
 DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root the global embedder caches under
@@ -18,7 +18,6 @@ DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root the global embedder ca
 CACHE_HELP = "Cache folder (features go to <cache>/local/...); '' caches nothing."
 LOCAL_MASKS_HELP = ("Keypoints only inside masks from: alpha, teacher, unet:CKPT, none (default: the --checkpoint's mask"
                     " source, as calibrate and score-pairs use; without one, alpha).")
-WEIGHTS_HELP = "Weights file of the local stage's network (LoFTR needs one; learned extractors default to the shipped ones)."
 DEVICE_HELP = "Where the local stage's networks (learned extractors, LightGlue, a U-Net's masks) run: auto, cpu, cuda ... (RootSIFT runs on the CPU)."
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import unicodedata
-
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -129,9 +129,8 @@ class Engine:
 
 def build_local(conf: EngineConfig, embedder_masks: str = "alpha"):
     """The local stage, restricted to the masks named in `conf` (else the embedder's)."""
-    from spotmatch.local_match.pipeline import LocalMatcher, stage_overrides
-
     from spotmatch.device import resolve_device
+    from spotmatch.local_match.pipeline import LocalMatcher, stage_overrides
 
     cache = conf.cache_dir if conf.cache_dir else None
     masks = mask_provider(conf.masks or embedder_masks, cache, resolve_device(conf.local_device))  # a U-Net's too
