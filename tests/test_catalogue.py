@@ -689,6 +689,9 @@ def test_a_damaged_database_is_one_line_not_a_traceback(tmp_path):
     export = run_cli("catalogue", "export", tmp_path / "cat", "--out", tmp_path / "all.csv")
     assert export.returncode == 2 and export.stderr.count("\n") == 1 and "database is damaged" in export.stderr, export.stderr
     assert not (tmp_path / "all.csv").exists()
+    backup = run_cli("catalogue", "backup", tmp_path / "cat", "--out", tmp_path / "backup")  # never a good-looking copy
+    assert backup.returncode == 2 and backup.stderr.count("\n") == 1 and "damaged" in backup.stderr, backup.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat", DB_NAME]
 
 
 def stand_in_catalogue(folder: Path, images_per_individual: dict[str, int]):
@@ -1155,3 +1158,69 @@ def test_a_catalogue_whose_model_file_is_gone_says_how_to_relink_it(tmp_path):
     with pytest.raises(SpotmatchError, match=rf"none: the catalogue's checkpoint is gone; put it back, or if it moved: spotmatch"
                                              rf" catalogue relink {re.escape(str(tmp_path / 'cat'))} --checkpoint NEW_PATH"):
         open_engine(store)
+
+
+def test_backup_is_a_consistent_catalogue_with_its_uploads_taken_while_in_use(tmp_path, monkeypatch):
+    """A copy of catalogue.db alone misses the decisions still in its WAL file; `catalogue backup` holds every
+    committed one, none in flight, the photos uploaded in the review app, and is a catalogue itself."""
+    import shutil
+
+    from spotmatch.catalogue import backup as backup_module
+    from spotmatch.catalogue.backup import backup_catalogue, refuse_backup_target
+    from spotmatch.catalogue.store import Catalogue, NewImage
+    from spotmatch.errors import SpotmatchError
+
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2, "Cat2": 1})
+    (tmp_path / "cat" / "uploads").mkdir()
+    upload = tmp_path / "cat" / "uploads" / "new.jpg"
+    upload.write_bytes((SNOW / "images" / pd.read_csv(SNOW / "labels.csv")["filename"].iloc[0]).read_bytes())
+    store.insert_images([NewImage(path=str(upload.resolve()), sha256="uploaded", embedding=np.ones(4, np.float32),
+                                  embedder_id="stand-in")], who="ana")
+    store.confirm(4, "Cat2", who="ana")
+    store.retire("Cat1", who="bo")
+    hand_copy = tmp_path / "hand-copy.db"
+    shutil.copyfile(tmp_path / "cat" / "catalogue.db", hand_copy)  # what "copy catalogue.db" gives while it is open
+    with sqlite3.connect(hand_copy) as copied:
+        assert copied.execute("SELECT COUNT(*) FROM confirmations").fetchone()[0] < len(_snapshot(store)["confirmations"])
+    writer = sqlite3.connect(tmp_path / "cat" / "catalogue.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another command's write, in flight during the backup
+    writer.execute("INSERT INTO individuals(name, created_at) VALUES ('Half', 'now')")
+
+    target = refuse_backup_target(store.folder, tmp_path / "backups" / "monday")
+    report = backup_catalogue(store, target)
+    writer.execute("ROLLBACK")
+    assert (report.images, report.individuals, report.uploads, report.photos_elsewhere) == (4, 2, 1, 3)
+    assert sorted(p.name for p in target.iterdir()) == ["catalogue.db", "uploads"]  # one file: no -wal to forget
+    restored = Catalogue.open(target)
+    original, copy = _snapshot(store), _snapshot(restored)
+    assert copy["individuals"] == original["individuals"] and copy["confirmations"] == original["confirmations"]
+    assert [row[1] for row in copy["images"]] == [row[1] for row in original["images"][:3]] + [str(target / "uploads" / "new.jpg")]
+    assert [row[2:] for row in copy["images"]] == [row[2:] for row in original["images"]]
+    assert (target / "uploads" / "new.jpg").read_bytes() == upload.read_bytes()
+    assert restored.stats()["retired_individuals"] == 1 and restored.integrity_problems() == []
+
+    # A backup of the backup is how one restores elsewhere: its uploads follow it again.
+    again = backup_catalogue(restored, refuse_backup_target(restored.folder, tmp_path / "restored"))
+    assert _snapshot(Catalogue.open(again.folder))["images"][-1][1] == str(tmp_path / "restored" / "uploads" / "new.jpg")
+    with pytest.raises(SpotmatchError, match="already exists and is not an empty folder"):
+        refuse_backup_target(store.folder, target)
+    with pytest.raises(SpotmatchError, match="inside the catalogue it backs up"):
+        refuse_backup_target(store.folder, tmp_path / "cat" / "backup")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(backup_module.shutil, "copytree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        backup_catalogue(store, refuse_backup_target(store.folder, tmp_path / "backups" / "tuesday"))
+    assert sorted(p.name for p in (tmp_path / "backups").iterdir()) == ["monday"]  # nothing half-made, nothing hidden
+
+
+def test_backup_from_the_command_line_says_what_it_did_not_copy(tmp_path):
+    stand_in_catalogue(tmp_path / "cat", {"Cat1": 2}).close()
+    result = run_cli("catalogue", "backup", tmp_path / "cat", "--out", tmp_path / "copy")
+    assert result.returncode == 0, result.stderr
+    assert "backed up 2 photos, 1 individuals and 2 recorded decisions" in result.stdout
+    assert "2 catalogue photos are stored outside the catalogue folder and were not copied" in result.stdout
+    refused = run_cli("catalogue", "backup", tmp_path / "cat", "--out", tmp_path / "copy")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "already exists and is not an empty folder" in refused.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -158,21 +159,41 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, pairs_csv, tiny
     assert victim.read_bytes() == before
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-def test_ctrl_c_is_one_line_and_exit_status_130(stop):
+def _self_signalling_command(stop: str, out: Path) -> str:
+    """A stand-in command that writes `out` through `atomic_path`, signals itself half way, then would finish."""
+    return ("import os, signal, sys, time\n"
+            "from spotmatch.cli import app, main\n"
+            "from spotmatch.io import atomic_path\n"
+            "@app.command('wait')\n"
+            "def wait():\n"
+            f"    with atomic_path({str(out)!r}) as tmp:\n"
+            "        tmp.write_text('half')\n"
+            f"        os.kill(os.getpid(), signal.{stop})\n"
+            "        time.sleep(2)\n"
+            "        tmp.write_text('whole')\n"
+            "sys.argv = ['spotmatch', 'wait']\n"
+            "main()\n")
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_ctrl_c_is_one_line_and_exit_status_130(stop, tmp_path):
     """The handler `main` installs, end to end in a real process (a stand-in command interrupts itself); `kill`
-    (SIGTERM) ends a run as Ctrl-C does, so its temporary files are removed too."""
-    script = ("import os, signal, sys, time\n"
-              "from spotmatch.cli import app, main\n"
-              "@app.command('wait')\n"
-              "def wait():\n"
-              f"    os.kill(os.getpid(), signal.{stop})\n"
-              "    time.sleep(30)\n"
-              "sys.argv = ['spotmatch', 'wait']\n"
-              "main()\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    (SIGTERM) and a dropped terminal (SIGHUP) end a run as Ctrl-C does, so its temporary files are removed too."""
+    out = tmp_path / "out.txt"
+    result = subprocess.run([sys.executable, "-c", _self_signalling_command(stop, out)], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
     assert result.returncode == 130
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("interrupted: output files")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its hidden temporary file
+
+
+def test_a_run_under_nohup_outlives_the_terminal(tmp_path):
+    """`nohup` ignores SIGHUP so that a long `add` survives a dropped ssh session; the command must not undo that."""
+    out = tmp_path / "out.txt"
+    result = subprocess.run([sys.executable, "-c", _self_signalling_command("SIGHUP", out)], capture_output=True, text=True,
+                            cwd=REPO, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == "whole"
 
 
 def test_ctrl_c_while_decoding_workers_start_is_still_one_line():

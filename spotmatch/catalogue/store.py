@@ -370,7 +370,7 @@ class Catalogue:
         except sqlite3.DatabaseError as exc:
             if exc.sqlite_errorname in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
                 raise SpotmatchError(f"{db_path}: not a readable catalogue database ({exc}); restore it from a backup"
-                                     f" (or `catalogue export` of a copy made before the damage)") from None
+                                     f" (the folder `catalogue backup` made is a catalogue: use it)") from None
             raise SpotmatchError(f"{db_path}: cannot open the catalogue ({exc}); check that this user can read the file"
                                  f" and write its folder") from None
         return catalogue

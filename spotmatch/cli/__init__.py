@@ -30,7 +30,7 @@ INTERRUPTED = ("interrupted: output files are written whole or not at all, and c
 
 
 def _on_interrupt(main_pid: int):
-    """SIGINT's and SIGTERM's handler: one line, then the KeyboardInterrupt that unwinds the run (its
+    """SIGINT's, SIGTERM's and SIGHUP's handler: one line, then the KeyboardInterrupt that unwinds the run (its
     `atomic_path`s remove their temporary files)."""
     def handler(signum, frame):
         if os.getpid() == main_pid:  # image-decoding workers get the same Ctrl-C: one line, from the main process
@@ -42,9 +42,12 @@ def _on_interrupt(main_pid: int):
 def main() -> None:
     _register_commands()
     quiet_large_photos()  # the command line owns the process; a library caller keeps its own warning filters
-    # `kill` and a scheduler's stop (SIGTERM) end a run as Ctrl-C does: temporary files removed, one line.
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, _on_interrupt(os.getpid()))
+    # `kill` and a scheduler's stop (SIGTERM), and a dropped terminal or ssh session (SIGHUP), end a run as Ctrl-C
+    # does: temporary files removed, one line. A signal the caller chose to ignore stays ignored: `nohup` ignores
+    # SIGHUP precisely so that the run outlives the terminal.
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(stop) is not signal.SIG_IGN:
+            signal.signal(stop, _on_interrupt(os.getpid()))
     try:
         app()
     except SpotmatchError as exc:
@@ -62,8 +65,8 @@ def _environment_failure(exc: BaseException) -> str | None:
     """One line for what the machine, not the input, made fail; None for anything else (a bug: its traceback)."""
     damage = _database_damage(exc)
     if damage is not None:
-        return (f"the catalogue database is damaged ({damage}); restore catalogue.db from a backup (or `catalogue export`"
-                f" of a copy made before the damage)")
+        return (f"the catalogue database is damaged ({damage}); restore it from a backup (the folder `catalogue backup`"
+                f" made is a catalogue: use it)")
     if isinstance(exc, sqlite3.OperationalError):
         name = exc.sqlite_errorname or ""
         if name.startswith(("SQLITE_FULL", "SQLITE_IOERR")):

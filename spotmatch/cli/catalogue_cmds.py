@@ -287,6 +287,24 @@ def export(folder: Path = typer.Argument(..., help=FOLDER_HELP), out: Path = typ
     typer.echo(f"wrote {len(table)} rows to {out}")
 
 
+@catalogue_app.command("backup")
+def backup(folder: Path = typer.Argument(..., help=FOLDER_HELP),
+           out: Path = typer.Option(..., help="A new (or empty) folder for the backup, outside the catalogue; ideally on another disk.")) -> None:
+    """Copy the catalogue while it may be in use: every committed decision and the photos uploaded in the review app.
+    The copy is a catalogue itself: any command opens it; to restore, use it, or back it up to where you want it."""
+    from spotmatch.catalogue.backup import backup_catalogue, refuse_backup_target
+
+    catalogue = _open(folder)
+    report = backup_catalogue(catalogue, refuse_backup_target(catalogue.folder, out))
+    typer.echo(f"backed up {report.images} photos, {report.individuals} individuals and {report.decisions} recorded decisions"
+               f" to {report.folder}" + (f"; photos uploaded in the review app, copied: {report.uploads}" if report.uploads else ""))
+    if report.photos_elsewhere:
+        typer.echo(f"{report.photos_elsewhere} catalogue photos are stored outside the catalogue folder and were not copied: back"
+                   f" them up too (`catalogue export` lists their paths; `catalogue relink --photos` follows a moved folder)")
+    typer.echo(f"the backup reads the model where it is: {', '.join(report.model_files)}; keep these files too"
+               f" (`catalogue relink` points a catalogue at moved copies)")
+
+
 @catalogue_app.command("history")
 def history(
     folder: Path = typer.Argument(..., help=FOLDER_HELP),
@@ -331,7 +349,7 @@ def stats(folder: Path = typer.Argument(..., help=FOLDER_HELP)) -> None:
     problems = catalogue.integrity_problems()  # reads every page: SQLite itself only notices damage where a command reads
     if problems:
         raise SpotmatchError(f"{catalogue.folder / 'catalogue.db'}: damaged ({problems[0]}{f'; {len(problems) - 1} more' if len(problems) > 1 else ''});"
-                             f" restore it from a backup (or `catalogue export` of a copy made before the damage)")
+                             f" restore it from a backup (the folder `catalogue backup` made is a catalogue: use it)")
     for key, value in catalogue.stats().items():
         typer.echo(f"{key}: {value}")
     typer.echo("integrity: ok")
