@@ -94,7 +94,7 @@ class GalleryDescriptors:
             gallery_index = nearest[query_index, slot] - self.start[g]
             evidence = verify(query.keypoints[query_index], gallery_features.keypoints[gallery_index],
                               weight[query_index, slot].astype(np.float32), conf.verification,
-                              (max(query.image_size), max(gallery_features.image_size)), keypoints=min(len(query), len(gallery_features)))
+                              (max(query.image_size), max(gallery_features.image_size)), keypoints=(query.keypoints, gallery_features.keypoints))
             rows[g] = (evidence.matches, evidence.inliers, evidence.inlier_ratio, evidence.score)
         return rows
 

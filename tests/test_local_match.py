@@ -13,11 +13,12 @@ from spotmatch.data.images import load_image
 from spotmatch.errors import SpotmatchError
 from spotmatch.local_match import LocalMatcher, VerificationConf, create_extractor, create_matcher
 from spotmatch.local_match.extractors import inside_mask
-from spotmatch.local_match.matchers import verify
+from spotmatch.local_match.matchers import one_picture_share, verify
 from spotmatch.local_match.weights import PackagedWeights
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 IMAGES = DATASETS / "snowleopard" / "images"
+NYALA = DATASETS / "nyala"
 # Cat1 at two stations, two days apart: day frame vs night infrared, flank rosettes visible in both
 # (checked by eye with `spotmatch explain`: the verified lines land on the flank).
 SAME_QUERY = IMAGES / "02__Station13__Camera1__2012-9-13__2-21-38_7.JPG"
@@ -105,10 +106,44 @@ def test_matches_that_stayed_put_are_dropped_before_verification():
     assert np.allclose(kept.points1 - kept.points0, [150.0, 40.0])
     everything = verify(points0, points1, confidence, VerificationConf(min_displacement=0.0), long_sides=(1000, 1000))
     assert everything.matches == 50 and everything.inliers == 30  # the static scene wins the fit
-    # 30 of at most 32 keypoints stayed put: one picture twice, so nothing is dropped.
-    same_picture = verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_sides=(1000, 1000), keypoints=32)
-    assert same_picture.stationary == 0 and same_picture.matches == 50
-    assert verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_sides=(1000, 1000), keypoints=40).stationary == 30
+
+
+def test_one_picture_keeps_its_matches_counted_over_the_region_both_images_show():
+    """The static matches' share is taken over the keypoints both images show: a photo's keypoints on the ground
+    around the animal, which its cut-out cannot have, do not make the two one camera's two frames."""
+    rng = np.random.default_rng(0)
+    animal = rng.uniform(300, 700, (30, 2)).astype(np.float32)
+    points0, points1 = animal, animal + 1.0
+    confidence = np.ones(30, np.float32)
+    outline = np.array([[280, 280], [280, 720], [720, 280], [720, 720]], np.float32)  # the cut-out's edge, 20 px out
+    ground = np.vstack([rng.uniform(0, 1000, (500, 2)), [[0, 0], [0, 999], [999, 0], [999, 999]]]).astype(np.float32)
+    ground = ground[(np.abs(ground - 500) > 250).any(axis=1)]  # all of it around the animal, none on it
+
+    def dropped(keypoints0, keypoints1) -> int:
+        return verify(points0, points1, confidence, VerificationConf(min_displacement=0.01), long_sides=(1000, 1000),
+                      keypoints=(keypoints0, keypoints1)).stationary
+
+    # The photo's ground lies outside the cut-out's region: 30 of the 30 keypoints both show stayed put.
+    assert one_picture_share(points0, points1, np.vstack([points0, outline]), np.vstack([points1, ground]), (1000, 1000), 0.0) == 1.0
+    assert dropped(np.vstack([points0, outline]), np.vstack([points1, outline])) == 0  # a photo and its copy
+    assert dropped(np.vstack([points0, outline]), np.vstack([points1, outline, ground])) == 0  # a cut-out and its photo
+    # Ten keypoints more on the animal that found no partner: 30 of 40, two frames of one camera.
+    more = rng.uniform(350, 650, (10, 2)).astype(np.float32)
+    assert dropped(np.vstack([points0, outline, more]), np.vstack([points1, outline, more + 40])) == 30
+    # Whole frames cover one region: the ground counts in both, and nothing here is one picture.
+    assert dropped(np.vstack([points0, ground]), np.vstack([points1, ground + 5])) == 30
+
+
+def test_a_cut_out_and_the_photo_it_was_cut_from_keep_their_matches(tmp_path):
+    crop = load_image(NYALA / "images" / "train_100_124_leftphoto.jpg").rgb
+    h, w = crop.shape[:2]
+    alpha = np.zeros((h, w), np.uint8)
+    cv2.ellipse(alpha, (w // 2, h // 2), (w * 2 // 5, h * 2 // 5), 0, 0, 360, 255, -1)
+    cv2.imwrite(str(tmp_path / "cutout.png"), cv2.cvtColor(np.dstack([crop, alpha]), cv2.COLOR_RGBA2BGRA))
+    cv2.imwrite(str(tmp_path / "photo.png"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+    local = LocalMatcher.from_name("rootsift", cache_dir=None)
+    evidence = local.evidence(tmp_path / "cutout.png", tmp_path / "photo.png")
+    assert evidence.stationary == 0 and evidence.inliers >= 200  # was 0 inliers, 353 matches dropped as static scene
 
 
 def test_verification_measures_distances_in_each_images_own_size():

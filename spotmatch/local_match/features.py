@@ -138,8 +138,9 @@ CACHE_UNAVAILABLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_C
 
 
 # Part of the pair cache's file name: raise it when a code change alters matching without changing a setting
-# (2: distances measured in each image's own size, 2026-12-07).
-PAIR_CACHE_VERSION = 2
+# (2: distances measured in each image's own size; 3: a cut-out and the photo it was cut from are one picture;
+# both 2026-12-07).
+PAIR_CACHE_VERSION = 3
 PairKey = tuple[str, str]  # the feature-cache keys of the two images
 
 

@@ -46,10 +46,11 @@ class VerificationConf:
     # to 1 (benchmarks/bench_static_scene.py). A camera re-aimed between visits moves its scene past this, and
     # its rocks still match.
     min_displacement: float = 0.01
-    # ...unless the matches that stayed put make up at least this share of the smaller image's keypoints: then
-    # the two files are one picture (a copy, or a frame in which nothing moved), and dropping them would call a
-    # photo and its copy unrelated. On the snow leopards, frames of one camera from different visits reach at
-    # most 0.47, frames of one burst at most 0.87, copies 1.0. Needs the keypoint count (not for LoFTR).
+    # ...unless the matches that stayed put make up at least this share of the keypoints of the region both images
+    # show (`one_picture_share`): then the two files are one picture (a copy, a cut-out and the photo it was cut
+    # from, or a frame in which nothing moved), and dropping them would call a photo and its copy unrelated. On the
+    # snow leopards, frames of one camera from different visits reach at most 0.47, frames of one burst at most 0.87,
+    # copies 1.0. Needs the keypoints (not for LoFTR, which compares pixels).
     same_picture_share: float = 0.9
 
 
@@ -84,13 +85,42 @@ class PairEvidence:
         }
 
 
+def one_picture_share(still0: np.ndarray, still1: np.ndarray, keypoints0: np.ndarray, keypoints1: np.ndarray,
+                      long_sides: tuple[int, int], border: float) -> float:
+    """The share of the keypoints both images show whose matches stayed put (`still0`, `still1`: those matches'
+    points; all points in each image's own pixels). "Both show": inside the convex hull of the other image's
+    keypoints, less a band of `border` pixels (second image's frame) along its edge. Two whole frames cover one
+    region and count nearly all their keypoints; a cut-out and the photo it was cut from share only the animal,
+    and neither the photo's keypoints on the ground around it nor those along the outline, whose descriptors see
+    past it in one image and not in the other, make the pair look like two pictures."""
+    scale = np.float32(long_sides[1] / long_sides[0])
+    region0, region1 = keypoints0 * scale, keypoints1
+    shown0 = _depth_inside(region0, region1) >= border
+    shown1 = _depth_inside(region1, region0) >= border
+    stayed = (_depth_inside(still0 * scale, region1) >= border) & (_depth_inside(still1, region0) >= border)
+    return float(stayed.sum()) / max(min(int(shown0.sum()), int(shown1.sum())), 1)
+
+
+def _depth_inside(points: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Each point's distance inside the convex hull of `region` (negative outside; +inf where it has no area)."""
+    hull = cv2.convexHull(region.astype(np.float32)).reshape(-1, 2).astype(np.float64) if len(region) >= 3 else region
+    edges = np.roll(hull, -1, axis=0) - hull
+    lengths = np.linalg.norm(edges, axis=1)
+    area = float(np.sum(hull[:, 0] * np.roll(hull[:, 1], -1) - np.roll(hull[:, 0], -1) * hull[:, 1])) if len(hull) else 0.0
+    if len(hull) < 3 or abs(area) < 1e-9 or lengths.min() == 0:
+        return np.full(len(points), np.inf)
+    # Signed distance to each edge's line, positive on the inner side; inside a convex polygon, the least of them.
+    cross = edges[:, None, 0] * (points[None, :, 1] - hull[:, None, 1]) - edges[:, None, 1] * (points[None, :, 0] - hull[:, None, 0])
+    return (np.sign(area) * cross / lengths[:, None]).min(axis=0)
+
+
 def verify(
     points0: np.ndarray, points1: np.ndarray, confidence: np.ndarray, conf: VerificationConf,
-    long_sides: tuple[int, int], keypoints: int | None = None,
+    long_sides: tuple[int, int], keypoints: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PairEvidence:
     """Drop the matches that stayed put (`conf.min_displacement`) unless the two images are one picture
-    (`conf.same_picture_share` of `keypoints`, the smaller image's keypoint count; None: not checked), fit the
-    geometric model with MAGSAC++ and keep the correspondences consistent with it.
+    (`one_picture_share` at least `conf.same_picture_share`, `keypoints` being each image's keypoints; None: not
+    checked), fit the geometric model with MAGSAC++ and keep the correspondences consistent with it.
 
     `long_sides`: each image's long side in pixels. Distances are measured in the second image's frame, the
     first image's points scaled to its size: thresholds taken from the larger image would allow a 200-px
@@ -103,7 +133,11 @@ def verify(
     stationary = 0
     if conf.min_displacement > 0 and len(points0):
         still = np.linalg.norm(points1 - scaled0, axis=1) < conf.min_displacement * long_side
-        same_picture = keypoints is not None and still.sum() >= conf.same_picture_share * keypoints
+        # The hull tests cost more than the rest of the check: only where enough stayed put for it to matter. A
+        # keypoint within twice the "stayed put" distance of the region's edge sees past it (its descriptor's support).
+        same_picture = (keypoints is not None and still.sum() >= conf.min_matches
+                        and one_picture_share(points0[still], points1[still], *keypoints, long_sides,
+                                              2 * conf.min_displacement * long_side) >= conf.same_picture_share)
         if not same_picture:
             points0, scaled0, points1, confidence = points0[~still], scaled0[~still], points1[~still], confidence[~still]
             stationary = int(still.sum())
@@ -183,7 +217,7 @@ class Matcher(ABC):
 
     def _verify(self, f0: Features, f1: Features, index0: np.ndarray, index1: np.ndarray, confidence: np.ndarray) -> PairEvidence:
         return verify(f0.keypoints[index0], f1.keypoints[index1], confidence, self.conf.verification,
-                      (max(f0.image_size), max(f1.image_size)), keypoints=min(len(f0), len(f1)))
+                      (max(f0.image_size), max(f1.image_size)), keypoints=(f0.keypoints, f1.keypoints))
 
 
 class MutualNNMatcher(Matcher):
