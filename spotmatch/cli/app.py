@@ -1,6 +1,7 @@
 """The typer application every command module registers on."""
 from __future__ import annotations
 
+
 import typer
 
 app = typer.Typer(
@@ -10,3 +11,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"spotmatch {version('spotmatch')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                                    help="Print the installed version and exit.")) -> None:
+    """Re-identify individual animals from their coat patterns: train, embed, match, score, evaluate."""

@@ -23,8 +23,12 @@ RAY_CONFIG_HELP = ("JSON file of RayConfig fields: per-stage actor pools (embed,
 
 
 def check_backend(backend: str) -> None:
+    import importlib.util
+
     if backend not in ("local", "ray"):
         raise SpotmatchError(f"--backend {backend}: unknown backend; choose local or ray")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise SpotmatchError("--backend ray: Ray is not installed; pip install 'spotmatch[ray]' (or run with --backend local)")
 
 
 def cache_root(cache_dir: Optional[Path]) -> Optional[str]:
@@ -298,7 +302,7 @@ def evaluate(
 
 @app.command()
 def demo(
-    data: Path = typer.Option(None, "--data", help="Labels CSV (default: ../shared/datasets/snowleopard/labels.csv)."),
+    data: Path = typer.Option(None, "--data", help="Labels CSV (default: ../shared/datasets/snowleopard/labels.csv beside this folder, else beside the spotmatch checkout)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder: checkpoint, test.csv, submission.csv."),
     preset: str = typer.Option("demo", help="Training preset (see `spotmatch train --help`)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
@@ -309,7 +313,7 @@ def demo(
     from spotmatch.evaluation.protocol import format_comparisons, format_table
 
     started = time.perf_counter()
-    result = demo_job.main(data or demo_job.DEFAULT_DATA, out, preset=preset, device=device)
+    result = demo_job.main(data or demo_job.default_data(), out, preset=preset, device=device)
     typer.echo("The global embedding on the pairs of test.csv:\n")
     typer.echo(format_table(result.global_embedding))
     typer.echo("\nThe engine on the same held-out queries (fused: each query's probabilities from a calibrator that"

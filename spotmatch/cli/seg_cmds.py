@@ -172,7 +172,7 @@ def seg_eval_command(
 @app.command("seg-sheet")
 def seg_sheet_command(
     csv: Path = typer.Option(..., help=CSV_HELP),
-    out: Path = typer.Option(Path("docs/img/segmentation_contact_sheet.jpg"), help="Image file to write."),
+    out: Path = typer.Option(Path("segmentation_contact_sheet.jpg"), help="Image file to write."),
     source: list[str] = typer.Option(["teacher"], help="mask sources, one tile each (repeat the option)"),
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     subset: str = typer.Option("val", help="val | train | all"),

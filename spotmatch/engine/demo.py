@@ -22,7 +22,14 @@ from spotmatch.global_embed.embed import EmbedConfig, Embedder
 from spotmatch.global_embed.presets import PRESETS
 from spotmatch.io import write_csv_atomic
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "snowleopard" / "labels.csv"
+DEMO_DATA = Path("shared") / "datasets" / "snowleopard" / "labels.csv"
+
+
+def default_data() -> Path:
+    """The snow-leopard set in `../shared` beside the working folder (the README runs the demo from the
+    repository), else beside the source tree (a checkout run from elsewhere); the first when neither has it."""
+    candidates = [Path.cwd().parent / DEMO_DATA, Path(__file__).resolve().parents[2].parent / DEMO_DATA]
+    return next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
 
 
 def write_competition_pairs(table: pd.DataFrame, split: pd.Series, split_by: str, out_path: Path) -> Path:
@@ -85,7 +92,8 @@ def refuse_unusable_demo_data(dataset, split_conf: SplitConfig, data_csv: Path) 
 
 def main(data_csv: Path, out_dir: Path, preset: str = "demo", device: str = "auto") -> DemoResult:
     if not Path(data_csv).is_file():
-        raise SpotmatchError(f"{data_csv}: demo data not found; pass --data to a labels CSV (the default lives in ../shared)")
+        raise SpotmatchError(f"{data_csv}: demo data not found; pass --data LABELS.csv (columns filename, identity; the photos"
+                             f" in images/ beside it), or run the demo from a folder with ../{DEMO_DATA} beside it")
     if preset not in PRESETS:
         raise SpotmatchError(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
     out_dir = Path(out_dir)
@@ -111,7 +119,8 @@ def main(data_csv: Path, out_dir: Path, preset: str = "demo", device: str = "aut
     trained = Embedder.from_checkpoint(checkpoint, run)
     global_embedding = {}
     for name, embedder in (
-        (f"{chosen.embedder.backbone} untrained (ImageNet)", Embedder.pretrained_baseline(chosen.embedder, run)),
+        (f"{chosen.embedder.backbone} untrained ({'ImageNet' if chosen.embedder.pretrained != 'none' else 'random weights'})",
+         Embedder.pretrained_baseline(chosen.embedder, run)),
         (f"{chosen.embedder.backbone} trained ({checkpoint})", trained),
     ):
         similarity = cosine_to_similarity(global_pair_scores(pairs, embedder)["cosine"].to_numpy())
