@@ -272,6 +272,20 @@ def test_k_reciprocal_keeps_each_querys_distance_order():
     np.testing.assert_array_equal(np.argsort(-reranked, axis=1), np.argsort(-(queries @ gallery.T), axis=1))
 
 
+def test_k_reciprocal_counts_each_image_once_where_the_gallery_holds_the_queries():
+    """In an open set the gallery is the queries themselves: each image must enter the neighbour graph once, as
+    it does when each query is re-ranked against the others alone, not twice (its own copy its closest
+    neighbour, every neighbour filling two of k1's places)."""
+    rng = np.random.default_rng(7)
+    animal = rng.integers(0, 12, 80)
+    photos = rng.normal(size=(12, 16))[animal] + 0.9 * rng.normal(size=(80, 16))
+    photos /= np.linalg.norm(photos, axis=1, keepdims=True)
+    open_set = k_reciprocal_rerank(photos, photos)
+    for query in (0, 41, 79):
+        others = np.delete(np.arange(80), query)
+        np.testing.assert_allclose(open_set[query, others], k_reciprocal_rerank(photos[[query]], photos[others])[0], atol=1e-9)
+
+
 def test_query_expansion_uses_only_allowed_neighbours():
     # A query with one allowed gallery image is expanded by that image alone, as in a file of its own rows.
     rng = np.random.default_rng(3)
@@ -470,7 +484,7 @@ def test_k_reciprocal_refuses_what_it_cannot_hold_or_shard(monkeypatch):
     query_pos, gallery_pos = np.array([0, 0, 1, 1]), np.array([2, 3, 4, 5])
     assert rerank.rerank_pairs("k-reciprocal", embeddings, query_pos, gallery_pos).shape == (4,)
     monkeypatch.setattr(rerank, "K_RECIPROCAL_MAX_IMAGES", 5)  # 2 queries + 4 gallery images
-    with pytest.raises(SpotmatchError, match="2 \\+ 4 images is over 5; use --rerank qe"):
+    with pytest.raises(SpotmatchError, match="the 6 distinct query and gallery images are over 5; use --rerank qe"):
         rerank.rerank_pairs("k-reciprocal", embeddings, query_pos, gallery_pos)
     check_pair_scoring(EngineConfig(rerank="qe"))  # shards of whole queries hold all that query expansion reads
     with pytest.raises(SpotmatchError, match="k-reciprocal needs every image of the file at once"):

@@ -41,9 +41,15 @@ def _reciprocal_neighbours(ranks: np.ndarray, i: int, k: int) -> np.ndarray:
 def k_reciprocal_rerank(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray, k1: int = 20, k2: int = 6,
                         lambda_value: float = 0.3) -> np.ndarray:
     """Similarity (q, g) = 1 - re-ranked distance. Memory O((q+g)^2): for shortlists and small
-    galleries, not for million-image catalogues."""
-    everything = np.concatenate([query_embeddings, gallery_embeddings])
-    n, n_queries = len(everything), len(query_embeddings)
+    galleries, not for million-image catalogues.
+
+    The neighbour graph holds each distinct image once: where the gallery holds the queries themselves (an
+    open set) or two copies of one photo, a second copy would be every image's closest neighbour and fill
+    two of its k1 and k2 places."""
+    everything, image_of = np.unique(np.concatenate([query_embeddings, gallery_embeddings]), axis=0, return_inverse=True)
+    image_of = image_of.ravel()
+    query_images, gallery_images = image_of[: len(query_embeddings)], image_of[len(query_embeddings):]
+    n = len(everything)
     distance = np.clip(2 - 2 * everything @ everything.T, 0, None)
     # Each row by its own largest distance (the reference code's column scaling, then transposed), which keeps
     # every row's order: the neighbour sets below are the true nearest neighbours.
@@ -63,12 +69,12 @@ def k_reciprocal_rerank(query_embeddings: np.ndarray, gallery_embeddings: np.nda
         weights[i, members] = weight / weight.sum()
     if k2 > 1:  # local query expansion over each item's k2 nearest neighbours
         weights = weights[ranks[:, :k2]].mean(axis=1)
-    query_weights, gallery_weights = weights[:n_queries], weights[n_queries:]
-    jaccard = np.empty((n_queries, len(gallery_embeddings)))
-    for q in range(n_queries):
-        overlap = np.minimum(query_weights[q], gallery_weights).sum(axis=1)
+    gallery_weights = weights[gallery_images]
+    jaccard = np.empty((len(query_images), len(gallery_images)))
+    for q, image in enumerate(query_images):
+        overlap = np.minimum(weights[image], gallery_weights).sum(axis=1)
         jaccard[q] = 1 - overlap / (2 - overlap)  # rows sum to 1, so the union is 2 - overlap
-    final = (1 - lambda_value) * jaccard + lambda_value * distance[:n_queries, n_queries:]
+    final = (1 - lambda_value) * jaccard + lambda_value * distance[np.ix_(query_images, gallery_images)]
     return 1 - final
 
 
@@ -96,9 +102,10 @@ def rerank_pairs(name: str, embeddings: np.ndarray, query_pos: np.ndarray, galle
     query and gallery image of the file as context."""
     queries, query_row = np.unique(query_pos, return_inverse=True)
     gallery, gallery_row = np.unique(gallery_pos, return_inverse=True)
-    if name == "k-reciprocal" and len(queries) + len(gallery) > K_RECIPROCAL_MAX_IMAGES:
-        raise SpotmatchError(f"--rerank k-reciprocal holds (queries + gallery)^2 distances: {len(queries)} + {len(gallery)} images "
-                             f"is over {K_RECIPROCAL_MAX_IMAGES:,}; use --rerank qe, or split the pair file by query")
+    images = len(np.union1d(queries, gallery))
+    if name == "k-reciprocal" and images > K_RECIPROCAL_MAX_IMAGES:
+        raise SpotmatchError(f"--rerank k-reciprocal holds (images)^2 distances: the {images:,} distinct query and gallery images "
+                             f"are over {K_RECIPROCAL_MAX_IMAGES:,}; use --rerank qe, or split the pair file by query")
     allowed = np.zeros((len(queries), len(gallery)), dtype=bool)
     allowed[query_row, gallery_row] = True
     allowed &= queries[:, None] != gallery[None, :]
