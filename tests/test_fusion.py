@@ -244,8 +244,30 @@ def test_isotonic_option_and_threshold():
     model = FusionModel.new("isotonic").fit(pair_features(table), labels)
     probability = model.predict_proba(pair_features(table))
     assert probability.min() >= 0 and probability.max() <= 1
+    logistic = FusionModel.new().fit(pair_features(table), labels).predict_proba(pair_features(table))
+    assert len(np.unique(probability)) < 0.1 * len(np.unique(logistic))  # a step function, not the logistic curve
     threshold = threshold_for_precision(probability, labels, 0.9)
     assert labels[probability >= threshold].mean() >= 0.9
+    next_lower = probability[probability < threshold].max()  # the lowest such threshold: one step down falls short
+    assert labels[probability >= next_lower].mean() < 0.9
+
+
+def test_a_precision_exactly_at_the_target_reaches_it_with_weights():
+    """Weighted precisions are float sums: 9 of 10 right is 0.9 in counts, and must not become "never"."""
+    probability = np.r_[np.full(10, 0.9), np.full(61, 0.1)]
+    labels = np.r_[np.ones(9), np.zeros(62)].astype(int)
+    assert threshold_for_precision(probability, labels, 0.9) == pytest.approx(0.9)
+    assert threshold_for_precision(probability, labels, 0.9, np.full(71, 0.5 / 71)) == pytest.approx(0.9)
+
+
+def test_tied_individuals_are_decided_against_the_query():
+    """Two individuals at one probability: the measured decision takes the wrong one, whatever the gallery's order,
+    as every ranking metric here breaks ties."""
+    from spotmatch.engine.calibrate import decision_per_query
+
+    frame = pd.DataFrame({"q": [0, 0], "g": [0, 1], "global_rank": [0, 1], "gallery_identity": ["A", "B"], "label": [1, 0]})
+    for order in (frame, frame.iloc[::-1].reset_index(drop=True)):
+        assert decision_per_query(order, np.array([0.97, 0.97]), 20, "best")["label"].tolist() == [0]
 
 
 def test_rerankers_put_same_cluster_first():

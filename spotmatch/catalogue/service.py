@@ -20,7 +20,7 @@ from spotmatch.data.images import file_sha256, load_image, printable, refuse_unp
 from spotmatch.data.tables import (CSV_READ_ERRORS, FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir,
                                    on_disk_spelling, parse_side, refuse_conflicting_labels, refuse_extra_field, unreadable_csv)
 from spotmatch.errors import SpotmatchError
-from spotmatch.fusion.calibration import decision_score
+from spotmatch.fusion.calibration import best_pair_per_individual, decision_score
 
 
 class EmbedsImages(Protocol):
@@ -460,7 +460,7 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     for position, (path, sha, side) in enumerate(zip(query_paths, query_hashes, sides)):
         mine = candidates[candidates["query_position"] == position] if len(candidates) else candidates
         # each individual by its best image, best first; the runner-up is whoever comes next, listed or not
-        ranked = mine.sort_values("probability", ascending=False).drop_duplicates("individual") if len(mine) else mine
+        ranked = best_pair_per_individual(mine, []) if len(mine) else mine
         probabilities = ranked["probability"].tolist() if len(ranked) else []
         score = decision_score(probabilities[0], probabilities[1] if len(probabilities) > 1 else None, decision) if probabilities else None
         known = catalogue.image_by_sha(sha)

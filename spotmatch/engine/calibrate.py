@@ -33,7 +33,8 @@ from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.metrics import retrieval_metrics
 from spotmatch.evaluation.protocol import (Protocol, build_protocol, compare_models, evaluate_protocol, format_animal_differences,
                                           format_comparisons, format_table)
-from spotmatch.fusion.calibration import DECISIONS, FusionModel, decision_score, keep_shortlist_first, lowest_shortlisted
+from spotmatch.fusion.calibration import (DECISIONS, FusionModel, best_pair_per_individual, decision_score, keep_shortlist_first,
+                                          lowest_shortlisted)
 from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import NEVER, calibration_report, reliability_diagram, threshold_for_precision
 from spotmatch.fusion.rerank import check_reranker, rerank_similarity
@@ -218,8 +219,7 @@ def decision_per_query(frame: pd.DataFrame, probability: np.ndarray, shortlist_k
     shortlisted = frame["global_rank"].to_numpy() < shortlist_k
     table = pd.DataFrame({"q": frame["q"].to_numpy()[shortlisted], "individual": frame["gallery_identity"].to_numpy()[shortlisted],
                           "probability": probability[shortlisted], "label": frame["label"].to_numpy()[shortlisted]})
-    # one row per (query, individual), its best pair, best first
-    ranked = table.sort_values("probability", ascending=False, kind="stable").drop_duplicates(["q", "individual"])
+    ranked = best_pair_per_individual(table, ["q"], wrong_first="label")
     place = ranked.groupby("q").cumcount()
     runner_up = ranked[place == 1].set_index("q")["probability"]
     best = ranked[place == 0].set_index("q")

@@ -220,6 +220,17 @@ def _monotone_logistic(features: np.ndarray, labels: np.ndarray, weight: np.ndar
 DECISIONS = ("margin", "best")
 
 
+def best_pair_per_individual(pairs: pd.DataFrame, per: list[str], wrong_first: str | None = None) -> pd.DataFrame:
+    """Each individual's best pair (column `probability`), best first, within each group of the columns `per`
+    (a query): what `identify` ranks and decides on. Tied probabilities keep the input order, or, where
+    `wrong_first` names a 0/1 label column, put the wrong individual first, as the metrics break ties against
+    the query."""
+    by, ascending = ["probability"], [False]
+    if wrong_first is not None:
+        by, ascending = [*by, wrong_first], [*ascending, True]
+    return pairs.sort_values(by, ascending=ascending, kind="stable").drop_duplicates([*per, "individual"])
+
+
 def decision_score(best: float, runner_up: float | None, decision: str) -> float:
     """The number `identify` compares with its threshold, from the best and the next individual's probability."""
     return best - (runner_up or 0.0) if decision == "margin" else best

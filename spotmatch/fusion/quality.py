@@ -44,7 +44,9 @@ def threshold_for_precision(probability: np.ndarray, labels: np.ndarray, precisi
                             sample_weight: np.ndarray | None = None) -> float:
     """The lowest probability threshold whose "same individual" calls reach `precision` (NEVER if none)."""
     precisions, _, thresholds = precision_recall_curve(labels, probability, sample_weight=sample_weight)
-    reaching = np.flatnonzero(precisions[:-1] >= precision)
+    # Weighted precisions are ratios of float sums: one that is the target exactly in counts can come out a few
+    # units in the last place below it, and must still count as reaching it.
+    reaching = np.flatnonzero(precisions[:-1] >= precision - 1e-12)
     return float(thresholds[reaching[0]]) if reaching.size else NEVER
 
 
