@@ -21,7 +21,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from spotmatch.catalogue.service import IdentifyConfig, add_images, identify, init_catalogue, open_engine, sources_from_csv

@@ -8,6 +8,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Where every command caches embeddings, masks, keypoints and pair evidence unless told otherwise (working folder).
+DEFAULT_CACHE = ".cache/spotmatch"
+
 
 def config_to_dict(conf: Any) -> dict:
     return dataclasses.asdict(conf) if dataclasses.is_dataclass(conf) else dict(conf)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import NYALA, SNOW
+from spotmatch.catalogue.service import sources_from_csv
 from spotmatch.data.images import file_sha256, load_image, mask_bbox
 from spotmatch.data.splits import SplitConfig, perceptual_hashes, split_dataset
 from spotmatch.data.tables import load_dataset, load_pairs
@@ -176,6 +177,8 @@ def test_kaggle_train_csv_and_bad_tables(tmp_path):
     (tmp_path / "semicolons.csv").write_text(f"filename;identity\n{SNOW_IMAGE.name};Cat21\n")
     with pytest.raises(SpotmatchError, match="semicolons.csv: its columns are separated by semicolons"):
         load_dataset(tmp_path / "semicolons.csv")
+    with pytest.raises(SpotmatchError, match="semicolons.csv: its columns are separated by semicolons"):
+        sources_from_csv(tmp_path / "semicolons.csv")  # `catalogue add` reads its tables the same way
 
 
 def test_pairs_csv_checks(tmp_path):

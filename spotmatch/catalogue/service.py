@@ -17,8 +17,8 @@ import pandas as pd
 from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, GalleryRestriction, NewImage, folded_name,
                                       reads_as_date, refuse_catalogue_folder, reviewer)
 from spotmatch.data.images import file_sha256, load_image, printable, refuse_unprintable_name
-from spotmatch.data.tables import (CSV_READ_ERRORS, FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir,
-                                   on_disk_spelling, parse_side, refuse_conflicting_labels, refuse_extra_field, unreadable_csv)
+from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, find_column,
+                                   on_disk_spelling, parse_side, read_csv_table, refuse_conflicting_labels)
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import best_pair_per_individual, decision_score
 
@@ -214,30 +214,19 @@ def sources_from_folder(folder: Path) -> list[ImageSource]:
     return [ImageSource(path=photo_path(p)) for p in paths]
 
 
-def _column(table: pd.DataFrame, aliases: tuple[str, ...]) -> str | None:
-    lower = {c.lower().strip(): c for c in table.columns}
-    return next((lower[a] for a in aliases if a in lower), None)
-
-
 def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[ImageSource]:
     """A table `filename[, identity, station, camera, date, time, side]`; files missing on disk are reported by add."""
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise SpotmatchError(f"{csv_path}: CSV file not found; pass the labels CSV path") from None
-    except CSV_READ_ERRORS as exc:
-        raise unreadable_csv(csv_path, exc, "pass a CSV of photos, a folder of photos, or one photo (jpg, png, ...)") from None
-    refuse_extra_field(table, csv_path)
-    filename_col = _column(table, FILENAME_ALIASES)
+    table = read_csv_table(csv_path, fix="pass a CSV of photos, a folder of photos, or one photo (jpg, png, ...)")
+    filename_col = find_column(table, FILENAME_ALIASES)
     if filename_col is None:
         raise SpotmatchError(f"{csv_path}: no filename column (expected one of {', '.join(FILENAME_ALIASES)}); rename the column")
     if table.empty:
         raise SpotmatchError(f"{csv_path}: no photos under the header; list one photo per row")
-    identity_col, side_col = _column(table, IDENTITY_ALIASES), _column(table, SIDE_ALIASES)
+    identity_col, side_col = find_column(table, IDENTITY_ALIASES), find_column(table, SIDE_ALIASES)
     # A `catalogue export` names each photo by its full path as well: without --images that path is used, so an
     # export of photos from several folders (uploads beside a data set) adds back whole. Only a full path: a
     # relative one in another table means something else (it may already hold the images/ folder).
-    path_col = _column(table, ("path",)) if image_dir is None else None
+    path_col = find_column(table, ("path",)) if image_dir is None else None
     # Spaces around a cell (a "name, label" file) would name another file, as load_dataset knows.
     table[filename_col] = table[filename_col].str.strip()
     if path_col not in (None, filename_col):
@@ -248,8 +237,8 @@ def sources_from_csv(csv_path: Path, image_dir: Path | None = None) -> list[Imag
         refuse_conflicting_labels(table, filename_col, identity_col, csv_path)
     # Any case, as the filename and identity columns: a "Station" column read as no station would leave its photos
     # out of every --station search without a word.
-    station_col, camera_col, time_col = (_column(table, (name,)) for name in ("station", "camera", "time"))
-    date_col = _column(table, ("date", "captured_at"))  # captured_at: an export's date and time in one column
+    station_col, camera_col, time_col = (find_column(table, (name,)) for name in ("station", "camera", "time"))
+    date_col = find_column(table, ("date", "captured_at"))  # captured_at: an export's date and time in one column
     exported = {"sha256", "added_at", "captured_at"} <= {c.strip().lower() for c in table.columns}  # `catalogue export`'s
     sources = []
     for line, row in enumerate(table.to_dict("records"), start=2):  # line 1 is the header

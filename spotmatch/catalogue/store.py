@@ -746,7 +746,7 @@ class Catalogue:
             self._record("unretire" if undo else "retire", None, individual_id, who)
 
     # --- the FAISS index: a cache of the identified images' embeddings -----------------------------------
-    def search_index(self, index_conf=None):
+    def search_index(self):
         """(FAISS index, image ids in index order) over the identified images; rebuilt from the database's
         blobs and saved beside it when the saved one is missing or was built from a different image set."""
         from spotmatch.global_embed.index import IndexConfig, build_index
@@ -759,7 +759,7 @@ class Catalogue:
         saved = self._load_index(key)
         if saved is not None:
             return saved
-        index = build_index(self.embeddings(image_ids), index_conf or IndexConfig(kind="auto"))
+        index = build_index(self.embeddings(image_ids), IndexConfig(kind="auto"))  # the saved index's key assumes this
         if self.writable:  # a read-only catalogue is searched all the same, with the index built for this call
             self._save_index(index, image_ids, key)
         return index, image_ids

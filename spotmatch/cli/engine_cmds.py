@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from spotmatch.cli.app import app
+from spotmatch.config import DEFAULT_CACHE
 from spotmatch.cli.global_cmds import CHECKPOINT_HELP, DATA_HELP, IMAGES_HELP, WEIGHTS_HELP, _embed_config, cache_root
 
 
@@ -35,7 +36,7 @@ def calibrate(
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     num_workers: int = typer.Option(2, min=0, help="Image decoding processes / local matching threads."),
-    cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Cache folder for embeddings and local features."),
+    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Cache folder for embeddings and local features."),
 ) -> None:
     """Fit the fusion calibrator on held-out pairs; report IB-mAP of every stage and calibration quality."""
     from spotmatch.data.splits import SplitConfig

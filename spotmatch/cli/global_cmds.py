@@ -10,6 +10,7 @@ import numpy as np
 import typer
 
 from spotmatch.cli.app import app
+from spotmatch.config import DEFAULT_CACHE
 from spotmatch.errors import SpotmatchError
 
 DATA_HELP = "Labels CSV: `filename, identity` (Kaggle's `ground_truth` accepted), optional extra columns."
@@ -86,6 +87,7 @@ def train(
                                                            "(default: every identity as likely, whichever set)."),
     resume: bool = typer.Option(False, help="Continue from OUT/last.pt with the same settings."),
     overwrite: bool = typer.Option(False, help="Replace the run already in OUT (without it, an earlier run there is refused)."),
+    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Cache folder for the masks ('' disables)."),
 ) -> None:
     """Train the global embedder (timm backbone + GeM + BN neck, ArcFace) on a labelled image folder."""
     from spotmatch.config import merge_config
@@ -110,7 +112,7 @@ def train(
     extra_datasets = [load_dataset(csv, drop_ambiguous=not keep_ambiguous) for csv in extra_train]
     started = time.perf_counter()
     best = training.main(dataset, embedder_conf, train_conf, SplitConfig(by=split_by, val_fraction=val_fraction, seed=seed),
-                         out, resume=resume, extra_datasets=extra_datasets, overwrite=overwrite)
+                         out, resume=resume, extra_datasets=extra_datasets, overwrite=overwrite, cache_dir=cache_root(cache_dir))
     from spotmatch.global_embed.checkpoint import read_checkpoint
 
     best_map = read_checkpoint(best)["best_ib_map"]
@@ -132,7 +134,7 @@ def embed(
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, min=0, help="Image decoding processes."),
     decode_on_device: bool = typer.Option(False, help=DECODE_ON_DEVICE_HELP),
-    cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder ('' disables)."),
+    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Embedding cache folder ('' disables)."),
     backend: str = typer.Option("local", help=BACKEND_HELP),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
     ray_config: Optional[Path] = typer.Option(None, help=RAY_CONFIG_HELP),
@@ -191,7 +193,7 @@ def score_pairs(
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, min=0, help="Image decoding processes / local matching threads."),
     decode_on_device: bool = typer.Option(False, help=DECODE_ON_DEVICE_HELP),
-    cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Cache folder for embeddings and local features."),
+    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Cache folder for embeddings and local features."),
     backend: str = typer.Option("local", help=BACKEND_HELP),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
     ray_config: Optional[Path] = typer.Option(None, help=RAY_CONFIG_HELP),
@@ -258,7 +260,7 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, min=0, help="Image decoding processes."),
-    cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder."),
+    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Embedding cache folder."),
     out: Optional[Path] = typer.Option(None, help="Also write the table (markdown) here."),
 ) -> None:
     """Identity-balanced mAP, mAP, top-1/5 and pair ROC-AUC on a held-out split, per view."""

@@ -9,10 +9,10 @@ import pandas as pd
 import typer
 
 from spotmatch.cli.app import app
+from spotmatch.config import DEFAULT_CACHE
 from spotmatch.cli.global_cmds import BACKEND_HELP, RAY_ADDRESS_HELP, RAY_CONFIG_HELP, WEIGHTS_HELP, cache_root, check_backend
 from spotmatch.errors import SpotmatchError
 
-DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root the global embedder caches under
 
 
 CACHE_HELP = "Cache folder (features go to <cache>/local/...); '' caches nothing."
@@ -64,7 +64,7 @@ def match(
     top_k: int = typer.Option(20, "--top-k", min=0, help="match only each query's K best pairs by global cosine; 0 = all"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="global model checkpoint, for --top-k"),
     local_masks: Optional[str] = typer.Option(None, "--local-masks", help=LOCAL_MASKS_HELP),
-    cache: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", "--cache", help=CACHE_HELP),
+    cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help=CACHE_HELP),
     workers: int = typer.Option(2, "--workers", min=1, help="CPU threads for SIFT extraction and matching"),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -124,7 +124,7 @@ def explain(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="global model checkpoint: adds the cosine"),
     fusion: Optional[Path] = typer.Option(None, "--fusion", help="calibration file (with --checkpoint): adds the fused probability"),
     local_masks: Optional[str] = typer.Option(None, "--local-masks", help=LOCAL_MASKS_HELP + " With --fusion: its own."),
-    cache: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", "--cache", help=CACHE_HELP),
+    cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help=CACHE_HELP),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     global_rank: int = typer.Option(0, "--global-rank", min=0, help="with --fusion: the gallery photo's place in the query's global list "

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from spotmatch.cli.app import app
+from spotmatch.config import DEFAULT_CACHE
 from spotmatch.cli.global_cmds import cache_root
 
 DATA_HELP = "Labels CSV: `filename, identity` (Kaggle's `ground_truth` accepted), optional extra columns."
@@ -27,7 +28,7 @@ def report(
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     num_workers: int = typer.Option(2, min=0, help="Image decoding processes."),
-    cache_dir: Optional[Path] = typer.Option(Path(".cache/spotmatch"), help="Embedding cache folder."),
+    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Embedding cache folder."),
     seed: int = typer.Option(0, help="Seed of the image sample, PCA/t-SNE and a fresh split."),
 ) -> None:
     """One self-contained HTML report: curves, similarity histograms, PCA/t-SNE, heatmap, neighbours, AP per identity."""

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Iterable, Optional
 import typer
 
 from spotmatch.cli.app import app
+from spotmatch.config import DEFAULT_CACHE
 
 if TYPE_CHECKING:
     from spotmatch.data.tables import Dataset
 
-DEFAULT_CACHE = Path(".cache/spotmatch")  # the same root as the embedder's cache
 SUBSETS = ("val", "train", "all")
 
 
@@ -77,7 +77,7 @@ def train_seg_command(
     csv: Path = typer.Option(..., help="labels CSV (filename, identity[, encounter, unambiguous])"),
     out: Path = typer.Option(Path("runs/seg-lite0"), help="folder for unet.pt, metrics.json, val_iou.csv"),
     images: Optional[Path] = typer.Option(None, help="image folder; default: images/ beside the CSV"),
-    cache: Path = typer.Option(DEFAULT_CACHE, help="cache root (teacher masks go to <cache>/masks/...)"),
+    cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help="cache root (teacher masks go to <cache>/masks/...)"),
     encoder: str = typer.Option("efficientnet_lite0", help="timm encoder: efficientnet_lite0|1|2"),
     size: int = typer.Option(320, min=32, help="square training size in pixels"),  # the encoder downsamples 32x
     epochs: int = typer.Option(6, min=1, help="Training epochs."),
@@ -119,7 +119,7 @@ def masks_command(
     paths: list[Path] = typer.Argument(..., help="image files"),
     source: str = typer.Option("teacher", help="alpha | teacher | unet:<checkpoint> | none"),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Foreground probability above which a pixel is animal."),
-    cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
+    cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help=CACHE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda ..."),
 ) -> None:
     """Compute (or read from the cache) one mask per image; print path, mask PNG and area fraction."""
@@ -144,7 +144,7 @@ def seg_eval_command(
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     subset: str = typer.Option("val", help="val | train | all"),
     split_by: str = typer.Option("encounter", help=SPLIT_HELP),
-    cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
+    cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help=CACHE_HELP),
     out: Optional[Path] = typer.Option(None, help="per-image CSV"),
     device: str = typer.Option("cpu", help="cpu, cuda ..."),
 ) -> None:
@@ -180,7 +180,7 @@ def seg_sheet_command(
     day: int = typer.Option(8, min=0, help="number of daytime frames"),
     infrared: int = typer.Option(8, min=0, help="number of night infrared frames"),
     tile_width: int = typer.Option(240, min=32, help="Width of each tile in pixels."),
-    cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
+    cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help=CACHE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda ..."),
     seed: int = typer.Option(0, help="Seed for the split and the frames picked."),
 ) -> None:
@@ -243,7 +243,7 @@ def seg_diagnostic_command(
     images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     subset: str = typer.Option("all", help="all | val | train (use val for a trained embedder)"),
     split_by: str = typer.Option("encounter", help=SPLIT_HELP),
-    cache: Path = typer.Option(DEFAULT_CACHE, help=CACHE_HELP),
+    cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help=CACHE_HELP),
     out: Optional[Path] = typer.Option(None, help="CSV of the table"),
     device: str = typer.Option("cpu", help="cpu, cuda ..."),
 ) -> None:

@@ -69,13 +69,14 @@ def unreadable_csv(csv_path: Path, exc: Exception, fix: str) -> SpotmatchError:
     return SpotmatchError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); {fix}")
 
 
-def _read_csv(csv_path: Path, nrows: int | None = None) -> pd.DataFrame:
+def read_csv_table(csv_path: Path, nrows: int | None = None, fix: str = "check the file") -> pd.DataFrame:
+    """Every cell as written (text, no NaN), or a one-line error ending in `fix` for a file that is no such table."""
     if not csv_path.is_file():
         raise SpotmatchError(f"{csv_path}: CSV file not found; pass the labels/pairs CSV path")
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, nrows=nrows)
     except CSV_READ_ERRORS as exc:
-        raise unreadable_csv(csv_path, exc, "check the file") from None
+        raise unreadable_csv(csv_path, exc, fix) from None
     if len(table.columns) == 1 and ";" in table.columns[0]:  # a spreadsheet's export in a comma-decimal locale
         raise SpotmatchError(f"{csv_path}: its columns are separated by semicolons ({table.columns[0]}); save it comma-separated")
     refuse_extra_field(table, csv_path)
@@ -92,14 +93,19 @@ def refuse_extra_field(table: pd.DataFrame, csv_path: Path) -> None:
 
 def is_pairs_table(csv_path: Path) -> bool:
     """A pairs CSV (`row_id, query_image, gallery_image`) rather than a labels table, told by its header."""
-    return "query_image" in {c.strip() for c in _read_csv(csv_path, nrows=0).columns}
+    return "query_image" in {c.strip() for c in read_csv_table(csv_path, nrows=0).columns}
+
+
+def find_column(table: pd.DataFrame, aliases: tuple[str, ...]) -> str | None:
+    """The table's column named by the first alias it has, in any case and spacing; None if it has none."""
+    lower = {c.lower().strip(): c for c in table.columns}
+    return next((lower[name] for name in aliases if name in lower), None)
 
 
 def _pick_column(table: pd.DataFrame, aliases: tuple[str, ...], what: str, csv_path: Path) -> str:
-    lower = {c.lower().strip(): c for c in table.columns}
-    for name in aliases:
-        if name in lower:
-            return lower[name]
+    column = find_column(table, aliases)
+    if column is not None:
+        return column
     raise SpotmatchError(
         f"{csv_path}: no {what} column (expected one of {', '.join(aliases)}; found {', '.join(table.columns) or 'none'});"
         f" rename the column"
@@ -196,7 +202,7 @@ def refuse_repeated_rows(table: pd.DataFrame, csv_path: Path) -> None:
 def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop_ambiguous: bool = True) -> Dataset:
     """Read a labelled table; rows whose `unambiguous` column is false are dropped unless asked otherwise."""
     csv_path = Path(csv_path)
-    table = _read_csv(csv_path)
+    table = read_csv_table(csv_path)
     filename_col = _pick_column(table, FILENAME_ALIASES, "filename", csv_path)
     identity_col = _pick_column(table, IDENTITY_ALIASES, "identity", csv_path)
     table = table.rename(columns={filename_col: "filename", identity_col: "identity"})
@@ -220,10 +226,10 @@ def load_dataset(csv_path: str | Path, image_dir: str | Path | None = None, drop
     return Dataset(table=table, image_dir=image_dir, csv_path=csv_path)
 
 
-def load_pairs(csv_path: str | Path, image_dir: str | Path | None = None, check_files: bool = True) -> pd.DataFrame:
+def load_pairs(csv_path: str | Path, image_dir: str | Path | None = None) -> pd.DataFrame:
     """Kaggle `test.csv`: one row per (query, gallery) pair, `row_id` unique; adds absolute paths."""
     csv_path = Path(csv_path)
-    table = _read_csv(csv_path)
+    table = read_csv_table(csv_path)
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in PAIR_COLUMNS if c not in table.columns]
     if missing:
@@ -249,6 +255,5 @@ def load_pairs(csv_path: str | Path, image_dir: str | Path | None = None, check_
     path_of = {name: absolute_path(on_disk_spelling(image_dir / name)) for name in names}
     for column in ("query_image", "gallery_image"):
         table[f"{column}_path"] = table[column].map(path_of)
-    if check_files:
-        check_files_exist([Path(p) for p in path_of.values()], csv_path, list(path_of))
+    check_files_exist([Path(p) for p in path_of.values()], csv_path, list(path_of))
     return table

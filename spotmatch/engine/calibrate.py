@@ -31,7 +31,7 @@ from spotmatch.data.tables import Dataset
 from spotmatch.engine.engine import EngineConfig, build_local, shortlist_length
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.metrics import retrieval_metrics
-from spotmatch.evaluation.protocol import (Protocol, build_protocol, compare_models, evaluate_protocol, format_animal_differences,
+from spotmatch.evaluation.protocol import (Protocol, build_protocol, compare_models, embed_protocol, evaluate_protocol, format_animal_differences,
                                           format_comparisons, format_table)
 from spotmatch.fusion.calibration import (DECISIONS, FusionModel, best_pair_per_individual, decision_score, keep_shortlist_first,
                                           lowest_shortlisted)
@@ -271,11 +271,9 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
                              f" checkpoint was trained with (trained with --val-fraction > 0), or on a larger one")
     identities, paths = dataset.table["identity"].to_numpy(), np.array([str(p) for p in dataset.paths])
     query_ids, gallery_ids = identities[protocol.query_rows], identities[protocol.gallery_rows]
-    rows = np.union1d(protocol.query_rows, protocol.gallery_rows)
-    embeddings = np.zeros((len(dataset), embedder.dim), np.float32)
-    embeddings[rows] = embedder.embed(list(paths[rows]))
+    query_embeddings, gallery_embeddings = embed_protocol(embedder.embed, paths, protocol)
     allowed = protocol.views["all"]
-    similarities = global_similarities(embeddings[protocol.query_rows], embeddings[protocol.gallery_rows], allowed, conf.variants)
+    similarities = global_similarities(query_embeddings, gallery_embeddings, allowed, conf.variants)
     ranks = {name: ranks_within(s, allowed) for name, s in similarities.items()}
 
     # What a photo of an animal missing from the gallery meets: every query against the other animals.

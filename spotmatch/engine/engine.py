@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spotmatch.config import DEFAULT_CACHE
 from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import FusionModel, keep_shortlist_first
@@ -39,7 +40,7 @@ class EngineConfig:
     local_weights: str | None = None  # a learned extractor's or LoFTR's weights file; None: the shipped ones
     local_device: str = "auto"  # where the local stage's networks run (RootSIFT runs on OpenCV, on the CPU)
     local_workers: int = 2
-    cache_dir: str | None = ".cache/spotmatch"
+    cache_dir: str | None = DEFAULT_CACHE
     # Keep each pair's local evidence in the cache as well (local_match.features.PairEvidenceCache).
     cache_pairs: bool = True
     # With fusion, scale each query's pairs outside its shortlist below its shortlisted ones, so unchecked

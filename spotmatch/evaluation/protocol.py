@@ -11,6 +11,7 @@ more easily than the animal's other photos, and its flank's pattern cannot confi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,6 +46,14 @@ def build_protocol(table: pd.DataFrame, split: pd.Series, split_by: str) -> Prot
                 equal &= known[query_rows][:, None] & known[gallery_rows][None, :]
             views[name] = not_self & (equal if same else ~equal)
     return Protocol(query_rows, gallery_rows, views, kind)
+
+
+def embed_protocol(embed: Callable[[list], np.ndarray], paths: Sequence, protocol: Protocol) -> tuple[np.ndarray, np.ndarray]:
+    """(query embeddings, gallery embeddings) in the protocol's row order, each photo embedded once and only the
+    photos the protocol uses (an open set's training photos are in neither)."""
+    rows = np.union1d(protocol.query_rows, protocol.gallery_rows)
+    embedded = np.asarray(embed([paths[row] for row in rows]))
+    return embedded[np.searchsorted(rows, protocol.query_rows)], embedded[np.searchsorted(rows, protocol.gallery_rows)]
 
 
 def refuse_trivial_protocol(protocol: Protocol, identities: np.ndarray, csv_path,

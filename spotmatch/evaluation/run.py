@@ -10,7 +10,7 @@ import pandas as pd
 
 from spotmatch.data.splits import SplitConfig, split_dataset
 from spotmatch.data.tables import Dataset, photo_name
-from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol, refuse_trivial_protocol
+from spotmatch.evaluation.protocol import build_protocol, embed_protocol, evaluate_protocol, refuse_trivial_protocol
 from spotmatch.errors import SpotmatchError
 from spotmatch.global_embed.checkpoint import read_checkpoint
 
@@ -81,12 +81,8 @@ def evaluate_models(dataset: Dataset, split: pd.Series, split_by: str, models: l
     if not (protocol.views["all"] & same).any():
         raise SpotmatchError(f"{dataset.csv_path}: no held-out photo has a match in the gallery, so nothing can be scored; use a"
                              f" table with more photos per animal, or another --val-fraction / --split-by")
-    rows = np.union1d(protocol.query_rows, protocol.gallery_rows)
     results = {}
     for model in models:
-        embedded = model.embed([dataset.paths[i] for i in rows])
-        embeddings = np.zeros((len(dataset), embedded.shape[1]), np.float32)
-        embeddings[rows] = embedded
-        similarity = embeddings[protocol.query_rows] @ embeddings[protocol.gallery_rows].T
-        results[model.name] = evaluate_protocol(similarity, identities, protocol)
+        query_embeddings, gallery_embeddings = embed_protocol(model.embed, dataset.paths, protocol)
+        results[model.name] = evaluate_protocol(query_embeddings @ gallery_embeddings.T, identities, protocol)
     return results

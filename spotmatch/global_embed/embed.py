@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spotmatch.config import config_hash
+from spotmatch.config import DEFAULT_CACHE, config_hash
 from spotmatch.device import resolve_device
 from spotmatch.data.images import file_sha256
 from spotmatch.errors import SpotmatchError
@@ -21,7 +21,6 @@ from spotmatch.global_embed.transforms import normalise
 from spotmatch.io import save_npy, write_cache_entry
 
 
-DEFAULT_CACHE = ".cache/spotmatch"
 
 
 @dataclass

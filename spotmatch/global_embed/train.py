@@ -14,14 +14,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from spotmatch.config import config_from_dict, config_to_dict
+from spotmatch.config import config_to_dict
 from spotmatch.data.splits import SplitConfig, split_dataset
 from spotmatch.data.tables import Dataset, same_file_key
 from spotmatch.errors import SpotmatchError
-from spotmatch.evaluation.protocol import build_protocol, evaluate_protocol, refuse_trivial_protocol
+from spotmatch.evaluation.protocol import build_protocol, embed_protocol, evaluate_protocol, refuse_trivial_protocol
 from spotmatch.global_embed.checkpoint import read_checkpoint, save_checkpoint
 from spotmatch.device import resolve_device
-from spotmatch.global_embed.embed import DEFAULT_CACHE, EmbedConfig, Embedder, NonFiniteEmbeddings, mask_provider
+from spotmatch.config import DEFAULT_CACHE
+from spotmatch.global_embed.embed import EmbedConfig, Embedder, NonFiniteEmbeddings, mask_provider
 from spotmatch.global_embed.loading import ImageTensorDataset, checked_batches, make_loader
 from spotmatch.global_embed.model import MEMORY_FORMAT, ArcFace, EmbedderConfig, ReIDNet
 from spotmatch.global_embed.sampler import PKBatchSampler
@@ -55,13 +56,6 @@ class TrainConfig:
     # then a small main set (11 snow leopards beside 179 nyala) is seen in few batches.
     extra_share: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-def train_config_from_dict(values: dict) -> TrainConfig:
-    conf = config_from_dict(TrainConfig, values)
-    if isinstance(conf.augment, dict):
-        conf.augment = config_from_dict(AugmentConfig, conf.augment)
-    return conf
 
 
 # Settings a resumed run may change: more epochs, another machine.
@@ -190,8 +184,8 @@ def validation_ib_map(model: ReIDNet, conf: EmbedderConfig, dataset: Dataset, sp
     if len(protocol.query_rows) == 0:
         return float("nan")
     embedder = Embedder(model, conf, identity="in-training", run=dataclasses.replace(run, cache_embeddings=False, progress=False))
-    embeddings = embedder.embed(dataset.paths)
-    similarity = embeddings[protocol.query_rows] @ embeddings[protocol.gallery_rows].T
+    query_embeddings, gallery_embeddings = embed_protocol(embedder.embed, dataset.paths, protocol)
+    similarity = query_embeddings @ gallery_embeddings.T
     identities = dataset.table["identity"].to_numpy()
     result = evaluate_protocol(similarity, identities, protocol)[view]["ib_map"]
     model.train()
@@ -276,10 +270,11 @@ def train_epoch(model: ReIDNet, head: ArcFace, loader, optimiser, scheduler, dev
 
 
 def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfig, split_conf: SplitConfig,
-         out_dir: str | Path, resume: bool = False, extra_datasets: Sequence[Dataset] = (), overwrite: bool = False) -> Path:
+         out_dir: str | Path, resume: bool = False, extra_datasets: Sequence[Dataset] = (), overwrite: bool = False,
+         cache_dir: str | Path | None = DEFAULT_CACHE) -> Path:
     """Train on the split's training rows (and every row of `extra_datasets`), validate on the split's validation
     rows; returns best.pt. An earlier run in `out_dir` is continued with `resume`, replaced with `overwrite`,
-    and otherwise refused."""
+    and otherwise refused. `cache_dir` keeps the masks (never embeddings: the model is still changing)."""
     out_dir = Path(out_dir)
     refuse_unusable_settings(embedder_conf, train_conf)
     refuse_unusable_data(dataset, extra_datasets, train_conf, split_conf)
@@ -309,7 +304,7 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
                              sampling_weights(classes, class_names, from_extra, train_conf.extra_share))
     optimiser, scheduler = optimisation(model, head, train_conf, len(sampler))
     train_paths = [Path(p) for p in train_table["path"]]
-    masks = mask_provider(embedder_conf.masks, DEFAULT_CACHE, device)
+    masks = mask_provider(embedder_conf.masks, cache_dir, device)
     if masks is not None:
         masks.fill_cache(train_paths)
     images = ImageTensorDataset(train_paths, embedder_conf, labels, augment=build_train_augment(train_conf.augment),
@@ -332,7 +327,7 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
         clear_replaced_run(out_dir)
     write_csv_atomic(dataset.table[["filename", "identity"]].assign(split=split), out_dir / "split.csv")
 
-    run = EmbedConfig(batch_size=64, num_workers=train_conf.num_workers, device=str(device))
+    run = EmbedConfig(batch_size=64, num_workers=train_conf.num_workers, device=str(device), cache_dir=cache_dir)
     use_amp = train_conf.amp and device.type == "cuda"
     loader = make_loader(images, 0, train_conf.num_workers, batch_sampler=sampler, pin_memory=device.type == "cuda",
                          persistent=True)

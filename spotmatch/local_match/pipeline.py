@@ -154,9 +154,6 @@ class LocalMatcher(PairScorer):
     def conf_name(self) -> str:
         return self.with_masks(f"{self.extractor.conf_name}+{self.matcher.conf_name}")
 
-    def record(self, path: str | Path) -> ImageRecord:
-        return load_image(path)
-
     def feature_key(self, path: str | Path) -> str:
         """The feature cache's key of one image file: its content hash, plus the mask source's name when
         masks are on. A named source (a segmentation MaskProvider) gives each image one mask, so the name

@@ -1,4 +1,4 @@
-"""Drawing of match evidence (the one place pictures are made; OpenCV only, no matplotlib).
+"""Drawing of match evidence (the one place match drawings are made; OpenCV only, no matplotlib).
 
 `draw_matches` puts both images side by side at a common height, outlines their masks, draws one line
 per inlier coloured by match confidence (dark blue = doubtful, yellow = confident; viridis), and writes
@@ -103,7 +103,8 @@ def _panel(rgb: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray
 
 
 def confidence_colours(confidence: np.ndarray) -> np.ndarray:
-    """(k, 3) RGB uint8 from the viridis map; confidences are spread over the map by rank within the pair."""
+    """(k, 3) RGB uint8 from the viridis map; the pair's confidences are stretched linearly from its lowest to its
+    highest, so that one drawing's lines differ in colour whatever range its matcher's confidences take."""
     if len(confidence) == 0:
         return np.zeros((0, 3), np.uint8)
     span = np.ptp(confidence)

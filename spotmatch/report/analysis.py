@@ -83,7 +83,7 @@ def ranked_neighbours(analysis: RetrievalAnalysis, query_index: int, top_k: int,
     """The top-k allowed gallery rows (table positions) for one query (index into query_rows), and their similarity."""
     candidates = np.flatnonzero(analysis.protocol.views[view][query_index])
     scores = analysis.similarity[query_index, candidates]
-    order = np.argsort(-scores, kind="stable")[:top_k]  # stable: the same tie order as the metrics
+    order = np.argsort(-scores, kind="stable")[:top_k]  # ties in the gallery's order (the metrics count them against the query)
     return analysis.protocol.gallery_rows[candidates[order]], scores[order]
 
 

@@ -79,7 +79,7 @@ def _figure(content: PageContent, key: str, alt: str) -> str:
     if key not in content.figures:
         return ""
     link = html.escape(content.figure_files[key])
-    note = f'<p class="note">{content.notes[key]}</p>' if key in content.notes else ""
+    note = f'<p class="note">{html.escape(content.notes[key])}</p>' if key in content.notes else ""
     return (f'{note}<a href="{link}"><img class="figure" id="fig-{key}" alt="{html.escape(alt)}" '
             f'src="{content.figures[key]}"></a><p class="note">PNG: <a href="{link}">{link}</a></p>')
 
@@ -88,7 +88,7 @@ def render_page(content: PageContent) -> str:
     import plotly.offline
 
     facts = "".join(f"<div><b>{html.escape(label)}:</b> {html.escape(value)}</div>" for label, value in content.facts)
-    tsne = content.scatter_divs.get("tsne") or f'<p class="note">{content.notes.get("tsne", "t-SNE skipped.")}</p>'
+    tsne = content.scatter_divs.get("tsne") or f'<p class="note">{html.escape(content.notes.get("tsne", "t-SNE skipped."))}</p>'
     reliability = ""
     if "reliability" in content.figures:
         reliability = "<h2>Fusion reliability</h2>" + _figure(content, "reliability", "reliability diagram")

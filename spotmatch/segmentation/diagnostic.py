@@ -14,6 +14,7 @@ code runs with the stand-in ImageNet model below and with the project's trained 
 """
 from __future__ import annotations
 
+import errno
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,8 @@ def path_embedder_as_array_fn(embed_paths: Callable[[list[Path]], np.ndarray]) -
             paths = []
             for index, image in enumerate(images):
                 path = Path(folder) / f"{index:05d}.png"
-                cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+                if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):  # False, not an error, on a full disk
+                    raise OSError(errno.ENOSPC, "could not write a temporary image", str(path))
                 paths.append(path)
             return np.asarray(embed_paths(paths))
 

@@ -8,20 +8,14 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from spotmatch.data.images import ImageRecord, load_image
+from spotmatch.data.images import load_image
 from spotmatch.errors import SpotmatchError
 from spotmatch.io import atomic_path
 from spotmatch.local_match.viz import drawable
 from spotmatch.segmentation.provider import MaskProvider
 
-# JPEG chroma noise leaves infrared frames a little off-grey, so `ImageRecord.greyscale` (exact equality)
-# misses them; a mean channel difference this small (out of 255) is no colour to a viewer either.
 OVERLAY_COLOUR = np.array([40, 220, 60], dtype=np.float32)  # RGB green: visible on rock, snow and IR grey
 SHEET_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-def is_infrared(record: ImageRecord) -> bool:
-    return record.greyscale
 
 
 def mask_iou(a: np.ndarray | None, b: np.ndarray | None) -> float:
@@ -43,7 +37,7 @@ def compare_masks(paths: Sequence[Path], predicted: MaskProvider, reference: Mas
         rows.append(
             {
                 "filename": Path(path).name,
-                "infrared": is_infrared(record),
+                "infrared": record.greyscale,
                 "iou": mask_iou(mask_p, mask_r),
                 "area_predicted": 0.0 if mask_p is None else float(mask_p.mean()),
                 "area_reference": 0.0 if mask_r is None else float(mask_r.mean()),
@@ -109,7 +103,7 @@ def contact_sheet(
     groups = []
     for path in paths:
         record = load_image(path)
-        tag = "IR" if is_infrared(record) else "day"
+        tag = "IR" if record.greyscale else "day"
         tiles = []
         for name, provider in providers.items():
             mask = provider.mask_for(record)
@@ -138,7 +132,7 @@ def pick_sheet_images(paths: Sequence[Path], n_day: int, n_infrared: int, seed: 
     rng = np.random.default_rng(seed)
     day, infrared = [], []
     for path in rng.permutation(np.array([str(p) for p in paths], dtype=object)):
-        bucket = infrared if is_infrared(load_image(path)) else day
+        bucket = infrared if load_image(path).greyscale else day
         bucket.append(Path(path))
         if len(day) >= n_day and len(infrared) >= n_infrared:
             break
