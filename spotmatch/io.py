@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -105,6 +106,15 @@ def write_cache_entry(target: str | Path, write: Callable[[Path], None]) -> bool
         if error.errno in CACHE_WRITE_FAILURES:
             return False
         raise
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content, read in chunks (checkpoints and weights run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_text_atomic(text: str, target: str | Path) -> Path:

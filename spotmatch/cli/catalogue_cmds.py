@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 from typing import List, Optional
@@ -17,7 +16,6 @@ app.add_typer(catalogue_app, name="catalogue")
 
 FOLDER_HELP = "The catalogue folder (catalogue.db, index.faiss, cache/)."
 WHO_HELP = "Who makes this decision (recorded with the time)."
-DEFAULT_WHO = os.environ.get("USER", "cli")
 
 
 def _open(folder: Path):
@@ -60,7 +58,7 @@ def add(
     images: Optional[Path] = typer.Option(None, help="Image folder of a CSV (default: images/ beside it, else its folder)."),
     batch_size: int = typer.Option(16, min=1, help="Images per transaction."),
     local_features: bool = typer.Option(True, "--local-features/--no-local-features", help="Extract keypoints now (faster identify later)."),
-    who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP),
+    who: str = typer.Option("cli", envvar="USER", help=WHO_HELP),
     backend: str = typer.Option("local", help="local (this process, one transaction per --batch-size images) or ray (embeddings and"
                                               " keypoints on a Ray actor pool into shards in FOLDER/ray-job, then one transaction)."),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
@@ -173,7 +171,7 @@ def confirm(
     image_id: Optional[int] = typer.Option(None, "--image-id", help="The catalogue image id (instead of PHOTO)."),
     individual: Optional[str] = typer.Option(None, help="The individual it shows (made if it does not exist)."),
     new: bool = typer.Option(False, "--new", help="It shows an individual not in the catalogue: make a new one."),
-    who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP),
+    who: str = typer.Option("cli", envvar="USER", help=WHO_HELP),
 ) -> None:
     """Record who decided which individual a photo shows."""
     from spotmatch.catalogue.service import confirm_photo, open_engine
@@ -213,7 +211,7 @@ def confirm_target(photo: str | None, image_id: int | None) -> int | Path:
 @catalogue_app.command("merge")
 def merge(folder: Path = typer.Argument(..., help=FOLDER_HELP), keep: str = typer.Argument(..., help="Individual that stays."),
           absorb: str = typer.Argument(..., help="Individual whose images move to KEEP; it is deleted."),
-          who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP)) -> None:
+          who: str = typer.Option("cli", envvar="USER", help=WHO_HELP)) -> None:
     """Two individuals are one animal: move ABSORB's images to KEEP."""
     moved = _open(folder).merge(keep, absorb, who)
     typer.echo(f"merged {absorb} into {keep} ({moved} images moved)")
@@ -223,7 +221,7 @@ def merge(folder: Path = typer.Argument(..., help=FOLDER_HELP), keep: str = type
 def split(folder: Path = typer.Argument(..., help=FOLDER_HELP), individual: str = typer.Argument(...),
           image_ids: List[int] = typer.Argument(..., help="Catalogue image ids (see export) that show another animal."),
           into: Optional[str] = typer.Option(None, help="Name of the new individual (default: a fresh one)."),
-          who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP)) -> None:
+          who: str = typer.Option("cli", envvar="USER", help=WHO_HELP)) -> None:
     """Some images of INDIVIDUAL show another animal: move them to a new individual."""
     name = _open(folder).split(individual, list(image_ids), into, who)  # refuses an id listed twice: the count is true
     typer.echo(f"moved {len(image_ids)} image(s) of {individual} to {name}")
@@ -231,7 +229,7 @@ def split(folder: Path = typer.Argument(..., help=FOLDER_HELP), individual: str 
 
 @catalogue_app.command("rename")
 def rename(folder: Path = typer.Argument(..., help=FOLDER_HELP), old: str = typer.Argument(...), new: str = typer.Argument(...),
-           who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP)) -> None:
+           who: str = typer.Option("cli", envvar="USER", help=WHO_HELP)) -> None:
     """Rename an individual."""
     _open(folder).rename(old, new, who)
     typer.echo(f"renamed {old} to {new}")
@@ -242,7 +240,7 @@ def relink(folder: Path = typer.Argument(..., help=FOLDER_HELP),
            checkpoint: Optional[Path] = typer.Option(None, help="The catalogue's checkpoint at its new place (the same file, moved)."),
            fusion: Optional[Path] = typer.Option(None, help="Its calibration file at its new place."),
            photos: Optional[str] = typer.Option(None, help="OLD=NEW: the photos stored under folder OLD are now under NEW."),
-           who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP)) -> None:
+           who: str = typer.Option("cli", envvar="USER", help=WHO_HELP)) -> None:
     """Files moved (an archive, another disk or machine): point the catalogue at their new places."""
     from spotmatch.catalogue.service import relink_model
     from spotmatch.errors import SpotmatchError
@@ -267,7 +265,7 @@ def relink(folder: Path = typer.Argument(..., help=FOLDER_HELP),
 @catalogue_app.command("retire")
 def retire(folder: Path = typer.Argument(..., help=FOLDER_HELP), individual: str = typer.Argument(...),
            undo: bool = typer.Option(False, "--undo", help="Look for it again."),
-           who: str = typer.Option(DEFAULT_WHO, help=WHO_HELP)) -> None:
+           who: str = typer.Option("cli", envvar="USER", help=WHO_HELP)) -> None:
     """An individual is dead or gone: identify stops proposing it (its photos and history stay)."""
     _open(folder).retire(individual, who, undo)
     typer.echo(f"{individual} is {'looked for again' if undo else 'retired'} (by {who})")
@@ -361,7 +359,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on; the default is reachable from this machine only."),
     port: int = typer.Option(8765, help="Port."),
     shortlist_k: Optional[int] = typer.Option(None, help="Catalogue images re-scored with keypoints per photo (default: as many as the calibration file was fit with)."),
-    who: str = typer.Option(DEFAULT_WHO, help="Reviewer name recorded with confirmations (the page can override it)."),
+    who: str = typer.Option("cli", envvar="USER", help="Reviewer name recorded with confirmations (the page can override it)."),
 ) -> None:
     """Review web app: pick or upload a photo, compare candidates with their match drawings, confirm or mark as new."""
     import uvicorn

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pandas as pd
 import typer
 
@@ -23,12 +22,8 @@ DEVICE_HELP = "Where the local stage's networks (learned extractors, LightGlue, 
 
 def _checkpoint_embedder(checkpoint: Path, cache_dir: str | None, device: str):
     """The global-embedding stage (imported only when asked for), caching under the command's --cache-dir."""
-    try:
-        from spotmatch.global_embed.embed import EmbedConfig, Embedder
-    except ImportError as exc:
-        raise SpotmatchError(
-            f"{checkpoint}: global scoring is not available in this install ({exc}); use --top-k 0 to match all pairs"
-        ) from None
+    from spotmatch.global_embed.embed import EmbedConfig, Embedder
+
     return Embedder.from_checkpoint(checkpoint, EmbedConfig(cache_dir=cache_dir, device=device))
 
 
@@ -97,8 +92,7 @@ def match(
         global_columns, selected = select_pairs(pairs, top_k, embedder)
         scorer = build_local(conf, _checkpoint_masks(checkpoint))
         todo = pairs[selected]
-        with typer.progressbar(length=len(todo), label=f"matching {len(todo)} pairs", file=None) as bar:
-            evidence = scorer.score_pairs(todo, progress=bar.update)
+        evidence = scorer.score_pairs_shown(todo)
     table = pd.concat([pairs[["row_id"]], global_columns], axis=1).join(evidence)
     table = table.astype({"matches": "Int64", "inliers": "Int64"})  # pairs left unmatched stay empty
     write_csv_atomic(table, out)
@@ -136,6 +130,7 @@ def explain(
     Lowe's ratio test is taken from the query's side, so swapping the two photos can change the inliers
     (docs/local_match.md); give them in the order score-pairs or identify met them."""
     from spotmatch.engine.engine import build_local
+    from spotmatch.engine.scoring import one_pair_scores
     from spotmatch.io import check_output
     from spotmatch.local_match.explain import explain_pair
 
@@ -163,21 +158,8 @@ def explain(
 
     embedder = _checkpoint_embedder(checkpoint, cache_dir, device) if checkpoint is not None else None
     scorer = build_local(conf, _checkpoint_masks(checkpoint))
-    cosine = _pair_cosine(query, gallery, embedder) if embedder is not None else None
+    cosine = float(one_pair_scores(embedder, query, gallery)["cosine"].iloc[0]) if embedder is not None else None
     result = explain_pair(query, gallery, scorer, out, cosine=cosine, probability=None, settings=scorer.conf_name)
     typer.echo(f"wrote {result.png_path} and {result.json_path}: {result.scores.text()}")
 
 
-def _pair_cosine(query: Path, gallery: Path, embedder) -> float:
-    from spotmatch.engine.scoring import global_pair_scores
-
-    pair = pd.DataFrame(
-        {
-            "row_id": ["explain"],
-            "query_image": [query.name],
-            "gallery_image": [gallery.name],
-            "query_image_path": [str(query.resolve())],
-            "gallery_image_path": [str(gallery.resolve())],
-        }
-    )
-    return float(np.asarray(global_pair_scores(pair, embedder)["cosine"])[0])

@@ -39,6 +39,7 @@ from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import NEVER, calibration_report, reliability_diagram, threshold_for_precision
 from spotmatch.fusion.rerank import check_reranker, rerank_similarity
 from spotmatch.global_embed.embed import Embedder
+from spotmatch.local_match.pipeline import EVIDENCE_COLUMNS
 from spotmatch.io import atomic_path, check_output, write_text_atomic
 from spotmatch.segmentation.provider import absolute_source
 
@@ -140,7 +141,7 @@ def local_evidence(scorer, paths: np.ndarray, protocol: Protocol, pairs_qg: set[
         "gallery_image_path": [paths[protocol.gallery_rows[g]] for _, g in ordered],
     })
     evidence = scorer.score_pairs_shown(frame)
-    return {pair: tuple(row) for pair, row in zip(ordered, evidence[["matches", "inliers", "inlier_ratio", "local_score"]].itertuples(index=False))}
+    return {pair: tuple(row) for pair, row in zip(ordered, evidence[list(EVIDENCE_COLUMNS)].itertuples(index=False))}
 
 
 def pair_frame(cosine: np.ndarray, ranks: np.ndarray, allowed: np.ndarray, shortlist_k: int, evidence: dict,
@@ -153,11 +154,11 @@ def pair_frame(cosine: np.ndarray, ranks: np.ndarray, allowed: np.ndarray, short
                           "gallery_identity": gallery_ids[g]})
     if reranked is not None:
         frame["reranked_similarity"] = reranked[q, g]
-    local = np.full((len(frame), 4), np.nan)
+    local = np.full((len(frame), len(EVIDENCE_COLUMNS)), np.nan)
     shortlisted = frame["global_rank"].to_numpy() < shortlist_k
     for i in np.flatnonzero(shortlisted):
         local[i] = evidence[(q[i], g[i])]
-    frame[["matches", "inliers", "inlier_ratio", "local_score"]] = local
+    frame[list(EVIDENCE_COLUMNS)] = local
     return frame
 
 

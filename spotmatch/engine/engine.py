@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from spotmatch.config import DEFAULT_CACHE
-from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores
+from spotmatch.engine.scoring import cosine_to_similarity, global_pair_scores, one_pair_scores
 from spotmatch.errors import SpotmatchError
 from spotmatch.fusion.calibration import FusionModel, keep_shortlist_first
 from spotmatch.fusion.features import global_similarity, pair_features
@@ -146,17 +146,16 @@ def explain(engine: Engine, query: str | Path, gallery: str | Path, out_png: str
     best), which two photos alone do not give; past the shortlist it comes from global evidence only, as
     `score-pairs` gives it."""
     from spotmatch.local_match.explain import explain_pair
-    from spotmatch.local_match.pipeline import evidence_row
+    from spotmatch.local_match.pipeline import EVIDENCE_COLUMNS, evidence_row
 
     if engine.local is None:
         raise SpotmatchError("explaining a match needs the local stage; drop --no-local")
     if global_rank < 0:
         raise SpotmatchError(f"--global-rank {global_rank}: a place in the query's list counts from 0 (its best candidate)")
-    pair = pd.DataFrame({"row_id": [0], "query_image_path": [str(query)], "gallery_image_path": [str(gallery)]})
-    table = global_pair_scores(pair, engine.embedder).assign(global_rank=global_rank)
+    table = one_pair_scores(engine.embedder, query, gallery).assign(global_rank=global_rank)
     evidence = engine.local.evidence(query, gallery)
     shortlisted = global_rank < engine.conf.shortlist_k
-    table[["matches", "inliers", "inlier_ratio", "local_score"]] = [evidence_row(evidence) if shortlisted else [np.nan] * 4]
+    table[list(EVIDENCE_COLUMNS)] = [evidence_row(evidence) if shortlisted else [np.nan] * len(EVIDENCE_COLUMNS)]
     probability = float(engine.similarity(table)[0]) if engine.fusion is not None else None
     return explain_pair(query, gallery, engine.local, out_png, cosine=float(table["cosine"].iloc[0]),
                         probability=probability, settings=engine.local.conf_name, evidence=evidence,

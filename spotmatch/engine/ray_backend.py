@@ -469,7 +469,7 @@ def _pair_job(pairs: pd.DataFrame, build_scorer, folder: Path, conf: RayConfig, 
 def pair_shard_folder(job_dir: Path, model_id: str, fusion_path, engine_conf) -> Path:
     """Scores depend on the model, the calibration file and the engine settings: each set gets its own folder."""
     from spotmatch.config import config_hash
-    from spotmatch.global_embed.checkpoint import file_digest
+    from spotmatch.io import file_digest
 
     # Where the local stage runs changes no score.
     conf = {key: value for key, value in dataclasses.asdict(engine_conf).items() if key != "local_device"}

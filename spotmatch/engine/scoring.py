@@ -22,6 +22,12 @@ def cosine_to_similarity(cosine: np.ndarray) -> np.ndarray:
     return np.clip((cosine + 1.0) / 2.0, 0.0, 1.0)
 
 
+def one_pair_scores(embedder: Embedder, query: str | Path, gallery: str | Path) -> pd.DataFrame:
+    """`global_pair_scores` of a single (query, gallery) pair, as `explain` shows it."""
+    pair = pd.DataFrame({"row_id": [0], "query_image_path": [str(query)], "gallery_image_path": [str(gallery)]})
+    return global_pair_scores(pair, embedder)
+
+
 def global_pair_scores(pairs: pd.DataFrame, embedder: Embedder, rerank: str = "none") -> pd.DataFrame:
     """`cosine` per row; with a re-ranker (fusion.rerank.RERANKERS), also `reranked_similarity`; and
     `global_rank`: 0 for the best gallery image among that query's rows by the global similarity."""

@@ -1,7 +1,6 @@
 """Checkpoints that carry their own config, so they load without the original command line."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +52,3 @@ def load_model(path: str | Path, expected_backbone: str | None = None) -> tuple[
             f"{path}: weights do not fit the '{conf.backbone}' architecture its config names; the file is damaged or was edited"
         ) from None
     return model, conf, payload
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -64,7 +64,7 @@ def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image.flip(flips) if flips else image
 
 
-@functools.lru_cache(maxsize=64)  # a data set's photos come in a few sizes: a handful of kernels per image, not a dozen
+@functools.lru_cache(maxsize=16)  # a data set's photos come in a few sizes; each kernel holds up to tens of MB of GPU memory
 def area_weights(in_len: int, out_len: int, device: torch.device) -> torch.Tensor:
     """(out_len, in_len) matrix averaging each output pixel's share of the input, fractional pixels at its
     edges weighed by their overlap: OpenCV's INTER_AREA for shrinking, as a matmul the device runs."""

@@ -13,7 +13,8 @@ from spotmatch.config import DEFAULT_CACHE, config_hash
 from spotmatch.device import resolve_device
 from spotmatch.data.images import file_sha256
 from spotmatch.errors import SpotmatchError
-from spotmatch.global_embed.checkpoint import file_digest, load_model
+from spotmatch.global_embed.checkpoint import load_model
+from spotmatch.io import file_digest
 from spotmatch.global_embed.device_decode import decoded_on_device
 from spotmatch.global_embed.loading import ImageTensorDataset, iterate_batches
 from spotmatch.global_embed.model import MEMORY_FORMAT, EmbedderConfig, ReIDNet

@@ -271,7 +271,7 @@ class LearnedExtractor(Extractor):
 
         self.device = resolve_device(self.conf.device)
         weights = resolve_weights(self.conf.weights, self.packaged_weights, self.name)
-        from spotmatch.global_embed.checkpoint import file_digest
+        from spotmatch.io import file_digest
 
         # A weights file the user names is known by its content: the same file moved is the same local stage.
         self.weights_digest = file_digest(weights) if self.conf.weights else None
@@ -359,6 +359,8 @@ class ALIKEDExtractor(LearnedExtractor):
     def _build(self):
         from kornia.feature import ALIKED
 
+        # kornia's ALIKED fixes its keypoint budget when built, not per image: twice the cap always, the budget
+        # `_budget` gives the other extractors only where a mask will drop some.
         return ALIKED(
             model_name=self.conf.model_name,
             max_num_keypoints=self.conf.max_keypoints * 2,

@@ -43,7 +43,7 @@ class LoFTRMatcher(PairScorer):
         weights = resolve_weights(self.conf.weights, None, "LoFTR")  # before importing anything heavy
         from kornia.feature import LoFTR
 
-        from spotmatch.global_embed.checkpoint import file_digest
+        from spotmatch.io import file_digest
 
         self.weights_digest = file_digest(weights)  # indoor and outdoor checkpoints find different matches
 

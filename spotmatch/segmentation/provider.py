@@ -11,7 +11,6 @@ retrained model never reads a stale mask and an unchanged one never recomputes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from spotmatch.config import config_hash
 from spotmatch.data.images import ImageRecord
 from spotmatch.errors import SpotmatchError
-from spotmatch.io import write_cache_entry
+from spotmatch.io import file_digest, write_cache_entry
 from spotmatch.segmentation.teacher import TEACHER_SETUP, SalientObjectTeacher, TeacherConfig, teacher_model_path
 
 SOURCES = ("alpha", "teacher", "unet:<checkpoint>", "none")
@@ -73,9 +72,9 @@ def clean_mask(probability: np.ndarray, conf: MaskConfig) -> np.ndarray:
     return np.isin(labels, keep)
 
 
-def file_digest(path: Path, length: int = 10) -> str:
+def unet_digest(path: Path, length: int = 10) -> str:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:length]
+        return file_digest(path)[:length]
     except FileNotFoundError:
         raise SpotmatchError(f"{path}: U-Net checkpoint not found; train one with `spotmatch train-seg`") from None
 
@@ -86,7 +85,7 @@ def mask_cache_name(conf: MaskConfig) -> str:
     if conf.kind == "teacher":
         label = f"teacher-{conf.teacher.model}"
     elif conf.kind == "unet":
-        checkpoint_digest = file_digest(conf.checkpoint)
+        checkpoint_digest = unet_digest(conf.checkpoint)
         settings["source"] = checkpoint_digest  # the file's content, not where it happens to lie
         # train-seg names every checkpoint unet.pt: its run folder is the readable part then
         stem = conf.checkpoint.stem
