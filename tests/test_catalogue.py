@@ -317,7 +317,7 @@ def test_review_decisions_are_recorded_with_who_and_when(catalogue, gallery_and_
     assert store.confirm(image_id, name, who="ana").previous == "Cat2"
     assert store.image(image_id)["individual_id"] == store.individual_id(name)
     assert store.merge("Cat1", name, who="ben") == 1
-    with pytest.raises(Exception, match="no individual named"):
+    with pytest.raises(SpotmatchError, match=f"no individual named '{name}'; the names are in"):  # merged away
         store.individual_id(name)
     new_name = store.split("Cat1", [image_id], "Cat1b", who="ana")
     store.rename(new_name, " Cat99 ", who="ana")  # surrounding spaces are not part of a name
@@ -1115,8 +1115,8 @@ def test_a_refused_name_adds_nothing_even_when_two_adds_race(tmp_path, tiny_chec
     labelled.head(1).to_csv(tmp_path / "first.csv", index=False)
     add_images(store, engine.embedder, engine.local, sources_from_csv(tmp_path / "first.csv", SNOW / "images"))
     photo = SNOW / "images" / labelled["filename"].iloc[1]
-    for name in ("cat21", "   "):
-        with pytest.raises(SpotmatchError):
+    for name, refusal in (("cat21", r"no individual named 'cat21'; did you mean 'Cat21'\?"), ("   ", "individual name '   ' is empty")):
+        with pytest.raises(SpotmatchError, match=refusal):
             confirm_photo(store, engine, photo, name, "ana")
         assert store.stats()["images"] == 1
     raced = NewImage(path=str(photo), sha256="0" * 64, embedding=np.zeros(store.settings().embedding_dim, np.float32),

@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, SNOW
+from spotmatch.data.tables import load_pairs
 from spotmatch.global_embed.checkpoint import read_checkpoint
+from spotmatch.global_embed.embed import EmbedConfig, Embedder
 
 CLI = [sys.executable, "-c", "from spotmatch.cli import main; main()"]
 
@@ -48,6 +50,14 @@ def test_score_pairs_writes_one_row_per_pair(tmp_path, pairs_csv, tiny_checkpoin
     assert list(submission.columns) == ["row_id", "similarity"]
     assert submission["row_id"].tolist() == pd.read_csv(pairs_csv)["row_id"].tolist()
     assert submission["similarity"].between(0, 1).all()
+    # Each row its own pair's score: uncalibrated, that is the cosine mapped onto [0, 1] (scoring.cosine_to_similarity).
+    pairs = load_pairs(pairs_csv)
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(num_workers=0, cache_dir=None, progress=False))
+    query = embedder.embed([Path(p) for p in pairs["query_image_path"]])
+    gallery = embedder.embed([Path(p) for p in pairs["gallery_image_path"]])
+    expected = (np.einsum("ij,ij->i", query, gallery) + 1) / 2
+    assert np.ptp(expected) > 1e-4  # an untrained model's scores still differ enough to tell the rows apart
+    np.testing.assert_allclose(submission["similarity"], expected, rtol=0, atol=1e-5)
     n_images = len(pd.read_csv(pairs_csv)) + 1
     assert f"scored {n_images - 1} pairs over {n_images} distinct images" in result.stdout
 
@@ -57,8 +67,12 @@ def test_embed_writes_npz(tmp_path, snow_subset_csv, tiny_checkpoint):
     result = run_cli("embed", snow_subset_csv, "--checkpoint", tiny_checkpoint, "--out", out, "--num-workers", "0")
     assert result.returncode == 0, result.stderr
     saved = np.load(out)
-    n_images = len(pd.read_csv(snow_subset_csv))
-    assert saved["embeddings"].shape == (n_images, 64) and len(saved["paths"]) == n_images
+    names = pd.read_csv(snow_subset_csv)["filename"].tolist()
+    assert saved["embeddings"].shape == (len(names), 64)
+    assert [Path(p).name for p in saved["paths"]] == names and all(Path(p).is_file() for p in saved["paths"])
+    # Row i must be the embedding of paths[i]: a reader joins the two by position.
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(num_workers=0, cache_dir=None, progress=False))
+    np.testing.assert_allclose(saved["embeddings"], embedder.embed([Path(p) for p in saved["paths"]]), rtol=0, atol=1e-5)
 
     photos = tmp_path / "photos"  # a folder named relative to the working directory: stored absolute, as a CSV's rows
     photos.mkdir()

