@@ -990,7 +990,7 @@ def test_relink_rewrites_only_the_photos_found_moved_with_the_same_content(tmp_p
 def test_near_namesakes_are_refused_wherever_a_name_is_given(tmp_path):
     """"cat 1" beside Cat1 is a typo far more often than a new animal: refused by rename, split and add as by
     confirm, while a rename of Cat1 to cat1 (its own name) is allowed."""
-    from spotmatch.catalogue.service import ImageSource, refuse_near_namesakes
+    from spotmatch.catalogue.service import ImageSource, refuse_misleading_labels
     from spotmatch.errors import SpotmatchError
 
     store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2, "Cat2": 2})
@@ -999,9 +999,9 @@ def test_near_namesakes_are_refused_wherever_a_name_is_given(tmp_path):
     refusals = [
         (lambda: store.rename("Cat2", "cat 1", who="ana"), "'cat 1' is too like the existing 'Cat1'"),
         (lambda: store.split("Cat2", cat2_images[:1], "CAT-1", who="ana"), "'CAT-1' is too like the existing 'Cat1'"),
-        (lambda: refuse_near_namesakes(store, [ImageSource(Path("a.jpg"), "Cat9"), ImageSource(Path("b.jpg"), "cat1")]),
+        (lambda: refuse_misleading_labels(store, [ImageSource(Path("a.jpg"), "Cat9"), ImageSource(Path("b.jpg"), "cat1")]),
          r"b.jpg: labelled 'cat1', too like the catalogue's 'Cat1'"),
-        (lambda: refuse_near_namesakes(store, [ImageSource(Path("a.jpg"), "Cat9"), ImageSource(Path("b.jpg"), "cat 9")]),
+        (lambda: refuse_misleading_labels(store, [ImageSource(Path("a.jpg"), "Cat9"), ImageSource(Path("b.jpg"), "cat 9")]),
          r"b.jpg: labelled 'cat 9', and a.jpg 'Cat9' \(only case"),
     ]
     for call, message in refusals:
@@ -1009,9 +1009,38 @@ def test_near_namesakes_are_refused_wherever_a_name_is_given(tmp_path):
             call()
         assert "\n" not in str(refused.value)
     assert _snapshot(store) == before
-    refuse_near_namesakes(store, [ImageSource(Path("a.jpg"), "Cat1"), ImageSource(Path("b.jpg"), "Cat3"), ImageSource(Path("c.jpg"))])
+    refuse_misleading_labels(store, [ImageSource(Path("a.jpg"), "Cat1"), ImageSource(Path("b.jpg"), "Cat3"), ImageSource(Path("c.jpg"))])
     store.rename("Cat1", "cat1", who="ana")
     assert sorted(store.individual_names().values()) == ["Cat2", "cat1"]
+
+
+def test_a_name_given_up_by_a_rename_or_merge_is_not_taken_for_a_new_animal(tmp_path):
+    """A table written before `rename Cat1 Luna`, added again, or a reviewer reading an old list, would otherwise
+    make a second animal called Cat1 without a word. A name whose individual is gone (its last photo confirmed as
+    another animal) is free again."""
+    from spotmatch.catalogue.service import ImageSource, refuse_misleading_labels
+    from spotmatch.errors import SpotmatchError
+
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2, "Cat2": 2, "Cat3": 1})
+    store.rename("Cat1", "Luna", who="ana")
+    store.merge("Luna", "Cat2", who="ana")
+    cat3_image = store.db.execute("SELECT id FROM images WHERE individual_id = ?", (store.individual_id("Cat3"),)).fetchone()[0]
+    store.confirm(cat3_image, "Luna", who="ana")  # Cat3 had one photo: gone, not renamed
+    before = _snapshot(store)
+    for call, message in [
+        (lambda: store.confirmable_name("Cat1"), "no individual is named 'Cat1' now: it was renamed to 'Luna'"),
+        (lambda: store.confirm(1, "Cat2", who="ana"), "no individual is named 'Cat2' now: it was merged into 'Luna'"),
+        (lambda: store.split("Luna", [1], "Cat1", who="ana"), "it was renamed to 'Luna'"),
+        (lambda: refuse_misleading_labels(store, [ImageSource(Path("old.jpg"), "Cat2")]),
+         "old.jpg: labelled 'Cat2', an individual since merged into 'Luna'; relabel"),
+    ]:
+        with pytest.raises(SpotmatchError, match=message) as refused:
+            call()
+        assert "\n" not in str(refused.value)
+    assert _snapshot(store) == before
+    assert store.former_name("Cat3") is None and store.former_name("Luna") is None
+    store.confirm(cat3_image, "Cat3", who="ana")
+    assert "Cat3" in store.individual_names().values()
 
 
 def test_confirming_an_individuals_last_image_elsewhere_removes_it_and_says_so(tmp_path):

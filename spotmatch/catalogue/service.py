@@ -336,9 +336,10 @@ def insert_fresh(catalogue: Catalogue, fresh: list[tuple[ImageSource, str, str |
             report.already_there += 1
 
 
-def refuse_near_namesakes(catalogue: Catalogue, sources: list[ImageSource]) -> None:
+def refuse_misleading_labels(catalogue: Catalogue, sources: list[ImageSource]) -> None:
     """Before any work: a label like an individual's name but for case, spaces or punctuation ("cat21" beside
-    Cat21), in the catalogue or in this input, is a typo far more often than a new animal."""
+    Cat21), in the catalogue or in this input, is a typo far more often than a new animal; a name an individual
+    gave up (renamed, merged away) is a table written before that decision."""
     first_with: dict[str, ImageSource] = {}  # folded label -> the first source labelled like that
     for source in sources:
         if source.identity is None:
@@ -349,6 +350,10 @@ def refuse_near_namesakes(catalogue: Catalogue, sources: list[ImageSource]) -> N
             if twin is not None:
                 raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, too like the catalogue's {twin!r} (only case,"
                                      f" spaces or punctuation differ); fix the label (a new animal needs a name that differs more)")
+            fate = catalogue.former_name(source.identity)
+            if fate is not None:  # a table written before a rename or merge, added again
+                raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, an individual since {fate}; relabel those"
+                                     f" rows with its name now (a new animal needs a name never used)")
             first_with[key] = source
         elif first_with[key].identity != source.identity:
             other = first_with[key]
@@ -361,7 +366,7 @@ def add_images(catalogue: Catalogue, embedder: EmbedsImages, local, sources: lis
     """Add new images by content hash (already-present ones are skipped), one transaction per batch."""
     conf = conf or AddConfig()
     catalogue.check_embedder(embedder.model_id, embedder.dim)
-    refuse_near_namesakes(catalogue, sources)
+    refuse_misleading_labels(catalogue, sources)
     report = AddReport()
     for start in range(0, len(sources), conf.batch_size):
         batch = sources[start:start + conf.batch_size]

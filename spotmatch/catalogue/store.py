@@ -552,6 +552,7 @@ class Catalogue:
         if row is not None:
             return int(row[0])
         self._refuse_near_namesake(name)
+        self._refuse_former_name(name)
         return int(self.db.execute("INSERT INTO individuals(name, created_at) VALUES (?, ?)", (name, now_utc())).lastrowid)
 
     def _record(self, action: str, image_id: int | None, individual_id: int | None, who: str, detail: str = "") -> None:
@@ -654,14 +655,44 @@ class Catalogue:
             return None
         return next((other for other in existing if other != besides and folded_name(other) == folded_name(name)), None)
 
+    def former_name(self, name: str) -> str | None:
+        """What became of the individual once called `name`, where none is called so now and that animal lives on
+        under another name ("renamed to 'Cat5b'", "merged into 'Cat1'"); None for a name never used, or whose
+        individual is gone (its last photo confirmed as another animal)."""
+        if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (name,)).fetchone():
+            return None
+        # Rows about an individual keep the name it had then, and its id until it is merged away.
+        renamed = self.db.execute("SELECT individuals.name FROM confirmations JOIN individuals ON individuals.id ="
+                                  " confirmations.individual_id WHERE confirmations.individual_name = ? ORDER BY"
+                                  " confirmations.id DESC LIMIT 1", (name,)).fetchone()
+        if renamed is not None:
+            return f"renamed to {renamed[0]!r}"
+        for detail, keep in self.db.execute("SELECT confirmations.detail, individuals.name FROM confirmations JOIN individuals"
+                                            " ON individuals.id = confirmations.individual_id WHERE action = 'merge'"
+                                            " ORDER BY confirmations.id DESC"):
+            if detail.startswith(f"merged {name} into "):
+                return f"merged into {keep!r}"
+        return None
+
     def confirmable_name(self, individual: str) -> str:
-        """The name as `confirm` stores it, or a one-line refusal: blank, or a near-namesake of another individual."""
+        """The name as `confirm` stores it, or a one-line refusal: blank, a near-namesake of another individual, or
+        the former name of one."""
         individual = individual_name(individual)
         twin = self.near_namesake(individual)
         if twin is not None:
             raise SpotmatchError(f"{self.folder}: no individual named {individual!r}; did you mean {twin!r}? (a new animal"
                                  f" needs a name that differs from it in more than case, spaces or punctuation)")
+        self._refuse_former_name(individual)
         return individual
+
+    def _refuse_former_name(self, name: str) -> None:
+        """A name an individual gave up (renamed, merged away) would make a second animal of a label written before:
+        an old table added again, a reviewer working from an old list."""
+        fate = self.former_name(name)
+        if fate is not None:
+            raise SpotmatchError(f"{self.folder}: no individual is named {name!r} now: it was {fate} (`spotmatch catalogue"
+                                 f" history {self.folder} --individual {name}`); use its name now, or give a new animal a"
+                                 f" name never used")
 
     def _refuse_near_namesake(self, name: str, besides: str | None = None) -> None:
         """For a name given to a rename or a split, where nothing can mean the existing individual."""

@@ -528,11 +528,11 @@ def add_images_on_ray(catalogue, sources: list, add_conf, conf: RayConfig, job_d
     """`catalogue add` with the heavy stages on Ray: the new images' embeddings (and local features)
     are computed on the pool into shards, then inserted in **one** catalogue transaction. A run
     interrupted before the insert leaves the catalogue untouched; its re-run reuses the shards."""
-    from spotmatch.catalogue.service import AddReport, fresh_sources, insert_fresh, open_engine, refuse_near_namesakes
+    from spotmatch.catalogue.service import AddReport, fresh_sources, insert_fresh, open_engine, refuse_misleading_labels
     from spotmatch.global_embed.embed import EmbedConfig
 
     engine = open_engine(catalogue)  # checks the catalogue's model before any work
-    refuse_near_namesakes(catalogue, sources)  # as the local add does: "cat21" beside Cat21 is a typo
+    refuse_misleading_labels(catalogue, sources)  # as the local add does: "cat21" beside Cat21 is a typo, a former name stale
     job_dir = Path(job_dir) if job_dir else catalogue.folder / "ray-job"
     report = AddReport()
     fresh = fresh_sources(catalogue, sources, report)
