@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,6 +27,9 @@ from PIL import Image
 from spotmatch.catalogue.service import AddConfig, IdentifyConfig, ImageSource, add_images, identify, init_catalogue, open_engine
 from spotmatch.catalogue.store import GalleryRestriction
 from spotmatch.data.images import file_sha256
+from spotmatch.io import write_text_atomic
+
+from report import header
 
 REPO = Path(__file__).resolve().parents[1]
 SNOW = REPO.parent / "shared" / "datasets" / "snowleopard"
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=512, help="long side of the copies, in pixels")
     parser.add_argument("--shortlist-k", type=int, default=None, help="default: the calibration file's")
     parser.add_argument("--work", default="/tmp/bench_catalogue", help="scratch folder (replaced): the catalogue and its copies")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "catalogue.md", help="the table, also printed")
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -133,18 +136,24 @@ def main() -> None:
     restricted = timed(restricted_conf, queries)
     cached = {"whole catalogue": timed(IdentifyConfig(top_k=5), queries), "restricted": timed(restricted_conf, queries)}
 
-    print(f"| gallery images | {args.size} ({args.sources} real frames at {args.side}px, copied) |")
-    print(f"| FAISS index | {type(index).__name__} ({len(ids)} vectors, built from the DB blobs in {index_seconds:.2f} s) |")
-    print(f"| add rate (hash + decode check + transaction; embeddings reused) | {args.size / add_seconds:.0f} images/s |")
-    print(f"| model on the {args.sources} source frames (embed + RootSIFT) | {model_seconds / args.sources:.2f} s/image |")
-    print(f"| identify latency, {len(queries)} full-resolution queries, shortlist {engine.conf.shortlist_k} |"
-          f" median {np.median(latencies):.2f} s, max {max(latencies):.2f} s |")
-    print(f"| identify restricted to station {busiest} ({kept} images), query embeddings cached |"
-          f" median {np.median(restricted):.2f} s, max {max(restricted):.2f} s |")
-    print(f"| identify with everything cached: whole catalogue / restricted | median {np.median(cached['whole catalogue']):.3f} s"
-          f" / {np.median(cached['restricted']):.3f} s |")
-    print(f"| machine | {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU |")
-    print(f"| catalogue.db size | {(work / 'cat' / 'catalogue.db').stat().st_size / 2**20:.1f} MiB |")
+    rows = [
+        "| measure | value |", "|---|---|",
+        f"| gallery images | {args.size} ({args.sources} real frames at {args.side}px, copied) |",
+        f"| FAISS index | {type(index).__name__} ({len(ids)} vectors, built from the DB blobs in {index_seconds:.2f} s) |",
+        f"| add rate (hash + decode check + transaction; embeddings reused) | {args.size / add_seconds:.0f} images/s |",
+        f"| model on the {args.sources} source frames (embed + RootSIFT) | {model_seconds / args.sources:.2f} s/image |",
+        f"| identify latency, {len(queries)} full-resolution queries, shortlist {engine.conf.shortlist_k} |"
+        f" median {np.median(latencies):.2f} s, max {max(latencies):.2f} s |",
+        f"| identify restricted to station {busiest} ({kept} images), query embeddings cached |"
+        f" median {np.median(restricted):.2f} s, max {max(restricted):.2f} s |",
+        f"| identify with everything cached: whole catalogue / restricted | median {np.median(cached['whole catalogue']):.3f} s"
+        f" / {np.median(cached['restricted']):.3f} s |",
+        f"| catalogue.db size | {(work / 'cat' / 'catalogue.db').stat().st_size / 2**20:.1f} MiB |",
+    ]
+    report = header("Catalogue at scale: add and identify", f"{SNOW.name} frames (see the module docstring for the copies),"
+                    f" checkpoint {args.checkpoint}, calibration {args.fusion}") + "\n" + "\n".join(rows) + "\n"
+    print(report)
+    write_text_atomic(report, args.out)
 
 
 if __name__ == "__main__":

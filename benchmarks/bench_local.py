@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,13 +30,10 @@ from spotmatch.local_match import EXTRACTORS, LocalMatcher, VerificationConf
 from spotmatch.local_match.extractors import create_extractor
 from spotmatch.local_match.matchers import create_matcher
 
+from report import machine
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "snowleopard"
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}, OpenCV {cv2.__version__}"
 
 
 def speed_table(paths: list[str], device: str, names: list[str]) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ from spotmatch.engine import ray_backend as rb
 from spotmatch.engine.engine import EngineConfig, build_local
 from spotmatch.global_embed.embed import EmbedConfig, Embedder
 from spotmatch.io import write_text_atomic
+
+from report import machine
 
 SNOW = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "snowleopard"
 
@@ -44,13 +45,6 @@ class BenchConfig:
     actors: tuple[int, ...] = (1, 2)
     gallery_per_query: int = 5  # match: pairs per query image
     pairs_per_shard: int = 50  # match: rows per Ray shard
-
-
-def machine() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
 def markdown(table: pd.DataFrame) -> str:

@@ -11,10 +11,14 @@ import time
 from pathlib import Path
 
 from spotmatch.data.images import load_image
+from spotmatch.io import write_text_atomic
 from spotmatch.segmentation.teacher import SalientObjectTeacher
 from spotmatch.segmentation.unet import UNetSegmenter
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "snowleopard" / "images"
+from report import header
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = REPO.parent / "shared" / "datasets" / "snowleopard" / "images"
 
 
 def seconds_per_image(model, images) -> float:
@@ -30,6 +34,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="U-Net checkpoint from `spotmatch train-seg`")
     parser.add_argument("--device", default="cpu", help="cpu, cuda ...")
     parser.add_argument("--images", type=int, default=20, help="snow-leopard frames timed (at least 1)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "segmentation.md", help="the table, also printed")
     args = parser.parse_args()
     images = [load_image(p).rgb for p in sorted(IMAGES.glob("*.JPG"))[: args.images]]
     rows = {
@@ -38,9 +43,12 @@ def main() -> None:
             UNetSegmenter.from_checkpoint(args.checkpoint, args.device), images
         ),
     }
-    print(f"| model | ms per image ({len(images)} frames, {images[0].shape[1]}x{images[0].shape[0]}) |\n|---|---|")
-    for name, seconds in rows.items():
-        print(f"| {name} | {seconds * 1000:.0f} |")
+    table = [f"| model | ms per image ({len(images)} frames, {images[0].shape[1]}x{images[0].shape[0]}) |", "|---|---|"]
+    table += [f"| {name} | {seconds * 1000:.0f} |" for name, seconds in rows.items()]
+    report = header("Mask sources: seconds per image", f"the first {len(images)} snow-leopard frames; model call only, after"
+                    f" one warm-up") + "\n" + "\n".join(table) + "\n"
+    print(report)
+    write_text_atomic(report, args.out)
 
 
 if __name__ == "__main__":
