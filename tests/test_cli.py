@@ -248,6 +248,8 @@ def test_empty_dataset_and_unknown_split_column(tmp_path, snow_subset_csv, tiny_
                                   "--split-by", "season"), "cannot split by 'season'")
     assert_one_line_error(run_cli("train", "--data", snow_subset_csv, "--out", tmp_path / "run", "--preset", "tiny",
                                   "--flank-classes"), "--flank-classes needs a side column")
+    assert_one_line_error(run_cli("train", "--data", snow_subset_csv, "--out", tmp_path / "run", "--preset", "tiniest"),
+                          "unknown preset 'tiniest'; choose one of: tiny (random-init")  # each preset says what it is for
     assert_one_line_error(run_cli("train", "--data", snow_subset_csv, "--out", tmp_path / "run", "--preset", "tiny",
                                   "--split-by", "encounter", "--select-view", "same flank"), "--select-view same flank: not a view")
     # Three cats split by identity hold one out: ranked against itself alone, every ranking is perfect (IB-mAP 1.000).

@@ -97,7 +97,8 @@ def train(
     from spotmatch.global_embed.presets import PRESETS
 
     if preset not in PRESETS:
-        raise SpotmatchError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        raise SpotmatchError(f"unknown preset '{preset}'; choose one of: "
+                             + "; ".join(f"{name} ({chosen.about})" for name, chosen in PRESETS.items()))
     chosen = PRESETS[preset]
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
     embedder_conf = merge_config(chosen.embedder, **given(backbone=backbone, pretrained=pretrained, masks=masks,
