@@ -31,16 +31,16 @@ from spotmatch.data.tables import Dataset
 from spotmatch.engine.engine import EngineConfig, build_local, shortlist_length
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.metrics import retrieval_metrics
-from spotmatch.evaluation.protocol import (Protocol, build_protocol, compare_models, embed_protocol, evaluate_protocol, format_animal_differences,
-                                          format_comparisons, format_table)
+from spotmatch.evaluation.protocol import (Protocol, build_protocol, compare_models, embed_protocol, evaluate_protocol,
+                                          format_animal_differences, format_comparisons, format_table)
 from spotmatch.fusion.calibration import (DECISIONS, FusionModel, best_pair_per_individual, decision_score, keep_shortlist_first,
                                           lowest_shortlisted)
 from spotmatch.fusion.features import pair_features
 from spotmatch.fusion.quality import NEVER, calibration_report, reliability_diagram, threshold_for_precision
 from spotmatch.fusion.rerank import check_reranker, rerank_similarity
 from spotmatch.global_embed.embed import Embedder
-from spotmatch.local_match.pipeline import EVIDENCE_COLUMNS
 from spotmatch.io import atomic_path, check_output, write_text_atomic
+from spotmatch.local_match.pipeline import EVIDENCE_COLUMNS
 from spotmatch.segmentation.provider import absolute_source
 
 

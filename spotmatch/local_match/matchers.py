@@ -49,7 +49,7 @@ class VerificationConf:
     # ...unless the matches that stayed put make up at least this share of the keypoints of the region both images
     # show (`one_picture_share`): then the two files are one picture (a copy, a cut-out and the photo it was cut
     # from, or a frame in which nothing moved), and dropping them would call a photo and its copy unrelated. On the
-    # snow leopards, frames of one camera from different visits reach at most 0.47, frames of one burst at most 0.87,
+    # snow leopards, frames of one camera from different visits reach at most 0.50, frames of one burst at most 0.87,
     # copies 1.0. Needs the keypoints (not for LoFTR, which compares pixels).
     same_picture_share: float = 0.9
 
