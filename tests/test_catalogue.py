@@ -1026,13 +1026,14 @@ def test_a_name_given_up_by_a_rename_or_merge_is_not_taken_for_a_new_animal(tmp_
     store.merge("Luna", "Cat2", who="ana")
     cat3_image = store.db.execute("SELECT id FROM images WHERE individual_id = ?", (store.individual_id("Cat3"),)).fetchone()[0]
     store.confirm(cat3_image, "Luna", who="ana")  # Cat3 had one photo: gone, not renamed
+    new_photo = SNOW / "images" / pd.read_csv(SNOW / "labels.csv")["filename"].iloc[0]  # not in this catalogue yet
     before = _snapshot(store)
     for call, message in [
         (lambda: store.confirmable_name("Cat1"), "no individual is named 'Cat1' now: it was renamed to 'Luna'"),
         (lambda: store.confirm(1, "Cat2", who="ana"), "no individual is named 'Cat2' now: it was merged into 'Luna'"),
         (lambda: store.split("Luna", [1], "Cat1", who="ana"), "it was renamed to 'Luna'"),
-        (lambda: refuse_misleading_labels(store, [ImageSource(Path("old.jpg"), "Cat2")]),
-         "old.jpg: labelled 'Cat2', an individual since merged into 'Luna'; relabel"),
+        (lambda: refuse_misleading_labels(store, [ImageSource(new_photo, "Cat2")]),
+         f"{new_photo.name}: labelled 'Cat2', an individual since merged into 'Luna'; relabel"),
     ]:
         with pytest.raises(SpotmatchError, match=message) as refused:
             call()

@@ -339,8 +339,10 @@ def insert_fresh(catalogue: Catalogue, fresh: list[tuple[ImageSource, str, str |
 def refuse_misleading_labels(catalogue: Catalogue, sources: list[ImageSource]) -> None:
     """Before any work: a label like an individual's name but for case, spaces or punctuation ("cat21" beside
     Cat21), in the catalogue or in this input, is a typo far more often than a new animal; a name an individual
-    gave up (renamed, merged away) is a table written before that decision."""
+    gave up (renamed, merged away) is a table written before that decision, for any photo of it not yet added (the
+    same table added again, after an interrupted run, finds its photos there under the name they have now)."""
     first_with: dict[str, ImageSource] = {}  # folded label -> the first source labelled like that
+    fate_of: dict[str, str | None] = {}
     for source in sources:
         if source.identity is None:
             continue
@@ -350,15 +352,24 @@ def refuse_misleading_labels(catalogue: Catalogue, sources: list[ImageSource]) -
             if twin is not None:
                 raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, too like the catalogue's {twin!r} (only case,"
                                      f" spaces or punctuation differ); fix the label (a new animal needs a name that differs more)")
-            fate = catalogue.former_name(source.identity)
-            if fate is not None:  # a table written before a rename or merge, added again
-                raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, an individual since {fate}; relabel those"
-                                     f" rows with its name now (a new animal needs a name never used)")
             first_with[key] = source
         elif first_with[key].identity != source.identity:
             other = first_with[key]
             raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, and {other.path} {other.identity!r} (only case,"
                                  f" spaces or punctuation differ); write one animal's name one way")
+        if source.identity not in fate_of:
+            fate_of[source.identity] = catalogue.former_name(source.identity)
+        if fate_of[source.identity] is not None and not _already_added(catalogue, source.path):
+            raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, an individual since {fate_of[source.identity]};"
+                                 f" relabel those rows with its name now (a new animal needs a name never used)")
+
+
+def _already_added(catalogue: Catalogue, path: Path) -> bool:
+    """Whether this photo's content is in the catalogue; a photo that cannot be read is left for `add` to report."""
+    try:
+        return catalogue.image_by_sha(file_sha256(path)) is not None
+    except SpotmatchError:
+        return True
 
 
 def add_images(catalogue: Catalogue, embedder: EmbedsImages, local, sources: list[ImageSource],
