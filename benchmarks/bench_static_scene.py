@@ -17,6 +17,7 @@ import itertools
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from sklearn.metrics import roc_auc_score
 from spotmatch.data.tables import load_dataset
 from spotmatch.io import write_text_atomic
 from spotmatch.local_match import LocalMatcher, VerificationConf
+from spotmatch.local_match.features import ONE_PICTURE_CELL_DIFFERENCE, cell_difference
 from spotmatch.local_match.matchers import one_picture_share
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +90,40 @@ def still_shares(pairs: pd.DataFrame, cache: Path) -> np.ndarray:
     return np.array(shares)
 
 
+def cell_differences(pairs: pd.DataFrame, cache: Path) -> np.ndarray:
+    """Per pair, the largest grey-level difference over the grid cells both frames show (`cell_difference`, what
+    `same_pixels` compares with ONE_PICTURE_CELL_DIFFERENCE); NaN where the two cannot be compared."""
+    local = LocalMatcher.from_name("rootsift", cache_dir=cache)
+    path_pairs = list(zip(pairs["query_image_path"], pairs["gallery_image_path"]))
+    features = local.features_many(p for pair in path_pairs for p in pair)
+    return np.array([np.nan if (d := cell_difference(features[a], features[b])) is None else d for a, b in path_pairs])
+
+
+def copy_differences(paths: list[str], cache: Path, sides: tuple[int, ...] = (300, 512, 768)) -> np.ndarray:
+    """`cell_difference` between each frame and its copies resized to `sides` pixels and saved as JPEG (quality 85)."""
+    from PIL import Image
+
+    local = LocalMatcher.from_name("rootsift", cache_dir=cache)
+    differences = []
+    with tempfile.TemporaryDirectory(prefix="spotmatch-copies-") as folder:
+        for number, path in enumerate(paths):
+            original = Image.open(path).convert("RGB")
+            for side in sides:
+                copy = Path(folder) / f"{number}-{side}.jpg"
+                original.resize((side, round(side * original.height / original.width)), Image.LANCZOS).save(copy, quality=85)
+                differences.append(cell_difference(local.features(path), local.features(copy)))
+    return np.array(differences, dtype=float)
+
+
+def difference_table(pairs: pd.DataFrame) -> str:
+    rows = ["| frames | cats | pairs | smallest | 1st percentile | median | one picture by pixels |", "|---|---|---:|---:|---:|---:|---:|"]
+    for (kind, same_cat), group in pairs.groupby(["kind", "same_cat"], sort=False):
+        difference = group["cell_difference"]
+        rows.append(f"| {kind} | {'same' if same_cat else 'different'} | {len(group)} | {difference.min():.3f} | "
+                    f"{difference.quantile(0.01):.3f} | {difference.median():.3f} | {int((difference < ONE_PICTURE_CELL_DIFFERENCE).sum())} |")
+    return "\n".join(rows)
+
+
 def share_table(pairs: pd.DataFrame) -> str:
     rows = ["| frames | cats | pairs | median share | 99th percentile | max |", "|---|---|---:|---:|---:|---:|"]
     for (kind, same_cat), group in pairs.groupby(["kind", "same_cat"], sort=False):
@@ -118,6 +154,8 @@ def main() -> None:
                                        matcher_conf={"verification": VerificationConf(min_displacement=displacement)})
         inliers[displacement] = local.score_pairs(pairs)["inliers"].to_numpy()
     pairs["still_share"] = still_shares(pairs, args.cache)
+    pairs["cell_difference"] = cell_differences(pairs, args.cache)
+    copies = copy_differences(list(dict.fromkeys(pairs["query_image_path"]))[:30], args.cache)
     report = "\n\n".join([
         "# Static scene: keypoint evidence between frames of one fixed camera",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  \nData: {args.dataset.name} ({len(table)} unambiguous images, "
@@ -129,6 +167,11 @@ def main() -> None:
         "Largest share of the keypoints both frames show whose matches stayed put (at or above "
         f"`same_picture_share` = {VerificationConf().same_picture_share:g}, the pair counts as one picture and keeps them):",
         share_table(pairs),
+        "Largest difference in mean grey (0-1) over the 16 x 16 grid cells both frames show (below "
+        f"{ONE_PICTURE_CELL_DIFFERENCE:g}, the pair is one picture by its pixels and keeps them):",
+        difference_table(pairs),
+        f"The same for {len(copies)} copies (the first {len(copies) // 3} frames above, resized to 300, 512 and 768 px and saved"
+        f" as JPEG): largest {copies.max():.3f}, median {np.median(copies):.3f}.",
     ])
     print(report)
     write_text_atomic(report + "\n", args.out)

@@ -13,6 +13,7 @@ from spotmatch.data.images import load_image
 from spotmatch.errors import SpotmatchError
 from spotmatch.local_match import LocalMatcher, VerificationConf, create_extractor, create_matcher
 from spotmatch.local_match.extractors import inside_mask, root_normalise
+from spotmatch.local_match.features import cell_difference
 from spotmatch.local_match.matchers import one_picture_share, verify
 from spotmatch.local_match.weights import PackagedWeights, load_state_dict
 
@@ -132,6 +133,25 @@ def test_one_picture_keeps_its_matches_counted_over_the_region_both_images_show(
     assert dropped(np.vstack([points0, outline, more]), np.vstack([points1, outline, more + 40])) == 30
     # Whole frames cover one region: the ground counts in both, and nothing here is one picture.
     assert dropped(np.vstack([points0, ground]), np.vstack([points1, ground + 5])) == 30
+
+
+def test_a_photo_and_a_resized_copy_are_one_picture_by_their_pixels(tmp_path):
+    """Every match of a photo with its copy at another size stays put, as a fixed camera's scene does; the copy's
+    pixels, not its keypoints (few of which repeat at another scale), tell it apart."""
+    from PIL import Image
+
+    original = Image.open(STATIC_CAMERA[0])
+    original.resize((300, round(300 * original.height / original.width)), Image.LANCZOS).save(tmp_path / "small.jpg", quality=85)
+    local = LocalMatcher.from_name("rootsift", cache_dir=None)
+    copy = local.evidence(STATIC_CAMERA[0], tmp_path / "small.jpg")
+    assert copy.stationary == 0 and copy.inliers >= 100  # was 0 inliers, every match dropped as static scene
+    assert cell_difference(local.features(STATIC_CAMERA[0]), local.features(tmp_path / "small.jpg")) < 0.02
+    # The other visit of that camera shares the same rocks at the same pixels, but not the same grey levels.
+    scene = local.evidence(*STATIC_CAMERA)
+    assert scene.inliers < 8 and scene.stationary >= 100
+    assert cell_difference(*(local.features(p) for p in STATIC_CAMERA)) > 0.2
+    original.crop((0, 0, original.width // 2, original.height)).save(tmp_path / "half.jpg", quality=95)
+    assert cell_difference(local.features(STATIC_CAMERA[0]), local.features(tmp_path / "half.jpg")) is None  # another framing
 
 
 def test_a_cut_out_and_the_photo_it_was_cut_from_keep_their_matches(tmp_path):

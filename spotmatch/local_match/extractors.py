@@ -22,7 +22,7 @@ import numpy as np
 from spotmatch.config import config_hash, merge_config
 from spotmatch.data.images import ImageRecord, mask_bbox
 from spotmatch.errors import SpotmatchError
-from spotmatch.local_match.features import Features
+from spotmatch.local_match.features import Features, appearance_grid
 from spotmatch.segmentation.background import apply_background, check_fill
 from spotmatch.local_match.weights import PackagedWeights, load_into, load_state_dict, resolve_weights
 from spotmatch.device import resolve_device
@@ -207,8 +207,9 @@ class Extractor(ABC):
         # Keypoints avoid the text bars as well as the background; only the background is filled.
         crop, crop_mask, frame = working_region(rgb, keypoint_mask(rgb, animal, cut_out, self.conf.ignore_info_bars), self.conf, animal)
         image_size = (rgb.shape[1], rgb.shape[0])
+        grid = appearance_grid(rgb, animal)
         if min(crop.shape[:2]) < 16:  # an empty or sliver mask: nothing a detector can describe
-            return Features.empty(self.descriptor_dim, image_size)
+            return Features.empty(self.descriptor_dim, image_size, grid)
         found = self._detect(crop, crop_mask)
         if crop_mask is not None and len(found):
             found = found.select(inside_mask(found.keypoints, crop_mask))
@@ -219,6 +220,7 @@ class Extractor(ABC):
             np.ascontiguousarray(found.descriptors, dtype=np.float32),
             found.scores.astype(np.float32),
             image_size,
+            grid,
         )
 
     @abstractmethod

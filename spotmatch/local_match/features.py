@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 
 from spotmatch.errors import SpotmatchError
@@ -26,33 +27,73 @@ if TYPE_CHECKING:
     from spotmatch.local_match.extractors import Extractor
 
 
+# What two images' pixels must share to be one picture (`same_pixels`): every cell of a 16 x 16 grid that both show
+# whole differs by less than this mean grey level (0-1). Re-encoding or resizing a copy changes a cell by at most
+# 0.013 on the snow-leopard frames; frames of one camera from different visits differ somewhere by 0.28 or more.
+ONE_PICTURE_GRID, ONE_PICTURE_CELL_DIFFERENCE = 16, 0.03
+ONE_PICTURE_MIN_CELLS = 16  # fewer whole cells in common (a small cut-out) judge nothing
+
+
+def appearance_grid(rgb: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """(2, 16, 16) float32: each cell's mean grey (0-1) over the pixels the mask keeps, and the share it keeps."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255
+    kept = np.ones(grey.shape, np.float32) if mask is None else mask.astype(np.float32)
+    size = (ONE_PICTURE_GRID, ONE_PICTURE_GRID)
+    share = cv2.resize(kept, size, interpolation=cv2.INTER_AREA)
+    mean = cv2.resize(grey * kept, size, interpolation=cv2.INTER_AREA) / np.maximum(share, 1e-6)
+    return np.stack([mean, share]).astype(np.float32)
+
+
+def cell_difference(features0: "Features", features1: "Features") -> float | None:
+    """The largest difference in mean grey over the grid cells both images show whole, where they have the same
+    framing (aspect ratio within 1 %: a copy at any size); None where they cannot be compared (other framings,
+    fewer than ONE_PICTURE_MIN_CELLS such cells: a cut-out shows only the animal's cells whole, its photo all)."""
+    if features0.grid is None or features1.grid is None:
+        return None
+    (width0, height0), (width1, height1) = features0.image_size, features1.image_size
+    if abs(width0 * height1 - width1 * height0) > 0.01 * width1 * height0:
+        return None
+    both = (features0.grid[1] > 0.99) & (features1.grid[1] > 0.99)
+    if both.sum() < ONE_PICTURE_MIN_CELLS:
+        return None
+    return float(np.abs(features0.grid[0] - features1.grid[0])[both].max())
+
+
+def same_pixels(features0: "Features", features1: "Features") -> bool:
+    """Whether two images are one picture by their pixels: a copy (resized or re-encoded), a cut-out and its photo."""
+    difference = cell_difference(features0, features1)
+    return difference is not None and difference < ONE_PICTURE_CELL_DIFFERENCE
+
+
 @dataclass
 class Features:
-    """Keypoints (n, 2) as (x, y) pixels of the original image, descriptors (n, d), detector scores (n,)."""
+    """Keypoints (n, 2) as (x, y) pixels of the original image, descriptors (n, d), detector scores (n,), and the
+    image's `appearance_grid` (for telling one picture from one camera's two frames)."""
 
     keypoints: np.ndarray
     descriptors: np.ndarray
     scores: np.ndarray
     image_size: tuple[int, int]  # (width, height) of the image the keypoints refer to
+    grid: np.ndarray | None = None  # (2, 16, 16) `appearance_grid` inside the mask; None only inside an extractor
 
     def __len__(self) -> int:
         return len(self.keypoints)
 
     @classmethod
-    def empty(cls, descriptor_dim: int, image_size: tuple[int, int]) -> "Features":
+    def empty(cls, descriptor_dim: int, image_size: tuple[int, int], grid: np.ndarray | None = None) -> "Features":
         return cls(
-            np.zeros((0, 2), np.float32), np.zeros((0, descriptor_dim), np.float32), np.zeros(0, np.float32), image_size
+            np.zeros((0, 2), np.float32), np.zeros((0, descriptor_dim), np.float32), np.zeros(0, np.float32), image_size, grid
         )
 
     def select(self, keep: np.ndarray) -> "Features":
-        return Features(self.keypoints[keep], self.descriptors[keep], self.scores[keep], self.image_size)
+        return Features(self.keypoints[keep], self.descriptors[keep], self.scores[keep], self.image_size, self.grid)
 
     def save(self, target: Path) -> bool:
         """Into the feature cache (False where it cannot be written: then extracted again next time)."""
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
                 np.savez(handle, keypoints=self.keypoints, descriptors=self.descriptors, scores=self.scores,
-                         image_size=np.asarray(self.image_size, np.int64))
+                         image_size=np.asarray(self.image_size, np.int64), grid=self.grid)
 
         return write_cache_entry(target, write)
 
@@ -60,7 +101,9 @@ class Features:
     def load(cls, path: Path) -> "Features":
         try:
             with np.load(path) as data:
-                return cls(data["keypoints"], data["descriptors"], data["scores"], tuple(int(v) for v in data["image_size"]))
+                # A file from before the grid (2026-12-07) lacks it: read as damaged, and so extracted again.
+                return cls(data["keypoints"], data["descriptors"], data["scores"], tuple(int(v) for v in data["image_size"]),
+                           data["grid"])
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise SpotmatchError(f"{path}: unreadable feature cache file ({exc or type(exc).__name__}); delete it to recompute") from None
 
@@ -138,9 +181,9 @@ CACHE_UNAVAILABLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_C
 
 
 # Part of the pair cache's file name: raise it when a code change alters matching without changing a setting
-# (2: distances measured in each image's own size; 3: a cut-out and the photo it was cut from are one picture;
-# both 2026-12-07).
-PAIR_CACHE_VERSION = 3
+# (2: distances measured in each image's own size; 3: one picture told by the keypoints both images show; 4: and by
+# their pixels, so a copy at another size and a cut-out with its photo keep their matches; all 2026-12-07).
+PAIR_CACHE_VERSION = 4
 PairKey = tuple[str, str]  # the feature-cache keys of the two images
 
 

@@ -14,15 +14,11 @@ import numpy as np
 from spotmatch.config import config_hash, merge_config
 from spotmatch.data.images import load_image
 from spotmatch.local_match.extractors import ExtractorConf, as_image_and_mask, inside_mask, keypoint_mask, working_region
+from spotmatch.local_match.features import ONE_PICTURE_CELL_DIFFERENCE, ONE_PICTURE_GRID
 from spotmatch.local_match.matchers import PairEvidence, VerificationConf, verify
 from spotmatch.local_match.pipeline import MaskSource, PairScorer
 from spotmatch.local_match.weights import load_into, load_state_dict, resolve_weights
 from spotmatch.device import resolve_device
-
-
-# Two working images are one picture when every cell of a 16 x 16 grid differs by less than this mean grey
-# level (0-1): re-encoding a copy changes every cell a little, an animal that moved changes its cells a lot.
-ONE_PICTURE_GRID, ONE_PICTURE_CELL_DIFFERENCE = 16, 0.03
 
 
 @dataclass(frozen=True)

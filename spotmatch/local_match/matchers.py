@@ -20,7 +20,7 @@ import numpy as np
 
 from spotmatch.config import config_hash, merge_config
 from spotmatch.errors import SpotmatchError
-from spotmatch.local_match.features import Features
+from spotmatch.local_match.features import Features, same_pixels
 from spotmatch.local_match.weights import PackagedWeights, load_into, load_state_dict, resolve_weights
 from spotmatch.device import resolve_device
 
@@ -116,11 +116,13 @@ def _depth_inside(points: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 def verify(
     points0: np.ndarray, points1: np.ndarray, confidence: np.ndarray, conf: VerificationConf,
-    long_sides: tuple[int, int], keypoints: tuple[np.ndarray, np.ndarray] | None = None,
+    long_sides: tuple[int, int], keypoints: tuple[np.ndarray, np.ndarray] | None = None, one_picture: bool = False,
 ) -> PairEvidence:
-    """Drop the matches that stayed put (`conf.min_displacement`) unless the two images are one picture
-    (`one_picture_share` at least `conf.same_picture_share`, `keypoints` being each image's keypoints; None: not
-    checked), fit the geometric model with MAGSAC++ and keep the correspondences consistent with it.
+    """Drop the matches that stayed put (`conf.min_displacement`) unless the two images are one picture, fit the
+    geometric model with MAGSAC++ and keep the correspondences consistent with it. One picture: `one_picture`
+    (the caller compared their pixels: `features.same_pixels`), or the matches that stayed put make up at least
+    `conf.same_picture_share` of the keypoints both show (`one_picture_share`, `keypoints` being each image's;
+    None: not checked).
 
     `long_sides`: each image's long side in pixels. Distances are measured in the second image's frame, the
     first image's points scaled to its size: thresholds taken from the larger image would allow a 200-px
@@ -135,9 +137,9 @@ def verify(
         still = np.linalg.norm(points1 - scaled0, axis=1) < conf.min_displacement * long_side
         # The hull tests cost more than the rest of the check: only where enough stayed put for it to matter. A
         # keypoint within twice the "stayed put" distance of the region's edge sees past it (its descriptor's support).
-        same_picture = (keypoints is not None and still.sum() >= conf.min_matches
-                        and one_picture_share(points0[still], points1[still], *keypoints, long_sides,
-                                              2 * conf.min_displacement * long_side) >= conf.same_picture_share)
+        same_picture = one_picture or (keypoints is not None and still.sum() >= conf.min_matches
+                                       and one_picture_share(points0[still], points1[still], *keypoints, long_sides,
+                                                             2 * conf.min_displacement * long_side) >= conf.same_picture_share)
         if not same_picture:
             points0, scaled0, points1, confidence = points0[~still], scaled0[~still], points1[~still], confidence[~still]
             stationary = int(still.sum())
@@ -217,7 +219,8 @@ class Matcher(ABC):
 
     def _verify(self, f0: Features, f1: Features, index0: np.ndarray, index1: np.ndarray, confidence: np.ndarray) -> PairEvidence:
         return verify(f0.keypoints[index0], f1.keypoints[index1], confidence, self.conf.verification,
-                      (max(f0.image_size), max(f1.image_size)), keypoints=(f0.keypoints, f1.keypoints))
+                      (max(f0.image_size), max(f1.image_size)), keypoints=(f0.keypoints, f1.keypoints),
+                      one_picture=same_pixels(f0, f1))
 
 
 class MutualNNMatcher(Matcher):
