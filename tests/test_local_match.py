@@ -411,6 +411,22 @@ def test_the_scores_and_names_fit_a_narrow_drawing():
     assert title.startswith("...") and title.endswith("_1.JPG") and _text_width(title, TITLE_SCALE) <= panel - 8
 
 
+def test_a_drawing_of_extreme_shapes_stays_bounded_and_says_why_nothing_matched():
+    """A 1,024 x 32 strip against a 16 x 576 one was drawn 15,381 px wide, the strip blown up 15 times; a pair
+    without inliers showed two photos and no reason."""
+    from spotmatch.local_match.matchers import PairEvidence
+    from spotmatch.local_match.viz import PANEL_HEIGHT, PANEL_MAX_WIDTH, ScoreLine, draw_matches, drawable
+
+    strip, pole = np.full((32, 1024, 3), 100, np.uint8), np.full((576, 16, 3), 150, np.uint8)
+    too_few = ScoreLine(0, 0.0, 0.0, matches=3, matches_needed=8)
+    drawing = draw_matches(strip, pole, PairEvidence.none(3), too_few, titles=("Schneeleopard_ü.jpg", "pole.jpg"))
+    assert drawing.shape[1] <= 2 * PANEL_MAX_WIDTH + 8 and drawing.shape[0] <= PANEL_HEIGHT + 5 * 24 + 8
+    assert "no verified match: 3 tentative, 8 needed" in too_few.text()
+    assert "no geometric model fits the 12 tentative matches" in ScoreLine(0, 0.0, 0.0, matches=12, matches_needed=8).text()
+    assert "tentative" not in ScoreLine(9, 0.75, 6.0, matches=12, matches_needed=8).text()  # inliers speak for themselves
+    assert drawable("Schneeleopard_ü_北.jpg") == "Schneeleopard_u_?.jpg"  # accents dropped, the rest marked
+
+
 def test_score_pairs_cli_writes_evidence(tmp_path):
     from typer.testing import CliRunner
 

@@ -10,7 +10,7 @@ import cv2
 from spotmatch.data.images import load_image
 from spotmatch.errors import SpotmatchError
 from spotmatch.io import atomic_path, write_text_atomic
-from spotmatch.local_match.matchers import PairEvidence
+from spotmatch.local_match.matchers import PairEvidence, matches_needed
 from spotmatch.local_match.pipeline import PairScorer
 from spotmatch.local_match.viz import ScoreLine, draw_matches
 
@@ -43,7 +43,7 @@ def explain_pair(
     query_record, gallery_record = load_image(query), load_image(gallery)
     evidence = evidence if evidence is not None else scorer.evidence(query, gallery)
     scores = ScoreLine(evidence.inliers, evidence.inlier_ratio, evidence.score, cosine, probability, evidence.stationary, probability_rank,
-                       probability_note)
+                       probability_note, evidence.matches, matches_needed(scorer.verification))
     mask_source = getattr(scorer, "mask_source", None)
     masks = [mask_source(r) if mask_source else r.mask for r in (query_record, gallery_record)]
     drawing = draw_matches(

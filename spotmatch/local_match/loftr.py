@@ -52,6 +52,10 @@ class LoFTRMatcher(PairScorer):
         self.region_conf = ExtractorConf(max_side=self.conf.max_side)
 
     @property
+    def verification(self) -> VerificationConf:
+        return self.conf.verification
+
+    @property
     def conf_name(self) -> str:
         # The weights by content, not path: the same file moved finds the same matches.
         values = {**{k: v for k, v in asdict(self.conf).items() if k not in ("device", "weights")}, "weights": self.weights_digest}

@@ -114,6 +114,11 @@ def _depth_inside(points: np.ndarray, region: np.ndarray) -> np.ndarray:
     return (np.sign(area) * cross / lengths[:, None]).min(axis=0)
 
 
+def matches_needed(conf: VerificationConf) -> int:
+    """The fewest tentative matches verification fits a model to; below it a pair gets no inliers."""
+    return max(conf.min_matches, GEOMETRIC_MODELS[conf.model])
+
+
 def verify(
     points0: np.ndarray, points1: np.ndarray, confidence: np.ndarray, conf: VerificationConf,
     long_sides: tuple[int, int], keypoints: tuple[np.ndarray, np.ndarray] | None = None, one_picture: bool = False,
@@ -144,7 +149,7 @@ def verify(
             points0, scaled0, points1, confidence = points0[~still], scaled0[~still], points1[~still], confidence[~still]
             stationary = int(still.sum())
     matches = len(points0)
-    if matches < max(conf.min_matches, GEOMETRIC_MODELS[conf.model]):
+    if matches < matches_needed(conf):
         return PairEvidence.none(matches, stationary)
     threshold = conf.threshold * long_side
     if conf.model == "homography":

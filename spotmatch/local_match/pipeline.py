@@ -23,7 +23,7 @@ from spotmatch.data.images import ImageRecord, file_sha256, load_image
 from spotmatch.errors import SpotmatchError
 from spotmatch.local_match.extractors import EXTRACTORS, Extractor, create_extractor
 from spotmatch.local_match.features import FeatureCache, Features, PairEvidenceCache
-from spotmatch.local_match.matchers import Matcher, MutualNNMatcher, PairEvidence, create_matcher
+from spotmatch.local_match.matchers import Matcher, MutualNNMatcher, PairEvidence, VerificationConf, create_matcher
 
 # A later segmentation stage supplies masks for JPEGs through this hook; None uses the alpha mask only.
 MaskSource = Callable[[ImageRecord], "np.ndarray | None"]
@@ -63,6 +63,11 @@ class PairScorer(ABC):
     def conf_name(self) -> str:
         """Names every setting that changes the evidence; a calibration file records it and refuses another."""
         return self.with_masks(type(self).__name__)
+
+    @property
+    @abstractmethod
+    def verification(self) -> VerificationConf:
+        """How tentative matches are verified (what `explain` needs to say why a pair has no inliers)."""
 
     def with_masks(self, settings: str) -> str:
         return f"{settings}+masks-{self.mask_name}" if self.mask_name else settings
@@ -153,6 +158,10 @@ class LocalMatcher(PairScorer):
     @property
     def conf_name(self) -> str:
         return self.with_masks(f"{self.extractor.conf_name}+{self.matcher.conf_name}")
+
+    @property
+    def verification(self) -> VerificationConf:
+        return self.matcher.conf.verification
 
     def feature_key(self, path: str | Path) -> str:
         """The feature cache's key of one image file: its content hash, plus the mask source's name when

@@ -1,11 +1,12 @@
 """Drawing of match evidence (the one place match drawings are made; OpenCV only, no matplotlib).
 
-`draw_matches` puts both images side by side at a common height, outlines their masks, draws one line
+`draw_matches` puts both images side by side, each fitted into the same box, outlines their masks, draws one line
 per inlier coloured by match confidence (dark blue = doubtful, yellow = confident; viridis), and writes
 the scores above the images.
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import cv2
@@ -13,7 +14,10 @@ import numpy as np
 
 from spotmatch.local_match.matchers import PairEvidence
 
-PANEL_HEIGHT = 480  # height each image is drawn at
+PANEL_HEIGHT, PANEL_MAX_WIDTH = 480, 800  # the box each image is fitted into
+MAX_ENLARGEMENT = 4.0  # a thumbnail blown up further shows only its pixels
+MIN_WIDTH = 480  # the header's scores need this much room, however narrow the two images
+MIN_TITLE_WIDTH = 160  # a panel narrower than this gets its name on a line of its own
 MASK_COLOUR = (255, 0, 255)  # magenta in RGB: seldom a coat or background colour
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 SCORE_SCALE, TITLE_SCALE = 0.6, 0.45
@@ -35,9 +39,15 @@ class ScoreLine:
     probability_rank: int | None = None
     # What the probability did not use, when the drawn keypoints did not count (past the re-scored shortlist).
     probability_note: str | None = None
+    matches: int | None = None  # tentative matches verified (after the static scene was dropped)
+    matches_needed: int | None = None  # the fewest verification fits a model to
 
     def parts(self) -> list[str]:
         parts = [f"inliers {self.inliers}", f"inlier ratio {self.inlier_ratio:.2f}", f"local score {self.score:.1f}"]
+        if self.inliers == 0 and self.matches is not None:  # why nothing was drawn: too few to verify, or none agreed
+            parts.append(f"no verified match: {self.matches} tentative, {self.matches_needed} needed"
+                         if self.matches_needed is not None and self.matches < self.matches_needed
+                         else f"no geometric model fits the {self.matches} tentative matches")
         if self.stationary:
             parts.append(f"static-scene matches dropped {self.stationary}")
         if self.cosine is not None:
@@ -53,9 +63,11 @@ class ScoreLine:
 
 
 def drawable(text: str) -> str:
-    """`text` as OpenCV's Hershey fonts can draw it: ASCII, every other character as "?". A file name that is
-    not valid UTF-8 (its bytes kept as surrogates) crashes cv2.getTextSize with a segmentation fault."""
-    return text.encode("ascii", "replace").decode("ascii")
+    """`text` as OpenCV's Hershey fonts can draw it: ASCII, accented letters without their accents (ü as u), every
+    other character as "?". A file name that is not valid UTF-8 (its bytes kept as surrogates) crashes
+    cv2.getTextSize with a segmentation fault."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).encode("ascii", "replace").decode("ascii")
 
 
 def _text_width(text: str, scale: float) -> int:
@@ -92,8 +104,14 @@ def _fitted(text: str, width: int, scale: float) -> str:
     return ""
 
 
+def panel_scale(shape: tuple[int, ...]) -> float:
+    """How much an image of `shape` (h, w, ...) is scaled to fit the panel box: a wide strip is not blown up to the
+    box's height, and a thumbnail is enlarged at most MAX_ENLARGEMENT times."""
+    return min(PANEL_HEIGHT / shape[0], PANEL_MAX_WIDTH / shape[1], MAX_ENLARGEMENT)
+
+
 def _panel(rgb: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray:
-    size = (max(1, round(rgb.shape[1] * scale)), PANEL_HEIGHT)
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
     panel = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     if mask is not None:
         small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
@@ -124,15 +142,18 @@ def draw_matches(
 ) -> np.ndarray:
     """RGB image of the two pictures, their inlier matches and the scores."""
     titles = (drawable(titles[0]), drawable(titles[1]))
-    scale0, scale1 = PANEL_HEIGHT / rgb0.shape[0], PANEL_HEIGHT / rgb1.shape[0]
+    scale0, scale1 = panel_scale(rgb0.shape), panel_scale(rgb1.shape)
     left, right = _panel(rgb0, mask0, scale0), _panel(rgb1, mask1, scale1)
     gap = 8
-    width = left.shape[1] + gap + right.shape[1]
+    width = max(left.shape[1] + gap + right.shape[1], MIN_WIDTH)
     score_lines = _wrapped(scores.parts(), width - 2 * MARGIN, SCORE_SCALE)
-    header = (len(score_lines) + 1) * LINE_HEIGHT + MARGIN  # the scores, then one line of titles
-    canvas = np.full((header + PANEL_HEIGHT, width, 3), 255, np.uint8)
-    canvas[header:, : left.shape[1]] = left
-    canvas[header:, left.shape[1] + gap:] = right
+    # Each name above its own image, unless one image is too narrow to hold it: then one line each, full width.
+    beside = min(left.shape[1], right.shape[1]) >= MIN_TITLE_WIDTH
+    title_lines = [titles] if beside else [(f"query: {titles[0]}",), (f"gallery: {titles[1]}",)]
+    header = (len(score_lines) + len(title_lines)) * LINE_HEIGHT + MARGIN
+    canvas = np.full((header + max(left.shape[0], right.shape[0]), width, 3), 255, np.uint8)
+    canvas[header:header + left.shape[0], : left.shape[1]] = left
+    canvas[header:header + right.shape[0], left.shape[1] + gap: left.shape[1] + gap + right.shape[1]] = right
     offset1 = np.array([left.shape[1] + gap, header], np.float32)
     points0 = evidence.points0 * scale0 + np.array([0, header], np.float32)
     points1 = evidence.points1 * scale1 + offset1
@@ -146,10 +167,13 @@ def draw_matches(
         cv2.circle(canvas, b, 3, colour, -1, cv2.LINE_AA)
     for row, line in enumerate(score_lines, start=1):
         cv2.putText(canvas, line, (MARGIN, row * LINE_HEIGHT - 2), FONT, SCORE_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
-    title_y = header - MARGIN - 2
-    # Each title within its own panel, so two long names never run into each other.
-    cv2.putText(canvas, _fitted(titles[0], left.shape[1] - MARGIN, TITLE_SCALE), (MARGIN, title_y), FONT, TITLE_SCALE,
-                (60, 60, 60), 1, cv2.LINE_AA)
-    cv2.putText(canvas, _fitted(titles[1], right.shape[1] - MARGIN, TITLE_SCALE), (int(offset1[0]), title_y), FONT,
-                TITLE_SCALE, (60, 60, 60), 1, cv2.LINE_AA)
+    first_title_y = (len(score_lines) + 1) * LINE_HEIGHT - 2
+    if beside:  # each within its own panel, so two long names never run into each other
+        for x, room, title in ((MARGIN, left.shape[1] - MARGIN, titles[0]), (int(offset1[0]), right.shape[1] - MARGIN, titles[1])):
+            cv2.putText(canvas, _fitted(title, room, TITLE_SCALE), (x, first_title_y), FONT, TITLE_SCALE, (60, 60, 60), 1,
+                        cv2.LINE_AA)
+    else:
+        for row, (title,) in enumerate(title_lines):
+            cv2.putText(canvas, _fitted(title, width - 2 * MARGIN, TITLE_SCALE), (MARGIN, first_title_y + row * LINE_HEIGHT),
+                        FONT, TITLE_SCALE, (60, 60, 60), 1, cv2.LINE_AA)
     return canvas
