@@ -124,12 +124,12 @@ def global_similarities(query_embeddings: np.ndarray, gallery_embeddings: np.nda
 
 
 def ranks_within(similarity: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """0 for each query's best allowed gallery item; disallowed items rank last."""
+    """0 for each query's best allowed gallery item; disallowed items rank last; tied items (one photo in the
+    gallery twice) share the better place, as `score-pairs` ranks them."""
+    from scipy.stats import rankdata
+
     masked = np.where(allowed, similarity, -np.inf)
-    order = np.argsort(-masked, axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(similarity.shape[1])[None, :].repeat(len(similarity), 0), axis=1)
-    return ranks
+    return rankdata(-masked, method="min", axis=1).astype(np.int64) - 1
 
 
 def local_evidence(scorer, paths: np.ndarray, protocol: Protocol, pairs_qg: set[tuple[int, int]]) -> dict[tuple[int, int], tuple]:

@@ -42,11 +42,12 @@ def global_pair_scores(pairs: pd.DataFrame, embedder: Embedder, rerank: str = "n
     if rerank != "none":
         scores["reranked_similarity"] = rerank_pairs(rerank, embeddings, query_pos, gallery_pos)
     # Ranked over each query's distinct gallery images: a pair listed twice takes one place, so that both rows get
-    # the same rank, and the same local evidence and score, instead of straddling the shortlist's edge.
+    # the same rank, and the same local evidence and score, instead of straddling the shortlist's edge. Tied scores
+    # (one photo under two names) share the better place, whichever row comes first.
     pair_codes = query_pos.astype(np.int64) * len(unique_paths) + gallery_pos
     first_rows = ~pd.Series(pair_codes).duplicated().to_numpy()
     ranked_by = global_similarity(scores)
-    first_rank = ranked_by[first_rows].groupby(query_pos[first_rows]).rank(method="first", ascending=False).astype(int) - 1
+    first_rank = ranked_by[first_rows].groupby(query_pos[first_rows]).rank(method="min", ascending=False).astype(int) - 1
     rank_of_pair = dict(zip(pair_codes[first_rows], first_rank.to_numpy()))
     scores["global_rank"] = [rank_of_pair[code] for code in pair_codes]
     return scores

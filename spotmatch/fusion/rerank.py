@@ -18,11 +18,19 @@ RERANKERS = ("none", "qe", "k-reciprocal")
 K_RECIPROCAL_MAX_IMAGES = 12_000
 
 
+def _row_by_row(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """`queries @ gallery.T`, each row on its own: a matrix product's sums are blocked by how many rows it holds, so
+    a query's scores would change with the other queries of its file (a file split by query, a Ray shard)."""
+    # Elementwise products summed along each gallery row: every score's sum runs in one fixed order, whatever the
+    # gallery's size (BLAS blocks a matrix-vector product by it as well).
+    return np.stack([(gallery * query).sum(axis=1) for query in queries]) if len(queries) else np.zeros((0, len(gallery)))
+
+
 def query_expansion(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray, neighbours: int = 2,
                     alpha: float = 3.0, allowed: np.ndarray | None = None) -> np.ndarray:
     """Similarity (q, g) after alpha-weighted expansion with each query's top `neighbours` among the allowed
     gallery images (default all; where the gallery holds the queries themselves, leave each query out)."""
-    similarity = query_embeddings @ gallery_embeddings.T
+    similarity = _row_by_row(query_embeddings, gallery_embeddings)
     candidates = similarity if allowed is None else np.where(allowed, similarity, -np.inf)
     top = np.argsort(-candidates, axis=1)[:, :neighbours]
     weights = np.clip(np.take_along_axis(similarity, top, axis=1), 0, None) ** alpha
@@ -30,7 +38,7 @@ def query_expansion(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray
         weights *= np.take_along_axis(allowed, top, axis=1)
     expanded = query_embeddings + np.einsum("qn,qnd->qd", weights, gallery_embeddings[top])
     expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
-    return expanded @ gallery_embeddings.T
+    return _row_by_row(expanded, gallery_embeddings)
 
 
 def _reciprocal_neighbours(ranks: np.ndarray, i: int, k: int) -> np.ndarray:
@@ -109,7 +117,7 @@ def rerank_pairs(name: str, embeddings: np.ndarray, query_pos: np.ndarray, galle
     allowed = np.zeros((len(queries), len(gallery)), dtype=bool)
     allowed[query_row, gallery_row] = True
     allowed &= queries[:, None] != gallery[None, :]
-    # In float64, so that a query's scores do not depend on how many other queries share its matrix
-    # products (float32 sums differ with their blocking): files split by query then score alike.
+    # Row by row (`_row_by_row`), so that a query's scores depend on its own rows only: files split by query, and
+    # Ray's shards of whole queries, score alike to the last bit.
     similarity = rerank_similarity(name, embeddings[queries].astype(np.float64), embeddings[gallery].astype(np.float64), allowed)
     return similarity[query_row, gallery_row]
