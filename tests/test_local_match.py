@@ -425,6 +425,12 @@ def test_a_drawing_of_extreme_shapes_stays_bounded_and_says_why_nothing_matched(
     assert "no geometric model fits the 12 tentative matches" in ScoreLine(0, 0.0, 0.0, matches=12, matches_needed=8).text()
     assert "tentative" not in ScoreLine(9, 0.75, 6.0, matches=12, matches_needed=8).text()  # inliers speak for themselves
     assert drawable("Schneeleopard_ü_北.jpg") == "Schneeleopard_u_?.jpg"  # accents dropped, the rest marked
+    # What the matcher never saw (outside a cut-out's mask) is faded, so hidden pixels do not pass for evidence.
+    dark, mask = np.full((480, 640, 3), 40, np.uint8), np.zeros((480, 640), bool)
+    mask[100:300, 200:400] = True
+    faded = draw_matches(dark, dark, PairEvidence.none(), ScoreLine(0, 0.0, 0.0), mask1=mask)
+    right = faded[-480:, -640:]
+    assert right[200, 300].max() == 40 and right[20, 20].min() > 150 and faded[-240, 20].max() == 40  # the query has no mask
 
 
 def test_score_pairs_cli_writes_evidence(tmp_path):

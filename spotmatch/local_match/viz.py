@@ -1,8 +1,8 @@
 """Drawing of match evidence (the one place match drawings are made; OpenCV only, no matplotlib).
 
-`draw_matches` puts both images side by side, each fitted into the same box, outlines their masks, draws one line
-per inlier coloured by match confidence (dark blue = doubtful, yellow = confident; viridis), and writes
-the scores above the images.
+`draw_matches` puts both images side by side, each fitted into the same box, outlines their masks (fading
+what lies outside), draws one line per inlier (the most confident MAX_LINES) coloured by match confidence
+(dark blue = doubtful, yellow = confident; viridis), and writes the scores above the images.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ PANEL_HEIGHT, PANEL_MAX_WIDTH = 480, 800  # the box each image is fitted into
 MAX_ENLARGEMENT = 4.0  # a thumbnail blown up further shows only its pixels
 MIN_WIDTH = 480  # the header's scores need this much room, however narrow the two images
 MIN_TITLE_WIDTH = 160  # a panel narrower than this gets its name on a line of its own
+MAX_LINES = 150  # more lines hide the coat they join: the most confident are drawn, and the count says so
+OUTSIDE_MASK_FADE = 0.6  # how far pixels outside the mask are faded to white: the matcher never saw them
 MASK_COLOUR = (255, 0, 255)  # magenta in RGB: seldom a coat or background colour
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 SCORE_SCALE, TITLE_SCALE = 0.6, 0.45
@@ -115,6 +117,8 @@ def _panel(rgb: np.ndarray, mask: np.ndarray | None, scale: float) -> np.ndarray
     panel = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     if mask is not None:
         small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        outside = small == 0
+        panel[outside] = (panel[outside] * (1 - OUTSIDE_MASK_FADE) + 255 * OUTSIDE_MASK_FADE).astype(np.uint8)
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(panel, contours, -1, MASK_COLOUR, 2, cv2.LINE_AA)
     return panel
@@ -146,7 +150,8 @@ def draw_matches(
     left, right = _panel(rgb0, mask0, scale0), _panel(rgb1, mask1, scale1)
     gap = 8
     width = max(left.shape[1] + gap + right.shape[1], MIN_WIDTH)
-    score_lines = _wrapped(scores.parts(), width - 2 * MARGIN, SCORE_SCALE)
+    parts = scores.parts() + ([f"lines: the {MAX_LINES} most confident of {evidence.inliers}"] if evidence.inliers > MAX_LINES else [])
+    score_lines = _wrapped(parts, width - 2 * MARGIN, SCORE_SCALE)
     # Each name above its own image, unless one image is too narrow to hold it: then one line each, full width.
     beside = min(left.shape[1], right.shape[1]) >= MIN_TITLE_WIDTH
     title_lines = [titles] if beside else [(f"query: {titles[0]}",), (f"gallery: {titles[1]}",)]
@@ -158,8 +163,8 @@ def draw_matches(
     points0 = evidence.points0 * scale0 + np.array([0, header], np.float32)
     points1 = evidence.points1 * scale1 + offset1
     colours = confidence_colours(evidence.confidence)
-    # Least confident first, so the confident lines are drawn on top.
-    for i in np.argsort(evidence.confidence, kind="stable"):
+    # Least confident first, so the confident lines are drawn on top; past MAX_LINES only the most confident.
+    for i in np.argsort(evidence.confidence, kind="stable")[-MAX_LINES:]:
         colour = tuple(int(c) for c in colours[i])
         a, b = tuple(int(v) for v in np.round(points0[i])), tuple(int(v) for v in np.round(points1[i]))
         cv2.line(canvas, a, b, colour, 1, cv2.LINE_AA)
