@@ -41,7 +41,7 @@ from spotmatch.evaluation.protocol import build_protocol, compare_models, evalua
 from spotmatch.evaluation.run import split_for
 from spotmatch.global_embed.embed import Embedder
 from spotmatch.io import write_text_atomic
-from spotmatch.local_match.features import Features
+from spotmatch.local_match.features import Features, same_pixels
 from spotmatch.local_match.matchers import VerificationConf, verify
 
 
@@ -94,7 +94,8 @@ class GalleryDescriptors:
             gallery_index = nearest[query_index, slot] - self.start[g]
             evidence = verify(query.keypoints[query_index], gallery_features.keypoints[gallery_index],
                               weight[query_index, slot].astype(np.float32), conf.verification,
-                              (max(query.image_size), max(gallery_features.image_size)), keypoints=(query.keypoints, gallery_features.keypoints))
+                              (max(query.image_size), max(gallery_features.image_size)), keypoints=(query.keypoints, gallery_features.keypoints),
+                              one_picture=same_pixels(query, gallery_features))
             rows[g] = (evidence.matches, evidence.inliers, evidence.inlier_ratio, evidence.score)
         return rows
 
