@@ -1021,7 +1021,7 @@ def test_a_name_given_up_by_a_rename_or_merge_is_not_taken_for_a_new_animal(tmp_
     from spotmatch.catalogue.service import ImageSource, refuse_misleading_labels
     from spotmatch.errors import SpotmatchError
 
-    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2, "Cat2": 2, "Cat3": 1})
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2, "Cat2": 2, "Cat3": 1, "Cat4": 1})
     store.rename("Cat1", "Luna", who="ana")
     store.merge("Luna", "Cat2", who="ana")
     cat3_image = store.db.execute("SELECT id FROM images WHERE individual_id = ?", (store.individual_id("Cat3"),)).fetchone()[0]
@@ -1029,11 +1029,13 @@ def test_a_name_given_up_by_a_rename_or_merge_is_not_taken_for_a_new_animal(tmp_
     new_photo = SNOW / "images" / pd.read_csv(SNOW / "labels.csv")["filename"].iloc[0]  # not in this catalogue yet
     before = _snapshot(store)
     for call, message in [
-        (lambda: store.confirmable_name("Cat1"), "no individual is named 'Cat1' now: it was renamed to 'Luna'"),
-        (lambda: store.confirm(1, "Cat2", who="ana"), "no individual is named 'Cat2' now: it was merged into 'Luna'"),
-        (lambda: store.split("Luna", [1], "Cat1", who="ana"), "it was renamed to 'Luna'"),
+        (lambda: store.confirmable_name("Cat1"), "no individual is named 'Cat1' now: 'Cat1' was renamed to 'Luna'"),
+        (lambda: store.confirmable_name("cat 1"), "no individual is named 'cat 1' now: 'Cat1' was renamed to 'Luna'"),
+        (lambda: store.confirm(1, "Cat2", who="ana"), "'Cat2' was merged into 'Luna'"),
+        (lambda: store.split("Luna", [1], "Cat1", who="ana"), "'Cat1' was renamed to 'Luna'"),
+        (lambda: store.rename("Cat4", "Cat1", who="ana"), "'Cat1' was renamed to 'Luna'"),  # another animal's old name
         (lambda: refuse_misleading_labels(store, [ImageSource(new_photo, "Cat2")]),
-         f"{new_photo.name}: labelled 'Cat2', an individual since merged into 'Luna'; relabel"),
+         f"{new_photo.name}: labelled 'Cat2', but 'Cat2' was merged into 'Luna'; relabel"),
     ]:
         with pytest.raises(SpotmatchError, match=message) as refused:
             call()
@@ -1042,7 +1044,19 @@ def test_a_name_given_up_by_a_rename_or_merge_is_not_taken_for_a_new_animal(tmp_
     assert store.former_name("Cat3") is None and store.former_name("Luna") is None
     store.confirm(cat3_image, "Cat3", who="ana")
     assert "Cat3" in store.individual_names().values()
+    store.rename("Luna", "Cat1", who="ana")  # a rename undone: its own former name
+    assert "Cat1" in store.individual_names().values()
 
+
+def test_a_fresh_name_is_never_one_given_up(tmp_path):
+    """SQLite gives a merged-away individual's id to the next one: `confirm --new` named it after the merged animal,
+    then refused its own choice."""
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2, "Cat2": 2})
+    image = store.db.execute("SELECT id FROM images WHERE individual_id = ?", (store.individual_id("Cat2"),)).fetchone()[0]
+    first = store.confirm(image, None, who="ana").individual  # the newest individual, the highest id
+    store.merge("Cat1", first, who="ana")  # frees that id
+    second = store.confirm(image, None, who="ana").individual
+    assert (first, second) == ("individual-0003", "individual-0004")
 
 def test_confirming_an_individuals_last_image_elsewhere_removes_it_and_says_so(tmp_path):
     """Otherwise an individual without images would stay counted and listed, which split refuses to make."""

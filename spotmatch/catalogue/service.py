@@ -342,7 +342,7 @@ def refuse_misleading_labels(catalogue: Catalogue, sources: list[ImageSource]) -
     gave up (renamed, merged away) is a table written before that decision, for any photo of it not yet added (the
     same table added again, after an interrupted run, finds its photos there under the name they have now)."""
     first_with: dict[str, ImageSource] = {}  # folded label -> the first source labelled like that
-    fate_of: dict[str, str | None] = {}
+    fate_of: dict = {}  # label -> its FormerName, or None
     for source in sources:
         if source.identity is None:
             continue
@@ -360,8 +360,8 @@ def refuse_misleading_labels(catalogue: Catalogue, sources: list[ImageSource]) -
         if source.identity not in fate_of:
             fate_of[source.identity] = catalogue.former_name(source.identity)
         if fate_of[source.identity] is not None and not _already_added(catalogue, source.path):
-            raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, an individual since {fate_of[source.identity]};"
-                                 f" relabel those rows with its name now (a new animal needs a name never used)")
+            raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, but {fate_of[source.identity]}; relabel those"
+                                 f" rows with its name now (a new animal needs a name never used)")
 
 
 def _already_added(catalogue: Catalogue, path: Path) -> bool:

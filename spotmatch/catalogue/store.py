@@ -301,6 +301,19 @@ def blob_to_embedding(blob: bytes) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class FormerName:
+    """A name an individual gave up: `spelling` as it was written, then `fate` ("renamed to", "merged into") the
+    individual called `successor` now."""
+
+    spelling: str
+    fate: str
+    successor: str
+
+    def __str__(self) -> str:
+        return f"{self.spelling!r} was {self.fate} {self.successor!r}"
+
+
+@dataclass(frozen=True)
 class MovedPhotos:
     """Photos found moved from folder `old` to `new`: (new path, image id) each, of `stored` under `old`."""
 
@@ -655,23 +668,28 @@ class Catalogue:
             return None
         return next((other for other in existing if other != besides and folded_name(other) == folded_name(name)), None)
 
-    def former_name(self, name: str) -> str | None:
-        """What became of the individual once called `name`, where none is called so now and that animal lives on
-        under another name ("renamed to 'Cat5b'", "merged into 'Cat1'"); None for a name never used, or whose
-        individual is gone (its last photo confirmed as another animal)."""
+    def former_name(self, name: str) -> FormerName | None:
+        """The individual once called `name` (or a spelling of it that differs only in case, spaces or punctuation)
+        that lives on under another name: renamed, or merged into another. None for a name never used, one an
+        individual has now, or one whose individual is gone (its last photo confirmed as another animal)."""
         if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (name,)).fetchone():
             return None
-        # Rows about an individual keep the name it had then, and its id until it is merged away.
-        renamed = self.db.execute("SELECT individuals.name FROM confirmations JOIN individuals ON individuals.id ="
-                                  " confirmations.individual_id WHERE confirmations.individual_name = ? ORDER BY"
-                                  " confirmations.id DESC LIMIT 1", (name,)).fetchone()
-        if renamed is not None:
-            return f"renamed to {renamed[0]!r}"
-        for detail, keep in self.db.execute("SELECT confirmations.detail, individuals.name FROM confirmations JOIN individuals"
-                                            " ON individuals.id = confirmations.individual_id WHERE action = 'merge'"
-                                            " ORDER BY confirmations.id DESC"):
-            if detail.startswith(f"merged {name} into "):
-                return f"merged into {keep!r}"
+        folded = folded_name(name)
+        spellings = [row[0] for row in self.db.execute("SELECT DISTINCT individual_name FROM confirmations WHERE"
+                                                       " individual_name IS NOT NULL") if folded_name(row[0]) == folded]
+        for spelling in spellings:
+            # Rows about an individual keep the name it had then, and its id until it is merged away.
+            renamed = self.db.execute("SELECT individuals.name FROM confirmations JOIN individuals ON individuals.id ="
+                                      " confirmations.individual_id WHERE confirmations.individual_name = ? AND"
+                                      " individuals.name != ? ORDER BY confirmations.id DESC LIMIT 1", (spelling, spelling)).fetchone()
+            if renamed is not None:
+                return FormerName(spelling, "renamed to", renamed[0])
+            pattern = "merged " + spelling.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + " into %"
+            merged = self.db.execute("SELECT individuals.name FROM confirmations JOIN individuals ON individuals.id ="
+                                     " confirmations.individual_id WHERE action = 'merge' AND detail LIKE ? ESCAPE '\\'"
+                                     " ORDER BY confirmations.id DESC LIMIT 1", (pattern,)).fetchone()
+            if merged is not None:
+                return FormerName(spelling, "merged into", merged[0])
         return None
 
     def confirmable_name(self, individual: str) -> str:
@@ -685,13 +703,14 @@ class Catalogue:
         self._refuse_former_name(individual)
         return individual
 
-    def _refuse_former_name(self, name: str) -> None:
+    def _refuse_former_name(self, name: str, besides: str | None = None) -> None:
         """A name an individual gave up (renamed, merged away) would make a second animal of a label written before:
-        an old table added again, a reviewer working from an old list."""
-        fate = self.former_name(name)
-        if fate is not None:
-            raise SpotmatchError(f"{self.folder}: no individual is named {name!r} now: it was {fate} (`spotmatch catalogue"
-                                 f" history {self.folder} --individual {name}`); use its name now, or give a new animal a"
+        an old table added again, a reviewer working from an old list. `besides`: the individual it may go back to
+        (a rename undone)."""
+        former = self.former_name(name)
+        if former is not None and former.successor != besides:
+            raise SpotmatchError(f"{self.folder}: no individual is named {name!r} now: {former} (`spotmatch catalogue history"
+                                 f" {self.folder} --individual {former.spelling}`); use its name now, or give a new animal a"
                                  f" name never used")
 
     def _refuse_near_namesake(self, name: str, besides: str | None = None) -> None:
@@ -702,8 +721,10 @@ class Catalogue:
                                  f" differ); merge into {twin!r} if they are one animal, or choose a name that differs more")
 
     def _fresh_name(self) -> str:
+        """`individual-NNNN`, a name no individual has or had (SQLite reuses a merged-away individual's id)."""
         number = int(self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM individuals").fetchone()[0])
-        while self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (f"individual-{number:04d}",)).fetchone():
+        while self.db.execute("SELECT 1 FROM individuals WHERE name = ?1 UNION ALL SELECT 1 FROM confirmations WHERE"
+                              " individual_name = ?1 LIMIT 1", (f"individual-{number:04d}",)).fetchone():
             number += 1
         return f"individual-{number:04d}"
 
@@ -762,6 +783,7 @@ class Catalogue:
             if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (new,)).fetchone():
                 raise SpotmatchError(f"{self.folder}: individual {new!r} already exists; merge the two instead")
             self._refuse_near_namesake(new, besides=individual_name(old))  # Cat5 -> cat5 is a rename, not a typo
+            self._refuse_former_name(new, besides=individual_name(old))  # its own former name back: a rename undone
             self.db.execute("UPDATE individuals SET name = ? WHERE id = ?", (new, individual_id))
             self._record("rename", None, individual_id, who, f"{old} -> {new}")
 
