@@ -1264,7 +1264,7 @@ def test_backup_from_the_command_line_says_what_it_did_not_copy(tmp_path):
     result = run_cli("catalogue", "backup", tmp_path / "cat", "--out", tmp_path / "copy")
     assert result.returncode == 0, result.stderr
     assert "backed up 2 photos, 1 individuals and 2 recorded decisions" in result.stdout
-    assert "2 catalogue photos are stored outside the catalogue folder and were not copied" in result.stdout
+    assert "2 catalogue photos lie outside the backup" in result.stdout
     refused = run_cli("catalogue", "backup", tmp_path / "cat", "--out", tmp_path / "copy")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "already exists and is not an empty folder" in refused.stderr

@@ -28,7 +28,7 @@ class BackupReport:
     individuals: int
     decisions: int
     uploads: int  # files of uploads/ copied; catalogue photos among them now point at the backup's copies
-    photos_elsewhere: int  # catalogue photos stored outside the catalogue folder: referenced by path, not copied
+    photos_elsewhere: int  # catalogue photos the backup names by a path outside itself: referenced, not copied
     model_files: list[str]  # the checkpoint and calibration file the backup still reads where they are
 
 
@@ -56,7 +56,7 @@ def backup_catalogue(catalogue: Catalogue, target: Path) -> BackupReport:
         with contextlib.closing(sqlite3.connect(copy_path, isolation_level=None)) as copy:
             catalogue.db.backup(copy)  # one read transaction: every committed decision, none half-written
             uploads = _copy_uploads(copy, catalogue.folder / UPLOADS, building / UPLOADS, target / UPLOADS)
-            report = _report(copy, catalogue.folder, target, uploads)
+            report = _report(copy, target, uploads)
             copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, nothing left in a -wal beside it
             problems = [row[0] for row in copy.execute("PRAGMA integrity_check") if row[0] != "ok"]
         if problems:  # the source itself is damaged: a backup of it must not pass for a good one
@@ -93,14 +93,13 @@ def _copy_uploads(copy: sqlite3.Connection, source: Path, destination: Path, fin
     return sum(1 for path in destination.rglob("*") if path.is_file())
 
 
-def _report(copy: sqlite3.Connection, catalogue_folder: Path, target: Path, uploads: int) -> BackupReport:
+def _report(copy: sqlite3.Connection, target: Path, uploads: int) -> BackupReport:
     def count(sql: str, *args) -> int:
         return int(copy.execute(sql, args).fetchone()[0])
 
     paths = [Path(row[0]) for row in copy.execute("SELECT path FROM images")]
-    inside = (catalogue_folder.resolve(), target)  # the uploads, in the source or (rewritten) in the backup
     meta = dict(copy.execute("SELECT key, value FROM meta WHERE key IN ('checkpoint', 'fusion')").fetchall())
     return BackupReport(folder=target, images=len(paths), individuals=count("SELECT COUNT(*) FROM individuals"),
                         decisions=count("SELECT COUNT(*) FROM confirmations"), uploads=uploads,
-                        photos_elsewhere=sum(1 for path in paths if not any(path.is_relative_to(folder) for folder in inside)),
+                        photos_elsewhere=sum(1 for path in paths if not path.is_relative_to(target)),
                         model_files=[meta[key] for key in ("checkpoint", "fusion") if meta.get(key)])

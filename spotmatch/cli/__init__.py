@@ -34,7 +34,10 @@ def _on_interrupt(main_pid: int):
     `atomic_path`s remove their temporary files)."""
     def handler(signum, frame):
         if os.getpid() == main_pid:  # image-decoding workers get the same Ctrl-C: one line, from the main process
-            print(INTERRUPTED, file=sys.stderr)
+            try:
+                print(INTERRUPTED, file=sys.stderr)
+            except OSError:  # a hung-up terminal cannot take the line; the run must still end as interrupted
+                pass
         raise KeyboardInterrupt  # typer turns it into exit status 130
     return handler
 

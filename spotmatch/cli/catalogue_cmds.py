@@ -297,8 +297,9 @@ def backup(folder: Path = typer.Argument(..., help=FOLDER_HELP),
     typer.echo(f"backed up {report.images} photos, {report.individuals} individuals and {report.decisions} recorded decisions"
                f" to {report.folder}" + (f"; photos uploaded in the review app, copied: {report.uploads}" if report.uploads else ""))
     if report.photos_elsewhere:
-        typer.echo(f"{report.photos_elsewhere} catalogue photos are stored outside the catalogue folder and were not copied: back"
-                   f" them up too (`catalogue export` lists their paths; `catalogue relink --photos` follows a moved folder)")
+        typer.echo(f"{report.photos_elsewhere} catalogue photos lie outside the backup (the team's own folders, or files the"
+                   f" catalogue lost) and were not copied: back them up too (`catalogue export` lists their paths;"
+                   f" `catalogue relink --photos` follows a moved folder)")
     typer.echo(f"the backup reads the model where it is: {', '.join(report.model_files)}; keep these files too"
                f" (`catalogue relink` points a catalogue at moved copies)")
 

@@ -128,7 +128,7 @@ def ranks_within(similarity: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     gallery twice) share the better place, as `score-pairs` ranks them."""
     from scipy.stats import rankdata
 
-    masked = np.where(allowed, similarity, -np.inf)
+    masked = np.where(allowed & ~np.isnan(similarity), similarity, -np.inf)  # NaN would make its whole row NaN
     return rankdata(-masked, method="min", axis=1).astype(np.int64) - 1
 
 

@@ -29,15 +29,22 @@ if TYPE_CHECKING:
 
 # What two images' pixels must share to be one picture (`same_pixels`): every cell of a 16 x 16 grid that both show
 # whole differs by less than this mean grey level (0-1). Re-encoding or resizing a copy changes a cell by at most
-# 0.013 on the snow-leopard frames; frames of one camera from different visits differ somewhere by 0.28 or more.
+# 0.013 on the snow-leopard frames; frames of one camera from different visits differ somewhere by 0.25 or more.
 ONE_PICTURE_GRID, ONE_PICTURE_CELL_DIFFERENCE = 16, 0.03
 ONE_PICTURE_MIN_CELLS = 16  # fewer whole cells in common (a small cut-out) judge nothing
 
 
 def appearance_grid(rgb: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """(2, 16, 16) float32: each cell's mean grey (0-1) over the pixels the mask keeps, and the share it keeps."""
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255
-    kept = np.ones(grey.shape, np.float32) if mask is None else mask.astype(np.float32)
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    kept = np.full(grey.shape, 255, np.uint8) if mask is None else mask.astype(np.uint8) * 255
+    # Averaged down to 16 times the grid first, in 8 bits: a 12-megapixel frame in float would cost as much as its keypoints.
+    height, width = grey.shape
+    scale = min(1.0, 16 * ONE_PICTURE_GRID / max(height, width))
+    if scale < 1.0:
+        small = (max(ONE_PICTURE_GRID, round(width * scale)), max(ONE_PICTURE_GRID, round(height * scale)))
+        grey, kept = (cv2.resize(image, small, interpolation=cv2.INTER_AREA) for image in (grey, kept))
+    grey, kept = grey.astype(np.float32) / 255, kept.astype(np.float32) / 255
     size = (ONE_PICTURE_GRID, ONE_PICTURE_GRID)
     share = cv2.resize(kept, size, interpolation=cv2.INTER_AREA)
     mean = cv2.resize(grey * kept, size, interpolation=cv2.INTER_AREA) / np.maximum(share, 1e-6)

@@ -94,16 +94,20 @@ def one_picture_share(still0: np.ndarray, still1: np.ndarray, keypoints0: np.nda
     and neither the photo's keypoints on the ground around it nor those along the outline, whose descriptors see
     past it in one image and not in the other, make the pair look like two pictures."""
     scale = np.float32(long_sides[1] / long_sides[0])
-    region0, region1 = keypoints0 * scale, keypoints1
-    shown0 = _depth_inside(region0, region1) >= border
-    shown1 = _depth_inside(region1, region0) >= border
-    stayed = (_depth_inside(still0 * scale, region1) >= border) & (_depth_inside(still1, region0) >= border)
+    hull0, hull1 = _hull(keypoints0 * scale), _hull(keypoints1)
+    shown0 = _depth_inside(keypoints0 * scale, hull1) >= border
+    shown1 = _depth_inside(keypoints1, hull0) >= border
+    stayed = (_depth_inside(still0 * scale, hull1) >= border) & (_depth_inside(still1, hull0) >= border)
     return float(stayed.sum()) / max(min(int(shown0.sum()), int(shown1.sum())), 1)
 
 
-def _depth_inside(points: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Each point's distance inside the convex hull of `region` (negative outside; +inf where it has no area)."""
-    hull = cv2.convexHull(region.astype(np.float32)).reshape(-1, 2).astype(np.float64) if len(region) >= 3 else region
+def _hull(points: np.ndarray) -> np.ndarray:
+    """The convex hull's corners, in order (the points themselves where fewer than 3)."""
+    return cv2.convexHull(points.astype(np.float32)).reshape(-1, 2).astype(np.float64) if len(points) >= 3 else points
+
+
+def _depth_inside(points: np.ndarray, hull: np.ndarray) -> np.ndarray:
+    """Each point's distance inside the convex polygon `hull` (negative outside; +inf where it has no area)."""
     edges = np.roll(hull, -1, axis=0) - hull
     lengths = np.linalg.norm(edges, axis=1)
     area = float(np.sum(hull[:, 0] * np.roll(hull[:, 1], -1) - np.roll(hull[:, 0], -1) * hull[:, 1])) if len(hull) else 0.0

@@ -65,8 +65,8 @@ class ScoreLine:
 
 
 def drawable(text: str) -> str:
-    """`text` as OpenCV's Hershey fonts can draw it: ASCII, accented letters without their accents (ü as u), every
-    other character as "?". A file name that is not valid UTF-8 (its bytes kept as surrogates) crashes
+    """`text` as OpenCV's Hershey fonts can draw it: ASCII, letters whose accents Unicode can take off without them
+    (ü as u, é as e), every other character as "?" (ß, ø, 北). A file name that is not valid UTF-8 (its bytes kept as surrogates) crashes
     cv2.getTextSize with a segmentation fault."""
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).encode("ascii", "replace").decode("ascii")
