@@ -201,6 +201,23 @@ def test_ctrl_c_is_one_line_and_exit_status_130(stop, tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither the output nor its hidden temporary file
 
 
+def test_a_hung_up_terminal_still_ends_the_run_as_interrupted(tmp_path):
+    """After a hang-up the terminal takes no more output: the one line cannot be written, and that must not turn the
+    interruption into an I/O error blamed on the output file."""
+    import os
+
+    out = tmp_path / "out.txt"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nothing reads the command's stderr any more: writing to it fails, as to a dead terminal
+    try:
+        result = subprocess.run([sys.executable, "-c", _self_signalling_command("SIGHUP", out)], stdout=subprocess.DEVNULL,
+                                stderr=write_end, cwd=REPO, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 130
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_run_under_nohup_outlives_the_terminal(tmp_path):
     """`nohup` ignores SIGHUP so that a long `add` survives a dropped ssh session; the command must not undo that."""
     out = tmp_path / "out.txt"
