@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import brier_score_loss, log_loss, precision_recall_curve
 
-from spotmatch.io import atomic_path
+from spotmatch.plotting import pyplot, save_figure
 
 # The threshold of a decision that no threshold makes precise enough: just above 1, so that no probability
 # (isotonic and saturated logistic ones reach 1.0 exactly) nor lead over the next individual reaches it.
@@ -52,11 +52,7 @@ def threshold_for_precision(probability: np.ndarray, labels: np.ndarray, precisi
 
 def reliability_diagram(curves: dict[str, tuple[np.ndarray, np.ndarray]], out_png: str | Path, bins: int = 10) -> Path:
     """One line per named (probability, labels) set against the diagonal, with pair counts per bin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     top.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
     edges = np.linspace(0, 1, bins + 1)
@@ -75,8 +71,4 @@ def reliability_diagram(curves: dict[str, tuple[np.ndarray, np.ndarray]], out_pn
     bottom.set_xlabel("predicted probability")
     bottom.set_ylabel("pairs")
     figure.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
-    return out_png
+    return save_figure(figure, out_png, dpi=120)

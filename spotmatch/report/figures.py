@@ -4,30 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from spotmatch.io import atomic_path
+
+from spotmatch.plotting import pyplot, save_figure
 
 CORRECT_COLOUR, WRONG_COLOUR, QUERY_COLOUR = "#1a9850", "#d73027", "#4575b4"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, out_png: Path, dpi: int = 100) -> Path:
-    with atomic_path(out_png) as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi)
-    _pyplot().close(figure)
-    return out_png
-
-
 def training_curves(history: list[dict], out_png: Path) -> Path:
     """Loss per epoch (left axis) and validation IB-mAP where it was measured (right axis)."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = np.array([row["epoch"] for row in history], dtype=float)
     loss = np.array([row["loss"] for row in history], dtype=float)
     val_map = np.array([row.get("val_ib_map", np.nan) for row in history], dtype=float)
@@ -43,12 +28,12 @@ def training_curves(history: list[dict], out_png: Path) -> Path:
     loss_axis.set_title("Training history")
     figure.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
-    return _save(figure, out_png)
+    return save_figure(figure, out_png)
 
 
 def similarity_histograms(same: np.ndarray, different: np.ndarray, out_png: Path) -> Path:
     """Density of cosine similarity for same- and different-individual pairs (counts differ a lot)."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 3.6))
     edges = np.linspace(-1, 1, 81)
     if different.size:
@@ -62,12 +47,12 @@ def similarity_histograms(same: np.ndarray, different: np.ndarray, out_png: Path
     axis.set_title("Same vs different individual")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    return _save(figure, out_png)
+    return save_figure(figure, out_png)
 
 
 def similarity_heatmap(embeddings: np.ndarray, identities: np.ndarray, out_png: Path) -> Path:
     """All-pairs similarity of the given images, rows ordered by identity, with identity blocks outlined."""
-    plt = _pyplot()
+    plt = pyplot()
     order = np.argsort(identities, kind="stable")
     ordered_ids = identities[order]
     similarity = embeddings[order] @ embeddings[order].T
@@ -88,14 +73,14 @@ def similarity_heatmap(embeddings: np.ndarray, identities: np.ndarray, out_png: 
     axis.set_title(f"Cosine similarity, {len(order)} images ordered by identity")
     figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
     figure.tight_layout()
-    return _save(figure, out_png)
+    return save_figure(figure, out_png)
 
 
 def neighbour_grid(rows: list[dict], top_k: int, out_png: Path) -> Path:
     """One row per query: the query (blue frame) then its top-k gallery images, green frame when the
     same individual, red when not. Each row dict: query (Image), query_label, neighbours
     [(Image, label, similarity, correct)]."""
-    plt = _pyplot()
+    plt = pyplot()
     cell = 1.55
     figure, axes = plt.subplots(len(rows), top_k + 1, figsize=(cell * (top_k + 1), cell * 0.95 * len(rows)), squeeze=False)
     for axes_row, row in zip(axes, rows):
@@ -114,5 +99,5 @@ def neighbour_grid(rows: list[dict], top_k: int, out_png: Path) -> Path:
             axis.axis("off")
     figure.suptitle(f"Top-{top_k} neighbours (green: same individual, red: different)", fontsize=10)
     figure.tight_layout()
-    return _save(figure, out_png, dpi=80)  # photos make this the heaviest PNG
+    return save_figure(figure, out_png, dpi=80)  # photos make this the heaviest PNG
 
