@@ -41,7 +41,7 @@ def test_missing_local_evidence_is_explicit():
 def test_fusion_is_calibrated_and_round_trips(tmp_path):
     table, labels = synthetic_pairs()
     fit_rows = np.arange(len(table)) < 3000
-    model = FusionModel.new(embedder_id="emb-1", extractor="rootsift-x", shortlist_k=20).fit(pair_features(table[fit_rows]), labels[fit_rows])
+    model = FusionModel.new(embedder_id="emb-1", local_stage="rootsift-x", shortlist_k=20).fit(pair_features(table[fit_rows]), labels[fit_rows])
     probability = model.predict_proba(pair_features(table[~fit_rows]))
     assert expected_calibration_error(probability, labels[~fit_rows]) < 0.05
     # More verified matches on the coat mean "same cat" (inliers and their summed confidence rise together).
@@ -51,7 +51,7 @@ def test_fusion_is_calibrated_and_round_trips(tmp_path):
     assert model.predict_proba(pair_features(strong))[0] > model.predict_proba(pair_features(weak))[0] + 0.3
     model.decision = "margin"
     path = model.save(tmp_path / "fusion.json")
-    loaded = FusionModel.load(path, embedder_id="emb-1", extractor="rootsift-x")
+    loaded = FusionModel.load(path, embedder_id="emb-1", local_stage="rootsift-x")
     np.testing.assert_allclose(loaded.predict_proba(pair_features(table)), model.predict_proba(pair_features(table)))
     with pytest.raises(SpotmatchError, match="calibrated for embedder 'emb-1', not 'emb-2'"):
         FusionModel.load(path, embedder_id="emb-2")
@@ -605,10 +605,10 @@ def test_the_engine_matches_inside_the_masks_the_calibration_was_fit_with(tmp_pa
     result = calibration.main(dataset, split, split_by, embedder, EngineConfig(shortlist_k=5, masks="teacher", cache_dir=cache),
                               calibration.CalibrateConfig(rerankers=()), tmp_path)
     fusion = FusionModel.load(result["fusion_path"])
-    assert fusion.local_masks == "teacher" and "+masks-teacher-" in fusion.extractor
+    assert fusion.local_masks == "teacher" and "+masks-teacher-" in fusion.local_stage
 
     engine = Engine.from_files(tiny_checkpoint, result["fusion_path"], EngineConfig(cache_dir=cache), run)
-    assert engine.conf.masks == "teacher" and engine.local.conf_name == fusion.extractor
+    assert engine.conf.masks == "teacher" and engine.local.conf_name == fusion.local_stage
     assert any(engine.local.mask_source(load_image(path)) is not None for path in dataset.paths)  # the teacher's, on JPEG frames
     with pytest.raises(SpotmatchError, match="calibrated for local stage .*masks-teacher.*, not 'rootsift-[^']*'; run `spotmatch calibrate`"):
         Engine.from_files(tiny_checkpoint, result["fusion_path"], EngineConfig(masks="alpha", cache_dir=cache), run)
@@ -622,7 +622,7 @@ def test_the_engine_matches_inside_the_masks_the_calibration_was_fit_with(tmp_pa
     explained = run_cli("explain", query, gallery, "--out", tmp_path / "x.png", "--local-masks", "teacher", "--cache-dir", cache)
     matched = run_cli("match", tmp_path / "pair.csv", "--top-k", "0", "--out", tmp_path / "m.csv", "--local-masks", "teacher", "--cache-dir", cache)
     assert explained.returncode == 0 and matched.returncode == 0, explained.stderr + matched.stderr
-    assert json.loads((tmp_path / "x.json").read_text())["settings"] == fusion.extractor
+    assert json.loads((tmp_path / "x.json").read_text())["settings"] == fusion.local_stage
     expected = engine.local.score_pairs(pair).iloc[0]
     assert pd.read_csv(tmp_path / "m.csv")[["matches", "inliers"]].iloc[0].tolist() == expected[["matches", "inliers"]].tolist()
 
@@ -636,7 +636,7 @@ def test_a_damaged_calibration_file_is_refused_in_one_line_naming_its_key(tmp_pa
     table, labels = synthetic_pairs()
     valid = {}
     for method in ("logistic", "isotonic"):
-        model = FusionModel.new(method, embedder_id="emb-1", extractor="rootsift-x", shortlist_k=20, decision="margin")
+        model = FusionModel.new(method, embedder_id="emb-1", local_stage="rootsift-x", shortlist_k=20, decision="margin")
         valid[method] = json.loads(model.fit(pair_features(table), labels).save(tmp_path / f"{method}.json").read_text())
     missing = object()
     cases = [  # (the valid file it edits, section or None for the top level, key, value; missing: the key deleted)

@@ -347,7 +347,7 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
         identify_threshold = quality["identify"]["threshold"]
         searched["identify"] = identify_in_views(plain, source, searched_frames, restricted_new, decisions[conf.decision], conf)
 
-    fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, extractor=scorer.conf_name,
+    fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, local_stage=scorer.conf_name,
                              threshold=identify_threshold, target_precision=conf.target_precision, quality=quality,
                              decision=conf.decision, rerank=conf.rerank, shortlist_k=k,
                              local_masks=absolute_source(engine_conf.masks or embedder.conf.masks))

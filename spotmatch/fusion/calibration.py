@@ -274,7 +274,7 @@ class FusionModel:
     global_only: Calibrator
     global_all: Calibrator
     embedder_id: str = ""
-    extractor: str = ""
+    local_stage: str = ""  # the local stage's settings name (extractor, matcher, verification, masks); "extractor" in the file
     threshold: float = 0.5  # "same individual" when the decision score (below) reaches it
     target_precision: float | None = None
     decision: str = "best"  # DECISIONS; "best" reads files of version 1 as they were calibrated
@@ -335,7 +335,7 @@ class FusionModel:
 
     def save(self, path: str | Path) -> Path:
         payload = {"format": FUSION_FORMAT, "version": FUSION_VERSION, "embedder_id": self.embedder_id,
-                   "extractor": self.extractor, "threshold": self.threshold, "target_precision": self.target_precision,
+                   "extractor": self.local_stage, "threshold": self.threshold, "target_precision": self.target_precision,
                    "decision": self.decision, "rerank": self.rerank, "shortlist_k": self.shortlist_k, "local_masks": self.local_masks,
                    "quality": self.quality, "with_local": self.with_local.to_dict(), "global_only": self.global_only.to_dict(),
                    "global_all": self.global_all.to_dict()}
@@ -343,7 +343,7 @@ class FusionModel:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, embedder_id: str | None = None, extractor: str | None = None,
+    def load(cls, path: str | Path, embedder_id: str | None = None, local_stage: str | None = None,
              rerank: str | None = None, shortlist_k: int | None = None) -> "FusionModel":
         """Refuse a file fit for another embedder, extractor, global re-ranking or shortlist length: its
         probabilities would mean nothing. None: not checked. A malformed field (edited by hand, damaged) is refused
@@ -379,8 +379,8 @@ class FusionModel:
                 f"{path}: calibrated with the local stage re-scoring {saved_shortlist} images per query, not {shortlist_k}; leave out "
                 f"--top-k / --shortlist-k (or pass {saved_shortlist}), or make a file for {shortlist_k} with `spotmatch calibrate --top-k {shortlist_k}`"
             )
-        if extractor is not None:
-            model.refuse_other_local_stage(extractor, path)
+        if local_stage is not None:
+            model.refuse_other_local_stage(local_stage, path)
         return model
 
     @classmethod
@@ -395,7 +395,7 @@ class FusionModel:
         threshold = fields.read(payload, "threshold", "a probability threshold from 0 to 1",
                                 lambda value: is_finite_number(value) and 0 <= value and (version < 5 or value <= NEVER))
         return cls(*calibrators, embedder_id=fields.read(payload, "embedder_id", "a string: the embedder's id", is_text),
-                   extractor=fields.read(payload, "extractor", "a string: the local stage's settings name", is_text),
+                   local_stage=fields.read(payload, "extractor", "a string: the local stage's settings name", is_text),
                    threshold=NEVER if version < 5 and threshold >= 1.0 else float(threshold),
                    target_precision=fields.read(payload, "target_precision", "a finite number or null",
                                                 lambda value: value is None or is_finite_number(value)),
@@ -409,8 +409,8 @@ class FusionModel:
 
     def refuse_other_local_stage(self, settings_name: str, path: str | Path) -> None:
         """`settings_name`: the local stage's conf_name (extractor, matcher, verification, masks)."""
-        if settings_name != self.extractor:
+        if settings_name != self.local_stage:
             raise SpotmatchError(
-                f"{path}: calibrated for local stage '{self.extractor}', not '{settings_name}'; run `spotmatch calibrate` with "
+                f"{path}: calibrated for local stage '{self.local_stage}', not '{settings_name}'; run `spotmatch calibrate` with "
                 f"these local settings, or drop the option that changed them (--extractor, --local-masks, --weights)"
             )

@@ -19,7 +19,6 @@ class RetrievalAnalysis:
 
     embeddings: np.ndarray  # (n_images, d), L2-normalised, every row of the table
     split: pd.Series  # "train" / "val" per row
-    split_by: str
     split_origin: str  # where the split came from, in words
     protocol: Protocol
     similarity: np.ndarray  # (n_queries, n_gallery) cosine similarity over the protocol's rows
@@ -61,12 +60,11 @@ def report_protocol(dataset: Dataset, split: pd.Series, split_by: str) -> Protoc
     return protocol
 
 
-def analyse(dataset: Dataset, embeddings: np.ndarray, protocol: Protocol, split: pd.Series, split_by: str,
-            split_origin: str) -> RetrievalAnalysis:
+def analyse(dataset: Dataset, embeddings: np.ndarray, protocol: Protocol, split: pd.Series, split_origin: str) -> RetrievalAnalysis:
     identities = dataset.table["identity"].to_numpy()
     similarity = protocol_similarity(embeddings, protocol)
     return RetrievalAnalysis(
-        embeddings=embeddings, split=split, split_by=split_by, split_origin=split_origin, protocol=protocol,
+        embeddings=embeddings, split=split, split_origin=split_origin, protocol=protocol,
         similarity=similarity, metrics_by_view=evaluate_protocol(similarity, identities, protocol),
         per_identity=per_identity_metrics(similarity, identities, protocol),
     )

@@ -146,7 +146,7 @@ def build_report(conf: ReportConfig) -> ReportSummary:
     protocol = report_protocol(dataset, split, split_by)
     embedder = Embedder.from_checkpoint(conf.checkpoint, conf.embed)
     fusion_png = reliability_png(conf, embedder.model_id)  # a wrong --fusion is refused before the embedding
-    analysis = analyse(dataset, embedder.embed(dataset.paths), protocol, split, split_by, origin)
+    analysis = analyse(dataset, embedder.embed(dataset.paths), protocol, split, origin)
     shown = sample_rows(split, conf.max_images, conf.seed)
 
     folder = figures_folder(conf.out)
