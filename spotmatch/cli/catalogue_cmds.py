@@ -138,22 +138,28 @@ def identify(
         typer.echo(json.dumps([{**asdict(r), "verdict": r.verdict} for r in results], indent=1))
         return
     for result in results:
-        known = ""
-        if result.known_image_id:
-            individual = catalogue.individual_names().get(catalogue.image(result.known_image_id)["individual_id"], "no individual yet")
-            known = f" (already in the catalogue as image {result.known_image_id}, {individual})"
-        # Without a calibration file the number is a similarity, not a probability: it must not read as one.
-        label, threshold = ("p=", "threshold") if result.calibrated else ("similarity ", "uncalibrated threshold")
-        decision = result.decision if result.calibrated else "similarity"
-        score = "no candidates" if result.decision_score is None else f"{decision} {result.decision_score:.3f}"
-        typer.echo(f"{result.query}: {result.verdict} ({score}, {threshold} {result.threshold:.3f}; gallery: {result.gallery}){known}")
-        for rank, c in enumerate(result.candidates, 1):
-            local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
-            drawing = f", {c.explanation_png}" if c.explanation_png else ""
-            if explain_dir is not None and not c.explanation_png:
-                drawing = f", not drawn: {c.gallery_path} is gone (moved? `spotmatch catalogue relink --photos OLD=NEW`)"
-            typer.echo(f"  {rank}. {c.individual}  {label}{c.probability:.3f}  cosine {c.cosine:.3f}{local}"
-                       f"  via image {c.gallery_image_id} {c.gallery_filename} ({candidate_place(c)}){drawing}")
+        typer.echo("\n".join(result_lines(result, catalogue, drawn=explain_dir is not None)))
+
+
+def result_lines(result, catalogue, drawn: bool) -> list[str]:
+    """One photo's verdict, then a line per candidate, as `identify` prints them; `drawn`: drawings were asked for."""
+    known = ""
+    if result.known_image_id:
+        individual = catalogue.individual_names().get(catalogue.image(result.known_image_id)["individual_id"], "no individual yet")
+        known = f" (already in the catalogue as image {result.known_image_id}, {individual})"
+    # Without a calibration file the number is a similarity, not a probability: it must not read as one.
+    label, threshold = ("p=", "threshold") if result.calibrated else ("similarity ", "uncalibrated threshold")
+    decision = result.decision if result.calibrated else "similarity"
+    score = "no candidates" if result.decision_score is None else f"{decision} {result.decision_score:.3f}"
+    lines = [f"{result.query}: {result.verdict} ({score}, {threshold} {result.threshold:.3f}; gallery: {result.gallery}){known}"]
+    for rank, c in enumerate(result.candidates, 1):
+        local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
+        drawing = f", {c.explanation_png}" if c.explanation_png else ""
+        if drawn and not c.explanation_png:
+            drawing = f", not drawn: {c.gallery_path} is gone (moved? `spotmatch catalogue relink --photos OLD=NEW`)"
+        lines.append(f"  {rank}. {c.individual}  {label}{c.probability:.3f}  cosine {c.cosine:.3f}{local}"
+                     f"  via image {c.gallery_image_id} {c.gallery_filename} ({candidate_place(c)}){drawing}")
+    return lines
 
 
 def candidate_place(candidate) -> str:
