@@ -115,22 +115,23 @@ def copy_differences(paths: list[str], cache: Path, sides: tuple[int, ...] = (30
     return np.array(differences, dtype=float)
 
 
-def difference_table(pairs: pd.DataFrame) -> str:
-    rows = ["| frames | cats | pairs | smallest | 1st percentile | median | one picture by pixels |", "|---|---|---:|---:|---:|---:|---:|"]
+def per_kind_table(pairs: pd.DataFrame, column: str, headers: list[str], cells) -> str:
+    """One row per kind of frame pair and cat pairing: `cells(values)` gives the row's figures for `column`."""
+    rows = ["| frames | cats | pairs | " + " | ".join(headers) + " |", "|---|---|---:|" + "---:|" * len(headers)]
     for (kind, same_cat), group in pairs.groupby(["kind", "same_cat"], sort=False):
-        difference = group["cell_difference"]
-        rows.append(f"| {kind} | {'same' if same_cat else 'different'} | {len(group)} | {difference.min():.3f} | "
-                    f"{difference.quantile(0.01):.3f} | {difference.median():.3f} | {int((difference < ONE_PICTURE_CELL_DIFFERENCE).sum())} |")
+        rows.append(f"| {kind} | {'same' if same_cat else 'different'} | {len(group)} | " + " | ".join(cells(group[column])) + " |")
     return "\n".join(rows)
+
+
+def difference_table(pairs: pd.DataFrame) -> str:
+    return per_kind_table(pairs, "cell_difference", ["smallest", "1st percentile", "median", "one picture by pixels"],
+                          lambda d: [f"{d.min():.3f}", f"{d.quantile(0.01):.3f}", f"{d.median():.3f}",
+                                     str(int((d < ONE_PICTURE_CELL_DIFFERENCE).sum()))])
 
 
 def share_table(pairs: pd.DataFrame) -> str:
-    rows = ["| frames | cats | pairs | median share | 99th percentile | max |", "|---|---|---:|---:|---:|---:|"]
-    for (kind, same_cat), group in pairs.groupby(["kind", "same_cat"], sort=False):
-        share = group["still_share"]
-        rows.append(f"| {kind} | {'same' if same_cat else 'different'} | {len(group)} | {share.median():.3f} | "
-                    f"{share.quantile(0.99):.3f} | {share.max():.3f} |")
-    return "\n".join(rows)
+    return per_kind_table(pairs, "still_share", ["median share", "99th percentile", "max"],
+                          lambda share: [f"{share.median():.3f}", f"{share.quantile(0.99):.3f}", f"{share.max():.3f}"])
 
 
 def main() -> None:
