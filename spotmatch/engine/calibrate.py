@@ -259,13 +259,37 @@ def as_matrix(frame: pd.DataFrame, values: np.ndarray, shape: tuple[int, int]) -
     return matrix
 
 
-def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, engine_conf: EngineConfig,
-         conf: CalibrateConfig, out_dir: str | Path, split_origin: str = "the split passed in") -> dict:
-    """Measure, fit, and write fusion.json, reliability.png and calibration.md in `out_dir` as one set
-    (write_outputs); `split_origin`: where `split` comes from, for the report's first line."""
-    out_dir = Path(out_dir)
-    check_outputs(out_dir, [dataset.csv_path] if dataset.csv_path else [])  # before any image is embedded
-    labels_csv = dataset.csv_path or "calibration"  # what the errors name: a table built in memory has no file
+@dataclass
+class GlobalMeasure:
+    """Everything the global stage gives one calibration: the protocol, each (query, gallery) pair's plain and
+    re-ranked similarities and ranks, and the galleries `identify` searches: without the query's animal
+    (`*_new`) and within each view (`restricted`, `restricted_new`: view -> (ranks, allowed))."""
+    protocol: Protocol
+    identities: np.ndarray
+    paths: np.ndarray
+    query_ids: np.ndarray
+    gallery_ids: np.ndarray
+    allowed: np.ndarray
+    similarities: dict[str, np.ndarray]
+    ranks: dict[str, np.ndarray]
+    allowed_new: np.ndarray
+    ranks_new: np.ndarray
+    restricted: dict[str, tuple[np.ndarray, np.ndarray]]
+    restricted_new: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    def shortlists(self, measure_identify: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ranks, allowed) of every list whose top-K the local stage checks."""
+        return ([(ranks, self.allowed) for ranks in self.ranks.values()] + list(self.restricted.values())
+                + list(self.restricted_new.values()) + ([(self.ranks_new, self.allowed_new)] if measure_identify else []))
+
+    def evaluate(self, ranking: np.ndarray) -> dict:
+        """IB-mAP and the rest per view of one (query, gallery) ranking."""
+        return evaluate_protocol(np.where(self.allowed, ranking, -np.inf), self.identities, self.protocol)
+
+
+def measure_global(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, conf: CalibrateConfig,
+                   measure_identify: bool) -> GlobalMeasure:
+    """Embed the protocol's photos once and rank every gallery they are searched in."""
     protocol = build_protocol(dataset.table, split, split_by)
     if len(protocol.query_rows) == 0:
         raise SpotmatchError(f"{dataset.csv_path}: its split holds no photo out to calibrate on; calibrate on the table the"
@@ -275,59 +299,83 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     query_embeddings, gallery_embeddings = embed_protocol(embedder.embed, paths, protocol)
     allowed = protocol.views["all"]
     similarities = global_similarities(query_embeddings, gallery_embeddings, allowed, conf.variants)
-    ranks = {name: ranks_within(s, allowed) for name, s in similarities.items()}
-
     # What a photo of an animal missing from the gallery meets: every query against the other animals.
-    # `identify` (the catalogue) ranks plain cosines only, so its decision is measured for plain files only.
-    measure_identify = conf.rerank == "none"
     allowed_new = allowed & (query_ids[:, None] != gallery_ids[None, :])
-    ranks_new = ranks_within(similarities["plain"], allowed_new)
-
     # Each view searched on its own gallery, as `identify --side` or `--station` searches: the shortlist
     # taken within the view, where the views of `retrieval` filter the whole gallery's ranking.
     restricted = {view: (ranks_within(similarities["plain"], view_allowed), view_allowed)
                   for view, view_allowed in protocol.views.items() if view != "all"}
     restricted_new = {view: (ranks_within(similarities["plain"], view_allowed & allowed_new), view_allowed & allowed_new)
                       for view, (_, view_allowed) in restricted.items()} if measure_identify else {}
+    return GlobalMeasure(protocol, identities, paths, query_ids, gallery_ids, allowed, similarities,
+                         {name: ranks_within(s, allowed) for name, s in similarities.items()},
+                         allowed_new, ranks_within(similarities["plain"], allowed_new), restricted, restricted_new)
 
-    scorer = build_local(engine_conf, embedder.conf.masks)
-    k = shortlist_length(engine_conf.shortlist_k, None)
-    shortlists = ([(r, allowed) for r in ranks.values()] + list(restricted.values()) + list(restricted_new.values())
-                  + ([(ranks_new, allowed_new)] if measure_identify else []))
-    needed = {(q, g) for r, a in shortlists for q, g in zip(*np.nonzero((r < k) & a))}
-    evidence = local_evidence(scorer, paths, protocol, needed)
 
-    shape = allowed.shape
-    source = PairSource(similarities["plain"], evidence, query_ids, gallery_ids, k)
-    frames = {name: source.frame(ranks[name], allowed, reranked=None if name == "plain" else similarities[name]) for name in similarities}
-    plain = frames["plain"]
-    rankings = {"global only": similarities["plain"]}
+def rank_every_stage(measured: GlobalMeasure, frames: dict[str, pd.DataFrame], k: int, conf: CalibrateConfig,
+                     labels_csv: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    """Each stage's (query, gallery) ranking, and each frame's held-out fused probability; with the name of
+    the local-only ranking."""
+    plain, shape = frames["plain"], measured.allowed.shape
     shortlisted = (plain["global_rank"] < k).to_numpy()
-    local_only = local_only_order(plain, shortlisted)
     local_name = f"local only (top-{k} re-ranked)"
-    rankings[local_name] = as_matrix(plain, local_only, shape)
+    rankings = {"global only": measured.similarities["plain"], local_name: as_matrix(plain, local_only_order(plain, shortlisted), shape)}
     held_out_probability = {}
     # Each frame's first fit: where its shortlists or held-out photos leave a kind of pair out, the error names
     # the table (later fits of `plain` refit these same folds).
     for name, frame in frames.items():
         held_out_probability[name] = cross_validated_probability(frame, conf, labels_csv=labels_csv)
-        label = "fused" if name == "plain" else f"fused + {name}"
-        rankings[label] = as_matrix(frame, held_out_probability[name], shape)
+        rankings["fused" if name == "plain" else f"fused + {name}"] = as_matrix(frame, held_out_probability[name], shape)
     shortlist_first = keep_shortlist_first(held_out_probability["plain"], shortlisted, plain["q"].to_numpy())
     rankings[SHORTLIST_FIRST] = as_matrix(plain, shortlist_first, shape)
     for name in conf.variants:
-        rankings[f"global + {name}"] = similarities[name]
+        rankings[f"global + {name}"] = measured.similarities[name]
+    return rankings, held_out_probability, local_name
 
-    identity_of_rows = identities.copy()
-    retrieval = {name: evaluate_protocol(np.where(allowed, matrix, -np.inf), identity_of_rows, protocol)
-                 for name, matrix in rankings.items()}
+
+def measure_identify_decision(measured: GlobalMeasure, source: PairSource, plain: pd.DataFrame, probability: np.ndarray,
+                              searched: dict, searched_frames: dict, conf: CalibrateConfig) -> dict[str, dict]:
+    """`identify`'s decision, per rule, over held-out photos of catalogued animals and of animals taken out of
+    the gallery; adds the same within each view to `searched`."""
+    new_frame = source.frame(measured.ranks_new, measured.allowed_new)
+    new_probability = cross_validated_probability(plain, conf, new_frame)
+    decisions = {rule: (decision_per_query(plain, probability, source.k, rule), decision_per_query(new_frame, new_probability, source.k, rule))
+                 for rule in DECISIONS}
+    searched["identify"] = identify_in_views(plain, source, searched_frames, measured.restricted_new, decisions[conf.decision], conf)
+    # Only a photo whose animal the gallery holds can be named right: in an open set, an animal with one
+    # held-out photo has none, and would count as a known photo that is always wrong.
+    return identify_within(decisions, plain.loc[plain["label"] == 1, "q"].unique(), conf)
+
+
+def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, engine_conf: EngineConfig,
+         conf: CalibrateConfig, out_dir: str | Path, split_origin: str = "the split passed in") -> dict:
+    """Measure, fit, and write fusion.json, reliability.png and calibration.md in `out_dir` as one set
+    (write_outputs); `split_origin`: where `split` comes from, for the report's first line."""
+    out_dir = Path(out_dir)
+    check_outputs(out_dir, [dataset.csv_path] if dataset.csv_path else [])  # before any image is embedded
+    labels_csv = dataset.csv_path or "calibration"  # what the errors name: a table built in memory has no file
+    # `identify` (the catalogue) ranks plain cosines only, so its decision is measured for plain files only.
+    measure_identify = conf.rerank == "none"
+    measured = measure_global(dataset, split, split_by, embedder, conf, measure_identify)
+
+    scorer = build_local(engine_conf, embedder.conf.masks)
+    k = shortlist_length(engine_conf.shortlist_k, None)
+    needed = {(q, g) for ranks, allowed in measured.shortlists(measure_identify) for q, g in zip(*np.nonzero((ranks < k) & allowed))}
+    source = PairSource(measured.similarities["plain"], local_evidence(scorer, measured.paths, measured.protocol, needed),
+                        measured.query_ids, measured.gallery_ids, k)
+    frames = {name: source.frame(measured.ranks[name], measured.allowed, reranked=None if name == "plain" else measured.similarities[name])
+              for name in measured.similarities}
+    plain = frames["plain"]
+
+    rankings, held_out_probability, local_name = rank_every_stage(measured, frames, k, conf, labels_csv)
+    retrieval = {name: measured.evaluate(ranking) for name, ranking in rankings.items()}
     # The saved variant too, when it is re-ranked: what `score-pairs --rerank` will rank with.
     compared = ["fused", SHORTLIST_FIRST] + ([f"fused + {conf.rerank}"] if conf.rerank != "none" else [])
     comparisons = compare_models(retrieval, [(fused, single) for fused in compared for single in ("global only", local_name)])
-    searched = searched_within_views(plain, source, restricted, conf)
+    searched = searched_within_views(plain, source, measured.restricted, conf)
     searched_frames = searched.pop("frames")
-    headroom = mixing_headroom(plain, shortlisted, retrieval[local_name],
-                               lambda values: evaluate_protocol(np.where(allowed, as_matrix(plain, values, shape), -np.inf), identity_of_rows, protocol))
+    headroom = mixing_headroom(plain, (plain["global_rank"] < k).to_numpy(), retrieval[local_name],
+                               lambda values: measured.evaluate(as_matrix(plain, values, measured.allowed.shape)))
 
     # Quality and thresholds describe the calibrators that are saved: fit on plain or re-ranked similarities.
     saved, probability = frames[conf.saved_variant], held_out_probability[conf.saved_variant]
@@ -335,17 +383,10 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     quality = pair_quality(saved, probability, k, conf.target_precision)
     identify_threshold = NEVER  # a file fit on re-ranked similarities never names an animal
     if measure_identify:
-        new_frame = source.frame(ranks_new, allowed_new)
-        new_probability = cross_validated_probability(plain, conf, new_frame)
-        decisions = {rule: (decision_per_query(plain, probability, k, rule), decision_per_query(new_frame, new_probability, k, rule))
-                     for rule in DECISIONS}
-        # Only a photo whose animal the gallery holds can be named right: in an open set, an animal with one
-        # held-out photo has none, and would count as a known photo that is always wrong.
-        quality["identify by rule"] = identify_within(decisions, plain.loc[plain["label"] == 1, "q"].unique(), conf)
+        quality["identify by rule"] = measure_identify_decision(measured, source, plain, probability, searched, searched_frames, conf)
         quality["identify"] = {**quality["identify by rule"][conf.decision], "decision": conf.decision}
         # The saved threshold serves `identify`, so it is the one set on identify's own decision.
         identify_threshold = quality["identify"]["threshold"]
-        searched["identify"] = identify_in_views(plain, source, searched_frames, restricted_new, decisions[conf.decision], conf)
 
     fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, local_stage=scorer.conf_name,
                              threshold=identify_threshold, target_precision=conf.target_precision, quality=quality,

@@ -14,14 +14,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from spotmatch.config import config_to_dict
+from spotmatch.config import DEFAULT_CACHE, config_to_dict
 from spotmatch.data.splits import SplitConfig, split_dataset
 from spotmatch.data.tables import Dataset, same_file_key
+from spotmatch.device import resolve_device
 from spotmatch.errors import SpotmatchError
 from spotmatch.evaluation.protocol import build_protocol, embed_protocol, evaluate_protocol, refuse_trivial_protocol
 from spotmatch.global_embed.checkpoint import read_checkpoint, save_checkpoint
-from spotmatch.device import resolve_device
-from spotmatch.config import DEFAULT_CACHE
 from spotmatch.global_embed.embed import EmbedConfig, Embedder, NonFiniteEmbeddings, mask_provider
 from spotmatch.global_embed.loading import ImageTensorDataset, checked_batches, make_loader
 from spotmatch.global_embed.model import MEMORY_FORMAT, ArcFace, EmbedderConfig, ReIDNet
@@ -269,6 +268,39 @@ def train_epoch(model: ReIDNet, head: ArcFace, loader, optimiser, scheduler, dev
     return float(np.mean(losses))
 
 
+@dataclass
+class TrainingSet:
+    """The rows trained on (the split's training rows, then every extra data set's), each row's class and
+    its index into `class_names`; `from_extra` marks the extra data sets' rows."""
+    table: pd.DataFrame
+    classes: pd.Series
+    class_names: list[str]
+    labels: list[int]
+    from_extra: np.ndarray
+
+
+def validation_split(dataset: Dataset, split_conf: SplitConfig, select_view: str) -> pd.Series:
+    """"train" or "val" per row; refused when validation could not rank anything or lacks `select_view`."""
+    split = split_dataset(dataset, split_conf) if split_conf.val_fraction > 0 else pd.Series("train", index=dataset.table.index)
+    protocol = build_protocol(dataset.table, split, split_conf.by)
+    refuse_trivial_protocol(protocol, dataset.table["identity"].to_numpy(), dataset.csv_path)
+    if select_view not in protocol.views:
+        raise SpotmatchError(f"--select-view {select_view}: not a view of {dataset.csv_path}; use one of {', '.join(protocol.views)}")
+    return split
+
+
+def training_set(dataset: Dataset, split: pd.Series, extra_datasets: Sequence[Dataset], flank_classes: bool) -> TrainingSet:
+    train_rows = split == "train"
+    table = pd.concat([dataset.table[train_rows], *extra_training_tables(dataset, extra_datasets)], ignore_index=True)
+    classes = training_classes(table, flank_classes)
+    class_names = sorted(classes.unique())
+    if len(class_names) < 2:
+        raise SpotmatchError(f"{dataset.csv_path}: training needs at least 2 identities, found {len(class_names)}")
+    label_of = {name: i for i, name in enumerate(class_names)}
+    return TrainingSet(table, classes, class_names, [label_of[name] for name in classes],
+                       from_extra=np.arange(len(table)) >= int(train_rows.sum()))
+
+
 def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfig, split_conf: SplitConfig,
          out_dir: str | Path, resume: bool = False, extra_datasets: Sequence[Dataset] = (), overwrite: bool = False,
          cache_dir: str | Path | None = DEFAULT_CACHE) -> Path:
@@ -282,32 +314,20 @@ def main(dataset: Dataset, embedder_conf: EmbedderConfig, train_conf: TrainConfi
     torch.manual_seed(train_conf.seed)
     device = resolve_device(train_conf.device)
 
-    split = split_dataset(dataset, split_conf) if split_conf.val_fraction > 0 else pd.Series("train", index=dataset.table.index)
-    protocol = build_protocol(dataset.table, split, split_conf.by)
-    refuse_trivial_protocol(protocol, dataset.table["identity"].to_numpy(), dataset.csv_path)
-    views = protocol.views
-    if train_conf.select_view not in views:
-        raise SpotmatchError(f"--select-view {train_conf.select_view}: not a view of {dataset.csv_path}; use one of {', '.join(views)}")
-    train_rows = split == "train"
-    train_table = pd.concat([dataset.table[train_rows], *extra_training_tables(dataset, extra_datasets)], ignore_index=True)
-    from_extra = np.arange(len(train_table)) >= int(train_rows.sum())
-    classes = training_classes(train_table, train_conf.flank_classes)
-    class_names = sorted(classes.unique())
-    if len(class_names) < 2:
-        raise SpotmatchError(f"{dataset.csv_path}: training needs at least 2 identities, found {len(class_names)}")
-    label_of = {name: i for i, name in enumerate(class_names)}
-    labels = [label_of[name] for name in classes]
+    split = validation_split(dataset, split_conf, train_conf.select_view)
+    training = training_set(dataset, split, extra_datasets, train_conf.flank_classes)
+    class_names = training.class_names
 
     model = ReIDNet(embedder_conf).to(device, memory_format=MEMORY_FORMAT)
     head = ArcFace(embedder_conf.embedding_dim, len(class_names), train_conf.arcface_scale, train_conf.arcface_margin).to(device)
-    sampler = PKBatchSampler(labels, train_conf.identities_per_batch, train_conf.images_per_identity, train_conf.seed,
-                             sampling_weights(classes, class_names, from_extra, train_conf.extra_share))
+    sampler = PKBatchSampler(training.labels, train_conf.identities_per_batch, train_conf.images_per_identity, train_conf.seed,
+                             sampling_weights(training.classes, class_names, training.from_extra, train_conf.extra_share))
     optimiser, scheduler = optimisation(model, head, train_conf, len(sampler))
-    train_paths = [Path(p) for p in train_table["path"]]
+    train_paths = [Path(p) for p in training.table["path"]]
     masks = mask_provider(embedder_conf.masks, cache_dir, device)
     if masks is not None:
         masks.fill_cache(train_paths)
-    images = ImageTensorDataset(train_paths, embedder_conf, labels, augment=build_train_augment(train_conf.augment),
+    images = ImageTensorDataset(train_paths, embedder_conf, training.labels, augment=build_train_augment(train_conf.augment),
                                 mask_fn=masks.mask_for if masks else None,
                                 random_background=train_conf.augment.random_background)
 
