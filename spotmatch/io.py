@@ -61,6 +61,14 @@ def _refuse_unwritable(target: Path, folder: Path, option: str) -> None:
         raise SpotmatchError(f"{option} {target}: cannot write in {existing}; write somewhere else")
 
 
+def new_file_mode() -> int:
+    """The mode a plain open() gives a new file: 0o666 less the process's umask (a team's private `umask 077`
+    keeps its exports private)."""
+    umask = os.umask(0o022)  # the only way to read it is to set it; put back at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `target` only on success. `durable`:
@@ -77,7 +85,7 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
             with open(tmp, "rb") as written:
                 os.fsync(written.fileno())
         # mkstemp makes the file private (0600); give it what a plain open() would have given.
-        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else new_file_mode())
         os.replace(tmp, target)
     except OSError as error:
         if error.filename in (None, str(tmp), tmp):  # a write's error names no file, or the hidden temporary one
@@ -134,9 +142,11 @@ def save_npy(array: np.ndarray, tmp: Path) -> None:
         np.save(handle, array)
 
 
-def read_torch_payload(path: str | Path, fmt: str, kind: str, producer: str, weights_only: bool = True, hint: str = "") -> dict:
+def read_torch_payload(path: str | Path, fmt: str, kind: str, producer: str, hint: str = "") -> dict:
     """A spotmatch `torch.save` file whose dict says `format: fmt`; one-line errors naming the file and
-    the command (`producer`) that writes a good one."""
+    the command (`producer`) that writes a good one. Only tensors and plain Python values are unpickled
+    (`weights_only`): a checkpoint is shared like data, and a full unpickling would run any code a
+    hostile file carries."""
     import torch
 
     from spotmatch.errors import SpotmatchError
@@ -147,7 +157,7 @@ def read_torch_payload(path: str | Path, fmt: str, kind: str, producer: str, wei
     if not path.is_file():
         raise SpotmatchError(f"{path}: {kind} checkpoint not found; pass a file written by `{producer}`")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=weights_only)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise SpotmatchError(f"{path}: cannot read the {kind} checkpoint ({type(exc).__name__}); the file is damaged"
                              f" or not a checkpoint, write it again with `{producer}`") from None

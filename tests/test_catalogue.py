@@ -466,7 +466,7 @@ def test_add_never_relabels_a_stored_photo_and_bad_catalogue_inputs_are_one_line
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(Path(tiny_checkpoint).read_bytes())
     init_catalogue(tmp_path / "cat", checkpoint, store.settings().fusion).close()
-    payload = torch.load(checkpoint, weights_only=False)
+    payload = torch.load(checkpoint, weights_only=True)
     payload["model"] = {name: weight + 0.01 if weight.is_floating_point() else weight for name, weight in payload["model"].items()}
     torch.save(payload, checkpoint)
     with pytest.raises(SpotmatchError, match="best.pt: changed since catalogue .* put the original file back"):
@@ -541,7 +541,7 @@ def test_relink_points_a_moved_catalogue_at_its_files_and_refuses_other_ones(tmp
     photos.rename(tmp_path / "archive")
     folder = tmp_path / "cat"
     other = tmp_path / "other.pt"
-    payload = torch.load(tiny_checkpoint, weights_only=False)
+    payload = torch.load(tiny_checkpoint, weights_only=True)
     payload["model"] = {name: weight + 0.01 if weight.is_floating_point() else weight for name, weight in payload["model"].items()}
     torch.save(payload, other)
     refused = run_cli("catalogue", "relink", folder, "--checkpoint", other)

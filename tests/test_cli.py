@@ -119,7 +119,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, pairs_csv, tiny
     torch.save(timm.create_model("test_resnet").state_dict(), weights)
     assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", weights, "--out", out),
                           "not a spotmatch embedder checkpoint")
-    edited = torch.load(tiny_checkpoint, weights_only=False)
+    edited = torch.load(tiny_checkpoint, weights_only=True)
     del edited["model"]
     torch.save(edited, tmp_path / "edited.pt")
     assert_one_line_error(run_cli("score-pairs", pairs_csv, "--checkpoint", tmp_path / "edited.pt", "--out", out),

@@ -286,3 +286,19 @@ def test_near_duplicates_never_straddle_the_split(tmp_path, snow_table):
         split = split_dataset(dataset, SplitConfig(by="encounter", val_fraction=0.5, seed=seed))
         original = dataset.table["filename"] == table.iloc[0]["filename"]
         assert split[original].iloc[0] == split[dataset.table["filename"] == "twin.jpg"].iloc[0]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o022, 0o644)])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """A team's `umask 077` keeps exports of its camera-trap data private; atomic writes go through a temporary
+    file that starts at 0600, so they must set the mode a plain open() would have."""
+    import os
+
+    from spotmatch.io import write_text_atomic
+
+    previous = os.umask(umask)
+    try:
+        written = write_text_atomic("x", tmp_path / "export.md")
+    finally:
+        os.umask(previous)
+    assert written.stat().st_mode & 0o777 == mode

@@ -137,7 +137,7 @@ def test_a_moved_copy_of_the_table_keeps_the_checkpoints_split(tmp_path, tiny_ch
     from spotmatch.evaluation.run import split_for
 
     images = snow_subset_csv.parent / "images"
-    payload = torch.load(tiny_checkpoint, weights_only=False)
+    payload = torch.load(tiny_checkpoint, weights_only=True)
     assert set(payload["split_assignment"].values()) == {"train", "val"}
 
     moved = tmp_path / "moved.csv"
@@ -175,6 +175,25 @@ def test_a_moved_copy_of_the_table_keeps_the_checkpoints_split(tmp_path, tiny_ch
     assert split.tolist() == [payload["split_assignment"][name] for name in table["filename"]]
 
 
+class _RunsCodeWhenUnpickled:
+    """A checkpoint payload that a full unpickling turns into a call: here, writing a file."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "ran"))
+
+
+def test_a_hostile_checkpoint_is_refused_without_running_its_code(tmp_path, tiny_checkpoint):
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    marker = tmp_path / "ran.txt"
+    payload["history"] = [_RunsCodeWhenUnpickled(marker)]
+    torch.save(payload, tmp_path / "shared.pt")
+    with pytest.raises(SpotmatchError, match="shared.pt: cannot read the embedder checkpoint"):
+        load_model(tmp_path / "shared.pt")
+    assert not marker.exists()
+
+
 def test_flip_tta_changes_the_cache_identity(tiny_checkpoint):
     plain = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=0))
     flipped = Embedder.from_checkpoint(tiny_checkpoint, EmbedConfig(cache_dir=None, num_workers=0, flip_tta=True))
@@ -191,7 +210,7 @@ def test_checkpoint_errors(tmp_path, tiny_checkpoint):
         load_model(plain)
     with pytest.raises(SpotmatchError, match="is a 'test_efficientnet' model, not 'convnext_small'"):
         load_model(tiny_checkpoint, expected_backbone="convnext_small")
-    payload = torch.load(tiny_checkpoint, weights_only=False)
+    payload = torch.load(tiny_checkpoint, weights_only=True)
     payload["embedder_config"]["backbone"] = "test_resnet"
     torch.save(payload, tmp_path / "edited.pt")
     with pytest.raises(SpotmatchError, match="weights do not fit the 'test_resnet' architecture"):

@@ -204,7 +204,7 @@ def test_tiny_train_seg_writes_a_checkpoint_that_reloads_and_predicts(tmp_path):
     segmenter = UNetSegmenter.from_checkpoint(checkpoint)
     assert segmenter.conf.image_size == 64
     # Every weight must come from the file: a freshly built network has the same shapes and predicts too.
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     loaded = segmenter.model.state_dict()
     assert loaded.keys() == saved.keys()
     for name, tensor in saved.items():
@@ -471,7 +471,7 @@ def test_the_diagnostic_holds_out_what_a_checkpoint_held_out(snow_subset_csv, ti
     from spotmatch.cli.seg_cmds import _select
     from spotmatch.data.tables import load_dataset
 
-    payload = torch.load(tiny_checkpoint, weights_only=False)
+    payload = torch.load(tiny_checkpoint, weights_only=True)
     payload["split_assignment"] = {name: "train" if part == "val" else "val" for name, part in payload["split_assignment"].items()}
     torch.save(payload, tmp_path / "inside_out.pt")
     held_out = _select(load_dataset(snow_subset_csv), "encounter", "val", tmp_path / "inside_out.pt")

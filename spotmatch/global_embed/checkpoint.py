@@ -24,7 +24,7 @@ def save_checkpoint(path: Path, model: ReIDNet, conf: EmbedderConfig, **extra: A
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    payload = read_torch_payload(path, CHECKPOINT_FORMAT, "embedder", "spotmatch train", weights_only=False,
+    payload = read_torch_payload(path, CHECKPOINT_FORMAT, "embedder", "spotmatch train",
                                  hint=" (plain backbone weights go to --pretrained)")
     if payload.get("version", 0) > CHECKPOINT_VERSION:
         raise SpotmatchError(f"{path}: written by a newer spotmatch (format {payload['version']}); upgrade spotmatch")
