@@ -17,6 +17,17 @@ from test_catalogue import fusion_file, gallery_and_queries  # noqa: F401  (shar
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
+TOKEN = "token-of-the-test-server"
+COOKIE = {"Cookie": f"spotmatch_token={TOKEN}"}  # a request's own headers replace the client's, so each one carries it
+
+
+def authorised(**headers):
+    """A client that carries the server's access token, as the page does once opened from the printed address."""
+    import urllib3
+
+    return urllib3.PoolManager(headers={**COOKIE, **headers})
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -36,7 +47,7 @@ def server(tmp_path_factory, tiny_checkpoint, fusion_file, gallery_and_queries):
     add_images(store, engine.embedder, engine.local, sources_from_csv(gallery_and_queries[0]))
     store.close()
     port = free_port()
-    web = uvicorn.Server(uvicorn.Config(create_app(ServeConfig(folder, shortlist_k=5, top_k=3)), host="127.0.0.1",
+    web = uvicorn.Server(uvicorn.Config(create_app(ServeConfig(folder, shortlist_k=5, top_k=3, token=TOKEN)), host="127.0.0.1",
                                        port=port, log_level="warning"))
     thread = threading.Thread(target=web.run, daemon=True)
     thread.start()
@@ -49,9 +60,48 @@ def server(tmp_path_factory, tiny_checkpoint, fusion_file, gallery_and_queries):
 
 
 def post_file(url: str, name: str, data: bytes):
+    return authorised().request("POST", url, fields={"file": (name, data, "image/jpeg")})
+
+
+def test_only_the_page_opened_with_the_token_may_use_the_server(server, gallery_and_queries):  # noqa: F811
+    """The page can relabel animals: another user of the machine, another web site in the reviewer's browser (its
+    Origin), a rebound DNS name (its Host), and a framing page are all refused; an oversized upload is refused
+    while it arrives, before it fills the disk."""
     import urllib3
 
-    return urllib3.PoolManager().request("POST", url, fields={"file": (name, data, "image/jpeg")})
+    base, folder = server
+    anonymous = urllib3.PoolManager()
+    refused = anonymous.request("GET", f"{base}/api/photos")
+    assert refused.status == 401 and "?token=" in json.loads(refused.data)["error"]
+    assert anonymous.request("GET", f"{base}/files/image/1").status == 401
+    assert anonymous.request("GET", f"{base}/api/photos?token=wrong-{TOKEN}").status == 401
+    opened = anonymous.request("GET", f"{base}/?token={TOKEN}", redirect=False)
+    assert opened.status == 303 and f"spotmatch_token={TOKEN}" in opened.headers["set-cookie"]
+    assert "samesite=strict" in opened.headers["set-cookie"].lower() and "httponly" in opened.headers["set-cookie"].lower()
+    page = authorised().request("GET", f"{base}/")
+    assert page.status == 200 and page.headers["x-frame-options"] == "DENY"
+    assert authorised(Host="attacker.example").request("GET", f"{base}/api/photos").status == 400
+    decision = json.dumps({"photo": "none.jpg", "individual": "Rebound", "who": "mallory"})
+    for origin in ("http://attacker.example", "http://127.0.0.2:8000"):
+        crossed = authorised().request("POST", f"{base}/api/confirm", body=decision,
+                                       headers={**COOKIE, "Origin": origin, "Content-Type": "application/json"})
+        assert crossed.status == 403 and origin in json.loads(crossed.data)["error"]
+    same_page = authorised().request("POST", f"{base}/api/confirm", body=decision,
+                                     headers={**COOKIE, "Origin": base, "Content-Type": "application/json"})
+    assert same_page.status == 400 and "none.jpg" in json.loads(same_page.data)["error"]  # past the guard, refused for its photo
+    before = sorted(p.name for p in (folder / "uploads").iterdir())
+    huge = authorised().request("POST", f"{base}/api/upload", body=b"x" * (53 * 2**20), headers={**COOKIE, "Content-Type": "multipart/form-data; boundary=b"})
+    assert huge.status == 413 and "50 MiB" in json.loads(huge.data)["error"]
+
+    def chunks():  # no Content-Length: counted as it arrives, the photo part well formed so that parsing goes on
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        for _ in range(60):
+            yield b"y" * 2**20
+
+    streamed = authorised().request("POST", f"{base}/api/upload", body=chunks(), chunked=True,
+                                    headers={**COOKIE, "Content-Type": "multipart/form-data; boundary=b"})
+    assert streamed.status == 413
+    assert sorted(p.name for p in (folder / "uploads").iterdir()) == before
 
 
 def test_upload_names_cannot_escape_the_catalogue(server, gallery_and_queries):  # noqa: F811
@@ -68,38 +118,34 @@ def test_upload_names_cannot_escape_the_catalogue(server, gallery_and_queries): 
         for start in (uploads, folder):
             assert not (start / climbing).resolve().exists(), climbing
     assert (uploads / "evil.jpg").read_bytes() == photo
-    import urllib3
-
     for restriction, error in (("station=S99", "no station named 'S99'"), ("since=July", "not a date")):
-        refused = urllib3.PoolManager().request("POST", f"{base}/api/identify/evil.jpg?{restriction}")
+        refused = authorised().request("POST", f"{base}/api/identify/evil.jpg?{restriction}")
         assert refused.status == 400 and error in json.loads(refused.data)["error"]
     for name, data in (("empty.jpg", b""), ("cut.jpg", photo[: len(photo) // 3])):  # never listed for review
         refused = post_file(f"{base}/api/upload", name, data)
         assert refused.status == 400 and json.loads(refused.data)["error"].startswith(f"{name}: cannot decode image")
-        assert name not in json.loads(urllib3.PoolManager().request("GET", f"{base}/api/photos").data)["photos"]
-    identified = json.loads(urllib3.PoolManager().request("POST", f"{base}/api/identify/evil.jpg").data)
+        assert name not in json.loads(authorised().request("GET", f"{base}/api/photos").data)["photos"]
+    identified = json.loads(authorised().request("POST", f"{base}/api/identify/evil.jpg").data)
     assert identified["calibrated"] is True  # the page labels a calibrated number p=, an uncalibrated one similarity
     for probe in ("..%2F..%2Fcatalogue.db", "catalogue.db", "..%2F..%2F..%2Fetc%2Fpasswd"):
-        escaped = urllib3.PoolManager().request("GET", f"{base}/files/upload/{probe}")
+        escaped = authorised().request("GET", f"{base}/files/upload/{probe}")
         assert escaped.status in (400, 404) and b"SQLite" not in escaped.data and b"root:" not in escaped.data
 
 
 def test_an_upload_never_replaces_another_photo_of_the_same_name(server, gallery_and_queries):  # noqa: F811
     """Camera traps reuse names (IMG_0001.JPG): once confirmed, an upload is the catalogue's only copy of its
     photo, so a different photo of that name is kept beside it, never over it."""
-    import urllib3
-
     base, folder = server
     known = set(pd.read_csv(gallery_and_queries[0])["filename"]) | {path.name for path in gallery_and_queries[1]}
     first, second = (path.read_bytes() for path in [p for p in sorted((SNOW / "images").iterdir()) if p.name not in known][-2:])
     assert json.loads(post_file(f"{base}/api/upload", "IMG_0001.JPG", first).data)["photo"] == "IMG_0001.JPG"
-    http = urllib3.PoolManager()
+    http = authorised()
     blank = http.request("POST", f"{base}/api/confirm", body=json.dumps({"photo": "IMG_0001.JPG", "who": ""}),
-                         headers={"Content-Type": "application/json"})
+                         headers={**COOKIE, "Content-Type": "application/json"})
     assert blank.status == 400 and "blank" in json.loads(blank.data)["error"]  # refused, not recorded as the default reviewer
     # confirmed as a cat already there: a new individual could outrank the browser test's expected candidates
     confirmed = http.request("POST", f"{base}/api/confirm", body=json.dumps({"photo": "IMG_0001.JPG", "individual": "Cat1", "who": "ana"}),
-                             headers={"Content-Type": "application/json"})
+                             headers={**COOKIE, "Content-Type": "application/json"})
     image_id = json.loads(confirmed.data)["image_id"]
     assert json.loads(confirmed.data)["previous"] is None  # a new upload was unidentified until now
     history = json.loads(http.request("GET", f"{base}/api/history/IMG_0001.JPG").data)
@@ -138,7 +184,7 @@ def test_review_page_upload_identify_confirm(server, gallery_and_queries):  # no
     browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         wait = WebDriverWait(browser, 60)
-        browser.get(base)
+        browser.get(f"{base}/?token={TOKEN}")
         wait.until(lambda b: "individuals" in b.find_element(By.ID, "stats").text)
         query = gallery_and_queries[1][1]
         browser.find_element(By.ID, "file").send_keys(str(query))

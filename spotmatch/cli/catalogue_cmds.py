@@ -367,14 +367,25 @@ def serve(
     port: int = typer.Option(8765, help="Port."),
     shortlist_k: Optional[int] = typer.Option(None, help="Catalogue images re-scored with keypoints per photo (default: as many as the calibration file was fit with)."),
     who: str = typer.Option("cli", envvar="USER", help="Reviewer name recorded with confirmations (the page can override it)."),
+    token: Optional[str] = typer.Option(None, envvar="SPOTMATCH_TOKEN", help="Access token the page needs (default: a new random one each start, printed in the address)."),
 ) -> None:
     """Review web app: pick or upload a photo, compare candidates with their match drawings, confirm or mark as new."""
     import uvicorn
 
-    from spotmatch.web.app import ServeConfig, create_app
+    from spotmatch.errors import SpotmatchError
+    from spotmatch.web.app import LOOPBACK_NAMES, ServeConfig, allowed_hosts_for, create_app
 
-    web_app = create_app(ServeConfig(catalogue=folder, shortlist_k=shortlist_k, default_who=who))
-    typer.echo(f"serving {folder} on http://{host}:{port}/")
+    conf = ServeConfig(catalogue=folder, shortlist_k=shortlist_k, default_who=who, allowed_hosts=allowed_hosts_for(host))
+    if token is not None:
+        if len(token) < 16:
+            raise SpotmatchError(f"--token: {len(token)} characters is guessable; use at least 16, or leave it out for a random one")
+        conf.token = token
+    web_app = create_app(conf)
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    typer.echo(f"serving {folder} on http://{shown_host}:{port}/?token={conf.token}")
+    if host not in LOOPBACK_NAMES:
+        typer.echo(f"note: listening on {host}, reachable from other machines: anyone who has this address with its token"
+                   f" can relabel the catalogue; share it only with the team, on a network you trust (plain http)")
     # uvicorn shuts down cleanly on SIGTERM, then raises it again: a stopped server is a clean exit, not an interrupted job.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     uvicorn.run(web_app, host=host, port=port, log_level="warning")

@@ -2,24 +2,37 @@
 
 The model loads once per server. File access is only ever by catalogue image id, or by a sanitised
 name inside the catalogue's uploads/ and explain/ folders: no request path reaches the file system.
+
+Every request needs the access token that `serve` prints in its address (as Jupyter does), since the page can
+relabel animals: another user of the machine, or anyone on the network when served beyond it, has no say. A
+state-changing request from another web site is refused (its Origin), as is a Host this server was not
+started for (DNS rebinding), and the page may not be framed (clickjacking).
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from fastapi import FastAPI, File, HTTPException, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from spotmatch.data.tables import IMAGE_SUFFIXES
 from spotmatch.errors import SpotmatchError
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 50 * 2**20
+MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + 2**20  # one photo and its multipart framing
+TOKEN_COOKIE = "spotmatch_token"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+                    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 @dataclass
@@ -28,6 +41,72 @@ class ServeConfig:
     shortlist_k: int | None = None  # None: the calibration file's (engine.EngineConfig)
     top_k: int = 5
     default_who: str = "reviewer"
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # Host names the browser may reach this server by; "*" where it listens on every address (any of the
+    # machine's names is then right, and the token alone guards it).
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
+
+
+def allowed_hosts_for(host: str) -> tuple[str, ...]:
+    """The Host headers a server listening on `host` answers: its own address and this machine's loopback names."""
+    return ("*",) if host in ("0.0.0.0", "::", "") else tuple(dict.fromkeys([*LOOPBACK_NAMES, host]))
+
+
+class RequestSizeLimit:
+    """Refuse a request body over `limit` bytes while it arrives (413): FastAPI spools a whole upload to disk
+    before the endpoint can look at its size, so a 2 GB post would fill the disk first."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(scope, receive, send)
+        received, refused = 0, False
+
+        async def counted():
+            # Past the limit the app is told the client left: an exception would be turned into the form parser's
+            # own 400 by FastAPI.
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                await self.refuse(scope, receive, send)
+                refused = True
+                return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message):
+            if not refused:
+                await send(message)
+
+        try:
+            await self.app(scope, counted, unless_refused)
+        except Exception:
+            if not refused:  # the app's own failure; past the limit, only its reaction to the cut body
+                raise
+
+    @staticmethod
+    async def refuse(scope, receive, send):
+        await JSONResponse({"error": f"request larger than {MAX_UPLOAD_BYTES >> 20} MiB; upload a smaller photo"},
+                           status_code=413)(scope, receive, send)
+
+
+def refusal(request: Request, token: str) -> tuple[int, str] | None:
+    """(status, reason) for a request without the access token, or a state-changing one sent by another site."""
+    if request.method not in ("GET", "HEAD"):
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            return 403, f"a request from {origin} refused: only this review page may change the catalogue"
+    offered = request.cookies.get(TOKEN_COOKIE) or request.query_params.get("token") or ""
+    if not secrets.compare_digest(offered.encode(), token.encode()):
+        return 401, "no access token: open the address that `spotmatch serve` printed (it ends in ?token=...)"
+    return None
 
 
 class Decision(BaseModel):
@@ -75,14 +154,28 @@ def create_app(conf: ServeConfig):
     explain_dir.mkdir(exist_ok=True)
     engine = open_engine(store, conf.shortlist_k)
     lock = threading.Lock()  # one SQLite connection and one engine: requests take turns
-    app = FastAPI(title="spotmatch review")
+    app = FastAPI(title="spotmatch review", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestSizeLimit, limit=MAX_REQUEST_BYTES)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        refused = refusal(request, conf.token)
+        response = JSONResponse({"error": refused[1]}, status_code=refused[0]) if refused else await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(conf.allowed_hosts))
 
     @app.exception_handler(SpotmatchError)
     async def one_line_error(_, exc: SpotmatchError):
         return JSONResponse({"error": str(exc)}, status_code=400)
 
     @app.get("/")
-    def page():
+    def page(request: Request):
+        if "token" in request.query_params:  # the printed address: keep the token in a cookie, out of the address bar
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(TOKEN_COOKIE, conf.token, httponly=True, samesite="strict")
+            return response
         return FileResponse(STATIC / "index.html")
 
     @app.get("/api/photos")
@@ -91,9 +184,9 @@ def create_app(conf: ServeConfig):
                 "stats": {k: v for k, v in store.stats().items() if isinstance(v, int)}, "who": conf.default_who}
 
     @app.post("/api/upload")
-    async def upload(file: UploadFile = File(...)):
+    def upload(file: UploadFile = File(...)):  # not async: decoding a large photo must not stall every other request
         name = safe_upload_name(file.filename)
-        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        data = file.file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise SpotmatchError(f"{name}: larger than {MAX_UPLOAD_BYTES >> 20} MiB; upload a smaller photo")
         from spotmatch.data.images import decode_image
