@@ -1268,3 +1268,32 @@ def test_backup_from_the_command_line_says_what_it_did_not_copy(tmp_path):
     refused = run_cli("catalogue", "backup", tmp_path / "cat", "--out", tmp_path / "copy")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "already exists and is not an empty folder" in refused.stderr
+
+
+def test_names_that_would_rewrite_a_terminal_or_run_in_a_spreadsheet_are_not_given(tmp_path):
+    """A name is printed by `identify` and exported to CSVs teams open in spreadsheets: a terminal escape or line
+    break in it forges the printed lines, a leading = + @ or - runs as a formula. Refused wherever a new name is
+    given, with the reviewer's name; a negative number stays a name."""
+    from spotmatch.catalogue.service import ImageSource, refuse_misleading_labels
+    from spotmatch.errors import SpotmatchError
+
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2, "Cat2": 2})
+    cat2_images = [r[0] for r in store.db.execute("SELECT id FROM images WHERE individual_id = ?", (store.individual_id("Cat2"),))]
+    new_photo = SNOW / "images" / pd.read_csv(SNOW / "labels.csv")["filename"].iloc[0]
+    before = _snapshot(store)
+    for call, message in [
+        (lambda: store.confirm(1, "=HYPERLINK(\"http://x\")", who="ana"), "starts with '=', which a spreadsheet"),
+        (lambda: store.confirm(1, "+cmd", who="ana"), "starts with '\\+'"),
+        (lambda: store.rename("Cat2", "@SUM(A1)", who="ana"), "starts with '@'"),
+        (lambda: store.split("Cat2", cat2_images[:1], "-x", who="ana"), "starts with '-'"),
+        (lambda: store.rename("Cat2", "\x1b]0;owned\x07Cat9", who="ana"), "holds a control character"),
+        (lambda: store.confirm(1, "Cat1\rCat2", who="ana"), "holds a control character"),
+        (lambda: store.confirm(1, "Cat2", who="ana\x1b[2K"), "--who .* holds a control character"),
+        (lambda: refuse_misleading_labels(store, [ImageSource(new_photo, "=1+1")]), f"{new_photo.name}: labelled '=1\\+1', which starts"),
+    ]:
+        with pytest.raises(SpotmatchError, match=message) as refused:
+            call()
+        assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
+    assert _snapshot(store) == before
+    store.rename("Cat2", "-17", who="ana")
+    assert sorted(store.individual_names().values()) == ["-17", "Cat1"]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, GalleryRestriction, NewImage, folded_name,
-                                      reads_as_date, refuse_catalogue_folder, reviewer)
+                                      reads_as_date, refuse_catalogue_folder, reviewer, unsafe_new_name)
 from spotmatch.data.images import file_sha256, load_image, printable, refuse_unprintable_name
 from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, find_column,
                                    on_disk_spelling, parse_side, read_csv_table, refuse_conflicting_labels)
@@ -359,6 +359,9 @@ def refuse_misleading_labels(catalogue: Catalogue, sources: list[ImageSource]) -
                                  f" spaces or punctuation differ); write one animal's name one way")
         if source.identity not in fate_of:
             fate_of[source.identity] = catalogue.former_name(source.identity)
+            unsafe = unsafe_new_name(source.identity)
+            if unsafe is not None and not catalogue.has_individual(source.identity):
+                raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, which {unsafe}; relabel those rows")
         if fate_of[source.identity] is not None and not _already_added(catalogue, source.path):
             raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, but {fate_of[source.identity]}; relabel those"
                                  f" rows with its name now (a new animal needs a name never used)")

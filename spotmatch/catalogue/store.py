@@ -16,6 +16,7 @@ import io
 import os
 import re
 import sqlite3
+import unicodedata
 import zipfile
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -122,11 +123,29 @@ def individual_name(name: str) -> str:
 
 def reviewer(who: str) -> str:
     """Who made a decision, as recorded in the history: a blank one is refused, since a decision nobody
-    made cannot be asked about later."""
+    made cannot be asked about later, and so is one with a control character (a terminal escape in it would
+    rewrite the lines `history` prints)."""
     cleaned = who.strip()
     if not cleaned:
         raise SpotmatchError(f"--who {who!r} is blank; give the name of the person making this decision")
+    if has_control_character(cleaned):
+        raise SpotmatchError(f"--who {who!r} holds a control character (a line break, tab or terminal escape); write the name alone")
     return cleaned
+
+
+def has_control_character(text: str) -> bool:
+    return any(unicodedata.category(character) == "Cc" for character in text)
+
+
+def unsafe_new_name(name: str) -> str | None:
+    """Why `name` may not be given to a new individual, or None. A control character would rewrite the lines
+    `identify` prints; a leading =, +, @ or - (other than a negative number) would run as a formula in the
+    spreadsheet a team opens an export in. Names already in a catalogue stay usable."""
+    if has_control_character(name):
+        return "holds a control character (a line break, tab or terminal escape)"
+    if name[:1] in "=+@" or (name.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?", name)):
+        return f"starts with {name[0]!r}, which a spreadsheet opening an export would run as a formula"
+    return None
 
 
 def iso_capture_time(text: str | None) -> str | None:
@@ -564,9 +583,18 @@ class Catalogue:
         row = self.db.execute("SELECT id FROM individuals WHERE name = ?", (name,)).fetchone()
         if row is not None:
             return int(row[0])
+        self._refuse_unsafe_name(name)
         self._refuse_near_namesake(name)
         self._refuse_former_name(name)
         return int(self.db.execute("INSERT INTO individuals(name, created_at) VALUES (?, ?)", (name, now_utc())).lastrowid)
+
+    def _refuse_unsafe_name(self, name: str) -> None:
+        reason = unsafe_new_name(name)
+        if reason is not None:
+            raise SpotmatchError(f"{self.folder}: the name {name!r} {reason}; give the animal another name")
+
+    def has_individual(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (individual_name(name),)).fetchone() is not None
 
     def _record(self, action: str, image_id: int | None, individual_id: int | None, who: str, detail: str = "") -> None:
         # The name is kept with the row: it still says whom it was about once the individual is merged away.
@@ -782,6 +810,7 @@ class Catalogue:
                 raise SpotmatchError(f"{self.folder}: {old!r} already has that name; nothing to rename")
             if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (new,)).fetchone():
                 raise SpotmatchError(f"{self.folder}: individual {new!r} already exists; merge the two instead")
+            self._refuse_unsafe_name(new)
             self._refuse_near_namesake(new, besides=individual_name(old))  # Cat5 -> cat5 is a rename, not a typo
             self._refuse_former_name(new, besides=individual_name(old))  # its own former name back: a rename undone
             self.db.execute("UPDATE individuals SET name = ? WHERE id = ?", (new, individual_id))
