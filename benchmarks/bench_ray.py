@@ -6,7 +6,7 @@
         --n-images 1200 --batch-size 64 --local-workers 15 --gpus-per-actor 1 --actors 1 2          # GPU actors
 
 `embed`: cache off (every image is decoded and embedded). `match`: each image against the next
-`--gallery-per-query` images, RootSIFT extraction and verification from an empty feature cache.
+5 images (`BenchConfig.gallery_per_query`), RootSIFT extraction and verification from an empty feature cache.
 Each run writes to a fresh job folder. Ray start-up (cluster + actors loading their stage) is inside
 the Ray timings: that is what a job pays.
 """

@@ -9,7 +9,7 @@ import typer
 
 from spotmatch.cli.app import app
 from spotmatch.config import DEFAULT_CACHE
-from spotmatch.cli.global_cmds import BACKEND_HELP, RAY_ADDRESS_HELP, RAY_CONFIG_HELP, WEIGHTS_HELP, cache_root, check_backend
+from spotmatch.cli.global_cmds import BACKEND_HELP, IMAGES_HELP, RAY_ADDRESS_HELP, RAY_CONFIG_HELP, WEIGHTS_HELP, cache_root, check_backend
 from spotmatch.errors import SpotmatchError
 
 
@@ -53,7 +53,7 @@ def select_pairs(pairs: pd.DataFrame, top_k: int, embedder) -> tuple[pd.DataFram
 @app.command("match")
 def match(
     pairs_csv: Path = typer.Argument(..., help="pairs CSV with row_id, query_image, gallery_image"),
-    images: Optional[Path] = typer.Option(None, "--images", help="folder holding the images (default: beside the CSV)"),
+    images: Optional[Path] = typer.Option(None, "--images", help=IMAGES_HELP),
     out: Path = typer.Option(..., "--out", help="evidence CSV to write"),
     extractor: str = typer.Option("rootsift", "--extractor", help="rootsift, disk, aliked, xfeat or loftr"),
     top_k: int = typer.Option(20, "--top-k", min=0, help="match only each query's K best pairs by global cosine; 0 = all"),

@@ -9,7 +9,7 @@ import typer
 
 from spotmatch.cli.app import app
 from spotmatch.config import DEFAULT_CACHE
-from spotmatch.cli.global_cmds import cache_root
+from spotmatch.cli.global_cmds import IMAGES_HELP, cache_root
 
 DATA_HELP = "Labels CSV: `filename, identity` (Kaggle's `ground_truth` accepted), optional extra columns."
 
@@ -19,7 +19,7 @@ def report(
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Embedder checkpoint written by `spotmatch train` (best.pt)."),
     out: Path = typer.Option(..., "--out", help="HTML file to write; its PNGs go to OUT_STEM_files/ beside it."),
-    images: Optional[Path] = typer.Option(None, help="Image folder (default: `images/` beside the CSV, else the CSV's folder)."),
+    images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
     top_k: int = typer.Option(5, help="Neighbours per query in the nearest-neighbour grids."),
     max_images: int = typer.Option(600, help="Most images with thumbnails in the projections and heatmap (validation first)."),
     fusion: Optional[Path] = typer.Option(None, help="fusion.json whose reliability.png to include (default: one beside the checkpoint)."),

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Iterable, Optional
 import typer
 
 from spotmatch.cli.app import app
+from spotmatch.cli.global_cmds import IMAGES_HELP
 from spotmatch.config import DEFAULT_CACHE
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 CSV_HELP = "Labels CSV (filename, identity, ...); its images are masked."
-IMAGES_HELP = "Image folder (default: images/ beside the CSV, else the CSV's folder)."
 SPLIT_HELP = "Column the held-out split groups by (encounter keeps bursts together), or identity."
 CACHE_HELP = "Cache root: masks go to <cache>/masks/<source-and-config>/."
 
