@@ -31,7 +31,7 @@ ALL_CANDIDATES = 1000  # top_k: every shortlisted individual, to see whether the
 
 
 def outcome(result, identity: str) -> dict:
-    named = result.verdict != "new individual"
+    named = result.named is not None
     best = result.candidates[0].individual if result.candidates else None
     return {"individuals": len(result.candidates), "in_shortlist": identity in {c.individual for c in result.candidates}, "top1": best == identity,
             "named_right": named and best == identity, "named_wrong": named and best != identity, "called_new": not named}

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -160,9 +161,10 @@ def test_identify_restricted_to_a_station_a_season_a_flank_and_living_individual
         assert best not in {c.individual for c in candidates()}
         assert best in {c.individual for c in candidates(include_retired=True)}
         assert store.stats()["retired_individuals"] == 1
-        with pytest.raises(SpotmatchError, match=f"'{best}' retired; add --include-retired to search them") as nothing:
-            candidates(individuals=[best])
-        assert "\n" not in str(nothing.value)
+        for named in ([best], [best, everyone[-1].individual]):  # named beside another, it is not dropped unseen either
+            with pytest.raises(SpotmatchError, match=f"'{best}' retired; add --include-retired to search it, or leave it out") as nothing:
+                candidates(individuals=named)
+            assert "\n" not in str(nothing.value)
         for typo, message in (({"individuals": [best, "Catt21"]}, "no individual named 'Catt21' in the catalogue; check the spelling"),
                               ({"stations": ["S99"]}, "no station named 'S99' in the catalogue")):
             with pytest.raises(SpotmatchError, match=message):  # a typo never narrows the search unseen
@@ -171,6 +173,42 @@ def test_identify_restricted_to_a_station_a_season_a_flank_and_living_individual
         store.db.execute("UPDATE images SET side = NULL")
         store.retire(best, who="ana", undo=True)
     assert [c.gallery_image_id for c in candidates()] == [c.gallery_image_id for c in everyone]
+
+
+def test_the_verdict_never_calls_new_what_the_gallery_left_out_or_the_catalogue_holds(catalogue, gallery_and_queries):
+    """"new individual" makes a team `confirm --new`, a second entry for an animal it has: it is said only where
+    every catalogued individual was compared. A restriction that left animals out says which; a photo already in
+    the catalogue says so; a round photo whose flank has no catalogue photo is told, the others still searched."""
+    from spotmatch.catalogue.service import IdentifyConfig, QueryResult, identify
+    from spotmatch.catalogue.store import GalleryRestriction
+
+    store, engine = catalogue
+    query = gallery_and_queries[1][0]
+    (everyone,) = identify(store, engine, [query], IdentifyConfig(top_k=10))
+    assert everyone.left_out == [] and everyone.verdict in ("new individual", f"match: {everyone.candidates[0].individual}")
+    best = everyone.candidates[0].individual
+    try:
+        store.db.execute("UPDATE images SET side = 'right' WHERE individual_id = ?", (store.individual_id(best),))
+        (left,) = identify(store, engine, [query], IdentifyConfig(top_k=10, restriction=GalleryRestriction(side="left")))
+        assert left.left_out == [best] and best not in {c.individual for c in left.candidates}
+        assert left.named is not None or left.verdict.startswith(f"no match in this gallery; not compared: {best}")
+        store.db.execute("UPDATE images SET side = 'left' WHERE side IS NULL")
+        # a round: one photo of the right flank (only `best` is catalogued from it), one of a flank nobody has
+        round_results = identify(store, engine, [query, query], IdentifyConfig(top_k=10, restriction=GalleryRestriction(individuals=(best,))),
+                                 sides=["right", "left"])
+        assert [c.individual for c in round_results[0].candidates] == [best] and not round_results[0].empty_gallery
+        assert round_results[0].alone  # one individual in its shortlist: its margin is its probability
+        assert round_results[1].empty_gallery and round_results[1].candidates == [] and round_results[1].named is None
+        assert round_results[1].verdict == "nothing to compare with: no catalogue photo in this gallery"
+    finally:
+        store.db.execute("UPDATE images SET side = NULL")
+    catalogued = store.images_table().iloc[0]
+    (again,) = identify(store, engine, [Path(catalogued["path"])], IdentifyConfig(top_k=3))
+    assert again.named is None and again.verdict == f"already catalogued as image {catalogued['image_id']}, {catalogued['individual']}"
+    # a lead too small to name one animal while the best one's probability alone would name it: undecided, not new
+    tied = [everyone.candidates[0], replace(everyone.candidates[0], individual="Twin")]
+    undecided = QueryResult("q.jpg", "sha", tied, threshold=0.4, decision="margin", decision_score=0.0, best_threshold=tied[0].probability)
+    assert undecided.named is None and undecided.verdict == f"undecided: {best} or Twin"
 
 
 def test_shortlist_with_at_most_one_image_per_individual(catalogue, gallery_and_queries):
@@ -390,7 +428,7 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     assert re.search(r"\.JPG \(S\d+ camera \d+, 20\d\d-\d\d-\d\dT[\d:]+, flank unknown\)", found.stdout)  # unknown, not left out
     stored = pd.read_csv(gallery_and_queries[0]).iloc[0]
     known = run_cli("catalogue", "identify", folder, SNOW / "images" / stored["filename"], "--top-k", "1")
-    assert re.search(rf"already in the catalogue as image \d+, {stored['identity']}\)", known.stdout), known.stdout
+    assert re.search(rf": already catalogued as image \d+, {stored['identity']} \(", known.stdout), known.stdout
     round_csv = tmp_path / "round.csv"
     pd.DataFrame({"filename": [p.name for p in gallery_and_queries[1]], "side": ["left", ""]}).to_csv(round_csv, index=False)
     found = run_cli("catalogue", "identify", folder, round_csv, "--images", SNOW / "images", "--top-k", "2", "--out", tmp_path / "round-results.csv")

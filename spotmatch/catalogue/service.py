@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import numpy as np
 import pandas as pd
 
-from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, GalleryRestriction, NewImage, folded_name,
+from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, EmptyGallery, GalleryRestriction, NewImage, folded_name,
                                       reads_as_date, refuse_catalogue_folder, reviewer, unsafe_new_name)
 from spotmatch.data.images import file_sha256, load_image, printable, refuse_unprintable_name
 from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, find_column,
@@ -108,12 +108,43 @@ class QueryResult:
     # False without a calibration file: each candidate's `probability` is then its cosine mapped to [0, 1], a
     # similarity, and the threshold 0.5 (cosine 0) says nothing about how often a match is right.
     calibrated: bool = True
+    known_individual: str | None = None  # the individual of `known_image_id`, once it has one
+    # Individuals with identified photos in the catalogue but none in this photo's gallery (a station, a season,
+    # the other flank, the individuals named): "new individual" is only said where none was left out.
+    left_out: list[str] = field(default_factory=list)
+    empty_gallery: bool = False  # the restriction keeps no catalogue photo for this photo (its flank)
+    # The best individual's probability alone that names an animal at the calibration's target precision: at or
+    # above it while the lead is too small, the photo shows a catalogued animal, which of two undecided.
+    best_threshold: float | None = None
+    alone: bool = False  # one individual in its shortlist: no runner-up to lead, so a margin is the probability itself
+
+    @property
+    def named(self) -> str | None:
+        """The individual the photo is named as, or None."""
+        if self.known_image_id is None and self.decision_score is not None and self.decision_score >= self.threshold:
+            return self.candidates[0].individual
+        return None
 
     @property
     def verdict(self) -> str:
-        if self.decision_score is not None and self.decision_score >= self.threshold:
-            return f"match: {self.candidates[0].individual}"
+        if self.known_image_id is not None:  # a decision on a photo already decided would only churn the catalogue
+            return f"already catalogued as image {self.known_image_id}, " + (self.known_individual or "not identified yet")
+        if self.empty_gallery:
+            return "nothing to compare with: no catalogue photo in this gallery"
+        if self.named is not None:
+            return f"match: {self.named}"
+        if (self.best_threshold is not None and len(self.candidates) > 1
+                and self.candidates[0].probability >= self.best_threshold):
+            return f"undecided: {self.candidates[0].individual} or {self.candidates[1].individual}"
+        if self.left_out:
+            return f"no match in this gallery; not compared: {listed_names(self.left_out)}"
         return "new individual"
+
+
+def listed_names(names: list[str], shown: int = 3) -> str:
+    """'Cat5', 'Cat5, Cat9 and 12 more individuals': short enough for the verdict line."""
+    listed = ", ".join(names[:shown])
+    return listed + (f" and {len(names) - shown} more individuals" if len(names) > shown else "")
 
 
 # --- settings and the engine ----------------------------------------------------------------------------
@@ -398,17 +429,35 @@ def add_images(catalogue: Catalogue, embedder: EmbedsImages, local, sources: lis
 
 
 # --- identify -------------------------------------------------------------------------------------------
-def restricted_index(catalogue: Catalogue, restriction: GalleryRestriction):
-    """(FAISS index, image ids in index order) over the images `restriction` keeps: the saved index when it
-    keeps them all, else an exact index over the kept ones. A site or a season is a small gallery, and an
-    exact search over it returns k candidates where filtering an approximate index (HNSW) can return fewer."""
+def restrictions_by_side(restriction: GalleryRestriction, sides: list[str | None]) -> dict[str | None, GalleryRestriction]:
+    """The gallery of each flank among the photos (a round's own flank, else the restriction's)."""
+    return {side: replace(restriction, side=side) for side in dict.fromkeys(side or restriction.side for side in sides)}
+
+
+def kept_image_ids(catalogue: Catalogue, restrictions: dict) -> dict:
+    """Per flank: the image ids its restriction keeps, or None where it keeps nothing (those photos are told so,
+    the others still searched); a restriction that keeps nothing for any photo is the error naming it."""
+    kept, refusals = {}, []
+    for side, restriction in restrictions.items():
+        try:
+            kept[side] = catalogue.restricted_image_ids(restriction)
+        except EmptyGallery as refusal:
+            kept[side], refusals = None, [*refusals, refusal]
+    if len(refusals) == len(restrictions):
+        raise refusals[0]
+    return kept
+
+
+def gallery_index(catalogue: Catalogue, image_ids: np.ndarray):
+    """(FAISS index, image ids in index order) over `image_ids`: the saved index when they are all its images,
+    else an exact index over them. A site or a season is a small gallery, and an exact search over it returns
+    k candidates where filtering an approximate index (HNSW) can return fewer."""
     from spotmatch.global_embed.index import IndexConfig, build_index
 
-    index, image_ids = catalogue.search_index()
-    kept = catalogue.restricted_image_ids(restriction)
-    if len(kept) == len(image_ids):
-        return index, image_ids
-    return build_index(catalogue.embeddings(kept), IndexConfig(kind="flat")), kept
+    index, all_ids = catalogue.search_index()
+    if len(image_ids) == len(all_ids):
+        return index, all_ids
+    return build_index(catalogue.embeddings(image_ids), IndexConfig(kind="flat")), image_ids
 
 
 # With a per-individual limit, how far down the cosine list (in shortlists) the shortlist is looked for.
@@ -454,27 +503,38 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     query_paths = [Path(p) for p in query_paths]
     if not query_paths:
         raise SpotmatchError(f"{catalogue.folder}: no photos to identify; pass one or more")
-    sides = [side or conf.restriction.side for side in (sides or [None] * len(query_paths))]
+    sides = [side or conf.restriction.side for side in (sides or [None] * len(query_paths))]  # restrictions_by_side's keys
     for path in query_paths:
         refuse_unprintable_name(path, "the catalogue")  # its candidates table and explanation files name it
     query_hashes = [file_sha256(p) for p in query_paths]  # one-line error for a missing photo
     for path in query_paths:
         load_image(path)  # and for a corrupt one, before any work
-    restrictions = {side: replace(conf.restriction, side=side) for side in dict.fromkeys(sides)}
-    candidates = _scored_candidates(catalogue, engine, query_paths, query_hashes, sides, restrictions, conf.per_individual)
+    restrictions = restrictions_by_side(conf.restriction, sides)
+    kept = kept_image_ids(catalogue, restrictions)  # before any embedding: a gallery of nothing is said at once
+    galleries = {side: None if ids is None else gallery_index(catalogue, ids) for side, ids in kept.items()}
+    gallery = catalogue.images_table().set_index("image_id")  # read once for every flank's shortlist
+    left_out = {side: outside_gallery(catalogue, gallery, conf.restriction, kept) for side, kept in galleries.items()}
+    candidates = _scored_candidates(catalogue, engine, gallery, query_paths, query_hashes, sides, galleries, conf.per_individual)
     threshold = float(engine.fusion.threshold) if engine.fusion is not None else 0.5
     decision = engine.fusion.decision if engine.fusion is not None else "best"
+    best_threshold = (engine.fusion.quality.get("identify by rule", {}).get("best", {}).get("threshold")
+                      if engine.fusion is not None and decision == "margin" else None)
+    names = catalogue.individual_names()
     results = []
     for position, (path, sha, side) in enumerate(zip(query_paths, query_hashes, sides)):
         mine = candidates[candidates["query_position"] == position] if len(candidates) else candidates
-        # each individual by its best image, best first; the runner-up is whoever comes next, listed or not
-        ranked = best_pair_per_individual(mine, []) if len(mine) else mine
+        # each individual by its best image, best first (ties: the image added first); the runner-up is whoever
+        # comes next, listed or not
+        ranked = best_pair_per_individual(mine.sort_values("gallery_image_id", kind="stable"), []) if len(mine) else mine
         probabilities = ranked["probability"].tolist() if len(ranked) else []
         score = decision_score(probabilities[0], probabilities[1] if len(probabilities) > 1 else None, decision) if probabilities else None
         known = catalogue.image_by_sha(sha)
         result = QueryResult(str(path), sha, [_candidate(row) for row in ranked.head(conf.top_k).to_dict("records")], threshold,
                              int(known["id"]) if known is not None else None, restrictions[side].describe(), decision, score,
-                             engine.fusion is not None)
+                             engine.fusion is not None,
+                             known_individual=names.get(known["individual_id"]) if known is not None else None,
+                             left_out=left_out[side], empty_gallery=galleries[side] is None, best_threshold=best_threshold,
+                             alone=len(probabilities) == 1)
         if conf.explain_dir is not None and engine.local is not None:
             for candidate in result.candidates:
                 # A catalogue photo moved since it was added is scored from its cached keypoints, but cannot be drawn:
@@ -485,20 +545,29 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     return results
 
 
-def _scored_candidates(catalogue: Catalogue, engine, query_paths: list[Path], query_hashes: list[str], sides: list[str | None],
-                       restrictions: dict, per_individual: int | None) -> pd.DataFrame:
-    """Every photo's shortlist from the gallery of its flank, re-scored by the local stage and fused."""
-    # One gallery per flank among the photos; a restriction that keeps nothing is reported before any embedding.
-    galleries = {side: restricted_index(catalogue, restriction) for side, restriction in restrictions.items()}
+def outside_gallery(catalogue: Catalogue, gallery: pd.DataFrame, restriction: GalleryRestriction, kept) -> list[str]:
+    """The individuals with identified photos (living ones, unless retired ones are searched too) that have none in
+    the gallery `kept` (index, image ids) or None; sorted."""
+    everyone = catalogue.restricted_image_ids(GalleryRestriction(include_retired=restriction.include_retired))
+    inside = set() if kept is None else set(gallery.loc[kept[1], "individual"])
+    return sorted(set(gallery.loc[everyone, "individual"]) - inside)
+
+
+def _scored_candidates(catalogue: Catalogue, engine, gallery: pd.DataFrame, query_paths: list[Path], query_hashes: list[str],
+                       sides: list[str | None], galleries: dict, per_individual: int | None) -> pd.DataFrame:
+    """Every photo's shortlist from the gallery of its flank (`galleries`: restricted_galleries), re-scored by the
+    local stage and fused."""
     query_embeddings = engine.embedder.embed(query_paths)
-    dim = next(iter(galleries.values()))[0].d
+    dim = next(kept for kept in galleries.values() if kept is not None)[0].d
     if query_embeddings.shape[1] != dim:
         raise SpotmatchError(f"{catalogue.folder}: the catalogue index has {dim} dimensions, the query embeddings"
                              f" {query_embeddings.shape[1]}; identify with the catalogue's checkpoint")
-    gallery = catalogue.images_table().set_index("image_id")  # read once for every flank's shortlist
     shortlists = []
-    for side, (index, image_ids) in galleries.items():
+    for side, kept in galleries.items():
         mine = [n for n, s in enumerate(sides) if s == side]
+        if kept is None:
+            continue
+        index, image_ids = kept
         shortlist = _shortlist(gallery, index, image_ids, [query_paths[n] for n in mine], query_embeddings[mine],
                                [query_hashes[n] for n in mine], engine.conf.shortlist_k, per_individual)
         if len(shortlist):  # positions among all photos: the same file may come twice, with two flanks
@@ -558,8 +627,9 @@ def results_table(results: list[QueryResult]) -> pd.DataFrame:
 
     rows = []
     for result in results:
-        photo = {"photo": result.query, "verdict": result.verdict, "threshold": result.threshold,
-                 "known_image_id": result.known_image_id, "gallery": result.gallery, "calibrated": result.calibrated}
+        photo = {"photo": result.query, "verdict": result.verdict, "named": result.named, "decision": result.decision,
+                 "decision_score": result.decision_score, "threshold": result.threshold, "known_image_id": result.known_image_id,
+                 "gallery": result.gallery, "left_out": "; ".join(result.left_out), "calibrated": result.calibrated}
         rows += [{**photo, "rank": rank, **asdict(c)} for rank, c in enumerate(result.candidates, 1)] or [photo]
     return pd.DataFrame(rows)
 

@@ -107,6 +107,10 @@ class NewImage:
 _CAPTURE_TIME = re.compile(r"(\d{4})[-:/.](\d{1,2})[-:/.](\d{1,2})(?:[ T_](\d{1,2})[-:.](\d{1,2})(?:[-:.](\d{1,2}))?)?")
 
 
+class EmptyGallery(SpotmatchError):
+    """A gallery restriction that keeps no identified image."""
+
+
 def folded_name(name: str) -> str:
     """A name as compared for near-namesakes: lower case, letters and digits only."""
     return re.sub(r"[^0-9a-z]", "", name.lower())
@@ -498,7 +502,7 @@ class Catalogue:
         rows = self.db.execute("SELECT images.id FROM images JOIN individuals ON individuals.id = images.individual_id"
                                f" WHERE {' AND '.join(clauses)} ORDER BY images.id", values).fetchall()
         if not rows:
-            raise SpotmatchError(f"{self.folder}: no identified image matches the restriction ({restriction.describe()});"
+            raise EmptyGallery(f"{self.folder}: no identified image matches the restriction ({restriction.describe()});"
                                  f" widen it (`spotmatch catalogue export` lists stations, dates and sides)")
         return np.array([r[0] for r in rows], dtype=np.int64)
 
@@ -511,8 +515,9 @@ class Catalogue:
                 raise SpotmatchError(f"{self.folder}: no {what} named {', '.join(map(repr, unknown))} in the catalogue; check the"
                                      f" spelling (`spotmatch catalogue export` lists them)")
         retired = [name for name in restriction.individuals if not restriction.include_retired and self._retired(self.individual_id(name))]
-        if retired and len(retired) == len(restriction.individuals):
-            raise SpotmatchError(f"{self.folder}: {', '.join(map(repr, retired))} retired; add --include-retired to search them")
+        if retired:  # named, so wanted: searching the others alone would drop it without a word
+            raise SpotmatchError(f"{self.folder}: {', '.join(map(repr, retired))} retired; add --include-retired to search"
+                                 f" {'it' if len(retired) == 1 else 'them'}, or leave {'it' if len(retired) == 1 else 'them'} out")
 
     def embeddings(self, image_ids: np.ndarray) -> np.ndarray:
         dim = self.settings().embedding_dim

@@ -111,7 +111,8 @@ def identify(
     """Top-K individuals per photo with calibrated probability and evidence; 'new individual' below the threshold."""
     from dataclasses import asdict
 
-    from spotmatch.catalogue.service import IdentifyConfig, identify as run_identify, open_engine, results_table, sources_from_csv
+    from spotmatch.catalogue.service import (IdentifyConfig, identify as run_identify, kept_image_ids, open_engine, restrictions_by_side,
+                                             results_table, sources_from_csv)
     from spotmatch.catalogue.store import GalleryRestriction
     from spotmatch.data.images import file_sha256
     from spotmatch.io import check_output_dir, write_csv_atomic
@@ -127,7 +128,7 @@ def identify(
     if explain_dir is not None:
         check_output_dir(explain_dir, "--explain-dir")
     catalogue.search_index()  # an empty catalogue or restriction, and a missing photo, are reported before the model loads
-    catalogue.restricted_image_ids(restriction)
+    kept_image_ids(catalogue, restrictions_by_side(restriction, sides or [None]))
     for photo in photos:
         file_sha256(photo)
     results = run_identify(catalogue, open_engine(catalogue, shortlist_k), photos, IdentifyConfig(top_k, explain_dir, restriction, per_individual),
@@ -135,23 +136,21 @@ def identify(
     if out is not None:
         write_csv_atomic(results_table(results), out)
     if json_out:
-        typer.echo(json.dumps([{**asdict(r), "verdict": r.verdict} for r in results], indent=1))
+        typer.echo(json.dumps([{**asdict(r), "verdict": r.verdict, "named": r.named} for r in results], indent=1))
         return
     for result in results:
-        typer.echo("\n".join(result_lines(result, catalogue, drawn=explain_dir is not None)))
+        typer.echo("\n".join(result_lines(result, drawn=explain_dir is not None)))
 
 
-def result_lines(result, catalogue, drawn: bool) -> list[str]:
+def result_lines(result, drawn: bool) -> list[str]:
     """One photo's verdict, then a line per candidate, as `identify` prints them; `drawn`: drawings were asked for."""
-    known = ""
-    if result.known_image_id:
-        individual = catalogue.individual_names().get(catalogue.image(result.known_image_id)["individual_id"], "no individual yet")
-        known = f" (already in the catalogue as image {result.known_image_id}, {individual})"
     # Without a calibration file the number is a similarity, not a probability: it must not read as one.
     label, threshold = ("p=", "threshold") if result.calibrated else ("similarity ", "uncalibrated threshold")
     decision = result.decision if result.calibrated else "similarity"
     score = "no candidates" if result.decision_score is None else f"{decision} {result.decision_score:.3f}"
-    lines = [f"{result.query}: {result.verdict} ({score}, {threshold} {result.threshold:.3f}; gallery: {result.gallery}){known}"]
+    if result.alone and result.decision == "margin":
+        score += " (no other individual in its shortlist: the margin is its probability)"
+    lines = [f"{result.query}: {result.verdict} ({score}, {threshold} {result.threshold:.3f}; gallery: {result.gallery})"]
     for rank, c in enumerate(result.candidates, 1):
         local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
         drawing = f", {c.explanation_png}" if c.explanation_png else ""

@@ -205,7 +205,7 @@ def create_app(conf: ServeConfig):
         restriction = GalleryRestriction.from_text([station], since, until, side)
         with lock:
             result = identify(store, engine, [path], IdentifyConfig(conf.top_k, explain_dir, restriction))[0]
-        return {"photo": photo, "verdict": result.verdict, "threshold": result.threshold, "known_image_id": result.known_image_id,
+        return {"photo": photo, "verdict": result.verdict, "named": result.named, "threshold": result.threshold, "known_image_id": result.known_image_id,
                 "gallery": result.gallery, "decision": result.decision, "decision_score": result.decision_score,
                 "calibrated": result.calibrated,
                 "candidates": [{**c.__dict__, "gallery_path": Path(c.gallery_path).name,
