@@ -239,6 +239,15 @@ def test_capture_times_become_iso_and_sides_flanks(tmp_path, snow_subset_csv):
     assert iso_capture_time("2012-7-22") == "2012-07-22"
     for unreadable in ("22/07/2012", "2012-13-01 00:00:00", "dawn"):  # kept as written, never dropped
         assert iso_capture_time(unreadable) == unreadable
+    # A 12-hour clock, with or without seconds; a date followed by words keeps the words, its date as ISO.
+    assert iso_capture_time("2012-08-19 4:13 PM") == "2012-08-19T16:13:00"
+    assert iso_capture_time("2012-8-25 4:16 PM") == "2012-08-25T16:16:00"
+    assert iso_capture_time("2012-8-25 12:05:09 am") == "2012-08-25T00:05:09"
+    assert iso_capture_time("2012-8-25 12:05 p.m.") == "2012-08-25T12:05:00"
+    assert iso_capture_time("2012-7-14 dusk") == "2012-07-14 dusk"
+    assert iso_capture_time("2012-8-25 16:16 PM") == "2012-08-25 16:16 PM"  # no such hour: the date alone is read
+    for unset in ("0000:00:00 00:00:00", "    :  :     :  :  ", ""):  # EXIF's "not set": date unknown
+        assert iso_capture_time(unset) is None
     table = pd.read_csv(snow_subset_csv, dtype=str, keep_default_na=False).head(3)
     table["side"] = ["Left", "", "r"]
     table.to_csv(tmp_path / "sides.csv", index=False)
@@ -1207,6 +1216,72 @@ def test_a_refused_name_adds_nothing_even_when_two_adds_race(tmp_path, tiny_chec
     with pytest.raises(SpotmatchError, match="'cat 21' is too like the existing 'Cat21'"):
         store.insert_images([raced], "bob")
     assert store.stats()["images"] == 1 and list(store.individual_names().values()) == ["Cat21"]
+
+
+class StandInEmbedder:
+    """A model that sees nothing: for what `add` stores beside the embeddings."""
+
+    model_id, dim = "stand-in", 4
+
+    def embed(self, paths: list) -> np.ndarray:
+        return np.full((len(paths), self.dim), 0.5, np.float32)
+
+
+def test_a_csv_time_without_a_date_never_replaces_the_photos_exif_date(tmp_path):
+    """A row with a time but no date (the date cell empty) stored the time alone, "16-13-56", in place of the photo's
+    EXIF date, and the photo dropped out of every --since/--until search. The EXIF date is kept; without one, the
+    text is (nothing written is lost), and a row's own date still wins over EXIF."""
+    from PIL import Image
+
+    from spotmatch.catalogue.service import add_images, sources_from_csv
+    from spotmatch.catalogue.store import Catalogue, CatalogueSettings, GalleryRestriction
+
+    small = Image.open(SNOW / "images" / "01__Station04__Camera2__2012-7-22__1-53-20_0.JPG").reduce(8)
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9003] = "2012:07:22 01:53:20"  # DateTimeOriginal
+    for n in range(3):  # three files of three contents: one image each
+        small.rotate(90 * n).save(tmp_path / f"exif{n}.jpg", exif=exif)
+    small.save(tmp_path / "plain.jpg")
+    (tmp_path / "rows.csv").write_text("filename,identity,date,time\nexif0.jpg,Cat1,,16-13-56\nplain.jpg,Cat1,,16-13-56\n"
+                                       "exif1.jpg,Cat2,2012-8-25,4:16 PM\nexif2.jpg,Cat2,2012-8-19,\n")
+    store = Catalogue.create(tmp_path / "cat", CatalogueSettings(checkpoint="none", fusion=None, embedder_id="stand-in",
+                                                                 embedding_dim=4))
+    report = add_images(store, StandInEmbedder(), None, sources_from_csv(tmp_path / "rows.csv", tmp_path))
+    assert (report.added, report.failed) == (4, [])
+    stored = dict(store.db.execute("SELECT filename, captured_at FROM images"))
+    assert stored == {"exif0.jpg": "2012-07-22T01:53:20", "plain.jpg": "16-13-56", "exif1.jpg": "2012-08-25T16:16:00",
+                      "exif2.jpg": "2012-08-19"}
+    july = store.restricted_image_ids(GalleryRestriction.from_text(since="2012-07-01", until="2012-07-31"))
+    august = store.restricted_image_ids(GalleryRestriction.from_text(since="2012-08-01", until="2012-08-31"))
+    filename = dict(store.db.execute("SELECT id, filename FROM images"))
+    assert [filename[i] for i in july] == ["exif0.jpg"] and sorted(filename[i] for i in august) == ["exif1.jpg", "exif2.jpg"]
+
+
+def test_a_date_read_in_part_is_still_found_by_a_date_restriction(tmp_path):
+    """A 12-hour time ("2012-8-25 4:16 PM") was stored as written, and found by --since/--until only when the month
+    was written with two digits; a date followed by words keeps its words, with its date as ISO."""
+    from spotmatch.catalogue.store import GalleryRestriction, NewImage
+
+    store = stand_in_catalogue(tmp_path / "cat", {})
+    written = ["2012-08-19 4:13 PM", "2012-8-25 4:16 PM", "2012-8-14 dusk", "0000:00:00 00:00:00", "22/08/2012"]
+    store.insert_images([NewImage(path=f"p{n}.jpg", sha256=f"p{n}", embedding=np.ones(4, np.float32), embedder_id="stand-in",
+                                  identity="Cat1", captured_at=text) for n, text in enumerate(written)], who="ana")
+    assert [r[0] for r in store.db.execute("SELECT captured_at FROM images ORDER BY id")] == \
+        ["2012-08-19T16:13:00", "2012-08-25T16:16:00", "2012-08-14 dusk", None, "22/08/2012"]
+    august = store.restricted_image_ids(GalleryRestriction.from_text(since="2012-08-01", until="2012-08-31"))
+    assert len(august) == 3
+
+
+def test_a_season_across_new_year_is_told_to_give_until_in_the_next_year():
+    from spotmatch.catalogue.store import GalleryRestriction
+    from spotmatch.errors import SpotmatchError
+
+    with pytest.raises(SpotmatchError, match=r"^--since 2012-12-01 is after --until 2012-02-28; for a season across New Year"
+                                             r" give --until in the next year \(2013-02-28\), else swap them$"):
+        GalleryRestriction.from_text(since="2012-12-01", until="2012-02-28")
+    with pytest.raises(SpotmatchError, match=r"in the next year \(2013-02-28\)"):  # 2013 has no 29 February
+        GalleryRestriction.from_text(since="2012-12-01", until="2012-02-29")
+    assert GalleryRestriction.from_text(since="2012-12-01", until="2013-02-28").describe().endswith("captured 2012-12-01 to 2013-02-28")
 
 
 def test_an_exports_capture_times_add_back_as_they_were_stored(tmp_path):

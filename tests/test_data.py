@@ -29,6 +29,27 @@ def test_exif_orientation_is_applied(tmp_path):
     np.testing.assert_array_equal(record.rgb, np.rot90(stored, k=-1))
 
 
+def test_capture_time_is_when_the_shutter_fired_never_the_files_last_edit(tmp_path):
+    """DateTimeOriginal, else DateTimeDigitized; DateTime (0x0132) is when a resize tool or editor last wrote the
+    file, and EXIF's "not set" (zeros, blanks) is no date: both read as date unknown."""
+    small = Image.open(SNOW_IMAGE).reduce(8)
+
+    def captured(ifd0: dict, exif_ifd: dict) -> str | None:
+        exif = Image.Exif()
+        exif.update(ifd0)
+        exif.get_ifd(0x8769).update(exif_ifd)  # the Exif IFD, where the capture times live
+        small.save(tmp_path / "photo.jpg", exif=exif)
+        return load_image(tmp_path / "photo.jpg").captured_at
+
+    resized = {0x0132: "2020:03:01 09:00:00"}  # DateTime: the day the photos were shrunk for e-mail
+    assert captured(resized, {}) is None
+    assert captured(resized, {0x9004: "2012:07:22 01:53:20"}) == "2012:07:22 01:53:20"  # DateTimeDigitized
+    assert captured(resized, {0x9003: "2012:07:22 01:53:20", 0x9004: "2012:07:22 01:53:21"}) == "2012:07:22 01:53:20"
+    for unset in ("0000:00:00 00:00:00", "    :  :     :  :  "):
+        assert captured(resized, {0x9003: unset}) is None
+        assert captured({}, {0x9003: unset, 0x9004: "2012:07:22 01:53:20"}) == "2012:07:22 01:53:20"
+
+
 def test_rgba_alpha_becomes_the_mask(tmp_path):
     rgb = np.asarray(Image.open(SNOW_IMAGE).convert("RGB").resize((200, 150)))
     alpha = np.zeros((150, 200), np.uint8)

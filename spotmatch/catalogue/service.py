@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, EmptyGallery, GalleryRestriction, NewImage, folded_name,
-                                      reads_as_date, refuse_catalogue_folder, reviewer, unsafe_new_name)
+                                      has_capture_date, reads_as_date, refuse_catalogue_folder, reviewer, unsafe_new_name)
 from spotmatch.data.images import file_sha256, load_image, printable, refuse_unprintable_name
 from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, find_column,
                                    on_disk_spelling, parse_side, read_csv_table, refuse_conflicting_labels)
@@ -293,6 +293,15 @@ def _capture_time(row: dict, date_col: str | None, time_col: str | None, where: 
     return when
 
 
+def _merged_capture_time(written: str | None, exif_time: str | None) -> str | None:
+    """The CSV's date and time, unless they hold no date and the photo's EXIF does: a time alone ("16-13-56", with
+    the date cell empty) or an export's unreadable text would replace the real date and keep the photo out of every
+    --since/--until search. Without an EXIF date the text is kept, so nothing the user wrote is lost."""
+    if written is None or (not has_capture_date(written) and has_capture_date(exif_time)):
+        return exif_time
+    return written
+
+
 def _decodable(source: ImageSource) -> tuple[str, str | None]:
     """(sha256, EXIF capture time) after a full decode: a corrupt file raises here, before anything is written."""
     record = load_image(source.path)
@@ -349,7 +358,8 @@ def insert_fresh(catalogue: Catalogue, fresh: list[tuple[ImageSource, str, str |
                  embedder_id: str, feature_key: str | None, who: str, report: AddReport) -> None:
     """One transaction for these images (computed beforehand, outside it)."""
     rows = [NewImage(path=str(s.path), sha256=sha, embedding=e, embedder_id=embedder_id, feature_key=feature_key,
-                     identity=s.identity, station=s.station, camera=s.camera, captured_at=s.captured_at or exif_time, side=s.side)
+                     identity=s.identity, station=s.station, camera=s.camera, side=s.side,
+                     captured_at=_merged_capture_time(s.captured_at, exif_time))
             for (s, sha, exif_time), e in zip(fresh, embeddings)]
     new_ids = catalogue.insert_images(rows, who)
     report.added += len(new_ids)

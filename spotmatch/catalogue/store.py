@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from spotmatch.data.images import unset_capture_time
 from spotmatch.data.tables import SIDES, parse_side
 from spotmatch.errors import SpotmatchError
 from spotmatch.io import write_cache_entry
@@ -102,9 +103,11 @@ class NewImage:
     side: str | None = None  # the flank shown: "left", "right", or None (not known)
 
 
-# Year, month, day and optionally hour, minute, second, with any of the separators that EXIF
-# ("2012:07:22 01:53:20"), ISO and camera-trap CSVs ("2012-7-22 1-53-20") use.
-_CAPTURE_TIME = re.compile(r"(\d{4})[-:/.](\d{1,2})[-:/.](\d{1,2})(?:[ T_](\d{1,2})[-:.](\d{1,2})(?:[-:.](\d{1,2}))?)?")
+# Year, month, day and optionally hour, minute, second and AM/PM, with any of the separators that EXIF
+# ("2012:07:22 01:53:20"), ISO, camera-trap CSVs ("2012-7-22 1-53-20") and 12-hour clocks ("2012-8-25 4:16 PM") use.
+_CAPTURE_DATE = r"(\d{4})[-:/.](\d{1,2})[-:/.](\d{1,2})"
+_CAPTURE_TIME = re.compile(_CAPTURE_DATE + r"(?:[ T_](\d{1,2})[-:.](\d{1,2})(?:[-:.](\d{1,2}))?(?:\s*([AaPp])\.?[Mm]\.?)?)?")
+_LEADING_DATE = re.compile(_CAPTURE_DATE + r"(?!\d)")  # "2012-7-14 dusk": a date, then something else
 
 
 class EmptyGallery(SpotmatchError):
@@ -154,14 +157,29 @@ def unsafe_new_name(name: str) -> str | None:
 
 def iso_capture_time(text: str | None) -> str | None:
     """ISO 8601 ("2012-07-22T01:53:20", or "2012-07-22" for a date alone) when `text` reads as year, month,
-    day[, time]; otherwise `text` unchanged, so nothing a user wrote is lost (date restrictions skip it)."""
-    if text is None:
+    day[, time]; a text that starts with such a date and goes on in words ("2012-7-14 dusk") gets its date as ISO
+    and keeps the rest as written, so date restrictions (which compare the first ten characters) still find it;
+    any other text is kept unchanged, so nothing a user wrote is lost (date restrictions skip it). EXIF's "not set"
+    (zeros or blanks) is None: date unknown."""
+    if text is None or unset_capture_time(text.strip()):
         return None
     read = _read_capture_time(text)
-    if read is None:
-        return text
-    moment, with_time = read
-    return moment.isoformat() if with_time else moment.date().isoformat()
+    if read is not None:
+        moment, with_time = read
+        return moment.isoformat() if with_time else moment.date().isoformat()
+    leading = _LEADING_DATE.match(text.strip())
+    if leading is not None:
+        try:
+            return date(*map(int, leading.groups())).isoformat() + text.strip()[leading.end():]
+        except ValueError:  # month 13, 30 February, ...
+            pass
+    return text
+
+
+def has_capture_date(text: str | None) -> bool:
+    """Whether `text`, as `iso_capture_time` stores it, has a date that --since/--until can compare."""
+    stored = iso_capture_time(text)
+    return stored is not None and re.match(r"\d{4}-\d{2}-\d{2}", stored) is not None
 
 
 def reads_as_date(text: str) -> bool:
@@ -173,7 +191,12 @@ def _read_capture_time(text: str) -> tuple[datetime, bool] | None:
     found = _CAPTURE_TIME.fullmatch(text.strip())
     if found is None:
         return None
-    numbers = [int(part) for part in found.groups() if part is not None]
+    *parts, half_of_day = found.groups()
+    numbers = [int(part) for part in parts if part is not None]
+    if half_of_day is not None:  # a 12-hour clock: 12:05 AM is 00:05, 12:05 PM 12:05, 4:16 PM 16:16
+        if not 1 <= numbers[3] <= 12:
+            return None
+        numbers[3] = numbers[3] % 12 + (12 if half_of_day in "Pp" else 0)
     try:
         return datetime(*numbers), len(numbers) > 3
     except ValueError:  # month 13, 30 February, ...
@@ -196,7 +219,14 @@ class GalleryRestriction:
         if self.side is not None and self.side not in SIDES:
             raise SpotmatchError(f"--side {self.side}: use left or right")
         if self.since and self.until and self.since > self.until:
-            raise SpotmatchError(f"--since {self.since} is after --until {self.until}; swap them")
+            # Most often a season across New Year (December to February) with both dates in one year.
+            next_year = self.since.year + 1
+            try:
+                until = self.until.replace(year=next_year)
+            except ValueError:  # 29 February, in a year without one
+                until = date(next_year, 2, 28)
+            raise SpotmatchError(f"--since {self.since} is after --until {self.until}; for a season across New Year give --until"
+                                 f" in the next year ({until}), else swap them")
 
     @classmethod
     def from_text(cls, stations=(), since: str | None = None, until: str | None = None, side: str | None = None,

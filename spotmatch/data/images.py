@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,11 @@ from spotmatch.errors import SpotmatchError
 
 # Below this alpha value a pixel counts as background.
 ALPHA_THRESHOLD = 128
-_EXIF_DATETIME_ORIGINAL = ExifTags.Base.DateTimeOriginal
-_EXIF_DATETIME = ExifTags.Base.DateTime
+# When the shutter fired, and when the camera stored the frame (the same moment on a camera trap); both in the
+# Exif IFD. DateTime (0x0132, in IFD0) is when the file was last changed, by a resize tool or an editor: not a capture time.
+_EXIF_CAPTURE_TAGS = (ExifTags.Base.DateTimeOriginal, ExifTags.Base.DateTimeDigitized)
+# EXIF's "date not set": zeros ("0000:00:00 00:00:00") or blanks ("    :  :     :  :  ") in the date's place.
+_UNSET_TIME = re.compile(r"[0\s:/.-]*")
 
 
 @dataclass
@@ -87,10 +91,20 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(read_image_bytes(path)).hexdigest()
 
 
+def unset_capture_time(text: str) -> bool:
+    """Whether a capture time says "not set" (EXIF's zeros or blanks, an empty text) rather than any date: stored
+    as a date, it would read as one to a reviewer, and as year 0 it could never be compared."""
+    return _UNSET_TIME.fullmatch(text) is not None
+
+
 def _capture_time(image: Image.Image) -> str | None:
-    exif = image.getexif()
-    value = exif.get_ifd(ExifTags.IFD.Exif).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_EXIF_DATETIME)
-    return str(value).strip() if value else None
+    """DateTimeOriginal, else DateTimeDigitized, as written; None (date unknown) when neither is set."""
+    exif = image.getexif().get_ifd(ExifTags.IFD.Exif)
+    for tag in _EXIF_CAPTURE_TAGS:
+        value = exif.get(tag)
+        if value is not None and not unset_capture_time(str(value).strip()):
+            return str(value).strip()
+    return None
 
 
 def _split_alpha(image: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
