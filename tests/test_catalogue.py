@@ -1410,3 +1410,26 @@ def test_names_that_would_rewrite_a_terminal_or_run_in_a_spreadsheet_are_not_giv
     assert _snapshot(store) == before
     store.rename("Cat2", "-17", who="ana")
     assert sorted(store.individual_names().values()) == ["-17", "Cat1"]
+
+
+def test_confirm_adds_a_new_photo_with_its_station_date_and_flank(tmp_path, tiny_checkpoint, fusion_file, gallery_and_queries):
+    """A new animal's first photo, added by `confirm`, must be found by the station, season and flank searches
+    that follow; facts for a photo already in the catalogue are refused, not dropped unseen."""
+    from spotmatch.catalogue.service import PhotoFacts, confirm_photo, init_catalogue, open_engine
+    from spotmatch.catalogue.store import GalleryRestriction
+    from spotmatch.errors import SpotmatchError
+
+    store = init_catalogue(tmp_path / "cat", tiny_checkpoint, fusion_file)
+    engine = open_engine(store, shortlist_k=5)
+    photo = gallery_and_queries[1][1]
+    confirmed = confirm_photo(store, engine, photo, "Newcat", "ana", PhotoFacts(" S77 ", "3", "2012-8-10 4:16 PM", "L"))
+    row = store.image(confirmed.image_id)
+    assert (row["station"], row["camera"], row["captured_at"], row["side"]) == ("S77", "3", "2012-08-10T16:16:00", "left")
+    kept = store.restricted_image_ids(GalleryRestriction.from_text([" S77"], "2012-08-01", "2012-08-31", "left"))
+    assert list(kept) == [confirmed.image_id]
+    with pytest.raises(SpotmatchError, match=f"already in the catalogue as image {confirmed.image_id}, with the station"):
+        confirm_photo(store, engine, photo, "Newcat", "ana", PhotoFacts(station="S78"))
+    with pytest.raises(SpotmatchError, match="--date 'July' does not read as year-month-day"):
+        PhotoFacts(captured_at="July")
+    with pytest.raises(SpotmatchError, match="--station '': empty; name one, or leave the option out"):
+        GalleryRestriction.from_text(["S77", ""])

@@ -157,6 +157,13 @@ def test_an_upload_never_replaces_another_photo_of_the_same_name(server, gallery
     assert http.request("GET", f"{base}/files/image/{image_id}").data == first  # the confirmed photo is still itself
     assert json.loads(post_file(f"{base}/api/upload", "IMG_0001.JPG", first).data)["photo"] == "IMG_0001.JPG"  # same photo, same file
     assert http.request("GET", f"{base}/files/upload/not_there.jpg").status == 404
+    (folder / "uploads" / "IMG_0001.JPG").rename(folder / "uploads" / "kept")
+    try:  # another photo saved over the catalogue's file: shown, it would be decided on as the photo that was added
+        (folder / "uploads" / "IMG_0001.JPG").write_bytes(second)
+        swapped = http.request("GET", f"{base}/files/image/{image_id}")
+        assert swapped.status == 409 and "its content changed" in json.loads(swapped.data)["detail"]
+    finally:
+        (folder / "uploads" / "kept").replace(folder / "uploads" / "IMG_0001.JPG")
     (folder / "uploads" / "IMG_0001.JPG").rename(folder / "uploads" / "archived")  # the photo moved since
     try:
         moved = http.request("GET", f"{base}/files/image/{image_id}")

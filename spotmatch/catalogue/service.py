@@ -615,15 +615,42 @@ def explain_candidate(engine, query: Path, query_sha: str, candidate: Candidate,
     return out_png
 
 
-def confirm_photo(catalogue: Catalogue, engine, photo: Path, individual: str | None, who: str) -> Confirmed:
-    """Add the photo if it is not in the catalogue yet, then assign it (None: a new individual). A name `confirm`
-    would refuse is refused before the photo is added: a refused command writes nothing."""
+@dataclass
+class PhotoFacts:
+    """Where, when and which flank, for a photo `confirm` adds: without them a new animal's first photo would never
+    be found by a station, season or flank search."""
+    station: str | None = None
+    camera: str | None = None
+    captured_at: str | None = None  # as written; read as a date like a CSV's (the EXIF date where this is empty)
+    side: str | None = None
+
+    def __post_init__(self):
+        self.station, self.camera = (value.strip() or None if value else None for value in (self.station, self.camera))
+        self.side = parse_side(self.side, "--side")
+        if self.captured_at and not reads_as_date(self.captured_at):
+            raise SpotmatchError(f"--date {self.captured_at!r} does not read as year-month-day; write it as 2012-07-22")
+
+    def given(self) -> bool:
+        return any(value is not None for value in (self.station, self.camera, self.captured_at, self.side))
+
+
+def confirm_photo(catalogue: Catalogue, engine, photo: Path, individual: str | None, who: str,
+                  facts: PhotoFacts | None = None) -> Confirmed:
+    """Add the photo if it is not in the catalogue yet (with `facts`), then assign it (None: a new individual). A
+    name `confirm` would refuse is refused before the photo is added: a refused command writes nothing, and so
+    are facts for a photo already in the catalogue (they would be dropped unseen)."""
+    facts = facts or PhotoFacts()
     if individual is not None:
         catalogue.confirmable_name(individual)
     sha = file_sha256(photo)
     known = catalogue.image_by_sha(sha)
+    if known is not None and facts.given():
+        raise SpotmatchError(f"{photo}: already in the catalogue as image {known['id']}, with the station, date and flank it was"
+                             f" added with; confirm it without --station/--camera/--date/--side")
     if known is None:
-        report = add_images(catalogue, engine.embedder, engine.local, [ImageSource(photo_path(Path(photo)))], AddConfig(who=who))
+        source = ImageSource(photo_path(Path(photo)), station=facts.station, camera=facts.camera,
+                             captured_at=facts.captured_at, side=facts.side)
+        report = add_images(catalogue, engine.embedder, engine.local, [source], AddConfig(who=who))
         if report.failed:
             raise SpotmatchError(report.failed[0][1])
         known = catalogue.image_by_sha(sha)

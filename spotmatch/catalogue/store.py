@@ -238,8 +238,14 @@ class GalleryRestriction:
                 return date.fromisoformat(value) if value else None
             except ValueError:
                 raise SpotmatchError(f"{flag} {value}: not a date; write it as YYYY-MM-DD") from None
-        return cls(tuple(s for s in stations if s), day(since, "--since"), day(until, "--until"), parse_side(side, "--side"),
-                   tuple(i for i in individuals if i), include_retired)
+        def names(values, flag: str) -> tuple[str, ...]:
+            # " S04" is S04; an empty one (an unset shell variable) would search everything unseen
+            stripped = tuple(value.strip() for value in values)
+            if "" in stripped:
+                raise SpotmatchError(f"{flag} '': empty; name one, or leave the option out to search them all")
+            return stripped
+        return cls(names(stations, "--station"), day(since, "--since"), day(until, "--until"), parse_side(side, "--side"),
+                   names(individuals, "--individual"), include_retired)
 
     def describe(self) -> str:
         who = f"individual {' or '.join(self.individuals)}" if self.individuals else "every individual"

@@ -177,9 +177,13 @@ def confirm(
     individual: Optional[str] = typer.Option(None, help="The individual it shows (made if it does not exist)."),
     new: bool = typer.Option(False, "--new", help="It shows an individual not in the catalogue: make a new one."),
     who: str = typer.Option("cli", envvar="USER", help=WHO_HELP),
+    station: Optional[str] = typer.Option(None, help="For a photo not in the catalogue yet: the station it was taken at."),
+    camera: Optional[str] = typer.Option(None, help="For a photo not in the catalogue yet: its camera."),
+    date: Optional[str] = typer.Option(None, "--date", help="For a photo not in the catalogue yet: when it was taken (YYYY-MM-DD[ HH:MM:SS]; default: its EXIF date)."),
+    side: Optional[str] = typer.Option(None, help="For a photo not in the catalogue yet: the flank it shows (left or right)."),
 ) -> None:
     """Record who decided which individual a photo shows."""
-    from spotmatch.catalogue.service import confirm_photo, open_engine
+    from spotmatch.catalogue.service import PhotoFacts, confirm_photo, open_engine
     from spotmatch.catalogue.store import reviewer
     from spotmatch.errors import SpotmatchError
 
@@ -187,11 +191,15 @@ def confirm(
     if (individual is None) == (not new):
         raise SpotmatchError(f"{photo or image_id}: say either --individual NAME or --new, not both or neither")
     who = reviewer(who)
+    facts = PhotoFacts(station, camera, date, side)
+    if isinstance(target, int) and facts.given():
+        raise SpotmatchError(f"image {target}: already in the catalogue, with the station, date and flank it was added with;"
+                             f" confirm it without --station/--camera/--date/--side")
     catalogue = _open(folder)
     if isinstance(target, int):
         confirmed = catalogue.confirm(target, individual, who)
     else:
-        confirmed = confirm_photo(catalogue, open_engine(catalogue), target, individual, who)
+        confirmed = confirm_photo(catalogue, open_engine(catalogue), target, individual, who, facts)
     typer.echo(confirmed.text(who))
 
 

@@ -65,8 +65,9 @@ def similarity_heatmap(embeddings: np.ndarray, identities: np.ndarray, out_png: 
         axis.axvline(start - 0.5, color="white", linewidth=0.4)
     if len(starts) <= 60:  # beyond that the labels overlap into noise
         centres = (starts + ends - 1) / 2
-        axis.set_xticks(centres, ordered_ids[starts], rotation=90, fontsize=6)
-        axis.set_yticks(centres, ordered_ids[starts], fontsize=6)
+        # identities are the data's own names: "$" in one must print as "$", not start mathtext (or fail the report)
+        axis.set_xticks(centres, ordered_ids[starts], rotation=90, fontsize=6, parse_math=False)
+        axis.set_yticks(centres, ordered_ids[starts], fontsize=6, parse_math=False)
     else:
         axis.set_xticks([])
         axis.set_yticks([])
@@ -89,7 +90,7 @@ def neighbour_grid(rows: list[dict], top_k: int, out_png: Path) -> Path:
                   for image, label, score, correct in row["neighbours"]]
         for axis, (image, title, colour) in zip(axes_row, cells):
             axis.imshow(np.asarray(image))
-            axis.set_title(title, fontsize=7.5, color=colour, pad=2)
+            axis.set_title(title, fontsize=7.5, color=colour, pad=2, parse_math=False)
             axis.set_xticks([])
             axis.set_yticks([])
             for spine in axis.spines.values():

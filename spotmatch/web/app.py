@@ -11,6 +11,7 @@ started for (DNS rebinding), and the page may not be framed (clickjacking).
 from __future__ import annotations
 
 import hashlib
+import mimetypes
 import re
 import secrets
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -202,7 +203,7 @@ def create_app(conf: ServeConfig):
     @app.post("/api/identify/{photo}")
     def identify_photo(photo: str, station: str = "", since: str = "", until: str = "", side: str = ""):
         path = inside(uploads, safe_upload_name(photo))
-        restriction = GalleryRestriction.from_text([station], since, until, side)
+        restriction = GalleryRestriction.from_text([station] if station.strip() else [], since, until, side)  # the form's empty field: unset
         with lock:
             result = identify(store, engine, [path], IdentifyConfig(conf.top_k, explain_dir, restriction))[0]
         return {"photo": photo, "verdict": result.verdict, "named": result.named, "threshold": result.threshold, "known_image_id": result.known_image_id,
@@ -257,6 +258,12 @@ def create_app(conf: ServeConfig):
         if not Path(row["path"]).is_file():  # moved or archived since it was added
             raise HTTPException(404, f"{row['path']}: photo not there any more; if it moved: spotmatch catalogue relink"
                                      f" {store.folder} --photos OLD=NEW")
-        return FileResponse(row["path"])
+        data = Path(row["path"]).read_bytes()
+        # Whatever lies at the stored path now (another photo saved over it, a link to any file) is not the photo the
+        # reviewer is deciding on.
+        if hashlib.sha256(data).hexdigest() != row["sha256"]:
+            raise HTTPException(409, f"{row['path']}: not the photo added as image {image_id} (its content changed); put the"
+                                     f" original back, or if it moved: spotmatch catalogue relink {store.folder} --photos OLD=NEW")
+        return Response(data, media_type=mimetypes.guess_type(row["path"])[0] or "application/octet-stream")
 
     return app
