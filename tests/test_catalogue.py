@@ -1433,3 +1433,18 @@ def test_confirm_adds_a_new_photo_with_its_station_date_and_flank(tmp_path, tiny
         PhotoFacts(captured_at="July")
     with pytest.raises(SpotmatchError, match="--station '': empty; name one, or leave the option out"):
         GalleryRestriction.from_text(["S77", ""])
+
+
+def test_one_station_written_two_ways_is_refused_before_anything_is_added(tmp_path):
+    """"s26" beside S26 would split one site in two, and `identify --station S26` would miss half its photos."""
+    from spotmatch.catalogue.service import ImageSource, refuse_station_spellings
+    from spotmatch.errors import SpotmatchError
+
+    store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2})
+    store.db.execute("UPDATE images SET station = 'S26'")
+    for sources, message in (([ImageSource(Path("a.jpg"), station="s26")], "a.jpg: station 's26', but 'S26' is written another way"),
+                             ([ImageSource(Path("a.jpg"), station="S 30"), ImageSource(Path("b.jpg"), station="S30")],
+                              "b.jpg: station 'S30', but 'S 30' is written another way")):
+        with pytest.raises(SpotmatchError, match=message):
+            refuse_station_spellings(store, sources)
+    refuse_station_spellings(store, [ImageSource(Path("a.jpg"), station="S26"), ImageSource(Path("b.jpg"), station="S27"), ImageSource(Path("c.jpg"))])

@@ -408,6 +408,20 @@ def refuse_misleading_labels(catalogue: Catalogue, sources: list[ImageSource]) -
                                  f" rows with its name now (a new animal needs a name never used)")
 
 
+def refuse_station_spellings(catalogue: Catalogue, sources: list[ImageSource]) -> None:
+    """Before any work: a station written like another but for case, spaces or punctuation ("s26" beside S26), in
+    the catalogue or in this input, would split one site in two, and `identify --station S26` would leave the
+    other spelling's photos out unseen."""
+    spelling_of = {folded_name(station): station for station in catalogue.stations()}
+    for source in sources:
+        if source.station is None:
+            continue
+        known = spelling_of.setdefault(folded_name(source.station), source.station)
+        if known != source.station:
+            raise SpotmatchError(f"{source.path}: station {source.station!r}, but {known!r} is written another way (only case,"
+                                 f" spaces or punctuation differ); write one station's name one way")
+
+
 def _already_added(catalogue: Catalogue, path: Path) -> bool:
     """Whether this photo's content is in the catalogue; a photo that cannot be read is left for `add` to report."""
     try:
@@ -422,6 +436,7 @@ def add_images(catalogue: Catalogue, embedder: EmbedsImages, local, sources: lis
     conf = conf or AddConfig()
     catalogue.check_embedder(embedder.model_id, embedder.dim)
     refuse_misleading_labels(catalogue, sources)
+    refuse_station_spellings(catalogue, sources)
     report = AddReport()
     for start in range(0, len(sources), conf.batch_size):
         batch = sources[start:start + conf.batch_size]

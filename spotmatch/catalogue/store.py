@@ -634,6 +634,9 @@ class Catalogue:
         if reason is not None:
             raise SpotmatchError(f"{self.folder}: the name {name!r} {reason}; give the animal another name")
 
+    def stations(self) -> list[str]:
+        return [row[0] for row in self.db.execute("SELECT DISTINCT station FROM images WHERE station IS NOT NULL ORDER BY station")]
+
     def has_individual(self, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (individual_name(name),)).fetchone() is not None
 
