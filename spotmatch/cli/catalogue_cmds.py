@@ -149,7 +149,7 @@ def result_lines(result, drawn: bool) -> list[str]:
     decision = result.decision if result.calibrated else "similarity"
     score = "no candidates" if result.decision_score is None else f"{decision} {result.decision_score:.3f}"
     if result.alone and result.decision == "margin":
-        score += " (no other individual in its shortlist: the margin is its probability)"
+        score += " = its probability, no other individual in its shortlist"
     lines = [f"{result.query}: {result.verdict} ({score}, {threshold} {result.threshold:.3f}; gallery: {result.gallery})"]
     for rank, c in enumerate(result.candidates, 1):
         local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
