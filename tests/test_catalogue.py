@@ -1448,3 +1448,24 @@ def test_one_station_written_two_ways_is_refused_before_anything_is_added(tmp_pa
         with pytest.raises(SpotmatchError, match=message):
             refuse_station_spellings(store, sources)
     refuse_station_spellings(store, [ImageSource(Path("a.jpg"), station="S26"), ImageSource(Path("b.jpg"), station="S27"), ImageSource(Path("c.jpg"))])
+
+
+def test_a_file_name_with_a_line_break_or_terminal_escape_is_printed_escaped(tmp_path):
+    """A name is printed by `add`'s skipped lines and by every error: a line break in it would forge a line (a
+    "fine" photo, a fake summary), an escape would rewrite the terminal."""
+    import contextlib
+    import io
+
+    from spotmatch.catalogue.service import AddReport, print_failures
+    from test_cli import run_cli
+
+    missing = tmp_path / "gone\x1b]0;title\x07.jpg"
+    refused = run_cli("catalogue", "init", tmp_path / "cat", "--checkpoint", missing)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "\x1b" not in refused.stderr
+    assert "gone\\x1b]0;title\\x07.jpg" in refused.stderr
+    forged = tmp_path / "a.jpg\nadded 9, already there 0, skipped 0\x1b[2K.jpg"
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):
+        print_failures(AddReport(failed=[(str(forged), f"{forged}: cannot decode image")]))
+    assert printed.getvalue().count("\n") == 1 and "\x1b" not in printed.getvalue()
+    assert "a.jpg\\nadded 9, already there 0, skipped 0\\x1b[2K.jpg: cannot decode image" in printed.getvalue()

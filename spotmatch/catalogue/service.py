@@ -19,7 +19,7 @@ from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, 
 from spotmatch.data.images import file_sha256, load_image, printable, refuse_unprintable_name
 from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, find_column,
                                    on_disk_spelling, parse_side, read_csv_table, refuse_conflicting_labels)
-from spotmatch.errors import SpotmatchError
+from spotmatch.errors import SpotmatchError, one_line
 from spotmatch.fusion.calibration import best_pair_per_individual, decision_score
 
 
@@ -705,4 +705,4 @@ def export_table(catalogue: Catalogue, competition: bool) -> pd.DataFrame:
 
 def print_failures(report: AddReport) -> None:
     for path, reason in report.failed:
-        print(f"skipped: {reason}", file=sys.stderr)
+        print(f"skipped: {one_line(reason)}", file=sys.stderr)

@@ -12,7 +12,7 @@ import sys
 
 from spotmatch.cli.app import app
 from spotmatch.data.images import quiet_large_photos
-from spotmatch.errors import SpotmatchError
+from spotmatch.errors import SpotmatchError, one_line
 from spotmatch.io import DISK_WRITE_FAILURES
 
 
@@ -54,13 +54,13 @@ def main() -> None:
     try:
         app()
     except SpotmatchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:
         message = _environment_failure(exc)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(message)}", file=sys.stderr)
         sys.exit(2)
 
 

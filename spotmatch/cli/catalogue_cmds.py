@@ -113,6 +113,7 @@ def identify(
 
     from spotmatch.catalogue.service import (IdentifyConfig, identify as run_identify, kept_image_ids, open_engine, restrictions_by_side,
                                              results_table, sources_from_csv)
+    from spotmatch.errors import one_line
     from spotmatch.catalogue.store import GalleryRestriction
     from spotmatch.data.images import file_sha256
     from spotmatch.io import check_output_dir, write_csv_atomic
@@ -139,7 +140,7 @@ def identify(
         typer.echo(json.dumps([{**asdict(r), "verdict": r.verdict, "named": r.named} for r in results], indent=1))
         return
     for result in results:
-        typer.echo("\n".join(result_lines(result, drawn=explain_dir is not None)))
+        typer.echo("\n".join(one_line(line) for line in result_lines(result, drawn=explain_dir is not None)))
 
 
 def result_lines(result, drawn: bool) -> list[str]:
