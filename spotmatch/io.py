@@ -64,9 +64,22 @@ def _refuse_unwritable(target: Path, folder: Path, option: str) -> None:
 def new_file_mode() -> int:
     """The mode a plain open() gives a new file: 0o666 less the process's umask (a team's private `umask 077`
     keeps its exports private)."""
-    umask = os.umask(0o022)  # the only way to read it is to set it; put back at once
+    return 0o666 & ~process_umask()
+
+
+def process_umask() -> int:
+    """Read from /proc where Linux has it; elsewhere set and put back at once, the only other way to read it (a
+    file another thread makes in between gets 0o022 instead)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 @contextlib.contextmanager

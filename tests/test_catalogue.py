@@ -206,9 +206,11 @@ def test_the_verdict_never_calls_new_what_the_gallery_left_out_or_the_catalogue_
     (again,) = identify(store, engine, [Path(catalogued["path"])], IdentifyConfig(top_k=3))
     assert again.named is None and again.verdict == f"already catalogued as image {catalogued['image_id']}, {catalogued['individual']}"
     # a lead too small to name one animal while the best one's probability alone would name it: undecided, not new
-    tied = [everyone.candidates[0], replace(everyone.candidates[0], individual="Twin")]
-    undecided = QueryResult("q.jpg", "sha", tied, threshold=0.4, decision="margin", decision_score=0.0, best_threshold=tied[0].probability)
-    assert undecided.named is None and undecided.verdict == f"undecided: {best} or Twin"
+    for shown in (2, 1):  # the runner-up decides it, listed or not (`--top-k 1`)
+        tied = [everyone.candidates[0], replace(everyone.candidates[0], individual="Twin")][:shown]
+        undecided = QueryResult("q.jpg", "sha", tied, threshold=0.4, decision="margin", decision_score=0.0,
+                                best_threshold=tied[0].probability, runner_up="Twin")
+        assert undecided.named is None and undecided.verdict == f"undecided: {best} or Twin" and not undecided.alone
 
 
 def test_shortlist_with_at_most_one_image_per_individual(catalogue, gallery_and_queries):
@@ -231,9 +233,10 @@ def test_shortlist_with_at_most_one_image_per_individual(catalogue, gallery_and_
 
 def test_capture_times_become_iso_and_sides_flanks(tmp_path, snow_subset_csv):
     from spotmatch.catalogue.service import sources_from_csv
-    from spotmatch.catalogue.store import iso_capture_time
+    from spotmatch.catalogue.store import has_capture_date, iso_capture_time
     from spotmatch.errors import SpotmatchError
 
+    assert has_capture_date("2012-7-22 dusk") and not has_capture_date("2012-02-30") and not has_capture_date("16-13-56")
     assert iso_capture_time("2012:07:22 01:53:20") == "2012-07-22T01:53:20"  # EXIF
     assert iso_capture_time("2012-7-22 1-53-20") == iso_capture_time("2012-07-22T01:53:20") == "2012-07-22T01:53:20"
     assert iso_capture_time("2012-7-22") == "2012-07-22"
@@ -1410,6 +1413,20 @@ def test_names_that_would_rewrite_a_terminal_or_run_in_a_spreadsheet_are_not_giv
     assert _snapshot(store) == before
     store.rename("Cat2", "-17", who="ana")
     assert sorted(store.individual_names().values()) == ["-17", "Cat1"]
+    store.rename("-17", "Ирбис", who="ana")  # names in another script are names, not all one "near-namesake"
+    store.rename("Cat1", "Барс", who="ana")
+    assert sorted(store.individual_names().values()) == ["Барс", "Ирбис"]
+
+
+def test_confirm_refuses_an_unsafe_new_name_before_adding_the_photo(tmp_path, tiny_checkpoint, fusion_file, gallery_and_queries):
+    from spotmatch.catalogue.service import confirm_photo, init_catalogue, open_engine
+    from spotmatch.errors import SpotmatchError
+
+    store = init_catalogue(tmp_path / "cat", tiny_checkpoint, fusion_file)
+    engine = open_engine(store, shortlist_k=5)
+    with pytest.raises(SpotmatchError, match="starts with '=', which a spreadsheet"):
+        confirm_photo(store, engine, gallery_and_queries[1][0], '=HYPERLINK("http://x")', "ana")
+    assert store.stats()["images"] == 0  # a refused command writes nothing
 
 
 def test_confirm_adds_a_new_photo_with_its_station_date_and_flank(tmp_path, tiny_checkpoint, fusion_file, gallery_and_queries):
@@ -1447,7 +1464,11 @@ def test_one_station_written_two_ways_is_refused_before_anything_is_added(tmp_pa
                               "b.jpg: station 'S30', but 'S 30' is written another way")):
         with pytest.raises(SpotmatchError, match=message):
             refuse_station_spellings(store, sources)
-    refuse_station_spellings(store, [ImageSource(Path("a.jpg"), station="S26"), ImageSource(Path("b.jpg"), station="S27"), ImageSource(Path("c.jpg"))])
+    # distinct codes stay distinct, in any script; only case and spaces make two spellings of one
+    refuse_station_spellings(store, [ImageSource(Path(f"{n}.jpg"), station=station) for n, station in
+                                     enumerate(["S26", "S27", "A12", "A1-2", "Поле", "Озеро", None])])
+    store.db.execute("UPDATE images SET station = 's26' WHERE id = (SELECT MAX(id) FROM images)")  # both, from before
+    refuse_station_spellings(store, [ImageSource(Path("a.jpg"), station="S26"), ImageSource(Path("b.jpg"), station="s26")])
 
 
 def test_a_file_name_with_a_line_break_or_terminal_escape_is_printed_escaped(tmp_path):

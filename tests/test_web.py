@@ -18,7 +18,8 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 TOKEN = "token-of-the-test-server"
-COOKIE = {"Cookie": f"spotmatch_token={TOKEN}"}  # a request's own headers replace the client's, so each one carries it
+# a request's own headers replace the client's, so each one carries the cookie
+COOKIE = {"Cookie": f"{__import__('spotmatch.web.app', fromlist=['token_cookie']).token_cookie(TOKEN)}={TOKEN}"}
 
 
 def authorised(**headers):
@@ -76,11 +77,15 @@ def test_only_the_page_opened_with_the_token_may_use_the_server(server, gallery_
     assert anonymous.request("GET", f"{base}/files/image/1").status == 401
     assert anonymous.request("GET", f"{base}/api/photos?token=wrong-{TOKEN}").status == 401
     opened = anonymous.request("GET", f"{base}/?token={TOKEN}", redirect=False)
-    assert opened.status == 303 and f"spotmatch_token={TOKEN}" in opened.headers["set-cookie"]
-    assert "samesite=strict" in opened.headers["set-cookie"].lower() and "httponly" in opened.headers["set-cookie"].lower()
+    assert opened.status == 303 and COOKIE["Cookie"] in opened.headers["set-cookie"]
+    # Lax: the address clicked in a team's chat is a cross-site navigation, which must reach the page
+    assert "samesite=lax" in opened.headers["set-cookie"].lower() and "httponly" in opened.headers["set-cookie"].lower()
     page = authorised().request("GET", f"{base}/")
     assert page.status == 200 and page.headers["x-frame-options"] == "DENY"
     assert authorised(Host="attacker.example").request("GET", f"{base}/api/photos").status == 400
+    port = base.rsplit(":", 1)[1]
+    for loopback in (f"localhost:{port}", f"[::1]:{port}"):
+        assert authorised(Host=loopback).request("GET", f"{base}/api/photos").status == 200, loopback
     decision = json.dumps({"photo": "none.jpg", "individual": "Rebound", "who": "mallory"})
     for origin in ("http://attacker.example", "http://127.0.0.2:8000"):
         crossed = authorised().request("POST", f"{base}/api/confirm", body=decision,
@@ -91,7 +96,7 @@ def test_only_the_page_opened_with_the_token_may_use_the_server(server, gallery_
     assert same_page.status == 400 and "none.jpg" in json.loads(same_page.data)["error"]  # past the guard, refused for its photo
     before = sorted(p.name for p in (folder / "uploads").iterdir())
     huge = authorised().request("POST", f"{base}/api/upload", body=b"x" * (53 * 2**20), headers={**COOKIE, "Content-Type": "multipart/form-data; boundary=b"})
-    assert huge.status == 413 and "50 MiB" in json.loads(huge.data)["error"]
+    assert huge.status == 413 and "at most 50 MiB" in json.loads(huge.data)["error"]
 
     def chunks():  # no Content-Length: counted as it arrives, the photo part well formed so that parsing goes on
         yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
@@ -102,6 +107,30 @@ def test_only_the_page_opened_with_the_token_may_use_the_server(server, gallery_
                                     headers={**COOKIE, "Content-Type": "multipart/form-data; boundary=b"})
     assert streamed.status == 413
     assert sorted(p.name for p in (folder / "uploads").iterdir()) == before
+
+
+def test_two_uploads_of_one_name_at_once_keep_both_photos(server, gallery_and_queries):  # noqa: F811
+    """Uploads run in threads: two photos sent at the same moment under one name (camera traps reuse IMG_0001.JPG)
+    must not both be told the name is free, one overwriting the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, folder = server
+    photos = [path.read_bytes() for path in sorted((SNOW / "images").iterdir())[-6:]]
+    for attempt in range(3):
+        name = f"RACE_{attempt}.JPG"
+        with ThreadPoolExecutor(len(photos)) as pool:
+            answers = list(pool.map(lambda data: post_file(f"{base}/api/upload", name, data), photos))
+        stored = [json.loads(answer.data)["photo"] for answer in answers]
+        assert len(set(stored)) == len(photos), stored
+        assert [(folder / "uploads" / photo).read_bytes() for photo in stored] == photos
+
+
+def test_the_printed_address_brackets_an_ipv6_host():
+    from spotmatch.web.app import address
+
+    assert address("0.0.0.0", 8765) == "http://127.0.0.1:8765/"
+    assert address("::1", 8765) == "http://[::1]:8765/"
+    assert address("192.168.1.5", 80) == "http://192.168.1.5:80/"
 
 
 def test_upload_names_cannot_escape_the_catalogue(server, gallery_and_queries):  # noqa: F811

@@ -116,7 +116,12 @@ class QueryResult:
     # The best individual's probability alone that names an animal at the calibration's target precision: at or
     # above it while the lead is too small, the photo shows a catalogued animal, which of two undecided.
     best_threshold: float | None = None
-    alone: bool = False  # one individual in its shortlist: no runner-up to lead, so a margin is the probability itself
+    runner_up: str | None = None  # the second individual of its shortlist, listed or not (None: it has one)
+
+    @property
+    def alone(self) -> bool:
+        """One individual in its shortlist: no runner-up to lead, so a margin is the probability itself."""
+        return bool(self.candidates) and self.runner_up is None
 
     @property
     def named(self) -> str | None:
@@ -133,9 +138,9 @@ class QueryResult:
             return "nothing to compare with: no catalogue photo in this gallery"
         if self.named is not None:
             return f"match: {self.named}"
-        if (self.best_threshold is not None and len(self.candidates) > 1
+        if (self.best_threshold is not None and self.runner_up is not None
                 and self.candidates[0].probability >= self.best_threshold):
-            return f"undecided: {self.candidates[0].individual} or {self.candidates[1].individual}"
+            return f"undecided: {self.candidates[0].individual} or {self.runner_up}"
         if self.left_out:
             return f"no match in this gallery; not compared: {listed_names(self.left_out)}"
         return "new individual"
@@ -408,18 +413,25 @@ def refuse_misleading_labels(catalogue: Catalogue, sources: list[ImageSource]) -
                                  f" rows with its name now (a new animal needs a name never used)")
 
 
+def station_key(station: str) -> str:
+    """A station as compared for two spellings of one: case folded, spaces dropped ("s 26" is S26; "A1-2" and "A12"
+    stay two codes)."""
+    return "".join(station.casefold().split())
+
+
 def refuse_station_spellings(catalogue: Catalogue, sources: list[ImageSource]) -> None:
-    """Before any work: a station written like another but for case, spaces or punctuation ("s26" beside S26), in
-    the catalogue or in this input, would split one site in two, and `identify --station S26` would leave the
-    other spelling's photos out unseen."""
-    spelling_of = {folded_name(station): station for station in catalogue.stations()}
+    """Before any work: a station written like another but for case or spaces ("s26" beside S26), in the catalogue
+    or in this input, would split one site in two, and `identify --station S26` would leave the other spelling's
+    photos out unseen. A spelling the catalogue already holds is always accepted."""
+    known = set(catalogue.stations())
+    spelling_of = {station_key(station): station for station in sorted(known)}
     for source in sources:
-        if source.station is None:
+        if source.station is None or source.station in known:
             continue
-        known = spelling_of.setdefault(folded_name(source.station), source.station)
-        if known != source.station:
-            raise SpotmatchError(f"{source.path}: station {source.station!r}, but {known!r} is written another way (only case,"
-                                 f" spaces or punctuation differ); write one station's name one way")
+        other = spelling_of.setdefault(station_key(source.station), source.station)
+        if other != source.station:
+            raise SpotmatchError(f"{source.path}: station {source.station!r}, but {other!r} is written another way (only case"
+                                 f" or spaces differ); write one station's name one way")
 
 
 def _already_added(catalogue: Catalogue, path: Path) -> bool:
@@ -535,10 +547,10 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     for path in query_paths:
         load_image(path)  # and for a corrupt one, before any work
     restrictions = restrictions_by_side(conf.restriction, sides)
-    kept = kept_image_ids(catalogue, restrictions)  # before any embedding: a gallery of nothing is said at once
-    galleries = {side: None if ids is None else gallery_index(catalogue, ids) for side, ids in kept.items()}
+    kept_ids = kept_image_ids(catalogue, restrictions)  # before any embedding: a gallery of nothing is said at once
+    galleries = {side: None if ids is None else gallery_index(catalogue, ids) for side, ids in kept_ids.items()}
     gallery = catalogue.images_table().set_index("image_id")  # read once for every flank's shortlist
-    left_out = {side: outside_gallery(catalogue, gallery, conf.restriction, kept) for side, kept in galleries.items()}
+    left_out = {side: outside_gallery(catalogue, gallery, conf.restriction, ids) for side, ids in kept_ids.items()}
     candidates = _scored_candidates(catalogue, engine, gallery, query_paths, query_hashes, sides, galleries, conf.per_individual)
     threshold = float(engine.fusion.threshold) if engine.fusion is not None else 0.5
     decision = engine.fusion.decision if engine.fusion is not None else "best"
@@ -559,7 +571,7 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
                              engine.fusion is not None,
                              known_individual=names.get(known["individual_id"]) if known is not None else None,
                              left_out=left_out[side], empty_gallery=galleries[side] is None, best_threshold=best_threshold,
-                             alone=len(probabilities) == 1)
+                             runner_up=ranked["individual"].iloc[1] if len(ranked) > 1 else None)
         if conf.explain_dir is not None and engine.local is not None:
             for candidate in result.candidates:
                 # A catalogue photo moved since it was added is scored from its cached keypoints, but cannot be drawn:
@@ -570,29 +582,30 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     return results
 
 
-def outside_gallery(catalogue: Catalogue, gallery: pd.DataFrame, restriction: GalleryRestriction, kept) -> list[str]:
+def outside_gallery(catalogue: Catalogue, gallery: pd.DataFrame, restriction: GalleryRestriction,
+                    kept_ids: np.ndarray | None) -> list[str]:
     """The individuals with identified photos (living ones, unless retired ones are searched too) that have none in
-    the gallery `kept` (index, image ids) or None; sorted."""
+    the gallery of `kept_ids` (None: nothing kept); sorted."""
     everyone = catalogue.restricted_image_ids(GalleryRestriction(include_retired=restriction.include_retired))
-    inside = set() if kept is None else set(gallery.loc[kept[1], "individual"])
+    inside = set() if kept_ids is None else set(gallery.loc[kept_ids, "individual"])
     return sorted(set(gallery.loc[everyone, "individual"]) - inside)
 
 
 def _scored_candidates(catalogue: Catalogue, engine, gallery: pd.DataFrame, query_paths: list[Path], query_hashes: list[str],
                        sides: list[str | None], galleries: dict, per_individual: int | None) -> pd.DataFrame:
-    """Every photo's shortlist from the gallery of its flank (`galleries`: restricted_galleries), re-scored by the
-    local stage and fused."""
+    """Every photo's shortlist from the gallery of its flank (`galleries`: flank -> (index, image ids) from
+    gallery_index, or None where it keeps nothing), re-scored by the local stage and fused."""
     query_embeddings = engine.embedder.embed(query_paths)
-    dim = next(kept for kept in galleries.values() if kept is not None)[0].d
+    dim = next(searched for searched in galleries.values() if searched is not None)[0].d
     if query_embeddings.shape[1] != dim:
         raise SpotmatchError(f"{catalogue.folder}: the catalogue index has {dim} dimensions, the query embeddings"
                              f" {query_embeddings.shape[1]}; identify with the catalogue's checkpoint")
     shortlists = []
-    for side, kept in galleries.items():
+    for side, searched in galleries.items():
         mine = [n for n, s in enumerate(sides) if s == side]
-        if kept is None:
+        if searched is None:
             continue
-        index, image_ids = kept
+        index, image_ids = searched
         shortlist = _shortlist(gallery, index, image_ids, [query_paths[n] for n in mine], query_embeddings[mine],
                                [query_hashes[n] for n in mine], engine.conf.shortlist_k, per_individual)
         if len(shortlist):  # positions among all photos: the same file may come twice, with two flanks

@@ -115,8 +115,10 @@ class EmptyGallery(SpotmatchError):
 
 
 def folded_name(name: str) -> str:
-    """A name as compared for near-namesakes: lower case, letters and digits only."""
-    return re.sub(r"[^0-9a-z]", "", name.lower())
+    """A name as compared for near-namesakes: case folded, letters and digits only, in any script ("Ирбис" and
+    "Барс" stay two names); a name of punctuation alone is kept whole, so that two of them stay apart too."""
+    letters = "".join(character for character in name.casefold() if character.isalnum())
+    return letters or name.casefold()
 
 
 def individual_name(name: str) -> str:
@@ -150,7 +152,7 @@ def unsafe_new_name(name: str) -> str | None:
     spreadsheet a team opens an export in. Names already in a catalogue stay usable."""
     if has_control_character(name):
         return "holds a control character (a line break, tab or terminal escape)"
-    if name[:1] in "=+@" or (name.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?", name)):
+    if name and name[0] in "=+@" or (name.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?", name)):
         return f"starts with {name[0]!r}, which a spreadsheet opening an export would run as a formula"
     return None
 
@@ -177,9 +179,12 @@ def iso_capture_time(text: str | None) -> str | None:
 
 
 def has_capture_date(text: str | None) -> bool:
-    """Whether `text`, as `iso_capture_time` stores it, has a date that --since/--until can compare."""
+    """Whether `text`, as `iso_capture_time` stores it, starts with a real date that --since/--until can compare."""
     stored = iso_capture_time(text)
-    return stored is not None and re.match(r"\d{4}-\d{2}-\d{2}", stored) is not None
+    try:
+        return stored is not None and date.fromisoformat(stored[:10]) is not None
+    except ValueError:  # not a date at all, or 30 February kept as written
+        return False
 
 
 def reads_as_date(text: str) -> bool:
@@ -773,6 +778,8 @@ class Catalogue:
             raise SpotmatchError(f"{self.folder}: no individual named {individual!r}; did you mean {twin!r}? (a new animal"
                                  f" needs a name that differs from it in more than case, spaces or punctuation)")
         self._refuse_former_name(individual)
+        if not self.has_individual(individual):
+            self._refuse_unsafe_name(individual)
         return individual
 
     def _refuse_former_name(self, name: str, besides: str | None = None) -> None:

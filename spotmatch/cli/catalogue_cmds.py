@@ -381,7 +381,7 @@ def serve(
     import uvicorn
 
     from spotmatch.errors import SpotmatchError
-    from spotmatch.web.app import LOOPBACK_NAMES, ServeConfig, allowed_hosts_for, create_app
+    from spotmatch.web.app import LOOPBACK_NAMES, ServeConfig, address, allowed_hosts_for, create_app
 
     conf = ServeConfig(catalogue=folder, shortlist_k=shortlist_k, default_who=who, allowed_hosts=allowed_hosts_for(host))
     if token is not None:
@@ -389,8 +389,7 @@ def serve(
             raise SpotmatchError(f"--token: {len(token)} characters is guessable; use at least 16, or leave it out for a random one")
         conf.token = token
     web_app = create_app(conf)
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    typer.echo(f"serving {folder} on http://{shown_host}:{port}/?token={conf.token}")
+    typer.echo(f"serving {folder} on {address(host, port)}?token={conf.token}")
     if host not in LOOPBACK_NAMES:
         typer.echo(f"note: listening on {host}, reachable from other machines: anyone who has this address with its token"
                    f" can relabel the catalogue; share it only with the team, on a network you trust (plain http)")

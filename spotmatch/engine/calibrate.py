@@ -334,17 +334,17 @@ def rank_every_stage(measured: GlobalMeasure, frames: dict[str, pd.DataFrame], k
 
 
 def measure_identify_decision(measured: GlobalMeasure, source: PairSource, plain: pd.DataFrame, probability: np.ndarray,
-                              searched: dict, searched_frames: dict, conf: CalibrateConfig) -> dict[str, dict]:
+                              searched_frames: dict, conf: CalibrateConfig) -> tuple[dict[str, dict], dict]:
     """`identify`'s decision, per rule, over held-out photos of catalogued animals and of animals taken out of
-    the gallery; adds the same within each view to `searched`."""
+    the gallery; and the saved rule's decision with each view searched on its own."""
     new_frame = source.frame(measured.ranks_new, measured.allowed_new)
     new_probability = cross_validated_probability(plain, conf, new_frame)
     decisions = {rule: (decision_per_query(plain, probability, source.k, rule), decision_per_query(new_frame, new_probability, source.k, rule))
                  for rule in DECISIONS}
-    searched["identify"] = identify_in_views(plain, source, searched_frames, measured.restricted_new, decisions[conf.decision], conf)
+    in_views = identify_in_views(plain, source, searched_frames, measured.restricted_new, decisions[conf.decision], conf)
     # Only a photo whose animal the gallery holds can be named right: in an open set, an animal with one
     # held-out photo has none, and would count as a known photo that is always wrong.
-    return identify_within(decisions, plain.loc[plain["label"] == 1, "q"].unique(), conf)
+    return identify_within(decisions, plain.loc[plain["label"] == 1, "q"].unique(), conf), in_views
 
 
 def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, engine_conf: EngineConfig,
@@ -383,7 +383,8 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     quality = pair_quality(saved, probability, k, conf.target_precision)
     identify_threshold = NEVER  # a file fit on re-ranked similarities never names an animal
     if measure_identify:
-        quality["identify by rule"] = measure_identify_decision(measured, source, plain, probability, searched, searched_frames, conf)
+        quality["identify by rule"], searched["identify"] = measure_identify_decision(measured, source, plain, probability,
+                                                                                      searched_frames, conf)
         quality["identify"] = {**quality["identify by rule"][conf.decision], "decision": conf.decision}
         # The saved threshold serves `identify`, so it is the one set on identify's own decision.
         identify_threshold = quality["identify"]["threshold"]

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from spotmatch.data.tables import IMAGE_SUFFIXES
 from spotmatch.errors import SpotmatchError
@@ -30,8 +29,8 @@ from spotmatch.errors import SpotmatchError
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + 2**20  # one photo and its multipart framing
-TOKEN_COOKIE = "spotmatch_token"
-LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
@@ -50,7 +49,19 @@ class ServeConfig:
 
 def allowed_hosts_for(host: str) -> tuple[str, ...]:
     """The Host headers a server listening on `host` answers: its own address and this machine's loopback names."""
-    return ("*",) if host in ("0.0.0.0", "::", "") else tuple(dict.fromkeys([*LOOPBACK_NAMES, host]))
+    return ("*",) if host in WILDCARD_HOSTS else tuple(dict.fromkeys([*LOOPBACK_NAMES, host]))
+
+
+def address(host: str, port: int) -> str:
+    """The address to open for a server listening on `host` (an IPv6 address in brackets, as URLs write it)."""
+    shown = "127.0.0.1" if host in WILDCARD_HOSTS else host
+    return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/"
+
+
+def token_cookie(token: str) -> str:
+    """The cookie that keeps `token` in the browser, named after it: cookies do not tell ports apart, and two servers
+    on one machine must not overwrite each other's."""
+    return "spotmatch_" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 class RequestSizeLimit:
@@ -94,17 +105,21 @@ class RequestSizeLimit:
 
     @staticmethod
     async def refuse(scope, receive, send):
-        await JSONResponse({"error": f"request larger than {MAX_UPLOAD_BYTES >> 20} MiB; upload a smaller photo"},
+        await JSONResponse({"error": f"request too large: a photo may be at most {MAX_UPLOAD_BYTES >> 20} MiB; upload a smaller one"},
                            status_code=413)(scope, receive, send)
 
 
-def refusal(request: Request, token: str) -> tuple[int, str] | None:
-    """(status, reason) for a request without the access token, or a state-changing one sent by another site."""
+def refusal(request: Request, token: str, allowed_hosts: tuple[str, ...]) -> tuple[int, str] | None:
+    """(status, reason) for a request to a Host this server was not started for (DNS rebinding), one without the
+    access token, or a state-changing one sent by another site."""
+    host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""  # "[::1]:8765" -> "::1"
+    if "*" not in allowed_hosts and host not in allowed_hosts:
+        return 400, f"host {host!r} refused: open the address that `spotmatch serve` printed"
     if request.method not in ("GET", "HEAD"):
         origin = request.headers.get("origin")
         if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
             return 403, f"a request from {origin} refused: only this review page may change the catalogue"
-    offered = request.cookies.get(TOKEN_COOKIE) or request.query_params.get("token") or ""
+    offered = request.cookies.get(token_cookie(token)) or request.query_params.get("token") or ""
     if not secrets.compare_digest(offered.encode(), token.encode()):
         return 401, "no access token: open the address that `spotmatch serve` printed (it ends in ?token=...)"
     return None
@@ -155,17 +170,17 @@ def create_app(conf: ServeConfig):
     explain_dir.mkdir(exist_ok=True)
     engine = open_engine(store, conf.shortlist_k)
     lock = threading.Lock()  # one SQLite connection and one engine: requests take turns
+    upload_lock = threading.Lock()  # choosing an upload's file name and writing it, apart from the long identify
     app = FastAPI(title="spotmatch review", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(RequestSizeLimit, limit=MAX_REQUEST_BYTES)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        refused = refusal(request, conf.token)
+        refused = refusal(request, conf.token, conf.allowed_hosts)
         response = JSONResponse({"error": refused[1]}, status_code=refused[0]) if refused else await call_next(request)
         response.headers.update(SECURITY_HEADERS)
         return response
 
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(conf.allowed_hosts))
 
     @app.exception_handler(SpotmatchError)
     async def one_line_error(_, exc: SpotmatchError):
@@ -175,7 +190,10 @@ def create_app(conf: ServeConfig):
     def page(request: Request):
         if "token" in request.query_params:  # the printed address: keep the token in a cookie, out of the address bar
             response = RedirectResponse("/", status_code=303)
-            response.set_cookie(TOKEN_COOKIE, conf.token, httponly=True, samesite="strict")
+            # Lax, not Strict: the address is shared in a chat or a wiki, and a click from there is a cross-site
+            # navigation that a Strict cookie would not follow through this redirect. Cross-site POSTs still
+            # carry no cookie, and their Origin is refused besides.
+            response.set_cookie(token_cookie(conf.token), conf.token, httponly=True, samesite="lax")
             return response
         return FileResponse(STATIC / "index.html")
 
@@ -194,10 +212,11 @@ def create_app(conf: ServeConfig):
         from spotmatch.io import atomic_path
 
         decode_image(data, name)  # an empty or corrupt file is refused here, never listed among the photos to review
-        path = free_upload_path(uploads, name, data)
-        if not path.exists():
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(data)
+        with upload_lock:  # uploads run in threads: two of one name must not both find it free
+            path = free_upload_path(uploads, name, data)
+            if not path.exists():
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(data)
         return {"photo": path.name}
 
     @app.post("/api/identify/{photo}")
