@@ -12,6 +12,8 @@ NYALA=../shared/datasets/nyala/labels.csv
 # The U-Net from docs/segmentation.md's CPU command; UNET=unet:runs/seg-lite0-gpu/unet.pt for the GPU one.
 UNET=${UNET:-unet:runs/seg-lite0-cpu/unet.pt}
 
+# The -rerun tables: the 512-px nyala embedder re-trained by docs/training.md's command on 2026-12-07 and
+# calibrated with that day's code (matching and k-reciprocal fixes since the first run); the first run's tables stay.
 # The -searched tables are the same calibrations run again after the report gained the views searched on
 # their own, on checkpoints re-trained by the docs' commands on 2026-11-24; on one machine the two share a checkpoint.
 # name | data | checkpoint | out dir | extra flags | reliability diagram kept in docs/img
@@ -71,6 +73,9 @@ nyala-20ep-512-qe|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512
 nyala-20ep-512-top100-qe|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/top100-qe|--top-k 100 --rerank qe
 nyala-20ep-512-top200|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/top200|--top-k 200
 snow-20ep-top300|$SNOW|runs/snow-cpu-20ep/best.pt|runs/snow-cpu-20ep/top300|--top-k 300
+nyala-20ep-512-rerun|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/rerun|
+nyala-20ep-512-top100-rerun|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/rerun-top100|--top-k 100
+nyala-20ep-512-top100-kr-rerun|$NYALA|runs/nyala-cpu-20ep-512/best.pt|runs/nyala-cpu-20ep-512/rerun-top100-kr|--top-k 100 --rerank k-reciprocal
 "
 wanted=" $* "
 while IFS='|' read -r name data checkpoint out_dir extra diagram; do

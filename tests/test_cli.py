@@ -189,13 +189,20 @@ def _self_signalling_command(stop: str, out: Path) -> str:
             "main()\n")
 
 
+def at_a_terminal() -> None:
+    """A child's signals as an interactive terminal leaves them: a suite run in the background (`&`, `nohup`) passes
+    its children SIGINT and SIGHUP ignored, which the command rightly respects, and then no signal would stop them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_ctrl_c_is_one_line_and_exit_status_130(stop, tmp_path):
     """The handler `main` installs, end to end in a real process (a stand-in command interrupts itself); `kill`
     (SIGTERM) and a dropped terminal (SIGHUP) end a run as Ctrl-C does, so its temporary files are removed too."""
     out = tmp_path / "out.txt"
     result = subprocess.run([sys.executable, "-c", _self_signalling_command(stop, out)], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
+                            cwd=REPO, timeout=120, preexec_fn=at_a_terminal)
     assert result.returncode == 130
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("interrupted: output files")
     assert list(tmp_path.iterdir()) == []  # neither the output nor its hidden temporary file
@@ -211,7 +218,7 @@ def test_a_hung_up_terminal_still_ends_the_run_as_interrupted(tmp_path):
     os.close(read_end)  # nothing reads the command's stderr any more: writing to it fails, as to a dead terminal
     try:
         result = subprocess.run([sys.executable, "-c", _self_signalling_command("SIGHUP", out)], stdout=subprocess.DEVNULL,
-                                stderr=write_end, cwd=REPO, timeout=120)
+                                stderr=write_end, cwd=REPO, timeout=120, preexec_fn=at_a_terminal)
     finally:
         os.close(write_end)
     assert result.returncode == 130
@@ -252,7 +259,7 @@ def test_ctrl_c_while_decoding_workers_start_is_still_one_line():
               "sys.argv = ['spotmatch', 'decode']\n"
               "main()\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=at_a_terminal)
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("interrupted: output files")
 
