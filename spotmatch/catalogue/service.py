@@ -550,7 +550,10 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     kept_ids = kept_image_ids(catalogue, restrictions)  # before any embedding: a gallery of nothing is said at once
     galleries = {side: None if ids is None else gallery_index(catalogue, ids) for side, ids in kept_ids.items()}
     gallery = catalogue.images_table().set_index("image_id")  # read once for every flank's shortlist
-    left_out = {side: outside_gallery(catalogue, gallery, conf.restriction, ids) for side, ids in kept_ids.items()}
+    # Every individual the restriction could leave out: the living ones, or all where retired ones are searched too.
+    unrestricted = catalogue.restricted_image_ids(GalleryRestriction(include_retired=conf.restriction.include_retired))
+    everyone = set(gallery.loc[unrestricted, "individual"])
+    left_out = {side: sorted(everyone - set(gallery.loc[[] if ids is None else ids, "individual"])) for side, ids in kept_ids.items()}
     candidates = _scored_candidates(catalogue, engine, gallery, query_paths, query_hashes, sides, galleries, conf.per_individual)
     threshold = float(engine.fusion.threshold) if engine.fusion is not None else 0.5
     decision = engine.fusion.decision if engine.fusion is not None else "best"
@@ -580,15 +583,6 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
                     candidate.explanation_png = str(explain_candidate(engine, path, sha, candidate, conf.explain_dir))
         results.append(result)
     return results
-
-
-def outside_gallery(catalogue: Catalogue, gallery: pd.DataFrame, restriction: GalleryRestriction,
-                    kept_ids: np.ndarray | None) -> list[str]:
-    """The individuals with identified photos (living ones, unless retired ones are searched too) that have none in
-    the gallery of `kept_ids` (None: nothing kept); sorted."""
-    everyone = catalogue.restricted_image_ids(GalleryRestriction(include_retired=restriction.include_retired))
-    inside = set() if kept_ids is None else set(gallery.loc[kept_ids, "individual"])
-    return sorted(set(gallery.loc[everyone, "individual"]) - inside)
 
 
 def _scored_candidates(catalogue: Catalogue, engine, gallery: pd.DataFrame, query_paths: list[Path], query_hashes: list[str],

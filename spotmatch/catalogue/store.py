@@ -152,7 +152,7 @@ def unsafe_new_name(name: str) -> str | None:
     spreadsheet a team opens an export in. Names already in a catalogue stay usable."""
     if has_control_character(name):
         return "holds a control character (a line break, tab or terminal escape)"
-    if name and name[0] in "=+@" or (name.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?", name)):
+    if name[:1] in ("=", "+", "@") or (name.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?", name)):
         return f"starts with {name[0]!r}, which a spreadsheet opening an export would run as a formula"
     return None
 
@@ -749,7 +749,7 @@ class Catalogue:
         """The individual once called `name` (or a spelling of it that differs only in case, spaces or punctuation)
         that lives on under another name: renamed, or merged into another. None for a name never used, one an
         individual has now, or one whose individual is gone (its last photo confirmed as another animal)."""
-        if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (name,)).fetchone():
+        if self.has_individual(name):
             return None
         folded = folded_name(name)
         spellings = [row[0] for row in self.db.execute("SELECT DISTINCT individual_name FROM confirmations WHERE"
@@ -844,7 +844,7 @@ class Catalogue:
                 raise SpotmatchError(f"{self.folder}: these are all the images of {individual!r}; to give it another name use"
                                      f" `spotmatch catalogue rename`")
             new_name = individual_name(new_name) if new_name is not None else self._fresh_name()
-            if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (new_name,)).fetchone():
+            if self.has_individual(new_name):
                 raise SpotmatchError(f"{self.folder}: individual {new_name!r} already exists; split into a new name (or merge)")
             self._refuse_near_namesake(new_name)
             new_id = self._individual_id_creating(new_name)
@@ -859,7 +859,7 @@ class Catalogue:
             individual_id = self.individual_id(old)
             if individual_name(old) == new:
                 raise SpotmatchError(f"{self.folder}: {old!r} already has that name; nothing to rename")
-            if self.db.execute("SELECT 1 FROM individuals WHERE name = ?", (new,)).fetchone():
+            if self.has_individual(new):
                 raise SpotmatchError(f"{self.folder}: individual {new!r} already exists; merge the two instead")
             self._refuse_unsafe_name(new)
             self._refuse_near_namesake(new, besides=individual_name(old))  # Cat5 -> cat5 is a rename, not a typo
