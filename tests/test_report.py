@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import re
 import shutil
 import subprocess
@@ -69,6 +70,31 @@ def test_report_is_self_contained_with_the_projects_metrics(built_report):
         assert float(shown[identity]) == pytest.approx(ap, abs=1e-4)
     assert summary.ib_map == pytest.approx(np.mean(list(expected.values())))
     assert not list(conf.out.parent.glob("**/*.part"))
+
+
+def test_neighbour_table_names_every_photo_of_the_grid_with_its_station_and_date(built_report):
+    import pandas as pd
+
+    conf, _ = built_report
+    page = conf.out.read_text(encoding="utf-8")
+    shown = re.search(r'<table id="neighbour-table">(.*?)</table>', page).group(1)
+    header = re.findall(r"<th>([^<]*)</th>", shown)
+    table = pd.DataFrame([[html.unescape(cell) for cell in re.findall(r"<td>([^<]*)</td>", row)]
+                          for row in re.findall(r'<tr class="neighbour[^"]*">(.*?)</tr>', shown)], columns=header)
+    table["grid row"] = table["grid row"].astype(int)
+    labels = pd.read_csv(conf.data, dtype=str).set_index("filename")
+    assert list(table.columns) == ["grid row", "rank", "filename", "identity", "similarity", "same individual",
+                                   "station", "camera", "date", "time"]
+    assert set(table["filename"]) <= set(labels.index)
+    for column in ("identity", "station", "date"):
+        assert (table[column].astype(str) == labels.loc[table["filename"], column].to_numpy()).all()
+    for _, group in table.groupby("grid row"):
+        assert group["rank"].tolist() == ["query", "1", "2", "3"]  # top_k 3; every query has 3 gallery photos
+        query_identity = group["identity"].iat[0]
+        assert (group["same individual"].iloc[1:] == (group["identity"].iloc[1:] == query_identity).map({True: "yes", False: "no"})).all()
+        similarities = group["similarity"].iloc[1:].astype(float)
+        assert similarities.is_monotonic_decreasing
+    assert table["grid row"].nunique() == 3  # one query per identity of the held-out split
 
 
 def test_tsne_perplexity_fits_small_sets():

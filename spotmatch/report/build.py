@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from spotmatch.data.splits import SplitConfig
 from spotmatch.data.tables import Dataset, load_dataset
@@ -89,30 +90,65 @@ def reliability_png(conf: ReportConfig, embedder_id: str) -> Path | None:
     return beside / "reliability.png"
 
 
-def neighbour_rows(dataset: Dataset, analysis: RetrievalAnalysis, conf: ReportConfig) -> list[dict]:
+# What a reviewer finds a photo by beside its file name, shown in the neighbour table when the labels table has it.
+PHOTO_FACT_COLUMNS = ("station", "camera", "date", "time", "side")
+
+
+@dataclass
+class NeighbourList:
+    """One row of the neighbour grid: a validation query (table position) and its top gallery rows."""
+
+    query_row: int
+    gallery_rows: np.ndarray
+    similarities: np.ndarray
+
+
+def neighbour_lists(dataset: Dataset, analysis: RetrievalAnalysis, conf: ReportConfig) -> list[NeighbourList]:
     identities = dataset.table["identity"].to_numpy()
-    rows = []
+    lists = []
     for query_index in neighbour_queries(analysis, identities, conf.neighbour_queries):
-        query_row = analysis.protocol.query_rows[query_index]
-        gallery_rows, scores = ranked_neighbours(analysis, query_index, conf.top_k)
-        rows.append({
-            "query": thumbnail(dataset.paths[query_row], conf.grid_px),
-            "query_label": str(identities[query_row]),
-            "neighbours": [(thumbnail(dataset.paths[g], conf.grid_px), str(identities[g]), float(s),
-                            identities[g] == identities[query_row]) for g, s in zip(gallery_rows, scores)],
-        })
-    return rows
+        gallery_rows, similarities = ranked_neighbours(analysis, query_index, conf.top_k)
+        lists.append(NeighbourList(int(analysis.protocol.query_rows[query_index]), gallery_rows, similarities))
+    return lists
 
 
-def draw_pngs(dataset: Dataset, analysis: RetrievalAnalysis, history: list[dict], shown: np.ndarray,
-              conf: ReportConfig, folder: Path, fusion_png: Path | None) -> dict[str, Path]:
+def neighbour_rows(dataset: Dataset, lists: list[NeighbourList], conf: ReportConfig) -> list[dict]:
+    identities = dataset.table["identity"].to_numpy()
+    return [{
+        "query": thumbnail(dataset.paths[entry.query_row], conf.grid_px),
+        "query_label": f"{number}: {identities[entry.query_row]}",
+        "neighbours": [(thumbnail(dataset.paths[g], conf.grid_px), str(identities[g]), float(s),
+                        identities[g] == identities[entry.query_row]) for g, s in zip(entry.gallery_rows, entry.similarities)],
+    } for number, entry in enumerate(lists, start=1)]
+
+
+def neighbour_table(dataset: Dataset, lists: list[NeighbourList]) -> pd.DataFrame:
+    """The grid's photos as text, numbered as its rows: file name, identity, similarity and the photo's facts
+    (station, date, ...), so a reviewer can find each photo; rank 0 is the query."""
+    table = dataset.table
+    facts = [column for column in PHOTO_FACT_COLUMNS if column in table.columns]
+    rows = []
+    for number, entry in enumerate(lists, start=1):
+        query_identity = table["identity"].iat[entry.query_row]
+        ranked = [(0, entry.query_row, None)] + [(rank, int(g), float(s)) for rank, (g, s)
+                                                 in enumerate(zip(entry.gallery_rows, entry.similarities), start=1)]
+        for rank, row, similarity in ranked:
+            rows.append({"grid_row": number, "rank": rank, "filename": table["filename"].iat[row],
+                         "identity": table["identity"].iat[row], "similarity": similarity,
+                         "same_individual": None if rank == 0 else bool(table["identity"].iat[row] == query_identity),
+                         **{column: table[column].iat[row] for column in facts}})
+    return pd.DataFrame(rows, columns=["grid_row", "rank", "filename", "identity", "similarity", "same_individual", *facts])
+
+
+def draw_pngs(dataset: Dataset, analysis: RetrievalAnalysis, neighbours: list[NeighbourList], history: list[dict],
+              shown: np.ndarray, conf: ReportConfig, folder: Path, fusion_png: Path | None) -> dict[str, Path]:
     identities = dataset.table["identity"].to_numpy()
     same, different = pair_similarities(analysis, identities)
     pngs = {
         "training": figures.training_curves(history, folder / "training.png") if history else None,
         "histogram": figures.similarity_histograms(same, different, folder / "similarity_histogram.png"),
         "heatmap": figures.similarity_heatmap(analysis.embeddings[shown], identities[shown], folder / "similarity_heatmap.png"),
-        "neighbours": figures.neighbour_grid(neighbour_rows(dataset, analysis, conf), conf.top_k, folder / "neighbours.png"),
+        "neighbours": figures.neighbour_grid(neighbour_rows(dataset, neighbours, conf), conf.top_k, folder / "neighbours.png"),
     }
     if fusion_png is not None:
         copied = folder / "reliability.png"
@@ -155,8 +191,10 @@ def build_report(conf: ReportConfig) -> ReportSummary:
     staging = folder.with_name(f"{folder.name}.part")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        pngs = draw_pngs(dataset, analysis, payload.get("history", []), shown, conf, staging, fusion_png)
-        page, summary = _render(conf, payload, dataset, analysis, shown, folder, pngs, fusion_png)
+        neighbours = neighbour_lists(dataset, analysis, conf)
+        pngs = draw_pngs(dataset, analysis, neighbours, payload.get("history", []), shown, conf, staging, fusion_png)
+        page, summary = _render(conf, payload, dataset, analysis, neighbour_table(dataset, neighbours), shown, folder,
+                                pngs, fusion_png)
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
@@ -166,8 +204,8 @@ def build_report(conf: ReportConfig) -> ReportSummary:
     return summary
 
 
-def _render(conf: ReportConfig, payload: dict, dataset: Dataset, analysis: RetrievalAnalysis, shown: np.ndarray,
-            folder: Path, pngs: dict[str, Path], fusion_png: Path | None) -> tuple[str, ReportSummary]:
+def _render(conf: ReportConfig, payload: dict, dataset: Dataset, analysis: RetrievalAnalysis, neighbours: pd.DataFrame,
+            shown: np.ndarray, folder: Path, pngs: dict[str, Path], fusion_png: Path | None) -> tuple[str, ReportSummary]:
     """The page's HTML, and what it holds; `pngs` are drawn, and will be in `folder`."""
     split, origin = analysis.split, analysis.split_origin
     divs, tsne_note = scatter_divs(dataset, analysis, shown, conf.seed)
@@ -183,6 +221,7 @@ def _render(conf: ReportConfig, payload: dict, dataset: Dataset, analysis: Retri
                ("IB-mAP (all)", f"{overall['ib_map']:.3f} over {overall['n_queries']} queries, {overall['n_identities']} identities")],
         metrics_by_view=analysis.metrics_by_view,
         per_identity=analysis.per_identity,
+        neighbours=neighbours,
         figures={key: png_data_uri(path) for key, path in pngs.items()},
         figure_files={key: f"{folder.name}/{path.name}" for key, path in pngs.items()},
         scatter_divs=divs,
@@ -195,7 +234,7 @@ def _render(conf: ReportConfig, payload: dict, dataset: Dataset, analysis: Retri
             "tsne": tsne_note,
             "heatmap": f"The {len(shown)} images of the projections, all pairs.",
             "neighbours": "One validation query per identity, worst identities first (at most "
-                          f"{conf.neighbour_queries}); similarity under each neighbour.",
+                          f"{conf.neighbour_queries}); similarity under each neighbour. The table below names every photo.",
             # Not drawn from this page's images: a reader would take it for their calibration.
             "reliability": None if fusion_png is None else
                            f"Copied from {fusion_png}: the calibration's own held-out pairs (spotmatch calibrate), not the"

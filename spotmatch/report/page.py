@@ -14,6 +14,7 @@ h1 { margin-bottom: 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd;
 .meta { color: #555; font-size: 14px; line-height: 1.5; }
 table { border-collapse: collapse; font-size: 13px; } th, td { padding: 3px 10px; border-bottom: 1px solid #eee; text-align: right; }
 th:first-child, td:first-child { text-align: left; } th { background: #f5f5f5; }
+#neighbour-table td { text-align: left; } tr.neighbour.query { background: #eef3fb; }
 img.figure { max-width: 100%; border: 1px solid #eee; }
 .note { color: #666; font-size: 13px; }
 #hover-thumb { position: fixed; pointer-events: none; display: none; z-index: 10; border: 2px solid #333; background: white; }
@@ -42,6 +43,7 @@ class PageContent:
     facts: list[tuple[str, str]]  # (label, value) lines under the title
     metrics_by_view: dict[str, dict]
     per_identity: pd.DataFrame
+    neighbours: pd.DataFrame  # the neighbour grid's photos as text, one row per photo (rank 0: the query)
     figures: dict[str, str]  # section key -> PNG data URI
     figure_files: dict[str, str]  # section key -> PNG path relative to the page
     scatter_divs: dict[str, str]  # "pca" / "tsne" -> plotly div HTML (tsne may be missing)
@@ -73,6 +75,26 @@ def per_identity_table(per_identity: pd.DataFrame) -> str:
         f"<td>{r.gallery_images}</td></tr>"
         for r in per_identity.itertuples())
     return f'<table id="per-identity-ap">{header}{rows}</table>'
+
+
+def _neighbour_cell(column: str, value) -> str:
+    if column == "rank":
+        return "query" if value == 0 else str(value)
+    if column == "similarity":
+        return _number(value)
+    if column == "same_individual":
+        return "" if value is None else ("yes" if value else "no")
+    return str(value)
+
+
+def neighbour_table(neighbours: pd.DataFrame) -> str:
+    """One row per photo of the neighbour grid, grouped by grid row; the query's row starts each group."""
+    header = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in neighbours.columns)
+    rows = "".join(
+        f'<tr class="neighbour{" query" if r["rank"] == 0 else ""}">'
+        + "".join(f"<td>{html.escape(_neighbour_cell(c, v))}</td>" for c, v in r.items()) + "</tr>"
+        for r in neighbours.to_dict("records"))
+    return f'<table id="neighbour-table"><tr>{header}</tr>{rows}</table>'
 
 
 def _figure(content: PageContent, key: str, alt: str) -> str:
@@ -114,6 +136,7 @@ Hover a point for its thumbnail; click a legend entry to hide an identity.</p>
 {_figure(content, "heatmap", "similarity heatmap ordered by identity")}
 <h2>Nearest neighbours (top-{content.top_k})</h2>
 {_figure(content, "neighbours", "nearest-neighbour grids")}
+{neighbour_table(content.neighbours)}
 <h2>AP per identity</h2>
 <p class="note">AP: mean average precision of the identity's validation queries (view "all"); IB-mAP is the mean of this column. Worst first.</p>
 {per_identity_table(content.per_identity)}
