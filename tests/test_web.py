@@ -125,6 +125,40 @@ def test_two_uploads_of_one_name_at_once_keep_both_photos(server, gallery_and_qu
         assert [(folder / "uploads" / photo).read_bytes() for photo in stored] == photos
 
 
+def test_a_photo_confirmed_on_the_page_keeps_its_station_date_and_flank(server):
+    """The page's "this photo" fields reach the catalogue as `catalogue confirm --station ...` does: without them a new
+    animal's first photo would be found by no station, season or flank search. Once in, its facts are shown, and new
+    ones refused (they would be dropped unseen)."""
+    from spotmatch.catalogue.store import Catalogue
+
+    base, folder = server
+    photo = sorted((SNOW / "images").iterdir())[-7]
+    name = json.loads(post_file(f"{base}/api/upload", "FACTS_0001.JPG", photo.read_bytes()).data)["photo"]
+    assert json.loads(authorised().request("GET", f"{base}/api/history/{name}").data)["facts"] is None
+
+    def confirm(**fields):
+        return authorised(**{"Content-Type": "application/json"}).request(
+            "POST", f"{base}/api/confirm", body=json.dumps({"photo": name, "individual": None, "who": "tester", **fields}))
+
+    bad = confirm(station="Upper ridge", date="22/07/2013")
+    assert bad.status == 400 and "does not read as year-month-day" in json.loads(bad.data)["error"]
+    answer = confirm(station=" Upper ridge ", camera="", date="2013-07-22", side="left")  # an empty field: not known
+    assert answer.status == 200, answer.data
+    image_id = json.loads(answer.data)["image_id"]
+    store = Catalogue.open(folder)
+    try:
+        row = store.image(image_id)
+        assert (row["station"], row["camera"], row["side"], row["captured_at"][:10]) == ("Upper ridge", None, "left", "2013-07-22")
+    finally:
+        store.close()
+    history = json.loads(authorised().request("GET", f"{base}/api/history/{name}").data)
+    assert history["image_id"] == image_id
+    assert {key: history["facts"][key] for key in ("station", "camera", "side")} == {"station": "Upper ridge", "camera": None, "side": "left"}
+    again = confirm(station="S01")
+    assert again.status == 400 and "already in the catalogue" in json.loads(again.data)["error"]
+    assert confirm().status == 200  # relabelled without facts: fine
+
+
 def test_the_printed_address_brackets_an_ipv6_host():
     from spotmatch.web.app import address
 
@@ -208,7 +242,7 @@ def test_review_page_upload_identify_confirm(server, gallery_and_queries):  # no
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from spotmatch.catalogue.store import Catalogue
 
@@ -239,13 +273,19 @@ def test_review_page_upload_identify_confirm(server, gallery_and_queries):  # no
                             cards[0].find_element(By.CSS_SELECTOR, ".metadata").text)
         explanation = cards[0].find_element(By.CSS_SELECTOR, "img.explanation")
         wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", explanation) > 0)
+        browser.find_element(By.ID, "photo-station").send_keys("Lower gorge")  # where the new photo was taken
+        Select(browser.find_element(By.ID, "photo-side")).select_by_visible_text("right")
         cards[0].find_element(By.CSS_SELECTOR, "button.confirm").click()
         wait.until(seen.text_to_be_present_in_element((By.ID, "message"), f"is {first}"))
         wait.until(seen.text_to_be_present_in_element((By.ID, "history"), f"confirm · {first}"))  # the page's own history
+        # in the catalogue now: its facts are said as stored, and not offered for editing
+        wait.until(seen.text_to_be_present_in_element((By.ID, "photo-facts-note"), "Lower gorge · "))
+        assert "right flank" in browser.find_element(By.ID, "photo-facts-note").text
+        assert not browser.find_element(By.ID, "photo-station").is_enabled()
     finally:
         browser.quit()
     store = Catalogue.open(folder)
-    row = store.db.execute("SELECT images.id, individuals.name FROM images JOIN individuals ON individuals.id = images.individual_id"
+    row = store.db.execute("SELECT images.id, images.station, images.side, individuals.name FROM images JOIN individuals ON individuals.id = images.individual_id"
                            " WHERE images.filename = ?", (query.name,)).fetchone()
-    assert row["name"] == first
+    assert row["name"] == first and (row["station"], row["side"]) == ("Lower gorge", "right")
     assert store.db.execute("SELECT action FROM confirmations WHERE image_id = ?", (row["id"],)).fetchone()[0] == "confirm"

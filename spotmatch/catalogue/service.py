@@ -668,7 +668,7 @@ def confirm_photo(catalogue: Catalogue, engine, photo: Path, individual: str | N
     known = catalogue.image_by_sha(sha)
     if known is not None and facts.given():
         raise SpotmatchError(f"{photo}: already in the catalogue as image {known['id']}, with the station, date and flank it was"
-                             f" added with; confirm it without --station/--camera/--date/--side")
+                             f" added with; confirm it without a station, camera, date or flank (--station/--camera/--date/--side)")
     if known is None:
         source = ImageSource(photo_path(Path(photo)), station=facts.station, camera=facts.camera,
                              captured_at=facts.captured_at, side=facts.side)

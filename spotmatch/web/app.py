@@ -129,6 +129,12 @@ class Decision(BaseModel):
     photo: str
     individual: str | None = None  # None: a new individual
     who: str | None = None
+    # Where, when and which flank, for a photo not in the catalogue yet (as `catalogue confirm --station ...`): a new
+    # animal's first photo without them is never found by a station, season or flank search.
+    station: str | None = None
+    camera: str | None = None
+    date: str | None = None
+    side: str | None = None
 
 
 def safe_upload_name(name: str) -> str:
@@ -161,7 +167,7 @@ def free_upload_path(uploads: Path, name: str, data: bytes) -> Path:
 
 
 def create_app(conf: ServeConfig):
-    from spotmatch.catalogue.service import IdentifyConfig, confirm_photo, identify, open_engine
+    from spotmatch.catalogue.service import IdentifyConfig, PhotoFacts, confirm_photo, identify, open_engine
     from spotmatch.catalogue.store import Catalogue, GalleryRestriction
 
     store = Catalogue.open(conf.catalogue)
@@ -235,15 +241,18 @@ def create_app(conf: ServeConfig):
     @app.post("/api/confirm")
     def confirm(decision: Decision):
         path = inside(uploads, safe_upload_name(decision.photo))
+        # The form's empty fields: unset (the date then comes from the photo's EXIF).
+        facts = PhotoFacts(*(value or None for value in (decision.station, decision.camera, decision.date, decision.side)))
         with lock:
             who = conf.default_who if decision.who is None else decision.who  # a blank name is refused, not replaced
-            confirmed = confirm_photo(store, engine, path, decision.individual, who)
+            confirmed = confirm_photo(store, engine, path, decision.individual, who, facts)
         return {"image_id": confirmed.image_id, "individual": confirmed.individual, "previous": confirmed.previous,
                 "previous_removed": confirmed.previous_removed}
 
     @app.get("/api/history/{photo}")
     def photo_history(photo: str):
-        """The decisions recorded about an uploaded photo (none until it is confirmed into the catalogue)."""
+        """The decisions recorded about an uploaded photo (none until it is confirmed into the catalogue), and the
+        station, date and flank it was added with."""
         from spotmatch.data.images import file_sha256
 
         path = inside(uploads, safe_upload_name(photo))
@@ -252,9 +261,10 @@ def create_app(conf: ServeConfig):
         with lock:
             known = store.image_by_sha(file_sha256(path))
             if known is None:
-                return {"photo": photo, "image_id": None, "history": []}
+                return {"photo": photo, "image_id": None, "history": [], "facts": None}
             rows = store.history(image_id=int(known["id"])).drop(columns="photo")
-        return {"photo": photo, "image_id": int(known["id"]), "history": rows.astype(object).where(rows.notna(), None).to_dict("records")}
+        return {"photo": photo, "image_id": int(known["id"]), "history": rows.astype(object).where(rows.notna(), None).to_dict("records"),
+                "facts": {key: known[key] for key in ("station", "camera", "captured_at", "side")}}
 
     @app.get("/files/upload/{name}")
     def upload_file(name: str):
