@@ -1453,8 +1453,10 @@ def test_confirm_adds_a_new_photo_with_its_station_date_and_flank(tmp_path, tiny
 
 
 def test_one_station_written_two_ways_is_refused_before_anything_is_added(tmp_path):
-    """"s26" beside S26 would split one site in two, and `identify --station S26` would miss half its photos."""
+    """"s26" beside S26 would split one site in two, and `identify --station S26` would miss half its photos; a
+    catalogue that holds both from before is searched whole."""
     from spotmatch.catalogue.service import ImageSource, refuse_station_spellings
+    from spotmatch.catalogue.store import GalleryRestriction
     from spotmatch.errors import SpotmatchError
 
     store = stand_in_catalogue(tmp_path / "cat", {"Cat1": 2})
@@ -1469,6 +1471,12 @@ def test_one_station_written_two_ways_is_refused_before_anything_is_added(tmp_pa
                                      enumerate(["S26", "S27", "A12", "A1-2", "Поле", "Озеро", None])])
     store.db.execute("UPDATE images SET station = 's26' WHERE id = (SELECT MAX(id) FROM images)")  # both, from before
     refuse_station_spellings(store, [ImageSource(Path("a.jpg"), station="S26"), ImageSource(Path("b.jpg"), station="s26")])
+    # such a catalogue's station search finds both spellings, however it is written
+    every_image, _ = store.identified_images()
+    for wanted in ("S26", "s26", "s 26"):
+        assert list(store.restricted_image_ids(GalleryRestriction(stations=(wanted,)))) == list(every_image)
+    with pytest.raises(SpotmatchError, match="no station named 'S2' in the catalogue"):
+        store.restricted_image_ids(GalleryRestriction(stations=("S2",)))
 
 
 def test_a_file_name_with_a_line_break_or_terminal_escape_is_printed_escaped(tmp_path):

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from spotmatch.catalogue.store import (Catalogue, CatalogueSettings, Confirmed, EmptyGallery, GalleryRestriction, NewImage, folded_name,
-                                      has_capture_date, reads_as_date, refuse_catalogue_folder, reviewer, unsafe_new_name)
+                                      has_capture_date, reads_as_date, refuse_catalogue_folder, reviewer, station_key,
+                                      unsafe_new_name)
 from spotmatch.data.images import file_sha256, load_image, printable, refuse_unprintable_name
 from spotmatch.data.tables import (FILENAME_ALIASES, IDENTITY_ALIASES, IMAGE_SUFFIXES, default_image_dir, find_column,
                                    on_disk_spelling, parse_side, read_csv_table, refuse_conflicting_labels)
@@ -411,12 +412,6 @@ def refuse_misleading_labels(catalogue: Catalogue, sources: list[ImageSource]) -
         if fate_of[source.identity] is not None and not _already_added(catalogue, source.path):
             raise SpotmatchError(f"{source.path}: labelled {source.identity!r}, but {fate_of[source.identity]}; relabel those"
                                  f" rows with its name now (a new animal needs a name never used)")
-
-
-def station_key(station: str) -> str:
-    """A station as compared for two spellings of one: case folded, spaces dropped ("s 26" is S26; "A1-2" and "A12"
-    stay two codes)."""
-    return "".join(station.casefold().split())
 
 
 def refuse_station_spellings(catalogue: Catalogue, sources: list[ImageSource]) -> None:

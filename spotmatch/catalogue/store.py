@@ -208,6 +208,12 @@ def _read_capture_time(text: str) -> tuple[datetime, bool] | None:
         return None
 
 
+def station_key(station: str) -> str:
+    """A station as compared for two spellings of one: case folded, spaces dropped ("s 26" is S26; "A1-2" and "A12"
+    stay two codes)."""
+    return "".join(station.casefold().split())
+
+
 @dataclass(frozen=True)
 class GalleryRestriction:
     """Which catalogue images a photo is matched against: a site, a season, the query's flank, some
@@ -528,7 +534,11 @@ class Catalogue:
         clauses, values = ["images.individual_id IS NOT NULL"], []
         if not restriction.include_retired:
             clauses.append("individuals.retired_at IS NULL")
-        for column, wanted in (("images.station", restriction.stations), ("individuals.name", restriction.individuals)):
+        # Every spelling of a wanted station: `add` refuses a second one ("s26" beside S26), but a catalogue written
+        # before it did may hold both, and either half left out would go unseen.
+        wanted_keys = {station_key(station) for station in restriction.stations}
+        spellings = [station for station in self.stations() if station_key(station) in wanted_keys]
+        for column, wanted in (("images.station", spellings), ("individuals.name", restriction.individuals)):
             if wanted:
                 clauses.append(f"{column} IN ({','.join('?' * len(wanted))})")
                 values += list(wanted)
@@ -548,10 +558,10 @@ class Catalogue:
         return np.array([r[0] for r in rows], dtype=np.int64)
 
     def _refuse_unknown(self, restriction: GalleryRestriction) -> None:
-        for what, wanted, query in (("station", restriction.stations, "SELECT DISTINCT station FROM images"),
-                                    ("individual", restriction.individuals, "SELECT name FROM individuals")):
-            known = {row[0] for row in self.db.execute(query)}
-            unknown = [name for name in wanted if name not in known]
+        for what, wanted, known_names, key in (("station", restriction.stations, self.stations(), station_key),
+                                               ("individual", restriction.individuals, self.individual_names().values(), str)):
+            known = {key(name) for name in known_names}
+            unknown = [name for name in wanted if key(name) not in known]
             if unknown:
                 raise SpotmatchError(f"{self.folder}: no {what} named {', '.join(map(repr, unknown))} in the catalogue; check the"
                                      f" spelling (`spotmatch catalogue export` lists them)")
