@@ -33,8 +33,11 @@ ALL_CANDIDATES = 1000  # top_k: every shortlisted individual, to see whether the
 def outcome(result, identity: str) -> dict:
     named = result.named is not None
     best = result.candidates[0].individual if result.candidates else None
+    # By the decision score, not the verdict's words: a restricted search words both "no match in this gallery".
+    called_new = not named and (result.decision_score is None or result.decision_score < result.new_below)
     return {"individuals": len(result.candidates), "in_shortlist": identity in {c.individual for c in result.candidates}, "top1": best == identity,
-            "named_right": named and best == identity, "named_wrong": named and best != identity, "called_new": not named}
+            "named_right": named and best == identity, "named_wrong": named and best != identity,
+            "not_sure": not named and not called_new, "called_new": called_new}
 
 
 def evaluate(store, engine, queries: pd.DataFrame, photos: list[Path], per_individual: int | None) -> dict[str, pd.DataFrame]:
@@ -58,17 +61,17 @@ def evaluate(store, engine, queries: pd.DataFrame, photos: list[Path], per_indiv
 
 def table(results: dict[str, dict[str, pd.DataFrame]]) -> str:
     lines = ["| per individual | view | photos | individuals in shortlist | animal in shortlist | top-1 right | named right |"
-             " named wrong | called new |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             " named wrong | not sure | called new |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for setting, views in results.items():
         for view, frame in views.items():
             if frame.empty:  # no held-out photo has its animal photographed at another station, say
-                lines.append(f"| {setting} | {view} | 0 | | | | | | |")
+                lines.append(f"| {setting} | {view} | 0 | | | | | | | |")
                 continue
             share = lambda column: "" if view == "animal missing" and column in ("in_shortlist", "top1", "named_right") \
                 else f"{frame[column].mean():.1%}"  # noqa: E731  (no right answer among a missing animal's candidates)
             lines.append(f"| {setting} | {view} | {len(frame)} | {frame['individuals'].mean():.1f} | {share('in_shortlist')} |"
                          f" {share('top1')} | {share('named_right')} |"
-                         f" {frame['named_wrong'].mean():.1%} | {frame['called_new'].mean():.1%} |")
+                         f" {frame['named_wrong'].mean():.1%} | {frame['not_sure'].mean():.1%} | {frame['called_new'].mean():.1%} |")
     return "\n".join(lines)
 
 

@@ -5,12 +5,19 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
+
+
+def portable_file_name(name: str, keep: int = 120) -> str:
+    """`name` in letters, digits, dot, dash and underscore, without a leading dot, at most `keep` characters (its
+    end kept, where the suffix is): safe in any folder, and in a web address."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[-keep:]
 
 
 def check_output(out: str | Path, inputs: Iterable[str | Path] = (), others: Iterable[str | Path] = (), option: str = "--out") -> Path:
@@ -22,7 +29,11 @@ def check_output(out: str | Path, inputs: Iterable[str | Path] = (), others: Ite
     out = Path(out)
     if out.is_dir():
         raise SpotmatchError(f"{option} {out}: is a folder; name a file in it")
-    _refuse_unwritable(out, out.absolute().parent, option)
+    if is_special_file(out):  # /dev/stdout, a named pipe: written through (atomic_path)
+        if not os.access(out, os.W_OK):
+            raise SpotmatchError(f"{option} {out}: cannot be written by this user; write somewhere else")
+        return out
+    _refuse_unwritable(out, out.resolve().parent, option)
     if out.exists():  # a file that does not exist yet cannot be one the command reads
         target = out.stat()
         for source in inputs:
@@ -82,12 +93,27 @@ def process_umask() -> int:
     return umask
 
 
+def is_special_file(path: str | Path) -> bool:
+    """A device, pipe or socket (followed through links: /dev/stdout): no file to rename onto."""
+    path = Path(path)
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `target` only on success. `durable`:
     its bytes reach the disk before the rename, else a power cut can leave `target` renamed but empty;
-    a cache that reads a damaged entry as a miss can skip that cost."""
+    a cache that reads a damaged entry as a miss can skip that cost.
+
+    A link is followed (renaming onto it would replace the link and leave its file as it was); a device or pipe
+    (`--out /dev/stdout`, a named pipe) is written straight through, since renaming onto it would replace the
+    device with a file (for root, /dev/null for every program on the machine)."""
     target = Path(target)
+    if is_special_file(target):
+        yield target
+        return
+    if target.is_symlink():
+        target = Path(os.path.realpath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(fd)

@@ -107,11 +107,12 @@ def test_identify_ranks_individuals_with_calibrated_probability(catalogue, galle
         probabilities = [c.probability for c in result.candidates]
         assert probabilities == sorted(probabilities, reverse=True) and all(0 <= p <= 1 for p in probabilities)
         assert result.threshold == pytest.approx(engine.fusion.threshold)
-        assert result.verdict in ("new individual", f"match: {names[0]}")
+        assert result.verdict in ("new individual", f"match: {names[0]}", f"not sure: {names[0]} or a new individual")
         # the fusion file decides on the best individual's lead over the next one (shortlist of 5: all 3 cats listed)
         assert result.decision == engine.fusion.decision == "margin"
         assert result.decision_score == pytest.approx(probabilities[0] - (probabilities[1] if len(probabilities) > 1 else 0.0))
-        assert (result.verdict == "new individual") == (result.decision_score < result.threshold)
+        assert result.new_below == engine.fusion.new_threshold <= result.threshold  # calibrated: a file of version 6
+        assert (result.verdict == "new individual") == (result.decision_score < result.new_below)
         assert any(c.inliers is not None for c in result.candidates)  # keypoint evidence on the shortlist
         assert Path(result.candidates[0].explanation_png).stat().st_size > 1000
         assert result.known_image_id is None and result.calibrated
@@ -185,7 +186,8 @@ def test_the_verdict_never_calls_new_what_the_gallery_left_out_or_the_catalogue_
     store, engine = catalogue
     query = gallery_and_queries[1][0]
     (everyone,) = identify(store, engine, [query], IdentifyConfig(top_k=10))
-    assert everyone.left_out == [] and everyone.verdict in ("new individual", f"match: {everyone.candidates[0].individual}")
+    assert everyone.left_out == [] and everyone.verdict in ("new individual", f"match: {everyone.candidates[0].individual}",
+                                                            f"not sure: {everyone.candidates[0].individual} or a new individual")
     best = everyone.candidates[0].individual
     try:
         store.db.execute("UPDATE images SET side = 'right' WHERE individual_id = ?", (store.individual_id(best),))
@@ -604,6 +606,51 @@ def test_relink_points_a_moved_catalogue_at_its_files_and_refuses_other_ones(tmp
     result = identify(store, open_engine(store, shortlist_k=5), [gallery_and_queries[1][0]], IdentifyConfig(explain_dir=tmp_path / "why"))[0]
     assert result.candidates and result.candidates[0].explanation_png  # drawn from the photo at its new place
     assert [row[0] for row in store.db.execute("SELECT action FROM confirmations WHERE action = 'relink'")] == ["relink"] * 3
+
+
+def test_a_calibration_made_again_in_place_is_refused_until_relinked(tmp_path, tiny_checkpoint, fusion_file):
+    """`calibrate` writes beside the checkpoint by default: a run for another purpose (a few photos, another target
+    precision) once moved the thresholds of every catalogue reading that file, unseen. It is refused now until
+    `relink --fusion` takes it, a history row."""
+    import shutil
+
+    from spotmatch.catalogue.service import init_catalogue, open_engine
+    from spotmatch.catalogue.store import Catalogue
+    from spotmatch.errors import SpotmatchError
+    from spotmatch.fusion.calibration import FusionModel
+
+    shutil.copyfile(fusion_file, tmp_path / "fusion.json")
+    init_catalogue(tmp_path / "cat", tiny_checkpoint, tmp_path / "fusion.json").close()
+    remade = FusionModel.load(tmp_path / "fusion.json")
+    remade.threshold = remade.new_threshold = 0.0  # as a careless run could set them: every photo named
+    remade.save(tmp_path / "fusion.json")
+    store = Catalogue.open(tmp_path / "cat")
+    with pytest.raises(SpotmatchError, match=r"fusion.json: changed since catalogue .* took it \(calibrated again\?\); put the original"
+                                             r" back, or to decide with the new file: spotmatch catalogue relink ") as refused:
+        open_engine(store)
+    assert "\n" not in str(refused.value)
+    store.close()
+    relinked = run_cli("catalogue", "relink", tmp_path / "cat", "--fusion", tmp_path / "fusion.json", "--who", "ana")
+    assert relinked.returncode == 0, relinked.stderr
+    store = Catalogue.open(tmp_path / "cat")
+    assert open_engine(store).fusion.threshold == 0.0  # decides with the new file now
+    assert store.history()["action"].tolist()[-1] == "relink"
+
+
+def test_confirm_says_what_a_photo_it_adds_was_recorded_with(tmp_path, snow_subset_csv, tiny_checkpoint):
+    """A photo `confirm` adds without a date (no --date, no EXIF date) is never found by a season search: it is said."""
+    from spotmatch.catalogue.service import init_catalogue
+
+    init_catalogue(tmp_path / "cat", tiny_checkpoint, None).close()
+    first, second = pd.read_csv(snow_subset_csv)["filename"].head(2)
+    undated = run_cli("catalogue", "confirm", tmp_path / "cat", SNOW / "images" / first, "--new", "--station", "S04", "--who", "ana")
+    assert undated.returncode == 0, undated.stderr
+    assert undated.stdout.splitlines()[0] == ("added as image 1: S04, no capture date (no --date, no EXIF date): --since/--until"
+                                              " searches leave it out, flank unknown")
+    dated = run_cli("catalogue", "confirm", tmp_path / "cat", SNOW / "images" / second, "--new", "--date", "2012-07-22", "--side", "left")
+    assert dated.stdout.splitlines()[0] == "added as image 2: station unknown, 2012-07-22, left flank", dated.stderr
+    again = run_cli("catalogue", "confirm", tmp_path / "cat", SNOW / "images" / first, "--individual", "individual-0002")
+    assert again.returncode == 0 and "added as" not in again.stdout  # already in: nothing added
 
 
 def test_corrupt_image_is_reported_and_skipped(tmp_path, snow_subset_csv, tiny_checkpoint):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -480,3 +482,28 @@ def test_version_and_a_missing_ray_are_one_line(monkeypatch):
     with pytest.raises(SpotmatchError, match=r"--backend ray: Ray is not installed; pip install 'spotmatch\[ray\]'"):
         check_backend("ray")
     check_backend("local")
+
+
+def test_an_output_through_a_link_or_into_a_pipe_is_written_there_and_not_replaced(tmp_path):
+    """The atomic rename once replaced whatever stood at `--out`: a link lost its link (its file kept the old
+    content), a named pipe became a file nobody read, and as root `--out /dev/null` turned the machine's /dev/null
+    into a plain file."""
+    import threading
+
+    from spotmatch.io import check_output, write_csv_atomic, write_text_atomic
+
+    (tmp_path / "kept.csv").write_text("old\n")
+    (tmp_path / "link.csv").symlink_to("kept.csv")
+    write_text_atomic("new\n", tmp_path / "link.csv")
+    assert (tmp_path / "link.csv").is_symlink() and (tmp_path / "kept.csv").read_text() == "new\n"
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_text()))
+    reader.start()
+    assert check_output(pipe) == pipe
+    write_csv_atomic(pd.DataFrame({"row_id": [1], "similarity": [0.5]}), pipe)
+    reader.join(timeout=30)
+    assert received == ["row_id,similarity\n1,0.5\n"] and stat.S_ISFIFO(pipe.stat().st_mode)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kept.csv", "link.csv", "pipe"]  # no temporary left

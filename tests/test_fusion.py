@@ -104,6 +104,21 @@ def test_identity_balance_weighs_every_animal_the_same():
         CalibrateConfig(balance="per-photo")
 
 
+def test_a_photo_between_the_two_thresholds_is_not_sure_rather_than_new():
+    """"new individual" makes a team `confirm --new`: a photo whose best animal leads too little to name it, but too much
+    for the calibration to call it new, is said to be either, its best animal named."""
+    from spotmatch.catalogue.service import Candidate, QueryResult
+
+    best = Candidate("Cat1", 0.30, 0.8, 0, 7, "a.jpg")
+    verdict = lambda score, new_threshold: QueryResult("q.jpg", "sha", [best], 0.4, decision="margin", decision_score=score,  # noqa: E731
+                                                       new_threshold=new_threshold).verdict
+    assert verdict(0.45, 0.1) == "match: Cat1"
+    assert verdict(0.25, 0.1) == verdict(0.1, 0.1) == "not sure: Cat1 or a new individual"
+    assert verdict(0.05, 0.1) == "new individual"
+    assert verdict(0.25, 0.0) == verdict(0.0, 0.0) == "not sure: Cat1 or a new individual"  # nothing is called new
+    assert verdict(0.25, None) == "new individual"  # a calibration file older than version 6: as it was
+
+
 def test_identity_balanced_ece_separates_calibration_from_photo_counts():
     # "big" owns 300 pairs (half of them matches), "small" 100 (none): 0.25 is right for an even mix of
     # the two animals, but not for the pairs as counted (3 in 8 are matches).
@@ -126,14 +141,22 @@ def test_identify_threshold_counts_photos_of_missing_animals():
     # ... but when half the photos show missing animals, the one scored 0.75 must stay unnamed
     decision = identify_decision(known, new, 0.65, new_share=0.5)
     assert decision["threshold"] == pytest.approx(0.75)
-    assert (decision["known_named_right"], decision["known_named_wrong"], decision["known_called_new"], decision["new_named"]) == \
-        pytest.approx((0.5, 0.0, 0.5, 0.25))
+    # Called new only below 0.7: under it 3 of the 4 photos are of missing animals (precision 0.75 >= 0.65); with the
+    # known photo scored 0.7 too, 3 of 5 (0.6). That photo, between the two thresholds, is "not sure".
+    assert (decision["new_threshold"], decision["new_precision"]) == pytest.approx((0.7, 0.75))
+    assert (decision["known_named_right"], decision["known_named_wrong"], decision["known_not_sure"], decision["known_called_new"],
+            decision["new_named"], decision["new_called_new"]) == pytest.approx((0.5, 0.0, 0.25, 0.25, 0.25, 0.75))
     assert (decision["best"]["threshold"], decision["best"]["precision"]) == pytest.approx((0.8, 1.0))  # the lowest at the top
     # Never right: never name, not even a photo whose best individual leads by a whole 1.0 (isotonic reaches it).
     never = identify_decision(known.assign(label=0, probability=[1.0, 0.8, 0.7, 0.3]), new, 0.65, new_share=0.5)
     assert never["threshold"] > 1.0 and never["known_named_wrong"] == never["new_named"] == 0.0
     result = QueryResult("q.jpg", "sha", [], never["threshold"], decision="margin", decision_score=1.0)
     assert result.verdict == "new individual"
+    # No cut calls only missing animals new at 0.65 when each known photo scores below every missing one's: nothing is
+    # called new, so a photo the model cannot place is left to the team rather than entered twice.
+    unsure = identify_decision(known.assign(probability=[0.04, 0.03, 0.02, 0.01]), new, 0.65, new_share=0.5)
+    assert unsure["new_threshold"] == 0.0 and unsure["known_called_new"] == unsure["new_called_new"] == 0.0
+    assert unsure["known_not_sure"] + unsure["known_named_right"] + unsure["known_named_wrong"] == pytest.approx(1.0)
     with pytest.raises(SpotmatchError, match="--new-share 1.0: must be at least 0 and below 1"):
         CalibrateConfig(new_share=1.0)
 
@@ -660,6 +683,8 @@ def test_a_damaged_calibration_file_is_refused_in_one_line_naming_its_key(tmp_pa
         ("logistic", None, "shortlist_k", "20"),
         ("logistic", None, "shortlist_k", 0),
         ("logistic", None, "rerank", "bogus"),
+        ("logistic", None, "new_threshold", 0.9),  # above the threshold (0.5): a photo both named and called new
+        ("logistic", None, "new_threshold", -0.1),
         ("logistic", None, "decision", "ratio"),
     ]
     for method, section, key, value in cases:
@@ -682,7 +707,8 @@ def test_a_damaged_calibration_file_is_refused_in_one_line_naming_its_key(tmp_pa
         probability = loaded.predict_proba(pair_features(table))
         assert np.isfinite(probability).all() and probability.min() >= 0 and probability.max() <= 1
     # As the first version wrote it: no decision, re-ranking, shortlist, masks or signs, one local feature fewer.
-    first_version = {key: value for key, value in valid["logistic"].items() if key not in ("decision", "rerank", "shortlist_k", "local_masks")}
+    first_version = {key: value for key, value in valid["logistic"].items()
+                     if key not in ("decision", "rerank", "shortlist_k", "local_masks", "new_threshold")}
     first_version["version"] = 1
     for section in ("with_local", "global_only", "global_all"):
         calibrator = {key: value for key, value in first_version[section].items() if key != "signs"}
@@ -692,6 +718,7 @@ def test_a_damaged_calibration_file_is_refused_in_one_line_naming_its_key(tmp_pa
     (tmp_path / "first.json").write_text(json.dumps(first_version))
     old = FusionModel.load(tmp_path / "first.json", embedder_id="emb-1", rerank="none", shortlist_k=20)
     assert (old.decision, old.rerank, old.shortlist_k, old.with_local.feature_names[-1]) == ("best", "none", None, "log_matches")
+    assert old.new_threshold is None  # every photo not named is new, as files before version 6 meant
 
     row_ids = pd.Series(["a", "b"])
     for similarity in ([0.5, float("nan")], [0.5, 5.0], [-0.1, 0.5]):

@@ -1,6 +1,7 @@
 """Local matching on real snow leopard camera-trap frames (../shared/datasets/snowleopard)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -563,3 +564,18 @@ def test_learned_extractors_load_from_installed_packages(name):
     matcher = create_matcher(name, extractor.matcher, device="cpu", verification=VerificationConf(min_displacement=0.0))
     self_match = matcher.match(features, features)
     assert self_match.inliers > 0.5 * len(features)
+
+
+def test_the_drawing_says_what_its_colours_mean_and_when_the_background_was_matched():
+    """A biologist read a yellow line on rock as a confident match on the coat: the colours are this pair's own
+    scale, and without a mask the background was matched as much as the animal."""
+    from spotmatch.local_match.matchers import PairEvidence
+    from spotmatch.local_match.viz import ScoreLine, header_parts
+
+    evidence = PairEvidence.none()
+    scores = ScoreLine(5, 0.5, 1.3, cosine=0.4, probability=0.09)
+    whole = header_parts(scores, dataclasses.replace(evidence, inliers=5), masked=False)
+    assert "no animal mask: whole frames matched, background included" in whole
+    assert any(part.startswith("colour: purple = this pair's least confident inlier") for part in whole)
+    masked = header_parts(scores, dataclasses.replace(evidence, inliers=1), masked=True)
+    assert not any(part.startswith(("colour", "no animal mask")) for part in masked)  # one line has no scale

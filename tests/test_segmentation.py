@@ -389,13 +389,32 @@ def test_seg_commands_turn_bad_options_into_one_line_errors(tmp_path, monkeypatc
     assert_one_line_error(error(*train, "--out", snow_subset_csv), "--out", "is a file, not a folder")
     for lr in ("nan", "inf", "0", "-1"):
         assert_one_line_error(error(*train, "--lr", lr), "--lr", "finite number above 0")
-    assert not (tmp_path / "run").exists() and not cache.exists()  # every refusal came before any work
+    # one encounter per cat: split by encounter, nothing is held out to measure the U-Net on (it crashed after training)
+    single = tmp_path / "one_encounter_each.csv"
+    first_encounters = snow_table.groupby("identity")["encounter"].transform("first") == snow_table["encounter"]
+    snow_table[first_encounters].groupby("identity").head(2).to_csv(single, index=False)
+    assert_one_line_error(error("train-seg", "--csv", single, *images, "--cache", cache, "--out", tmp_path / "run"),
+                          "no held-out images when split by encounter", "--split-by identity")
+    assert not (tmp_path / "run" / "unet.pt").exists() and not cache.exists()  # every refusal came before any work
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "unet.pt").write_bytes(b"last week's U-Net")
+    assert_one_line_error(error(*train, "--out", held), "a U-Net is already there", "--overwrite")
+    assert (held / "unet.pt").read_bytes() == b"last week's U-Net"
 
 
 def test_masks_prints_no_mask_rather_than_an_empty_area(tmp_path, monkeypatch, capsys):
     for source in ("none", "alpha"):  # a plain JPEG: neither gives a mask
         code, out, _ = run_main(monkeypatch, capsys, "masks", DAY_CAT, "--source", source, "--cache", tmp_path)
         assert code == 0 and out.strip().split("\t")[2] == f"no mask (source {source})"
+
+
+def test_masks_with_the_cache_off_writes_nothing(tmp_path, monkeypatch, capsys):
+    """`--cache ''` turns caching off, as in every other command (it once made ./masks/ in the working folder)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_main(monkeypatch, capsys, "masks", DAY_CAT, "--source", "teacher", "--cache", "")
+    assert code == 0 and out.strip().split("\t")[1] == "-"  # computed, not stored
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_mask_and_training_configs_refuse_non_finite_values():

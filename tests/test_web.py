@@ -159,6 +159,28 @@ def test_a_photo_confirmed_on_the_page_keeps_its_station_date_and_flank(server):
     assert confirm().status == 200  # relabelled without facts: fine
 
 
+def test_a_port_in_use_is_one_line_before_any_address_is_printed(server):
+    """`serve` printed its address, then uvicorn failed on the busy port (exit 3): the address looked like success."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    _, folder = server
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        cli = [sys.executable, "-c", "from spotmatch.cli import main; main()", "serve", str(folder)]
+        taken = subprocess.run([*cli, "--port", str(busy.getsockname()[1])], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert taken.returncode == 2 and taken.stdout == "", (taken.stdout, taken.stderr)
+        assert len(taken.stderr.strip().splitlines()) == 1 and "cannot listen there" in taken.stderr and "--port" in taken.stderr
+        beyond = subprocess.run([*cli, "--port", "99999"], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert beyond.returncode == 2 and "Traceback" not in beyond.stderr and "--port" in beyond.stderr
+    finally:
+        busy.close()
+
+
 def test_the_printed_address_brackets_an_ipv6_host():
     from spotmatch.web.app import address
 

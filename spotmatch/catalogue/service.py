@@ -5,6 +5,7 @@ outside a transaction, then hands finished rows to the store in one write.
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -118,6 +119,9 @@ class QueryResult:
     # above it while the lead is too small, the photo shows a catalogued animal, which of two undecided.
     best_threshold: float | None = None
     runner_up: str | None = None  # the second individual of its shortlist, listed or not (None: it has one)
+    # "new individual" only below this decision score; between it and `threshold` the model cannot place the photo.
+    # None: as `threshold` (a calibration file older than version 6, or none).
+    new_threshold: float | None = None
 
     @property
     def alone(self) -> bool:
@@ -144,7 +148,14 @@ class QueryResult:
             return f"undecided: {self.candidates[0].individual} or {self.runner_up}"
         if self.left_out:
             return f"no match in this gallery; not compared: {listed_names(self.left_out)}"
+        if self.decision_score is not None and self.decision_score >= self.new_below:
+            return f"not sure: {self.candidates[0].individual} or a new individual"
         return "new individual"
+
+    @property
+    def new_below(self) -> float:
+        """The decision score below which the photo is called a new individual."""
+        return self.threshold if self.new_threshold is None else self.new_threshold
 
 
 def listed_names(names: list[str], shown: int = 3) -> str:
@@ -167,7 +178,8 @@ def init_catalogue(folder: Path, checkpoint: Path, fusion: Path | None, extracto
     embedder = engine.embedder
     settings = CatalogueSettings(checkpoint=str(Path(checkpoint).resolve()),
                                  fusion=str(Path(fusion).resolve()) if fusion else None,
-                                 embedder_id=embedder.model_id, embedding_dim=embedder.dim, extractor=extractor)
+                                 embedder_id=embedder.model_id, embedding_dim=embedder.dim, extractor=extractor,
+                                 fusion_sha256=file_sha256(Path(fusion)) if fusion else None)
     return Catalogue.create(folder, settings)
 
 
@@ -196,6 +208,11 @@ def open_engine(catalogue: Catalogue, shortlist_k: int | None = None, workers: i
         if path is not None and not Path(path).is_file():
             raise SpotmatchError(f"{path}: the catalogue's {kind} is gone; put it back, or if it moved: spotmatch catalogue relink"
                                  f" {catalogue.folder} {option} NEW_PATH")
+    if settings.fusion_sha256 is not None and file_sha256(Path(settings.fusion)) != settings.fusion_sha256:
+        # `calibrate` writes beside the checkpoint by default: a run for another purpose would move every threshold.
+        raise SpotmatchError(f"{settings.fusion}: changed since catalogue {catalogue.folder} took it (calibrated again?); put the"
+                             f" original back, or to decide with the new file: spotmatch catalogue relink {catalogue.folder}"
+                             f" --fusion {settings.fusion}")
     embedder = Embedder.from_checkpoint(settings.checkpoint, EmbedConfig(device="cpu", num_workers=0, cache_dir=cache_dir, progress=progress))
     # Before the calibration file is read: it would refuse the replaced model as "not calibrated for it", and
     # calibrating again would not fix the catalogue.
@@ -207,9 +224,9 @@ def open_engine(catalogue: Catalogue, shortlist_k: int | None = None, workers: i
 
 
 def relink_model(catalogue: Catalogue, checkpoint: Path | None, fusion: Path | None, who: str) -> None:
-    """The catalogue's checkpoint and calibration file moved: accepted at their new places only when they are the
-    files it was made with (the same embedder id, a calibration fit for it and its local stage), so no photo is
-    compared with embeddings of another model."""
+    """The catalogue's checkpoint and calibration file moved, or the calibration was made again: accepted only when
+    they are the model it was made with (the same embedder id) and a calibration fit for it and its local stage, so
+    no photo is compared with embeddings of another model."""
     from spotmatch.engine.engine import Engine, EngineConfig
     from spotmatch.global_embed.embed import EmbedConfig, Embedder
 
@@ -224,7 +241,8 @@ def relink_model(catalogue: Catalogue, checkpoint: Path | None, fusion: Path | N
                              f" the catalogue's {settings.embedder_id}); name the file the catalogue was made with, as moved")
     if settings.fusion is not None:  # the calibration, moved or not, must still be the one for this model and local stage
         Engine.from_embedder(embedder, fusion or settings.fusion, EngineConfig(extractor=settings.extractor, cache_dir=None))
-    catalogue.relink_files(str(checkpoint.resolve()) if checkpoint else None, str(fusion.resolve()) if fusion else None, who)
+    catalogue.relink_files(str(checkpoint.resolve()) if checkpoint else None, str(fusion.resolve()) if fusion else None, who,
+                           fusion_sha256=file_sha256(fusion) if fusion else None)
 
 
 # --- add ------------------------------------------------------------------------------------------------
@@ -551,6 +569,7 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
     left_out = {side: sorted(everyone - set(gallery.loc[[] if ids is None else ids, "individual"])) for side, ids in kept_ids.items()}
     candidates = _scored_candidates(catalogue, engine, gallery, query_paths, query_hashes, sides, galleries, conf.per_individual)
     threshold = float(engine.fusion.threshold) if engine.fusion is not None else 0.5
+    new_threshold = engine.fusion.new_threshold if engine.fusion is not None else None
     decision = engine.fusion.decision if engine.fusion is not None else "best"
     best_threshold = (engine.fusion.quality.get("identify by rule", {}).get("best", {}).get("threshold")
                       if engine.fusion is not None and decision == "margin" else None)
@@ -569,7 +588,7 @@ def identify(catalogue: Catalogue, engine, query_paths: list[Path], conf: Identi
                              engine.fusion is not None,
                              known_individual=names.get(known["individual_id"]) if known is not None else None,
                              left_out=left_out[side], empty_gallery=galleries[side] is None, best_threshold=best_threshold,
-                             runner_up=ranked["individual"].iloc[1] if len(ranked) > 1 else None)
+                             runner_up=ranked["individual"].iloc[1] if len(ranked) > 1 else None, new_threshold=new_threshold)
         if conf.explain_dir is not None and engine.local is not None:
             for candidate in result.candidates:
                 # A catalogue photo moved since it was added is scored from its cached keypoints, but cannot be drawn:
@@ -622,13 +641,18 @@ def _candidate(row: dict) -> Candidate:
 
 
 def explain_candidate(engine, query: Path, query_sha: str, candidate: Candidate, out_dir: Path) -> Path:
-    """The drawing of the inlier matches; named by both hashes, so it is drawn once per pair."""
+    """The drawing of the inlier matches, named and titled with the photo and the candidate individual, so that it
+    is understood away from the terminal. Drawn once per pair and scores: a drawing made with another calibration
+    (or before a rename) is not shown as this one."""
+    from spotmatch.io import portable_file_name
     from spotmatch.local_match.explain import explain_pair
 
-    out_png = Path(out_dir) / f"{query_sha[:16]}-{candidate.gallery_image_id}.png"
+    drawn = hashlib.sha256(f"{query_sha} {candidate.individual} {candidate.probability:.6f} {candidate.cosine:.6f}".encode()).hexdigest()
+    name = f"{Path(query).stem[:40]}-{candidate.individual[:40]}-image{candidate.gallery_image_id}-{drawn[:12]}.png"
+    out_png = Path(out_dir) / portable_file_name(name)
     if not out_png.is_file():
-        explain_pair(query, candidate.gallery_path, engine.local, out_png, cosine=candidate.cosine,
-                     probability=candidate.probability)
+        explain_pair(query, candidate.gallery_path, engine.local, out_png, cosine=candidate.cosine, probability=candidate.probability,
+                     titles=(Path(query).name, f"{candidate.individual}: {candidate.gallery_filename or Path(candidate.gallery_path).name}"))
     return out_png
 
 
@@ -682,7 +706,8 @@ def results_table(results: list[QueryResult]) -> pd.DataFrame:
     rows = []
     for result in results:
         photo = {"photo": result.query, "verdict": result.verdict, "named": result.named, "decision": result.decision,
-                 "decision_score": result.decision_score, "threshold": result.threshold, "known_image_id": result.known_image_id,
+                 "decision_score": result.decision_score, "threshold": result.threshold, "new_threshold": result.new_below,
+                 "known_image_id": result.known_image_id,
                  "gallery": result.gallery, "left_out": "; ".join(result.left_out), "calibrated": result.calibrated}
         rows += [{**photo, "rank": rank, **asdict(c)} for rank, c in enumerate(result.candidates, 1)] or [photo]
     return pd.DataFrame(rows)

@@ -67,6 +67,9 @@ class CatalogueSettings:
     embedder_id: str
     embedding_dim: int
     extractor: str = "rootsift"
+    # The calibration file's content when the catalogue took it (init, relink): its thresholds decide every verdict,
+    # so a `calibrate` run that rewrote it in place must not change them unseen. None: made before 2026-12-08.
+    fusion_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -475,7 +478,8 @@ class Catalogue:
             raise SpotmatchError(f"{self.folder / DB_NAME}: its `catalogue init` never finished (no settings recorded);"
                                  f" delete {self.folder / DB_NAME} and run init again")
         return CatalogueSettings(checkpoint=meta["checkpoint"], fusion=meta.get("fusion"), embedder_id=meta["embedder_id"],
-                                 embedding_dim=int(meta["embedding_dim"]), extractor=meta.get("extractor", "rootsift"))
+                                 embedding_dim=int(meta["embedding_dim"]), extractor=meta.get("extractor", "rootsift"),
+                                 fusion_sha256=meta.get("fusion_sha256"))
 
     def check_embedder(self, embedder_id: str, dim: int) -> None:
         """Refuse embeddings from another model: cosines across two models are meaningless."""
@@ -711,15 +715,19 @@ class Catalogue:
                 self.db.execute("DELETE FROM individuals WHERE id = ?", (previous["id"],))
         return Confirmed(image_id, individual, previous["name"] if previous else None, emptied)
 
-    def relink_files(self, checkpoint: str | None, fusion: str | None, who: str) -> None:
-        """Point the catalogue at its model files' new places (the caller checked they are the same model and
-        calibration); recorded in the history like a reviewer's decision."""
+    def relink_files(self, checkpoint: str | None, fusion: str | None, who: str, fusion_sha256: str | None = None) -> None:
+        """Point the catalogue at its model files' new places, or a calibration file made again for its model (the
+        caller checked they are the same model, and a calibration for it); recorded in the history like a
+        reviewer's decision."""
         who = reviewer(who)
         with transaction(self.db) as db:
-            for key, value in (("checkpoint", checkpoint), ("fusion", fusion)):
+            for key, value in (("checkpoint", checkpoint), ("fusion", fusion), ("fusion_sha256", fusion_sha256)):
                 if value is not None:
-                    db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
-                    self._record("relink", None, None, who, f"{key} -> {value}")
+                    db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                               (key, value))
+                    if key != "fusion_sha256":
+                        self._record("relink", None, None, who, f"{key} -> {value}"
+                                     + (f" (content {fusion_sha256[:12]})" if key == "fusion" and fusion_sha256 else ""))
 
     def moved_photos(self, old: Path, new: Path) -> MovedPhotos:
         """Which photos stored under folder `old` are now under `new` (archived, moved to another disk): only where

@@ -108,7 +108,8 @@ def identify(
     include_retired: bool = typer.Option(False, "--include-retired", help="Also individuals retired with `catalogue retire`."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Top-K individuals per photo with calibrated probability and evidence; 'new individual' below the threshold."""
+    """Top-K individuals per photo with calibrated probability and evidence: a match at the threshold, 'new individual'
+    below the calibration's new-individual threshold, 'not sure' between."""
     from dataclasses import asdict
 
     from spotmatch.catalogue.service import (IdentifyConfig, identify as run_identify, kept_image_ids, open_engine, restrictions_by_side,
@@ -146,12 +147,15 @@ def identify(
 def result_lines(result, drawn: bool) -> list[str]:
     """One photo's verdict, then a line per candidate, as `identify` prints them; `drawn`: drawings were asked for."""
     # Without a calibration file the number is a similarity, not a probability: it must not read as one.
-    label, threshold = ("p=", "threshold") if result.calibrated else ("similarity ", "uncalibrated threshold")
+    label, threshold = ("P(same)=", "threshold") if result.calibrated else ("similarity ", "uncalibrated threshold")
     decision = result.decision if result.calibrated else "similarity"
     score = "no candidates" if result.decision_score is None else f"{decision} {result.decision_score:.3f}"
     if result.alone and result.decision == "margin":
         score += " = its probability, no other individual in its shortlist"
-    lines = [f"{result.query}: {result.verdict} ({score}, {threshold} {result.threshold:.3f}; gallery: {result.gallery})"]
+    thresholds = f"{threshold} {result.threshold:.3f}"
+    if result.new_below < result.threshold:  # the band where the model cannot place the photo
+        thresholds += f", new below {result.new_below:.3f}"
+    lines = [f"{result.query}: {result.verdict} ({score}, {thresholds}; gallery: {result.gallery})"]
     for rank, c in enumerate(result.candidates, 1):
         local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
         drawing = f", {c.explanation_png}" if c.explanation_png else ""
@@ -186,6 +190,7 @@ def confirm(
     """Record who decided which individual a photo shows."""
     from spotmatch.catalogue.service import PhotoFacts, confirm_photo, open_engine
     from spotmatch.catalogue.store import reviewer
+    from spotmatch.data.images import file_sha256
     from spotmatch.errors import SpotmatchError
 
     target = confirm_target(photo, image_id)
@@ -200,8 +205,23 @@ def confirm(
     if isinstance(target, int):
         confirmed = catalogue.confirm(target, individual, who)
     else:
+        added = catalogue.image_by_sha(file_sha256(target)) is None
         confirmed = confirm_photo(catalogue, open_engine(catalogue), target, individual, who, facts)
+        if added:  # what the station, season and flank searches will know of it, from now on
+            typer.echo(f"added as image {confirmed.image_id}: {stored_facts(catalogue.image(confirmed.image_id))}")
     typer.echo(confirmed.text(who))
+
+
+def stored_facts(image) -> str:
+    """Where, when and which flank a catalogue photo was recorded with, each said as unknown rather than left out;
+    a missing date says what it costs."""
+    from spotmatch.catalogue.store import has_capture_date
+
+    station = (image["station"] or "station unknown") + (f" camera {image['camera']}" if image["camera"] else "")
+    when = image["captured_at"] if has_capture_date(image["captured_at"]) else (
+        "no capture date (no --date, no EXIF date): --since/--until searches leave it out")
+    flank = f"{image['side']} flank" if image["side"] else "flank unknown"
+    return f"{station}, {when}, {flank}"
 
 
 def confirm_target(photo: str | None, image_id: int | None) -> int | Path:
@@ -252,10 +272,12 @@ def rename(folder: Path = typer.Argument(..., help=FOLDER_HELP), old: str = type
 @catalogue_app.command("relink")
 def relink(folder: Path = typer.Argument(..., help=FOLDER_HELP),
            checkpoint: Optional[Path] = typer.Option(None, help="The catalogue's checkpoint at its new place (the same file, moved)."),
-           fusion: Optional[Path] = typer.Option(None, help="Its calibration file at its new place."),
+           fusion: Optional[Path] = typer.Option(None, help="Its calibration file at its new place, or one made again for the"
+                                                            " catalogue's model (its thresholds then decide; recorded in the history)."),
            photos: Optional[str] = typer.Option(None, help="OLD=NEW: the photos stored under folder OLD are now under NEW."),
            who: str = typer.Option("cli", envvar="USER", help=WHO_HELP)) -> None:
-    """Files moved (an archive, another disk or machine): point the catalogue at their new places."""
+    """Files moved (an archive, another disk or machine): point the catalogue at their new places; or take a
+    calibration made again for its model."""
     from spotmatch.catalogue.service import relink_model
     from spotmatch.errors import SpotmatchError
 
@@ -372,7 +394,7 @@ def stats(folder: Path = typer.Argument(..., help=FOLDER_HELP)) -> None:
 def serve(
     folder: Path = typer.Argument(..., help=FOLDER_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; the default is reachable from this machine only."),
-    port: int = typer.Option(8765, help="Port."),
+    port: int = typer.Option(8765, min=1, max=65535, help="Port."),
     shortlist_k: Optional[int] = typer.Option(None, help="Catalogue images re-scored with keypoints per photo (default: as many as the calibration file was fit with)."),
     who: str = typer.Option("cli", envvar="USER", help="Reviewer name recorded with confirmations (the page can override it)."),
     token: Optional[str] = typer.Option(None, envvar="SPOTMATCH_TOKEN", help="Access token the page needs (default: a new random one each start, printed in the address)."),
@@ -381,7 +403,7 @@ def serve(
     import uvicorn
 
     from spotmatch.errors import SpotmatchError
-    from spotmatch.web.app import LOOPBACK_NAMES, ServeConfig, address, allowed_hosts_for, create_app
+    from spotmatch.web.app import LOOPBACK_NAMES, ServeConfig, address, allowed_hosts_for, create_app, listening_socket
 
     conf = ServeConfig(catalogue=folder, shortlist_k=shortlist_k, default_who=who, allowed_hosts=allowed_hosts_for(host))
     if token is not None:
@@ -389,10 +411,11 @@ def serve(
             raise SpotmatchError(f"--token: {len(token)} characters is guessable; use at least 16, or leave it out for a random one")
         conf.token = token
     web_app = create_app(conf)
+    listening = listening_socket(host, port)
     typer.echo(f"serving {folder} on {address(host, port)}?token={conf.token}")
     if host not in LOOPBACK_NAMES:
         typer.echo(f"note: listening on {host}, reachable from other machines: anyone who has this address with its token"
                    f" can relabel the catalogue; share it only with the team, on a network you trust (plain http)")
     # uvicorn shuts down cleanly on SIGTERM, then raises it again: a stopped server is a clean exit, not an interrupted job.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    uvicorn.run(web_app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(web_app, host=host, port=port, log_level="warning")).run(sockets=[listening])

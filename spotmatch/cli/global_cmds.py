@@ -241,7 +241,9 @@ def score_pairs(
         write_csv_atomic(scored.astype({column: "Int64" for column in ("matches", "inliers") if column in scored}), evidence_out)
     n_images = len(set(pairs["query_image_path"]) | set(pairs["gallery_image_path"]))
     stages = "global" + (f" + {rerank}" if rerank != "none" else "") + (f" + local top-{engine_conf.shortlist_k}" if use_local else "") + (" + fusion" if fusion else "")
-    typer.echo(f"scored {len(pairs)} pairs over {n_images} distinct images ({stages}) in {time.perf_counter() - started:.1f}s; wrote {out}")
+    # Without a calibration the column is a ranking score: read as "90 % the same animal" it would mislead.
+    meaning = "" if fusion else "; similarity = (cosine + 1) / 2, a ranking score, not a probability: --fusion FILE for keypoints and probabilities"
+    typer.echo(f"scored {len(pairs)} pairs over {n_images} distinct images ({stages}) in {time.perf_counter() - started:.1f}s; wrote {out}{meaning}")
 
 
 @app.command()

@@ -19,20 +19,27 @@ SUBSETS = ("val", "train", "all")
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    """Progress lines of spotmatch's own modules; the root logger stays quiet, so libraries (faiss's CPU-feature
+    probing, ...) do not print theirs."""
+    logger = logging.getLogger("spotmatch")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 CSV_HELP = "Labels CSV (filename, identity, ...); its images are masked."
 SPLIT_HELP = "Column the held-out split groups by (encounter keeps bursts together), or identity."
-CACHE_HELP = "Cache root: masks go to <cache>/masks/<source-and-config>/."
+CACHE_HELP = "Cache root: masks go to <cache>/masks/<source-and-config>/; '' turns caching off."
 
 
-def _checked_run(cache: Path, device: str) -> str:
-    """Refuse a --cache that is no writable folder and an unknown --device before any work; the device as torch names it."""
+def _checked_run(cache: Path, device: str) -> tuple[str | None, str]:
+    """(cache root or None: off, device as torch names it); a --cache that is no writable folder and an unknown
+    --device are refused before any work."""
+    from spotmatch.cli.global_cmds import cache_root
     from spotmatch.device import resolve_device
-    from spotmatch.io import check_output_dir
 
-    check_output_dir(cache, option="--cache")
-    return str(resolve_device(device))
+    return cache_root(cache), str(resolve_device(device))
 
 
 def _checkpoints(sources: Iterable[str]) -> list[Path]:
@@ -77,7 +84,7 @@ def train_seg_command(
     csv: Path = typer.Option(..., help="labels CSV (filename, identity[, encounter, unambiguous])"),
     out: Path = typer.Option(Path("runs/seg-lite0"), help="folder for unet.pt, metrics.json, val_iou.csv"),
     images: Optional[Path] = typer.Option(None, help="image folder; default: images/ beside the CSV"),
-    cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help="cache root (teacher masks go to <cache>/masks/...)"),
+    cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help="cache root (teacher masks go to <cache>/masks/...); '' turns caching off"),
     encoder: str = typer.Option("efficientnet_lite0", help="timm encoder: efficientnet_lite0|1|2"),
     size: int = typer.Option(320, min=32, help="square training size in pixels"),  # the encoder downsamples 32x
     epochs: int = typer.Option(6, min=1, help="Training epochs."),
@@ -88,18 +95,22 @@ def train_seg_command(
     max_images: int = typer.Option(0, min=0, help="> 0: train on the first N images only (smoke runs)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     seed: int = typer.Option(0, help="Seed for the split and the frames picked."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the U-Net already in --out."),
 ) -> None:
     """Train the U-Net on alpha masks / teacher pseudo-masks; report IoU on held-out images."""
     from spotmatch.data.splits import SplitConfig
+    from spotmatch.errors import SpotmatchError
     from spotmatch.io import check_output, check_output_dir
     from spotmatch.segmentation.train import CHECKPOINT_NAME, TrainSegConfig, train_seg
     from spotmatch.segmentation.unet import UNetConfig
 
     _logging()
     check_output_dir(out, option="--out")
+    if (out / CHECKPOINT_NAME).exists() and not overwrite:  # masks cached under its digest and embedders trained on it name it
+        raise SpotmatchError(f"{out / CHECKPOINT_NAME}: a U-Net is already there; pass --overwrite to replace it, or another --out")
     for name in (CHECKPOINT_NAME, "metrics.json", "val_iou.csv"):
         check_output(out / name, inputs=[csv], option="--out")
-    device = _checked_run(cache, device)
+    cache, device = _checked_run(cache, device)
     conf = TrainSegConfig(
         unet=UNetConfig(encoder=encoder, image_size=size),
         split=SplitConfig(by=split_by, seed=seed),
@@ -126,7 +137,7 @@ def masks_command(
     from spotmatch.data.images import load_image
     from spotmatch.segmentation.provider import MaskConfig, MaskProvider
 
-    provider = MaskProvider.from_config(MaskConfig(source=source, threshold=threshold), cache, _checked_run(cache, device))
+    provider = MaskProvider.from_config(MaskConfig(source=source, threshold=threshold), *_checked_run(cache, device))
     for path in paths:
         record = load_image(path)
         mask = provider.mask_for(record)
@@ -153,7 +164,7 @@ def seg_eval_command(
     from spotmatch.segmentation.evaluate import compare_masks, summarise_iou
     from spotmatch.segmentation.provider import MaskConfig, MaskProvider
 
-    device = _checked_run(cache, device)
+    cache, device = _checked_run(cache, device)
     paths = _select(_load(csv, images, out, _checkpoints([predicted, reference])), split_by, subset).paths
     per_image = compare_masks(
         paths,
@@ -189,7 +200,7 @@ def seg_sheet_command(
     from spotmatch.segmentation.provider import MaskConfig, MaskProvider
 
     check_sheet_path(out)
-    device = _checked_run(cache, device)
+    cache, device = _checked_run(cache, device)
     dataset = _select(_load(csv, images, out, _checkpoints(source)), split_by, subset)
     paths = pick_sheet_images(dataset.paths, day, infrared, seed)
     providers = {label: MaskProvider.from_config(MaskConfig(source=s), cache, device) for label, s in _tile_labels(source).items()}
@@ -252,7 +263,7 @@ def seg_diagnostic_command(
     from spotmatch.segmentation.diagnostic import check_diagnostic_table, format_table, shortcut_diagnostic
     from spotmatch.segmentation.provider import MaskConfig, MaskProvider
 
-    device = _checked_run(cache, device)
+    cache, device = _checked_run(cache, device)
     kind, _, value = embedder.partition(":")
     read = _checkpoints([source]) + ([Path(value)] if kind == "checkpoint" else [])
     dataset = _select(_load(csv, images, out, read), split_by, subset, Path(value) if kind == "checkpoint" else None)

@@ -228,23 +228,45 @@ def decision_per_query(frame: pd.DataFrame, probability: np.ndarray, shortlist_k
     return pd.DataFrame({"q": best.index, "probability": scores, "label": best["label"].to_numpy()})
 
 
+def new_individual_threshold(score: np.ndarray, is_new: np.ndarray, weight: np.ndarray, target_precision: float,
+                             ceiling: float) -> float:
+    """The highest decision score, at most `ceiling` (the naming threshold), below which the photos called "new
+    individual" are new at `target_precision` (weighed); 0.0, below every score, where none is: a photo the model cannot
+    place is then "not sure", not "new", since a team answers "new" with `confirm --new`, a second entry for an animal
+    it may already have."""
+    order = np.argsort(score, kind="stable")
+    ranked, weighed_new, weighed = score[order], np.cumsum((weight * is_new)[order]), np.cumsum(weight[order])
+    cuts = np.unique(np.append(ranked, ceiling))
+    cuts = cuts[cuts <= ceiling]
+    below = np.searchsorted(ranked, cuts, side="left")  # photos scored under each cut
+    reached = (below > 0) & (weighed_new[np.maximum(below - 1, 0)] >= target_precision * weighed[np.maximum(below - 1, 0)])
+    return float(cuts[reached].max()) if reached.any() else 0.0
+
+
 def identify_decision(known: pd.DataFrame, new: pd.DataFrame, target_precision: float, new_share: float) -> dict:
-    """The threshold at which `identify`'s named animals reach `target_precision`, from the decision score of
-    each query with its animal in the gallery (`known`) and without it (`new`, never right), the two
-    weighed as `new_share` says; then what that threshold does to each kind of photo, and the average
+    """The thresholds of `identify`'s three answers, from the decision score of each query with its animal in the
+    gallery (`known`) and without it (`new`, never right), the two weighed as `new_share` says: the score at which
+    the animals it names are right at `target_precision`, and the one below which the photos it calls new are new
+    at that precision (between the two it is not sure); then what they do to each kind of photo, and the average
     precision of naming over all thresholds."""
     probability = np.concatenate([known["probability"], new["probability"]])
     correct = np.concatenate([known["label"], np.zeros(len(new), int)])
+    is_new = np.concatenate([np.zeros(len(known)), np.ones(len(new))])
     weight = np.concatenate([np.full(len(known), (1 - new_share) / max(len(known), 1)), np.full(len(new), new_share / max(len(new), 1))])
     threshold = threshold_for_precision(probability, correct, target_precision, weight) if correct.any() else NEVER
     right = known["label"].to_numpy() == 1
+    known_score, new_score = known["probability"].to_numpy(), new["probability"].to_numpy()
 
     def outcome(at: float) -> dict:
-        named = known["probability"].to_numpy() >= at
+        new_at = new_individual_threshold(probability, is_new, weight, target_precision, at) if new_share > 0 else 0.0
+        named, known_new = known_score >= at, known_score < new_at
         named_precision = np.average(correct[probability >= at], weights=weight[probability >= at]) if (probability >= at).any() else float("nan")
-        return {"threshold": float(at), "precision": float(named_precision), "known_named_right": float(np.mean(named & right)),
-                "known_named_wrong": float(np.mean(named & ~right)), "known_called_new": float(np.mean(~named)),
-                "new_named": float(np.mean(new["probability"].to_numpy() >= at))}
+        called_new = probability < new_at
+        new_precision = np.average(is_new[called_new], weights=weight[called_new]) if called_new.any() else float("nan")
+        return {"threshold": float(at), "precision": float(named_precision), "new_threshold": new_at, "new_precision": float(new_precision),
+                "known_named_right": float(np.mean(named & right)), "known_named_wrong": float(np.mean(named & ~right)),
+                "known_not_sure": float(np.mean(~named & ~known_new)), "known_called_new": float(np.mean(known_new)),
+                "new_named": float(np.mean(new_score >= at)), "new_called_new": float(np.mean(new_score < new_at))}
 
     # Where the target is out of reach, the best precision any threshold gives tells what to ask for instead.
     best = max((outcome(at) for at in np.unique(probability)), key=lambda o: (o["precision"], -o["threshold"]))
@@ -381,16 +403,17 @@ def main(dataset: Dataset, split: pd.Series, split_by: str, embedder: Embedder, 
     saved, probability = frames[conf.saved_variant], held_out_probability[conf.saved_variant]
     labels, saved_shortlisted = saved["label"].to_numpy(), (saved["global_rank"] < k).to_numpy()
     quality = pair_quality(saved, probability, k, conf.target_precision)
-    identify_threshold = NEVER  # a file fit on re-ranked similarities never names an animal
+    identify_threshold, new_threshold = NEVER, None  # a file fit on re-ranked similarities never names an animal
     if measure_identify:
         quality["identify by rule"], searched["identify"] = measure_identify_decision(measured, source, plain, probability,
                                                                                       searched_frames, conf)
         quality["identify"] = {**quality["identify by rule"][conf.decision], "decision": conf.decision}
         # The saved threshold serves `identify`, so it is the one set on identify's own decision.
-        identify_threshold = quality["identify"]["threshold"]
+        identify_threshold, new_threshold = quality["identify"]["threshold"], quality["identify"]["new_threshold"]
 
     fusion = FusionModel.new(conf.method, conf.monotone, embedder_id=embedder.model_id, local_stage=scorer.conf_name,
-                             threshold=identify_threshold, target_precision=conf.target_precision, quality=quality,
+                             threshold=identify_threshold, new_threshold=new_threshold, target_precision=conf.target_precision,
+                             quality=quality,
                              decision=conf.decision, rerank=conf.rerank, shortlist_k=k,
                              local_masks=absolute_source(engine_conf.masks or embedder.conf.masks))
     fusion.fit(pair_features(saved), labels, pair_weights(saved, conf.balance), labels_csv=labels_csv)
@@ -578,10 +601,12 @@ def identify_rows(outcomes: dict[str, dict]) -> list[str]:
     header = ("`identify` searched within each view and over the whole gallery, on the same photos: those whose animal the "
               "view holds, and the same photos with it taken out, weighed as above; the saved decision rule:")
     return [header, "\n".join(["| photos | search | photos | average precision of naming | best precision | at score >= | named right |"
-                               " named wrong | called new | missing animals named |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+                               " named wrong | not sure | called new | missing animals named | missing animals called new |",
+                               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
                                *(f"| whose animal the {view} view holds | {name} | {r['known_photos']} | {r['average_precision']:.3f} |"
                                  f" {r['best']['precision']:.3f} | {r['best']['threshold']:.3f} | {r['best']['known_named_right']:.1%} |"
-                                 f" {r['best']['known_named_wrong']:.1%} | {r['best']['known_called_new']:.1%} | {r['best']['new_named']:.1%} |"
+                                 f" {r['best']['known_named_wrong']:.1%} | {r['best']['known_not_sure']:.1%} | {r['best']['known_called_new']:.1%} |"
+                                 f" {r['best']['new_named']:.1%} | {r['best']['new_called_new']:.1%} |"
                                  for view, searches in outcomes.items() for name, r in searches.items())])]
 
 
@@ -621,7 +646,16 @@ def calibration_by_identity(frame: pd.DataFrame, probability: np.ndarray) -> dic
 
 def describe_outcome(outcome: dict) -> str:
     return (f"photos of animals in the gallery: {outcome['known_named_right']:.1%} named right, {outcome['known_named_wrong']:.1%} "
-            f"named wrong, {outcome['known_called_new']:.1%} called new; photos of missing animals: {outcome['new_named']:.1%} given a name")
+            f"named wrong, {outcome['known_not_sure']:.1%} not sure, {outcome['known_called_new']:.1%} called new; photos of missing"
+            f" animals: {outcome['new_named']:.1%} given a name, {outcome['new_called_new']:.1%} called new")
+
+
+def describe_new_threshold(outcome: dict) -> str:
+    if outcome["new_threshold"] <= 0.0:
+        return (f"no score calls a photo new at precision {outcome.get('target_precision', 'the target')}: every photo not named is"
+                f" 'not sure', for the team to decide")
+    return (f"'new individual' below {outcome['new_threshold']:.3f} (precision {outcome['new_precision']:.3f}), 'not sure' between"
+            f" the two")
 
 
 def format_quality(quality: dict) -> str:
@@ -652,16 +686,17 @@ def format_quality(quality: dict) -> str:
                  f"threshold on the {DECISION_WORDS[i['decision']]}):")
     if i["threshold"] >= NEVER:
         b = i["best"]
-        lines.append(f"no threshold reaches precision {i['target_precision']}; the saved threshold, above every score, answers 'new individual' "
-                     f"to every photo. The best precision, {b['precision']:.3f}, comes at {b['threshold']:.3f} ({describe_outcome(b)}); "
+        lines.append(f"no threshold reaches precision {i['target_precision']}; the saved threshold, above every score, names no animal"
+                     f" ({describe_new_threshold(i)}). The best precision, {b['precision']:.3f}, comes at {b['threshold']:.3f} ({describe_outcome(b)}); "
                      f"--target-precision below it sets a threshold.")
     else:
-        lines.append(f"saved threshold {i['threshold']:.3f} for precision {i['target_precision']} ({describe_outcome(i)}).")
-    lines += ["", "| threshold on | average precision of naming | best precision | at score >= | named right | named wrong | called new |"
-                  " missing animals named |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(f"saved threshold {i['threshold']:.3f} for precision {i['target_precision']}; {describe_new_threshold(i)}"
+                     f" ({describe_outcome(i)}).")
+    lines += ["", "| threshold on | average precision of naming | best precision | at score >= | named right | named wrong | not sure |"
+                  " called new | missing animals named | missing animals called new |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for rule, r in quality["identify by rule"].items():
         b = r["best"]
         lines.append(f"| {DECISION_WORDS[rule]}{' (saved)' if rule == i['decision'] else ''} | {r['average_precision']:.3f} |"
                      f" {b['precision']:.3f} | {b['threshold']:.3f} | {b['known_named_right']:.1%} | {b['known_named_wrong']:.1%} |"
-                     f" {b['known_called_new']:.1%} | {b['new_named']:.1%} |")
+                     f" {b['known_not_sure']:.1%} | {b['known_called_new']:.1%} | {b['new_named']:.1%} | {b['new_called_new']:.1%} |")
     return "\n".join(lines)

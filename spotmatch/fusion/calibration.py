@@ -23,8 +23,9 @@ from spotmatch.io import write_text_atomic
 FUSION_FORMAT = "spotmatch.fusion"
 # 2: `decision` (1 had none: its threshold is on the best probability); 3: `rerank` (before: plain cosines);
 # 4: `shortlist_k` and `local_masks` (before: not recorded; any shortlist and the embedder's masks were used);
-# 5: a threshold that names nothing is quality.NEVER (before: 1.0, which a probability of exactly 1.0 reached)
-FUSION_VERSION = 5
+# 5: a threshold that names nothing is quality.NEVER (before: 1.0, which a probability of exactly 1.0 reached);
+# 6: `new_threshold` (before: every photo not named was called a new individual)
+FUSION_VERSION = 6
 MIN_WEIGHT = 1e-3  # smallest magnitude of a sign-constrained weight (standardised feature)
 # Only `calibrate` writes these files, so a malformed field was edited or damaged: no repair is safe.
 REMAKE_ADVICE = "run `spotmatch calibrate` again to make a new file; do not edit it by hand"
@@ -276,6 +277,9 @@ class FusionModel:
     embedder_id: str = ""
     local_stage: str = ""  # the local stage's settings name (extractor, matcher, verification, masks); "extractor" in the file
     threshold: float = 0.5  # "same individual" when the decision score (below) reaches it
+    # "new individual" only below this decision score (at most `threshold`); between the two `identify` is not sure.
+    # None: a file older than version 6, which called every photo below `threshold` new.
+    new_threshold: float | None = None
     target_precision: float | None = None
     decision: str = "best"  # DECISIONS; "best" reads files of version 1 as they were calibrated
     # The global similarity the calibrators were fit on: plain cosine ("none") or re-ranked (fusion.rerank).
@@ -335,7 +339,8 @@ class FusionModel:
 
     def save(self, path: str | Path) -> Path:
         payload = {"format": FUSION_FORMAT, "version": FUSION_VERSION, "embedder_id": self.embedder_id,
-                   "extractor": self.local_stage, "threshold": self.threshold, "target_precision": self.target_precision,
+                   "extractor": self.local_stage, "threshold": self.threshold, "new_threshold": self.new_threshold,
+                   "target_precision": self.target_precision,
                    "decision": self.decision, "rerank": self.rerank, "shortlist_k": self.shortlist_k, "local_masks": self.local_masks,
                    "quality": self.quality, "with_local": self.with_local.to_dict(), "global_only": self.global_only.to_dict(),
                    "global_all": self.global_all.to_dict()}
@@ -397,6 +402,9 @@ class FusionModel:
         return cls(*calibrators, embedder_id=fields.read(payload, "embedder_id", "a string: the embedder's id", is_text),
                    local_stage=fields.read(payload, "extractor", "a string: the local stage's settings name", is_text),
                    threshold=NEVER if version < 5 and threshold >= 1.0 else float(threshold),
+                   new_threshold=fields.read(payload, "new_threshold", "a decision score from 0 to the threshold, or null",
+                                             lambda value: value is None or (is_finite_number(value) and 0 <= value <= threshold),
+                                             default=None),
                    target_precision=fields.read(payload, "target_precision", "a finite number or null",
                                                 lambda value: value is None or is_finite_number(value)),
                    decision=fields.read(payload, "decision", f"one of {', '.join(DECISIONS)}", lambda value: value in DECISIONS, default="best"),

@@ -34,11 +34,13 @@ def explain_pair(
     evidence: PairEvidence | None = None,
     probability_rank: int | None = None,
     probability_note: str | None = None,
+    titles: tuple[str, str] | None = None,
 ) -> PairExplanation:
     """Match the pair (unless its `evidence` is given), draw it to `out_png` and write `<out_png stem>.json`
     with the inlier keypoints. `probability_rank`: the global rank the probability was computed at, shown
     beside it when the pair was scored on its own rather than as a candidate of a real list; `probability_note`:
-    what the probability did not use (the drawn keypoints, past the shortlist)."""
+    what the probability did not use (the drawn keypoints, past the shortlist); `titles`: above each photo (default:
+    their file names)."""
     out_png = Path(out_png)  # as given: `x.PNG` made `x.png` would be a file the caller never checked (the query, say)
     query_record, gallery_record = load_image(query), load_image(gallery)
     evidence = evidence if evidence is not None else scorer.evidence(query, gallery)
@@ -47,7 +49,7 @@ def explain_pair(
     mask_source = getattr(scorer, "mask_source", None)
     masks = [mask_source(r) if mask_source else r.mask for r in (query_record, gallery_record)]
     drawing = draw_matches(
-        query_record.rgb, gallery_record.rgb, evidence, scores, *masks, titles=(Path(query).name, Path(gallery).name)
+        query_record.rgb, gallery_record.rgb, evidence, scores, *masks, titles=titles or (Path(query).name, Path(gallery).name)
     )
     encoded_ok, png_bytes = cv2.imencode(".png", cv2.cvtColor(drawing, cv2.COLOR_RGB2BGR))
     if not encoded_ok:

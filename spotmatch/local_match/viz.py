@@ -135,6 +135,17 @@ def confidence_colours(confidence: np.ndarray) -> np.ndarray:
     return bgr[:, ::-1]
 
 
+def header_parts(scores: ScoreLine, evidence: PairEvidence, masked: bool) -> list[str]:
+    """The scores, then what a reader needs to read the lines: how many are drawn, what their colour says, and
+    whether the background was matched too."""
+    parts = scores.parts() + ([f"lines: the {MAX_LINES} most confident of {evidence.inliers}"] if evidence.inliers > MAX_LINES else [])
+    if evidence.inliers > 1:  # the colours are stretched within this pair: yellow is its best, not a level of confidence
+        parts.append("colour: purple = this pair's least confident inlier, yellow = its most")
+    if not masked:  # matches on rock and grass count as much as on the coat
+        parts.append("no animal mask: whole frames matched, background included")
+    return parts
+
+
 def draw_matches(
     rgb0: np.ndarray,
     rgb1: np.ndarray,
@@ -150,7 +161,7 @@ def draw_matches(
     left, right = _panel(rgb0, mask0, scale0), _panel(rgb1, mask1, scale1)
     gap = 8
     width = max(left.shape[1] + gap + right.shape[1], MIN_WIDTH)
-    parts = scores.parts() + ([f"lines: the {MAX_LINES} most confident of {evidence.inliers}"] if evidence.inliers > MAX_LINES else [])
+    parts = header_parts(scores, evidence, masked=mask0 is not None or mask1 is not None)
     score_lines = _wrapped(parts, width - 2 * MARGIN, SCORE_SCALE)
     # Each name above its own image, unless one image is too narrow to hold it: then one line each, full width.
     beside = min(left.shape[1], right.shape[1]) >= MIN_TITLE_WIDTH

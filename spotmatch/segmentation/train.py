@@ -203,6 +203,9 @@ def train_seg(
     if conf.max_images > 0:
         train_paths = train_paths[: conf.max_images]
     val_paths = [Path(p) for p in dataset.table.loc[split == "val", "path"]]
+    if not val_paths:  # refused before training: its IoU is the run's only measure, and the crash came after it
+        raise SpotmatchError(f"{csv_path}: no held-out images when split by {conf.split.by} (every group is in training);"
+                             f" use --split-by identity, or a CSV with several {conf.split.by}s per animal")
     labels = MaskProvider.from_config(conf.labels, cache_dir)
     log.info("masks for %d training images (%s)", len(train_paths), conf.labels.source)
     data = build_training_set(train_paths, labels, conf.unet.image_size)

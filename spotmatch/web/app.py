@@ -14,6 +14,7 @@ import hashlib
 import mimetypes
 import re
 import secrets
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from pydantic import BaseModel
 
 from spotmatch.data.tables import IMAGE_SUFFIXES
 from spotmatch.errors import SpotmatchError
+from spotmatch.io import portable_file_name
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 50 * 2**20
@@ -56,6 +58,21 @@ def address(host: str, port: int) -> str:
     """The address to open for a server listening on `host` (an IPv6 address in brackets, as URLs write it)."""
     shown = "127.0.0.1" if host in WILDCARD_HOSTS else host
     return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/"
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before its address is printed: a port in use (another server) or an address this
+    machine does not have is one line and exit 2, not an address that leads nowhere and uvicorn's own exit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a restart need not wait
+    try:
+        listening.bind((host, port))
+    except OSError as error:
+        listening.close()
+        raise SpotmatchError(f"--host {host} --port {port}: cannot listen there ({error.strerror}); another server may have"
+                             f" the port: pass another --port") from None
+    return listening
 
 
 def token_cookie(token: str) -> str:
@@ -140,8 +157,7 @@ class Decision(BaseModel):
 def safe_upload_name(name: str) -> str:
     """A bare file name of letters, digits, dot, dash and underscore: `../../etc/passwd` becomes
     `etc_passwd`-like and can never leave the uploads folder."""
-    base = re.split(r"[\\/]", name or "")[-1]
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")[-120:]
+    cleaned = portable_file_name(re.split(r"[\\/]", name or "")[-1])
     if Path(cleaned).suffix.lower() not in IMAGE_SUFFIXES:
         raise SpotmatchError(f"{name!r}: not an image file name (jpg, png, ...); upload a photo")
     return cleaned
@@ -231,7 +247,8 @@ def create_app(conf: ServeConfig):
         restriction = GalleryRestriction.from_text([station] if station.strip() else [], since, until, side)  # the form's empty field: unset
         with lock:
             result = identify(store, engine, [path], IdentifyConfig(conf.top_k, explain_dir, restriction))[0]
-        return {"photo": photo, "verdict": result.verdict, "named": result.named, "threshold": result.threshold, "known_image_id": result.known_image_id,
+        return {"photo": photo, "verdict": result.verdict, "named": result.named, "threshold": result.threshold,
+                "new_threshold": result.new_below, "known_image_id": result.known_image_id,
                 "gallery": result.gallery, "decision": result.decision, "decision_score": result.decision_score,
                 "calibrated": result.calibrated,
                 "candidates": [{**c.__dict__, "gallery_path": Path(c.gallery_path).name,
