@@ -107,7 +107,7 @@ def test_identify_ranks_individuals_with_calibrated_probability(catalogue, galle
         probabilities = [c.probability for c in result.candidates]
         assert probabilities == sorted(probabilities, reverse=True) and all(0 <= p <= 1 for p in probabilities)
         assert result.threshold == pytest.approx(engine.fusion.threshold)
-        assert result.verdict in ("new individual", f"match: {names[0]}", f"not sure: {names[0]} or a new individual")
+        assert result.verdict in ("new individual", f"match: {names[0]}", f"not sure: best candidate {names[0]}")
         # the fusion file decides on the best individual's lead over the next one (shortlist of 5: all 3 cats listed)
         assert result.decision == engine.fusion.decision == "margin"
         assert result.decision_score == pytest.approx(probabilities[0] - (probabilities[1] if len(probabilities) > 1 else 0.0))
@@ -187,7 +187,7 @@ def test_the_verdict_never_calls_new_what_the_gallery_left_out_or_the_catalogue_
     query = gallery_and_queries[1][0]
     (everyone,) = identify(store, engine, [query], IdentifyConfig(top_k=10))
     assert everyone.left_out == [] and everyone.verdict in ("new individual", f"match: {everyone.candidates[0].individual}",
-                                                            f"not sure: {everyone.candidates[0].individual} or a new individual")
+                                                            f"not sure: best candidate {everyone.candidates[0].individual}")
     best = everyone.candidates[0].individual
     try:
         store.db.execute("UPDATE images SET side = 'right' WHERE individual_id = ?", (store.individual_id(best),))

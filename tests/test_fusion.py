@@ -113,9 +113,9 @@ def test_a_photo_between_the_two_thresholds_is_not_sure_rather_than_new():
     verdict = lambda score, new_threshold: QueryResult("q.jpg", "sha", [best], 0.4, decision="margin", decision_score=score,  # noqa: E731
                                                        new_threshold=new_threshold).verdict
     assert verdict(0.45, 0.1) == "match: Cat1"
-    assert verdict(0.25, 0.1) == verdict(0.1, 0.1) == "not sure: Cat1 or a new individual"
+    assert verdict(0.25, 0.1) == verdict(0.1, 0.1) == "not sure: best candidate Cat1"
     assert verdict(0.05, 0.1) == "new individual"
-    assert verdict(0.25, 0.0) == verdict(0.0, 0.0) == "not sure: Cat1 or a new individual"  # nothing is called new
+    assert verdict(0.25, 0.0) == verdict(0.0, 0.0) == "not sure: best candidate Cat1"  # nothing is called new
     assert verdict(0.25, None) == "new individual"  # a calibration file older than version 6: as it was
 
 

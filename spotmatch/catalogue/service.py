@@ -149,7 +149,7 @@ class QueryResult:
         if self.left_out:
             return f"no match in this gallery; not compared: {listed_names(self.left_out)}"
         if self.decision_score is not None and self.decision_score >= self.new_below:
-            return f"not sure: {self.candidates[0].individual} or a new individual"
+            return f"not sure: best candidate {self.candidates[0].individual}"
         return "new individual"
 
     @property

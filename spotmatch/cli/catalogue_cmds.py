@@ -154,7 +154,7 @@ def result_lines(result, drawn: bool) -> list[str]:
         score += " = its probability, no other individual in its shortlist"
     thresholds = f"{threshold} {result.threshold:.3f}"
     if result.new_below < result.threshold:  # the band where the model cannot place the photo
-        thresholds += f", new below {result.new_below:.3f}"
+        thresholds += f", new below {result.new_below:.3f}" if result.new_below > 0 else ", none called new at this precision"
     lines = [f"{result.query}: {result.verdict} ({score}, {thresholds}; gallery: {result.gallery})"]
     for rank, c in enumerate(result.candidates, 1):
         local = f", inliers {c.inliers:.0f}/{c.matches:.0f}" if c.inliers is not None else ""
