@@ -252,7 +252,8 @@ def merge(folder: Path = typer.Argument(..., help=FOLDER_HELP), keep: str = type
 
 
 @catalogue_app.command("split")
-def split(folder: Path = typer.Argument(..., help=FOLDER_HELP), individual: str = typer.Argument(...),
+def split(folder: Path = typer.Argument(..., help=FOLDER_HELP),
+          individual: str = typer.Argument(..., help="The individual the photos are filed under now."),
           image_ids: List[int] = typer.Argument(..., help="Catalogue image ids (see export) that show another animal."),
           into: Optional[str] = typer.Option(None, help="Name of the new individual (default: a fresh one)."),
           who: str = typer.Option("cli", envvar="USER", help=WHO_HELP)) -> None:
@@ -262,7 +263,8 @@ def split(folder: Path = typer.Argument(..., help=FOLDER_HELP), individual: str 
 
 
 @catalogue_app.command("rename")
-def rename(folder: Path = typer.Argument(..., help=FOLDER_HELP), old: str = typer.Argument(...), new: str = typer.Argument(...),
+def rename(folder: Path = typer.Argument(..., help=FOLDER_HELP), old: str = typer.Argument(..., help="The individual's name now."),
+           new: str = typer.Argument(..., help="Its new name."),
            who: str = typer.Option("cli", envvar="USER", help=WHO_HELP)) -> None:
     """Rename an individual."""
     _open(folder).rename(old, new, who)
@@ -299,7 +301,8 @@ def relink(folder: Path = typer.Argument(..., help=FOLDER_HELP),
 
 
 @catalogue_app.command("retire")
-def retire(folder: Path = typer.Argument(..., help=FOLDER_HELP), individual: str = typer.Argument(...),
+def retire(folder: Path = typer.Argument(..., help=FOLDER_HELP),
+           individual: str = typer.Argument(..., help="The individual to leave out of searches (dead, gone)."),
            undo: bool = typer.Option(False, "--undo", help="Look for it again."),
            who: str = typer.Option("cli", envvar="USER", help=WHO_HELP)) -> None:
     """An individual is dead or gone: identify stops proposing it (its photos and history stay)."""

@@ -36,7 +36,7 @@ def calibrate(
     keep_ambiguous: bool = typer.Option(False, help="Keep rows whose `unambiguous` column is false."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     num_workers: int = typer.Option(2, min=0, help="Image decoding processes / local matching threads."),
-    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Cache folder for embeddings and local features."),
+    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Cache folder for embeddings and local features ('' disables)."),
 ) -> None:
     """Fit the fusion calibrator on held-out pairs; report IB-mAP of every stage and calibration quality."""
     from spotmatch.data.splits import SplitConfig

@@ -194,7 +194,7 @@ def score_pairs(
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, min=0, help="Image decoding processes / local matching threads."),
     decode_on_device: bool = typer.Option(False, help=DECODE_ON_DEVICE_HELP),
-    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Cache folder for embeddings and local features."),
+    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Cache folder for embeddings and local features ('' disables)."),
     backend: str = typer.Option("local", help=BACKEND_HELP),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
     ray_config: Optional[Path] = typer.Option(None, help=RAY_CONFIG_HELP),
@@ -263,7 +263,7 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     flip_tta: bool = typer.Option(False, help="Average with the mirrored image."),
     num_workers: int = typer.Option(2, min=0, help="Image decoding processes."),
-    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Embedding cache folder."),
+    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Embedding cache folder ('' disables)."),
     out: Optional[Path] = typer.Option(None, help="Also write the table (markdown) here."),
 ) -> None:
     """Identity-balanced mAP, mAP, top-1/5 and pair ROC-AUC on a held-out split, per view."""

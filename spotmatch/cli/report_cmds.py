@@ -28,7 +28,7 @@ def report(
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     num_workers: int = typer.Option(2, min=0, help="Image decoding processes."),
-    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Embedding cache folder."),
+    cache_dir: Optional[Path] = typer.Option(Path(DEFAULT_CACHE), help="Embedding cache folder ('' disables)."),
     seed: int = typer.Option(0, help="Seed of the image sample, PCA/t-SNE and a fresh split."),
 ) -> None:
     """One self-contained HTML report: curves, similarity histograms, PCA/t-SNE, heatmap, neighbours, AP per identity."""

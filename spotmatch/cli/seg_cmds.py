@@ -93,7 +93,7 @@ def train_seg_command(
     split_by: str = typer.Option("encounter", help="held-out split: encounter (closed set) or identity"),
     max_steps: int = typer.Option(0, min=0, help="> 0: stop after this many steps (smoke runs)"),
     max_images: int = typer.Option(0, min=0, help="> 0: train on the first N images only (smoke runs)"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     seed: int = typer.Option(0, help="Seed for the split and the frames picked."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the U-Net already in --out."),
 ) -> None:
@@ -131,7 +131,7 @@ def masks_command(
     source: str = typer.Option("teacher", help="alpha | teacher | unet:<checkpoint> | none"),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Foreground probability above which a pixel is animal."),
     cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help=CACHE_HELP),
-    device: str = typer.Option("cpu", help="cpu, cuda ..."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
 ) -> None:
     """Compute (or read from the cache) one mask per image; print path, mask PNG and area fraction."""
     from spotmatch.data.images import load_image
@@ -157,7 +157,7 @@ def seg_eval_command(
     split_by: str = typer.Option("encounter", help=SPLIT_HELP),
     cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help=CACHE_HELP),
     out: Optional[Path] = typer.Option(None, help="per-image CSV"),
-    device: str = typer.Option("cpu", help="cpu, cuda ..."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
 ) -> None:
     """Mask IoU of one source against another on held-out images (day and infrared separately)."""
     from spotmatch.io import write_csv_atomic
@@ -192,7 +192,7 @@ def seg_sheet_command(
     infrared: int = typer.Option(8, min=0, help="number of night infrared frames"),
     tile_width: int = typer.Option(240, min=32, help="Width of each tile in pixels."),
     cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help=CACHE_HELP),
-    device: str = typer.Option("cpu", help="cpu, cuda ..."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     seed: int = typer.Option(0, help="Seed for the split and the frames picked."),
 ) -> None:
     """Contact sheet of mask overlays on daytime and infrared frames, to judge masks by eye."""
@@ -256,7 +256,7 @@ def seg_diagnostic_command(
     split_by: str = typer.Option("encounter", help=SPLIT_HELP),
     cache: Path = typer.Option(Path(DEFAULT_CACHE), "--cache-dir", "--cache", help=CACHE_HELP),
     out: Optional[Path] = typer.Option(None, help="CSV of the table"),
-    device: str = typer.Option("cpu", help="cpu, cuda ..."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
 ) -> None:
     """Background-shortcut table: cosine of different cats at one station vs same cat across stations."""
     from spotmatch.io import write_csv_atomic
