@@ -450,6 +450,10 @@ def test_cli_workflow_and_one_line_errors(tmp_path, tiny_checkpoint, gallery_and
     results = pd.read_csv(tmp_path / "round-results.csv")
     assert list(results["photo"].drop_duplicates().map(lambda p: Path(p).name)) == [p.name for p in gallery_and_queries[1]]
     assert set(results["rank"]) <= {1, 2} and results["gallery_filename"].str.endswith(".JPG").all() and not results["calibrated"].any()
+    # the candidate's photo facts are named as the gallery photo's, never as the query's
+    assert results["gallery_station"].str.startswith("S").all() and "station" not in results.columns
+    written = pd.read_csv(tmp_path / "round-results.csv", dtype=str)
+    assert written["global_rank"].str.fullmatch(r"\d+").all()  # counts as counts, not 3.0
     assert results.groupby("photo", sort=False)["gallery"].first().str.endswith("left flank or unknown").tolist() == [True, False]
     retired = run_cli("catalogue", "retire", folder, "Cat21")
     assert retired.returncode == 0 and "Cat21 is retired" in retired.stdout

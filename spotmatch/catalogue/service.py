@@ -701,16 +701,26 @@ def confirm_photo(catalogue: Catalogue, engine, photo: Path, individual: str | N
 def results_table(results: list[QueryResult]) -> pd.DataFrame:
     """One row per (photo, candidate), best first, with the verdict and the evidence; a photo without any
     candidate keeps one row, so every photo of a round is accounted for."""
-    from dataclasses import asdict
-
     rows = []
     for result in results:
         photo = {"photo": result.query, "verdict": result.verdict, "named": result.named, "decision": result.decision,
                  "decision_score": result.decision_score, "threshold": result.threshold, "new_threshold": result.new_below,
                  "known_image_id": result.known_image_id,
                  "gallery": result.gallery, "left_out": "; ".join(result.left_out), "calibrated": result.calibrated}
-        rows += [{**photo, "rank": rank, **asdict(c)} for rank, c in enumerate(result.candidates, 1)] or [photo]
-    return pd.DataFrame(rows)
+        rows += [{**photo, "rank": rank, **candidate_columns(c)} for rank, c in enumerate(result.candidates, 1)] or [photo]
+    # Counts as counts: a column with empty cells (no keypoint evidence) would be written 14.0.
+    return pd.DataFrame(rows).astype({column: "Int64" for column in ("global_rank", "matches", "inliers") if any(column in r for r in rows)})
+
+
+# A candidate's photo facts, named as the gallery photo's in a flat table: beside the query's columns, a bare
+# "station" would read as where the query was taken.
+GALLERY_FACTS = ("station", "camera", "captured_at", "side")
+
+
+def candidate_columns(candidate: Candidate) -> dict:
+    from dataclasses import asdict
+
+    return {f"gallery_{key}" if key in GALLERY_FACTS else key: value for key, value in asdict(candidate).items()}
 
 
 def export_table(catalogue: Catalogue, competition: bool) -> pd.DataFrame:
