@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -29,7 +30,7 @@ def check_output(out: str | Path, inputs: Iterable[str | Path] = (), others: Ite
     out = Path(out)
     if out.is_dir():
         raise SpotmatchError(f"{option} {out}: is a folder; name a file in it")
-    if is_special_file(out):  # /dev/stdout, a named pipe: written through (atomic_path)
+    if writes_through(out):  # /dev/stdout, a named pipe: written through (atomic_path)
         if not os.access(out, os.W_OK):
             raise SpotmatchError(f"{option} {out}: cannot be written by this user; write somewhere else")
         return out
@@ -94,25 +95,41 @@ def process_umask() -> int:
 
 
 def is_special_file(path: str | Path) -> bool:
-    """A device, pipe or socket (followed through links: /dev/stdout): no file to rename onto."""
+    """A device, pipe or socket (followed through links): no file to rename onto."""
     path = Path(path)
     return path.exists() and not path.is_file() and not path.is_dir()
 
 
+def writes_through(path: str | Path) -> bool:
+    """Whether an output named `path` is written into as it stands rather than replaced: a device or pipe, and the
+    process's own streams (/dev/stdout, /proc/self/fd/1), which lead to whatever the shell redirected them to."""
+    return is_special_file(path) or str(Path(path).absolute()).startswith(("/dev/", "/proc/"))
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
+def atomic_path(target: str | Path, durable: bool = True, follow: bool = False) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `target` only on success. `durable`:
     its bytes reach the disk before the rename, else a power cut can leave `target` renamed but empty;
     a cache that reads a damaged entry as a miss can skip that cost.
 
-    A link is followed (renaming onto it would replace the link and leave its file as it was); a device or pipe
-    (`--out /dev/stdout`, a named pipe) is written straight through, since renaming onto it would replace the
-    device with a file (for root, /dev/null for every program on the machine)."""
+    `follow`, for an output the user named (`--out`): a link is followed, so that its file gets the output rather
+    than the link being replaced; a device, pipe or stream (`--out /dev/stdout`, `>> rounds.csv` behind it) gets
+    the finished bytes appended, never a rename (which would replace the device, for root /dev/null itself, or the
+    file the shell appends to). Elsewhere (caches, uploads, drawings) whatever stands at `target` is replaced: a
+    link or pipe planted in a shared folder must not lead a write elsewhere, or hang it."""
     target = Path(target)
-    if is_special_file(target):
-        yield target
+    if follow and writes_through(target):
+        fd, tmp_name = tempfile.mkstemp(prefix="spotmatch-out.", suffix=".part")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            yield tmp
+            with open(tmp, "rb") as written, open(target, "ab") as stream:
+                shutil.copyfileobj(written, stream)
+        finally:
+            tmp.unlink(missing_ok=True)
         return
-    if target.is_symlink():
+    if follow and target.is_symlink():
         target = Path(os.path.realpath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
@@ -164,14 +181,16 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_text_atomic(text: str, target: str | Path) -> Path:
-    with atomic_path(target) as tmp:
+def write_text_atomic(text: str, target: str | Path, follow: bool = False) -> Path:
+    """`follow`: an output the user named (atomic_path)."""
+    with atomic_path(target, follow=follow) as tmp:
         tmp.write_text(text, encoding="utf-8")  # reports hold − and ×, whatever the locale
     return Path(target)
 
 
-def write_csv_atomic(frame: pd.DataFrame, target: str | Path) -> Path:
-    with atomic_path(target) as tmp:
+def write_csv_atomic(frame: pd.DataFrame, target: str | Path, follow: bool = False) -> Path:
+    """`follow`: an output the user named (atomic_path)."""
+    with atomic_path(target, follow=follow) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(target)
 

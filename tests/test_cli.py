@@ -484,17 +484,17 @@ def test_version_and_a_missing_ray_are_one_line(monkeypatch):
     check_backend("local")
 
 
-def test_an_output_through_a_link_or_into_a_pipe_is_written_there_and_not_replaced(tmp_path):
+def test_an_output_through_a_link_or_into_a_stream_is_written_there_and_not_replaced(tmp_path):
     """The atomic rename once replaced whatever stood at `--out`: a link lost its link (its file kept the old
     content), a named pipe became a file nobody read, and as root `--out /dev/null` turned the machine's /dev/null
-    into a plain file."""
+    into a plain file. A stream the shell appends to keeps what it held."""
     import threading
 
     from spotmatch.io import check_output, write_csv_atomic, write_text_atomic
 
     (tmp_path / "kept.csv").write_text("old\n")
     (tmp_path / "link.csv").symlink_to("kept.csv")
-    write_text_atomic("new\n", tmp_path / "link.csv")
+    write_text_atomic("new\n", tmp_path / "link.csv", follow=True)
     assert (tmp_path / "link.csv").is_symlink() and (tmp_path / "kept.csv").read_text() == "new\n"
 
     pipe = tmp_path / "pipe"
@@ -503,7 +503,32 @@ def test_an_output_through_a_link_or_into_a_pipe_is_written_there_and_not_replac
     reader = threading.Thread(target=lambda: received.append(pipe.read_text()))
     reader.start()
     assert check_output(pipe) == pipe
-    write_csv_atomic(pd.DataFrame({"row_id": [1], "similarity": [0.5]}), pipe)
+    write_csv_atomic(pd.DataFrame({"row_id": [1], "similarity": [0.5]}), pipe, follow=True)
     reader.join(timeout=30)
     assert received == ["row_id,similarity\n1,0.5\n"] and stat.S_ISFIFO(pipe.stat().st_mode)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["kept.csv", "link.csv", "pipe"]  # no temporary left
+
+    rounds = tmp_path / "rounds.csv"  # `spotmatch ... --out /dev/stdout >> rounds.csv`
+    rounds.write_text("row_id,similarity\n0,0.25\n")
+    with open(rounds, "ab") as appended:
+        subprocess.run([sys.executable, "-c", "import pandas as pd; from spotmatch.io import write_csv_atomic;"
+                        " write_csv_atomic(pd.DataFrame({'row_id': [1], 'similarity': [0.5]}), '/dev/stdout', follow=True)"],
+                       stdout=appended, check=True, cwd=REPO, timeout=120)
+    assert rounds.read_text() == "row_id,similarity\n0,0.25\nrow_id,similarity\n1,0.5\n"
+
+
+def test_a_link_or_pipe_planted_in_a_cache_folder_is_replaced_not_followed(tmp_path):
+    """Caches, uploads and drawings live in folders a team may share: a link there must not lead a write to another
+    file, nor a named pipe hang it; only an output the user named is followed."""
+    from spotmatch.io import write_cache_entry
+
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    cache.mkdir()
+    outside.mkdir()
+    (outside / "victim.txt").write_text("keep me")
+    (cache / "entry.npy").symlink_to(outside / "victim.txt")
+    os.mkfifo(cache / "other.npy")
+    for name in ("entry.npy", "other.npy"):
+        assert write_cache_entry(cache / name, lambda tmp: tmp.write_bytes(b"cached"))
+        assert (cache / name).is_file() and not (cache / name).is_symlink() and (cache / name).read_bytes() == b"cached"
+    assert (outside / "victim.txt").read_text() == "keep me"

@@ -117,6 +117,7 @@ def test_a_photo_between_the_two_thresholds_is_not_sure_rather_than_new():
     assert verdict(0.05, 0.1) == "new individual"
     assert verdict(0.25, 0.0) == verdict(0.0, 0.0) == "not sure: best candidate Cat1"  # nothing is called new
     assert verdict(0.25, None) == "new individual"  # a calibration file older than version 6: as it was
+    assert verdict(float("nan"), 0.1) == "not sure: best candidate Cat1"  # never "new" by accident
 
 
 def test_identity_balanced_ece_separates_calibration_from_photo_counts():
@@ -154,6 +155,11 @@ def test_identify_threshold_counts_photos_of_missing_animals():
     assert result.verdict == "new individual"
     # No cut calls only missing animals new at 0.65 when each known photo scores below every missing one's: nothing is
     # called new, so a photo the model cannot place is left to the team rather than entered twice.
+    # A target met exactly in counts is met (3 of the 4 photos under 0.9 are of missing animals: 0.75), as for naming;
+    # with no missing animal in the mix, "new" is never right.
+    exact_known, exact_new = pd.DataFrame({"probability": [0.3, 0.9], "label": [1, 1]}), pd.DataFrame({"probability": [0.1, 0.2, 0.4]})
+    assert identify_decision(exact_known, exact_new, 0.75, new_share=0.6)["new_threshold"] == pytest.approx(0.9)
+    assert identify_decision(exact_known, exact_new, 0.75, new_share=0.0)["new_threshold"] == 0.0
     unsure = identify_decision(known.assign(probability=[0.04, 0.03, 0.02, 0.01]), new, 0.65, new_share=0.5)
     assert unsure["new_threshold"] == 0.0 and unsure["known_called_new"] == unsure["new_called_new"] == 0.0
     assert unsure["known_not_sure"] + unsure["known_named_right"] + unsure["known_named_wrong"] == pytest.approx(1.0)

@@ -148,7 +148,8 @@ class QueryResult:
             return f"undecided: {self.candidates[0].individual} or {self.runner_up}"
         if self.left_out:
             return f"no match in this gallery; not compared: {listed_names(self.left_out)}"
-        if self.decision_score is not None and self.decision_score >= self.new_below:
+        # Written so that a score that is not a number is "not sure", never the verdict that makes a team add an animal.
+        if self.decision_score is not None and not self.decision_score < self.new_below:
             return f"not sure: best candidate {self.candidates[0].individual}"
         return "new individual"
 
@@ -208,11 +209,6 @@ def open_engine(catalogue: Catalogue, shortlist_k: int | None = None, workers: i
         if path is not None and not Path(path).is_file():
             raise SpotmatchError(f"{path}: the catalogue's {kind} is gone; put it back, or if it moved: spotmatch catalogue relink"
                                  f" {catalogue.folder} {option} NEW_PATH")
-    if settings.fusion_sha256 is not None and file_sha256(Path(settings.fusion)) != settings.fusion_sha256:
-        # `calibrate` writes beside the checkpoint by default: a run for another purpose would move every threshold.
-        raise SpotmatchError(f"{settings.fusion}: changed since catalogue {catalogue.folder} took it (calibrated again?); put the"
-                             f" original back, or to decide with the new file: spotmatch catalogue relink {catalogue.folder}"
-                             f" --fusion {settings.fusion}")
     embedder = Embedder.from_checkpoint(settings.checkpoint, EmbedConfig(device="cpu", num_workers=0, cache_dir=cache_dir, progress=progress))
     # Before the calibration file is read: it would refuse the replaced model as "not calibrated for it", and
     # calibrating again would not fix the catalogue.
@@ -220,6 +216,12 @@ def open_engine(catalogue: Catalogue, shortlist_k: int | None = None, workers: i
         raise SpotmatchError(f"{settings.checkpoint}: changed since catalogue {catalogue.folder} was made (embedder"
                              f" {settings.embedder_id}, now {embedder.model_id}); put the original file back, or init"
                              f" a new catalogue with this one and add the photos again")
+    # `calibrate` writes beside the checkpoint by default: a run for another purpose would move every threshold. Checked
+    # after the model: a re-trained model beside its new calibration is the error above, which relink cannot mend.
+    if settings.fusion_sha256 is not None and file_sha256(Path(settings.fusion)) != settings.fusion_sha256:
+        raise SpotmatchError(f"{settings.fusion}: changed since catalogue {catalogue.folder} took it (calibrated again?); put the"
+                             f" original back, or to decide with the new file: spotmatch catalogue relink {catalogue.folder}"
+                             f" --fusion {settings.fusion}")
     return Engine.from_embedder(embedder, settings.fusion, conf)
 
 

@@ -542,8 +542,9 @@ class Catalogue:
         # before it did may hold both, and either half left out would go unseen.
         wanted_keys = {station_key(station) for station in restriction.stations}
         spellings = [station for station in self.stations() if station_key(station) in wanted_keys]
-        for column, wanted in (("images.station", spellings), ("individuals.name", restriction.individuals)):
-            if wanted:
+        for column, wanted, asked in (("images.station", spellings, restriction.stations),
+                                      ("individuals.name", restriction.individuals, restriction.individuals)):
+            if asked:  # a station asked for but spelt nowhere keeps nothing (IN ()), never the whole catalogue
                 clauses.append(f"{column} IN ({','.join('?' * len(wanted))})")
                 values += list(wanted)
         if restriction.side:

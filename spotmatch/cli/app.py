@@ -25,3 +25,11 @@ def _print_version(asked: bool) -> None:
 def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                                     help="Print the installed version and exit.")) -> None:
     """Re-identify individual animals from their coat patterns: train, embed, match, score, evaluate."""
+
+
+def say_done(line: str, out) -> None:
+    """A run's closing line: on stderr when the output itself is written into a stream (`--out /dev/stdout`, a pipe),
+    which the line would otherwise join."""
+    from spotmatch.io import writes_through
+
+    typer.echo(line, err=writes_through(out))

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from spotmatch.cli.app import app
+from spotmatch.cli.app import app, say_done
 from spotmatch.cli.global_cmds import RAY_ADDRESS_HELP, RAY_CONFIG_HELP, check_backend
 
 catalogue_app = typer.Typer(help="A catalogue of known individuals: add photos, identify new ones, review.", no_args_is_help=True)
@@ -136,9 +136,10 @@ def identify(
     results = run_identify(catalogue, open_engine(catalogue, shortlist_k), photos, IdentifyConfig(top_k, explain_dir, restriction, per_individual),
                            sides)
     if out is not None:
-        write_csv_atomic(results_table(results), out)
+        write_csv_atomic(results_table(results), out, follow=True)
     if json_out:
-        typer.echo(json.dumps([{**asdict(r), "verdict": r.verdict, "named": r.named} for r in results], indent=1))
+        typer.echo(json.dumps([{**asdict(r), "verdict": r.verdict, "named": r.named, "new_threshold": r.new_below} for r in results],
+                              indent=1))
         return
     for result in results:
         typer.echo("\n".join(one_line(line) for line in result_lines(result, drawn=explain_dir is not None)))
@@ -320,8 +321,8 @@ def export(folder: Path = typer.Argument(..., help=FOLDER_HELP), out: Path = typ
     catalogue = _open(folder)
     _check_out(out, folder, [])
     table = export_table(catalogue, competition)
-    write_csv_atomic(table, out)
-    typer.echo(f"wrote {len(table)} rows to {out}")
+    write_csv_atomic(table, out, follow=True)
+    say_done(f"wrote {len(table)} rows to {out}", out)
 
 
 @catalogue_app.command("backup")
@@ -368,8 +369,8 @@ def history(
         image_id = int(known["id"])
     table = catalogue.history(image_id, individual)
     if out is not None:
-        write_csv_atomic(table, out)
-        typer.echo(f"wrote {len(table)} rows to {out}")
+        write_csv_atomic(table, out, follow=True)
+        say_done(f"wrote {len(table)} rows to {out}", out)
         return
     if table.empty:
         typer.echo("no decisions recorded")

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from spotmatch.cli.app import app
+from spotmatch.cli.app import app, say_done
 from spotmatch.config import DEFAULT_CACHE
 from spotmatch.errors import SpotmatchError
 
@@ -167,10 +167,10 @@ def embed(
             embeddings = rb.embed_on_ray(paths, checkpoint, run, ray_conf, rb.default_job_dir(out), embedder.model_id)
     else:
         embeddings = embedder.embed(paths)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, follow=True) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, paths=np.array([str(p) for p in paths]), embeddings=embeddings, model_id=embedder.model_id)
-    typer.echo(f"embedded {len(paths)} images ({embeddings.shape[1]}-d) in {time.perf_counter() - started:.1f}s; wrote {out}")
+    say_done(f"embedded {len(paths)} images ({embeddings.shape[1]}-d) in {time.perf_counter() - started:.1f}s; wrote {out}", out)
 
 
 @app.command("score-pairs")
@@ -238,12 +238,12 @@ def score_pairs(
         scored = Engine.from_files(checkpoint, fusion, engine_conf, run).score_pairs(pairs)
     write_submission(scored["row_id"], scored["similarity"].to_numpy(), out)  # first: it refuses a score outside [0, 1]
     if evidence_out:  # counts as counts, empty outside the shortlist (as `match` writes them)
-        write_csv_atomic(scored.astype({column: "Int64" for column in ("matches", "inliers") if column in scored}), evidence_out)
+        write_csv_atomic(scored.astype({column: "Int64" for column in ("matches", "inliers") if column in scored}), evidence_out, follow=True)
     n_images = len(set(pairs["query_image_path"]) | set(pairs["gallery_image_path"]))
     stages = "global" + (f" + {rerank}" if rerank != "none" else "") + (f" + local top-{engine_conf.shortlist_k}" if use_local else "") + (" + fusion" if fusion else "")
     # Without a calibration the column is a ranking score: read as "90 % the same animal" it would mislead.
     meaning = "" if fusion else "; similarity = (cosine + 1) / 2, a ranking score, not a probability: --fusion FILE for keypoints and probabilities"
-    typer.echo(f"scored {len(pairs)} pairs over {n_images} distinct images ({stages}) in {time.perf_counter() - started:.1f}s; wrote {out}{meaning}")
+    say_done(f"scored {len(pairs)} pairs over {n_images} distinct images ({stages}) in {time.perf_counter() - started:.1f}s; wrote {out}{meaning}", out)
 
 
 @app.command()
@@ -300,7 +300,7 @@ def evaluate(
     typer.echo(f"data: {data} ({len(dataset)} images, {dataset.table['identity'].nunique()} identities); {origin}")
     typer.echo(table)
     if out:
-        write_text_atomic(table + "\n", out)
+        write_text_atomic(table + "\n", out, follow=True)
     best = max(results.items(), key=lambda item: item[1]["all"]["ib_map"])
     typer.echo(f"best: {best[0]} with IB-mAP {best[1]['all']['ib_map']:.3f} over {best[1]['all']['n_queries']} queries")
 

@@ -7,7 +7,7 @@ from typing import Optional
 import pandas as pd
 import typer
 
-from spotmatch.cli.app import app
+from spotmatch.cli.app import app, say_done
 from spotmatch.config import DEFAULT_CACHE
 from spotmatch.cli.global_cmds import BACKEND_HELP, IMAGES_HELP, RAY_ADDRESS_HELP, RAY_CONFIG_HELP, WEIGHTS_HELP, cache_root, check_backend
 from spotmatch.errors import SpotmatchError
@@ -95,8 +95,8 @@ def match(
         evidence = scorer.score_pairs_shown(todo)
     table = pd.concat([pairs[["row_id"]], global_columns], axis=1).join(evidence)
     table = table.astype({"matches": "Int64", "inliers": "Int64"})  # pairs left unmatched stay empty
-    write_csv_atomic(table, out)
-    typer.echo(f"wrote {out} ({int(selected.sum())} of {len(pairs)} pairs matched)")
+    write_csv_atomic(table, out, follow=True)
+    say_done(f"wrote {out} ({int(selected.sum())} of {len(pairs)} pairs matched)", out)
 
 
 def _checkpoint_masks(checkpoint: Optional[Path]) -> str:

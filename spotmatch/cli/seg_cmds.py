@@ -172,7 +172,7 @@ def seg_eval_command(
         MaskProvider.from_config(MaskConfig(source=reference), cache, device),
     )
     if out:
-        write_csv_atomic(per_image, out)
+        write_csv_atomic(per_image, out, follow=True)
     summary = {
         "all_images": summarise_iou(per_image),
         "reference_nonempty": summarise_iou(per_image[per_image["area_reference"] > 0]),
@@ -271,6 +271,6 @@ def seg_diagnostic_command(
     provider = MaskProvider.from_config(MaskConfig(source=source), cache, device)
     results, counts = shortcut_diagnostic(dataset, provider, _embed_fn(embedder, device))
     if out:
-        write_csv_atomic(results, out)
+        write_csv_atomic(results, out, follow=True)
     typer.echo(format_table(results))
     typer.echo(json.dumps(counts))

@@ -228,19 +228,39 @@ def decision_per_query(frame: pd.DataFrame, probability: np.ndarray, shortlist_k
     return pd.DataFrame({"q": best.index, "probability": scores, "label": best["label"].to_numpy()})
 
 
-def new_individual_threshold(score: np.ndarray, is_new: np.ndarray, weight: np.ndarray, target_precision: float,
-                             ceiling: float) -> float:
-    """The highest decision score, at most `ceiling` (the naming threshold), below which the photos called "new
-    individual" are new at `target_precision` (weighed); 0.0, below every score, where none is: a photo the model cannot
-    place is then "not sure", not "new", since a team answers "new" with `confirm --new`, a second entry for an animal
-    it may already have."""
-    order = np.argsort(score, kind="stable")
-    ranked, weighed_new, weighed = score[order], np.cumsum((weight * is_new)[order]), np.cumsum(weight[order])
-    cuts = np.unique(np.append(ranked, ceiling))
-    cuts = cuts[cuts <= ceiling]
-    below = np.searchsorted(ranked, cuts, side="left")  # photos scored under each cut
-    reached = (below > 0) & (weighed_new[np.maximum(below - 1, 0)] >= target_precision * weighed[np.maximum(below - 1, 0)])
-    return float(cuts[reached].max()) if reached.any() else 0.0
+@dataclass
+class NewIndividualCalls:
+    """Photos ranked by decision score with their running weights: where calling every photo below a score "new
+    individual" is right (the photo's animal missing from the gallery) at `target_precision`, weighed."""
+
+    ranked: np.ndarray
+    weighed_new: np.ndarray  # running weight of the photos of missing animals, in `ranked` order
+    weighed: np.ndarray  # running weight of all photos
+    target_precision: float
+    reached_cuts: np.ndarray  # the photos' scores that reach the target as cuts, ascending
+
+    @classmethod
+    def of(cls, score: np.ndarray, is_new: np.ndarray, weight: np.ndarray, target_precision: float) -> "NewIndividualCalls":
+        order = np.argsort(score, kind="stable")
+        calls = cls(score[order], np.cumsum((weight * is_new)[order]), np.cumsum(weight[order]), target_precision, np.zeros(0))
+        cuts = np.unique(calls.ranked)
+        calls.reached_cuts = cuts[calls.reached(cuts)]
+        return calls
+
+    def reached(self, cuts: np.ndarray) -> np.ndarray:
+        below = np.searchsorted(self.ranked, cuts, side="left")  # photos scored under each cut
+        last = np.maximum(below - 1, 0)
+        # the tolerance threshold_for_precision allows too: a target met exactly in counts is met
+        return (below > 0) & (self.weighed[last] > 0) & (self.weighed_new[last] >= self.target_precision * self.weighed[last] - 1e-12)
+
+    def threshold(self, ceiling: float) -> float:
+        """The highest cut not above `ceiling` (the naming threshold: a photo named is not called new) that reaches the
+        target; 0.0, below every score, where none does: a photo the model cannot place is then "not sure", not "new",
+        since a team answers "new" with `confirm --new`, a second entry for an animal it may already have."""
+        if self.ranked.size and self.reached(np.array([ceiling]))[0]:
+            return float(ceiling)
+        allowed = self.reached_cuts[self.reached_cuts <= ceiling]
+        return float(allowed.max()) if allowed.size else 0.0
 
 
 def identify_decision(known: pd.DataFrame, new: pd.DataFrame, target_precision: float, new_share: float) -> dict:
@@ -256,9 +276,10 @@ def identify_decision(known: pd.DataFrame, new: pd.DataFrame, target_precision: 
     threshold = threshold_for_precision(probability, correct, target_precision, weight) if correct.any() else NEVER
     right = known["label"].to_numpy() == 1
     known_score, new_score = known["probability"].to_numpy(), new["probability"].to_numpy()
+    calls = NewIndividualCalls.of(probability, is_new, weight, target_precision)
 
     def outcome(at: float) -> dict:
-        new_at = new_individual_threshold(probability, is_new, weight, target_precision, at) if new_share > 0 else 0.0
+        new_at = calls.threshold(at) if new_share > 0 else 0.0  # with no missing animal in the mix, "new" is never right
         named, known_new = known_score >= at, known_score < new_at
         named_precision = np.average(correct[probability >= at], weights=weight[probability >= at]) if (probability >= at).any() else float("nan")
         called_new = probability < new_at
@@ -651,6 +672,10 @@ def describe_outcome(outcome: dict) -> str:
 
 
 def describe_new_threshold(outcome: dict) -> str:
+    if outcome.get("new_share") == 0:
+        return "no photo of a missing animal in the mix (--new-share 0): none is called new"
+    if outcome["new_threshold"] >= outcome["threshold"]:
+        return f"every photo not named is called new (precision {outcome['new_precision']:.3f})"
     if outcome["new_threshold"] <= 0.0:
         return (f"no score calls a photo new at precision {outcome.get('target_precision', 'the target')}: every photo not named is"
                 f" 'not sure', for the team to decide")

@@ -66,4 +66,4 @@ def write_submission(row_ids: pd.Series, similarity: np.ndarray, out_path: str |
             f"{str(row_ids.iloc[first])!r}, {similarity[first]}); the checkpoint or the --fusion file is damaged: make it again "
             f"(`spotmatch train`, `spotmatch calibrate`)"
         )
-    return write_csv_atomic(pd.DataFrame({"row_id": row_ids.to_numpy(), "similarity": similarity}), out_path)
+    return write_csv_atomic(pd.DataFrame({"row_id": row_ids.to_numpy(), "similarity": similarity}), out_path, follow=True)

@@ -198,7 +198,7 @@ def build_report(conf: ReportConfig) -> ReportSummary:
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
-        write_text_atomic(page, conf.out)
+        write_text_atomic(page, conf.out, follow=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary

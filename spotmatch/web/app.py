@@ -10,6 +10,7 @@ started for (DNS rebinding), and the page may not be framed (clickjacking).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import mimetypes
 import re
@@ -70,8 +71,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
         listening.bind((host, port))
     except OSError as error:
         listening.close()
-        raise SpotmatchError(f"--host {host} --port {port}: cannot listen there ({error.strerror}); another server may have"
-                             f" the port: pass another --port") from None
+        advice = "another server has the port: pass another --port" if error.errno == errno.EADDRINUSE else \
+            "pass an address of this machine as --host, or another --port"
+        raise SpotmatchError(f"--host {host} --port {port}: cannot listen there ({error.strerror}); {advice}") from None
     return listening
 
 
